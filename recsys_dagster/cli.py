@@ -1,0 +1,296 @@
+"""The `recsys` command line. Reference: docs/reference/cli.md.
+
+Exit codes: 0 success; 1 a failed step or blocking check; 2 bad usage or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from recsys_dagster.settings import ConfigError, Settings, load_settings
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """Bad arguments: reported on stderr with exit code 2."""
+
+
+def _date(text: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a date like 2025-01-31, got {text!r}") from None
+
+
+def _yesterday() -> dt.date:
+    return dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="recsys", description="Recommendation artifacts from raw event logs."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = sub.add_parser("generate", help="write synthetic events into the raw landing zone")
+    gen.add_argument("--end", type=_date, default=None, help="last day (default: yesterday, UTC)")
+    gen.add_argument("--days", type=int, default=14, help="number of days ending at --end (default 14)")
+    gen.add_argument("--events-per-day", type=int, default=100_000, help="events per day (default 100000)")
+    gen.add_argument("--seed", type=int, default=42, help="random seed; same seed, same files (default 42)")
+    gen.add_argument("--tenants", type=_csv, default=["demo"], help="comma-separated tenants (default demo)")
+    gen.add_argument(
+        "--surfaces", type=_csv, default=["home"], help="comma-separated surfaces (default home)"
+    )
+    gen.add_argument("--users", type=int, default=20_000, help="distinct users (default 20000)")
+    gen.add_argument("--items", type=int, default=5_000, help="distinct items (default 5000)")
+
+    imp = sub.add_parser("import", help="split foreign event files into the raw landing zone by event date")
+    imp.add_argument("paths", nargs="+", type=Path, help="files to import")
+    imp.add_argument("--format", default="auto", choices=["auto", "jsonl", "movielens", "otto"])
+    imp.add_argument("--tenant", help="tenant for formats without one (MovieLens, OTTO)")
+    imp.add_argument("--surface", help="surface for formats without one (MovieLens, OTTO)")
+
+    run = sub.add_parser("run", help="materialize a date range in-process (same definitions as the UI)")
+    run.add_argument("--start", type=_date, default=None, help="first day (default: yesterday, UTC)")
+    run.add_argument("--end", type=_date, default=None, help="last day, inclusive (default: --start)")
+    run.add_argument(
+        "--select",
+        default=None,
+        help='assets in Dagster selection syntax, e.g. "key:canonical_events" or "key:canonical_events+"',
+    )
+    run.add_argument("--quiet", action="store_true", help="only print the summary")
+
+    status = sub.add_parser("status", help="per-partition state of the lake")
+    status.add_argument("--start", type=_date, default=None, help="first day (default: --days before --end)")
+    status.add_argument("--end", type=_date, default=None, help="last day (default: yesterday, UTC)")
+    status.add_argument("--days", type=int, default=14, help="days to show when --start is not given")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    ui = sub.add_parser("ui", help="start the Dagster UI (webserver + daemon) on the same RECSYS_HOME")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=3000)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings()
+        handler = {
+            "generate": cmd_generate,
+            "import": cmd_import,
+            "run": cmd_run,
+            "status": cmd_status,
+            "ui": cmd_ui,
+        }
+        return handler[args.command](args, settings)
+    except (UsageError, ConfigError) as exc:
+        print(f"recsys {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
+    from recsys_dagster.generate import generate_events
+
+    if args.days < 1 or args.events_per_day < 1 or args.users < 1 or args.items < 1:
+        raise UsageError("--days, --events-per-day, --users and --items must be >= 1")
+    end = args.end or _yesterday()
+    report = generate_events(
+        settings.raw_root,
+        end_date=end,
+        days=args.days,
+        events_per_day=args.events_per_day,
+        seed=args.seed,
+        tenants=args.tenants,
+        surfaces=args.surfaces,
+        n_users=args.users,
+        n_items=args.items,
+        progress=print,
+    )
+    first = end - dt.timedelta(days=args.days - 1)
+    print(f"generated {report.total_events:,} events for {first}..{end} into {settings.raw_root}")
+    return EXIT_OK
+
+
+def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
+    from recsys_dagster.importers import import_file
+
+    for path in args.paths:
+        if not path.is_file():
+            raise UsageError(f"{path}: no such file")
+    first_days, last_days = [], []
+    for path in args.paths:
+        try:
+            report = import_file(
+                path,
+                settings.raw_root,
+                fmt=args.format,
+                tenant=args.tenant,
+                surface=args.surface,
+                progress=print,
+            )
+        except ValueError as exc:
+            raise UsageError(f"{path}: {exc}") from exc
+        print(
+            f"{path}: {report.format}, {report.events_written:,} events into {len(report.per_day):,} day(s) "
+            f"{report.first_day}..{report.last_day}"
+            + (
+                f", {report.undated_lines:,} undatable line(s) kept for quarantine"
+                if report.undated_lines
+                else ""
+            )
+        )
+        if report.first_day:
+            first_days.append(report.first_day)
+            last_days.append(report.last_day)
+    if first_days:
+        first, last = min(first_days), max(last_days)
+        print(f"landing zone: {settings.raw_root}")
+        if dt.date.fromisoformat(str(first)) < settings.start_date:
+            print(
+                f"note: events start on {first}, before RECSYS_START_DATE={settings.start_date}; set RECSYS_START_DATE={first} to process them all"
+            )
+        print(f"next: recsys run --start {first} --end {last}")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    start = args.start or _yesterday()
+    end = args.end or start
+    if end < start:
+        raise UsageError(f"--end {end} is before --start {start}")
+    if start < settings.start_date:
+        raise UsageError(
+            f"--start {start} is before the first partition RECSYS_START_DATE={settings.start_date}"
+        )
+    if end > _yesterday() + dt.timedelta(days=1):
+        raise UsageError(f"--end {end} is in the future; the last partition is {_yesterday()}")
+    import dagster as dg
+
+    # Beta/preview notices about Dagster APIs are for developers, not for people running the pipeline.
+    for category in (dg.BetaWarning, dg.PreviewWarning):
+        warnings.filterwarnings("ignore", category=category)
+    from recsys_dagster.runner import SelectionError, materialize_range
+
+    try:
+        outcome = materialize_range(settings, start, end, args.select, "ERROR" if args.quiet else "INFO")
+    except SelectionError as exc:
+        raise UsageError(f"invalid --select {args.select!r}: {exc}") from exc
+    _print_partition_table(settings, start, end)
+    print()
+    print(f"run {outcome.run_id}: {'succeeded' if outcome.ok else 'FAILED'}")
+    for name in outcome.failed_checks:
+        print(f"  blocking check failed: {name}")
+    for name in outcome.warned_checks:
+        print(f"  warning check failed: {name}")
+    for step in outcome.failed_steps:
+        print(f"  step failed: {step}")
+    for error in outcome.errors:
+        print(f"    {error.splitlines()[0]}")
+    for step in outcome.skipped_steps:
+        print(f"  step skipped: {step}")
+    print(f"inspect it in the Dagster UI: make ui, then http://127.0.0.1:3000/runs/{outcome.run_id}")
+    return EXIT_OK if outcome.ok else EXIT_FAILED
+
+
+def partition_rows(settings: Settings, start: dt.date, end: dt.date) -> list[dict]:
+    from recsys_dagster.canonicalize import read_summary
+    from recsys_dagster.gates import read_gate_record
+
+    rows = []
+    day = start
+    while day <= end:
+        summary = read_summary(settings.lake_root, day)
+        record = read_gate_record(settings.lake_root, day)
+        row: dict = {"day": day.isoformat(), "materialized": summary is not None}
+        if summary:
+            row |= {
+                "lines": summary["lines_read"],
+                "events": summary["canonical_rows"],
+                "quarantined": summary["quarantined"],
+                "duplicates": summary["duplicates"],
+                "blank": summary["blank_lines"],
+                "reasons": summary["reasons"],
+            }
+        if record:
+            failed = [r["name"] for r in record["results"] if not r["passed"]]
+            row["checks"] = "passed" if not failed else "failed: " + ", ".join(failed)
+            row["checks_passed"] = record["passed"]
+        rows.append(row)
+        day += dt.timedelta(days=1)
+    return rows
+
+
+def _print_partition_table(settings: Settings, start: dt.date, end: dt.date) -> None:
+    rows = partition_rows(settings, start, end)
+    header = f"{'day':<10}  {'lines':>10}  {'events':>10}  {'quarantined':>11}  {'duplicates':>10}  {'blank':>6}  checks"
+    print(header)
+    print("-" * len(header))
+    reasons: dict[str, int] = {}
+    for row in rows:
+        if not row["materialized"]:
+            print(f"{row['day']:<10}  {'-':>10}  {'-':>10}  {'-':>11}  {'-':>10}  {'-':>6}  not materialized")
+            continue
+        for code, count in row["reasons"].items():
+            reasons[code] = reasons.get(code, 0) + count
+        print(
+            f"{row['day']:<10}  {row['lines']:>10,}  {row['events']:>10,}  {row['quarantined']:>11,}  "
+            f"{row['duplicates']:>10,}  {row['blank']:>6,}  {row.get('checks', 'not checked')}"
+        )
+    if reasons:
+        print("quarantined lines by reason: " + ", ".join(f"{k} {v:,}" for k, v in sorted(reasons.items())))
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    end = args.end or _yesterday()
+    start = args.start or end - dt.timedelta(days=max(args.days, 1) - 1)
+    if end < start:
+        raise UsageError(f"--end {end} is before --start {start}")
+    if args.json:
+        print(json.dumps({"partitions": partition_rows(settings, start, end)}, indent=2))
+        return EXIT_OK
+    print(f"RECSYS_HOME {settings.home}")
+    _print_partition_table(settings, start, end)
+    return EXIT_OK
+
+
+def cmd_ui(args: argparse.Namespace, settings: Settings) -> int:
+    from recsys_dagster.runner import prepare_instance
+
+    prepare_instance(settings)
+    workspace = Path(__file__).resolve().parent.parent / "workspace.yaml"
+    print(
+        f"Dagster UI on http://{args.host}:{args.port} (DAGSTER_HOME={settings.dagster_home}); Ctrl-C stops it"
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "dagster",
+        "dev",
+        "-w",
+        str(workspace),
+        "-h",
+        args.host,
+        "-p",
+        str(args.port),
+    ]
+    # Replace this process so that Ctrl-C and SIGTERM reach dagster directly.
+    os.execv(sys.executable, command)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

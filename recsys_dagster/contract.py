@@ -1,0 +1,321 @@
+"""Event contract v1: the one definition of what a valid raw event is.
+
+A raw line becomes an event in two stages, and each rule lives in exactly one of them:
+
+1. *parse*: bytes -> a row of typed fields, or a parse-level rejection (`line_too_long`,
+   `invalid_utf8`, `invalid_json`, `not_an_object`, `bad_type`). `parse_line` is the reference
+   implementation, one line at a time; `canonicalize` has a vectorised fast path that must agree with it
+   (a property test holds them together) and falls back to `parse_line` for anything unusual.
+2. *validate*: `validate_events` applies every value-level rule (required fields, identifier rules,
+   timestamps, ranges) to a whole frame of parsed rows at once, so the rules are written once.
+
+Documented in `docs/reference/event-contract.md`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import pandera.polars as pa
+import polars as pl
+
+CONTRACT_VERSION = 1
+MAX_ID_CHARS = 256
+MAX_NAME_CHARS = 64
+RAW_PREFIX_CHARS = 4096
+IDENTIFIER_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
+
+# Parsed-row columns and their types; everything optional in JSON is nullable here.
+STRING_FIELDS = (
+    "ts",
+    "tenant",
+    "surface",
+    "session_id",
+    "user_id",
+    "item_id",
+    "event_type",
+    "request_id",
+    "event_id",
+)
+PARSED_SCHEMA: dict[str, pl.DataType] = {
+    "v": pl.Int64(),
+    **{name: pl.String() for name in STRING_FIELDS},
+    "value": pl.Float64(),
+    "rank": pl.Int64(),
+}
+REQUIRED_FIELDS = ("ts", "tenant", "surface", "session_id", "item_id")
+
+# Reason codes, in the order the rules are applied: a line gets the first that applies.
+PARSE_REASONS = ("line_too_long", "invalid_utf8", "invalid_json", "not_an_object", "bad_type")
+VALIDATION_REASONS = (
+    "unsupported_version",
+    "missing_field",
+    "empty_id",
+    "id_too_long",
+    "bad_identifier",
+    "bad_ts",
+    "ts_out_of_range",
+    "unknown_event_type",
+    "negative_rank",
+    "non_finite_value",
+)
+REASONS = PARSE_REASONS + VALIDATION_REASONS
+
+CANONICAL_SCHEMA: dict[str, pl.DataType] = {
+    "event_id": pl.String(),
+    "ts": pl.Datetime("us", "UTC"),
+    "tenant": pl.String(),
+    "surface": pl.String(),
+    "session_id": pl.String(),
+    "user_id": pl.String(),
+    "item_id": pl.String(),
+    "event_type": pl.String(),
+    "value": pl.Float64(),
+    "rank": pl.Int64(),
+    "request_id": pl.String(),
+    "source_file": pl.String(),
+    "source_line": pl.Int64(),
+}
+QUARANTINE_SCHEMA: dict[str, pl.DataType] = {
+    "source_file": pl.String(),
+    "source_line": pl.Int64(),
+    "reason": pl.String(),
+    "detail": pl.String(),
+    "raw": pl.String(),
+}
+
+
+class Rejection(NamedTuple):
+    """Why a line cannot be parsed into typed fields."""
+
+    reason: str
+    detail: str
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_line(line: bytes, max_line_bytes: int) -> dict[str, Any] | Rejection | None:
+    """Parse one raw line (without its newline) into typed fields.
+
+    Returns None for a blank line, a Rejection for a parse-level failure, else a dict with exactly the
+    keys of PARSED_SCHEMA (None where absent or null).
+    """
+    line = line.removesuffix(b"\r")
+    if len(line) > max_line_bytes:
+        return Rejection("line_too_long", f"line is {len(line)} bytes, limit is {max_line_bytes}")
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return Rejection("invalid_utf8", f"invalid UTF-8 at byte {exc.start}")
+    if not text.strip(" \t\r\n"):
+        return None
+    try:
+        obj = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        return Rejection("invalid_json", str(exc)[:200])
+    if not isinstance(obj, dict):
+        return Rejection("not_an_object", f"JSON {type(obj).__name__} is not an object")
+    row: dict[str, Any] = {}
+    for name, dtype in PARSED_SCHEMA.items():
+        value = obj.get(name)
+        if value is None:
+            row[name] = None
+            continue
+        converted = _convert(value, dtype)
+        if converted is _BAD:
+            expected = "string" if dtype == pl.String() else "integer" if dtype == pl.Int64() else "number"
+            return Rejection("bad_type", f"field {name!r} must be a {expected}, got {_json_type(value)}")
+        row[name] = converted
+    return row
+
+
+_BAD = object()
+
+
+def _convert(value: Any, dtype: pl.DataType) -> Any:
+    if isinstance(value, bool):
+        return _BAD
+    if dtype == pl.String():
+        # Integers are accepted for identifiers and ts because many producers emit numeric ids.
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return _BAD
+            return value
+        return str(value) if isinstance(value, int) else _BAD
+    if dtype == pl.Int64():
+        return value if isinstance(value, int) and -(2**63) <= value < 2**63 else _BAD
+    return float(value) if isinstance(value, int | float) else _BAD
+
+
+def _json_type(value: Any) -> str:
+    return {
+        bool: "boolean",
+        int: "integer",
+        float: "number",
+        str: "string",
+        list: "array",
+        dict: "object",
+    }.get(type(value), type(value).__name__)
+
+
+def validate_events(
+    parsed: pl.DataFrame,
+    day: dt.date,
+    *,
+    event_types: Sequence[str],
+    max_lateness_days: int,
+    max_clock_skew_hours: int,
+) -> pl.DataFrame:
+    """Apply every value-level rule to parsed rows.
+
+    Returns the rows with identifiers trimmed, `ts` as a UTC timestamp, defaults filled, and two extra
+    columns `reason` / `detail` that are null for valid rows.
+    """
+    events = parsed.with_columns(
+        pl.col("tenant", "surface", "session_id", "item_id").str.strip_chars(),
+        # An empty optional id means "not given" (an empty user id: an anonymous event).
+        *(
+            _none_if_empty(pl.col(name).str.strip_chars()).alias(name)
+            for name in ("user_id", "request_id", "event_id")
+        ),
+        pl.col("event_type").fill_null("exposure"),
+    ).with_columns(parse_ts(pl.col("ts")).alias("ts_parsed"))
+    unparsed = pl.col("ts_parsed").is_null() & pl.col("ts").is_not_null()
+    if events.select(unparsed.any()).item():
+        # RFC 3339 also allows a lower-case t/z and a space separator: normalise only those rows.
+        relaxed = parse_ts(pl.col("ts").str.to_uppercase().str.replace(r"^(\d{4}-\d{2}-\d{2}) ", "${1}T"))
+        events = events.with_columns(
+            pl.when(unparsed).then(relaxed).otherwise(pl.col("ts_parsed")).alias("ts_parsed")
+        )
+
+    window_start = dt.datetime.combine(day, dt.time(), dt.UTC) - dt.timedelta(days=max_lateness_days)
+    window_end = dt.datetime.combine(day, dt.time(), dt.UTC) + dt.timedelta(
+        days=1, hours=max_clock_skew_hours
+    )
+    rules = _rules(events, event_types, window_start, window_end)
+    reason = pl.lit(None, pl.String)
+    # Built from the last rule backwards so that the first matching rule wins.
+    for condition, code, _ in reversed(rules):
+        reason = pl.when(condition.fill_null(False)).then(pl.lit(code)).otherwise(reason)
+    events = events.with_columns(reason.alias("reason"))
+    detail = pl.lit(None, pl.String)
+    for _, code, message in rules:
+        detail = pl.when(pl.col("reason") == code).then(message).otherwise(detail)
+    # Messages are formatted only for the (usually few) rejected rows.
+    rejected = events.filter(pl.col("reason").is_not_null()).with_columns(detail.alias("detail"))
+    accepted = events.filter(pl.col("reason").is_null()).with_columns(pl.lit(None, pl.String).alias("detail"))
+    return pl.concat([accepted, rejected]).drop("ts", "v").rename({"ts_parsed": "ts"})
+
+
+def _none_if_empty(expr: pl.Expr) -> pl.Expr:
+    return pl.when(expr == "").then(None).otherwise(expr)
+
+
+def _rules(
+    events: pl.DataFrame, event_types: Sequence[str], window_start: dt.datetime, window_end: dt.datetime
+) -> list[tuple[pl.Expr, str, pl.Expr]]:
+    """(condition, reason code, detail message) in the order they are applied."""
+    rules: list[tuple[pl.Expr, str, pl.Expr]] = [
+        (
+            pl.col("v").is_not_null() & (pl.col("v") != CONTRACT_VERSION),
+            "unsupported_version",
+            pl.format("contract version {} is not supported (expected 1)", pl.col("v")),
+        ),
+    ]
+    rules += [
+        (pl.col(name).is_null(), "missing_field", pl.lit(f"required field {name!r} is missing"))
+        for name in REQUIRED_FIELDS
+    ]
+    rules += [
+        (pl.col(name) == "", "empty_id", pl.lit(f"{name!r} is empty"))
+        for name in ("tenant", "surface", "session_id", "item_id")
+    ]
+    rules += [
+        (
+            pl.col(name).str.len_chars() > MAX_ID_CHARS,
+            "id_too_long",
+            pl.format(f"{name!r} has {{}} characters, limit is {MAX_ID_CHARS}", pl.col(name).str.len_chars()),
+        )
+        for name in ("session_id", "user_id", "item_id", "request_id", "event_id")
+    ]
+    for name in ("tenant", "surface"):
+        # Tenants and surfaces are few: check the distinct values, not every row.
+        names = events.get_column(name).drop_nulls().unique()
+        good = names.filter(names.str.contains(IDENTIFIER_PATTERN) & ~names.is_in([".", ".."]))
+        rules.append(
+            (
+                ~pl.col(name).is_in(good.implode()),
+                "bad_identifier",
+                pl.format(
+                    f"{name} {{}} must be 1-64 characters of A-Z a-z 0-9 . _ - and not . or ..", pl.col(name)
+                ),
+            )
+        )
+    rules += [
+        (
+            pl.col("ts_parsed").is_null(),
+            "bad_ts",
+            pl.format("ts {} is neither RFC 3339 with a zone nor epoch milliseconds", pl.col("ts")),
+        ),
+        (
+            (pl.col("ts_parsed") < window_start) | (pl.col("ts_parsed") >= window_end),
+            "ts_out_of_range",
+            pl.format(
+                f"ts {{}} is outside the arrival window [{window_start:%Y-%m-%dT%H:%M}Z, {window_end:%Y-%m-%dT%H:%M}Z)",
+                pl.col("ts_parsed").dt.strftime("%Y-%m-%dT%H:%M:%S%.fZ"),
+            ),
+        ),
+        (
+            ~pl.col("event_type").is_in(list(event_types)),
+            "unknown_event_type",
+            pl.format("event_type {} is not one of " + ", ".join(event_types), pl.col("event_type")),
+        ),
+        (pl.col("rank") < 0, "negative_rank", pl.format("rank {} is negative", pl.col("rank"))),
+        (
+            ~pl.col("value").is_finite(),
+            "non_finite_value",
+            pl.format("value {} is not finite", pl.col("value")),
+        ),
+    ]
+    return rules
+
+
+def parse_ts(ts: pl.Expr) -> pl.Expr:
+    """RFC 3339 with a zone, or epoch milliseconds (a JSON integer or a string of digits) -> UTC."""
+    is_epoch = ts.str.contains(r"^-?[0-9]{1,17}$")
+    epoch = pl.from_epoch(ts.cast(pl.Int64, strict=False), time_unit="ms").dt.replace_time_zone("UTC")
+    rfc3339 = ts.str.to_datetime("%Y-%m-%dT%H:%M:%S%.f%#z", time_unit="us", strict=False)
+    return (
+        pl.when(is_epoch).then(epoch.dt.cast_time_unit("us")).otherwise(rfc3339.dt.convert_time_zone("UTC"))
+    )
+
+
+def canonical_schema_model() -> pa.DataFrameSchema:
+    """Pandera schema of the canonical_events table (the `schema` gate)."""
+    required_text = pa.Check.str_length(min_value=1, max_value=MAX_ID_CHARS)
+    return pa.DataFrameSchema(
+        {
+            "event_id": pa.Column(pl.String, required_text, unique=True),
+            "ts": pa.Column(pl.Datetime("us", "UTC")),
+            "tenant": pa.Column(pl.String, pa.Check.str_matches(IDENTIFIER_PATTERN)),
+            "surface": pa.Column(pl.String, pa.Check.str_matches(IDENTIFIER_PATTERN)),
+            "session_id": pa.Column(pl.String, required_text),
+            "user_id": pa.Column(pl.String, required_text, nullable=True),
+            "item_id": pa.Column(pl.String, required_text),
+            "event_type": pa.Column(pl.String),
+            "value": pa.Column(pl.Float64, nullable=True),
+            "rank": pa.Column(pl.Int64, pa.Check.ge(0), nullable=True),
+            "request_id": pa.Column(pl.String, nullable=True),
+            "source_file": pa.Column(pl.String),
+            "source_line": pa.Column(pl.Int64, pa.Check.ge(1)),
+        },
+        strict=True,
+        ordered=True,
+    )

@@ -1,0 +1,53 @@
+"""One daily-partitioned asset per SQL model file in dbt_like_sql/ (the file's hash is its code version)."""
+
+import dagster as dg
+
+from recsys_dagster.aggregates import build_daily_aggregate
+from recsys_dagster.defs.shared import (
+    OWNERS,
+    RecsysResource,
+    daily_partitions,
+    markdown_table,
+    partition_days,
+)
+from recsys_dagster.settings import Settings
+from recsys_dagster.sql import sql_path, sql_version
+
+DAILY_MODELS = {
+    "item_daily": "Per item and event type: events, distinct sessions and users, last event time.",
+}
+
+
+def build_daily_aggregate_asset(model: str, description: str, settings: Settings) -> dg.AssetsDefinition:
+    @dg.asset(
+        name=model,
+        deps=["canonical_events"],
+        description=f"{description} SQL: dbt_like_sql/{sql_path(model).name}",
+        partitions_def=daily_partitions(settings),
+        backfill_policy=dg.BackfillPolicy.single_run(),
+        code_version=sql_version(model),
+        kinds={"duckdb", "parquet"},
+        group_name="aggregates",
+        owners=OWNERS,
+    )
+    def daily_aggregate(context: dg.AssetExecutionContext, recsys: RecsysResource) -> dg.MaterializeResult:
+        rows = []
+        for day in partition_days(context):
+            built = build_daily_aggregate(model, recsys.settings.lake_root, day)
+            rows.append({"day": day.isoformat(), "rows": built["rows"]})
+            context.log.info(f"{model} {day}: {built['rows']:,} rows")
+        return dg.MaterializeResult(
+            metadata={
+                "dagster/row_count": sum(r["rows"] for r in rows),
+                "per_day": dg.MetadataValue.md(markdown_table(rows, ["day", "rows"])),
+                "path": dg.MetadataValue.path(built["path"]),
+            }
+        )
+
+    return daily_aggregate
+
+
+def build_aggregates(settings: Settings) -> dg.Definitions:
+    return dg.Definitions(
+        assets=[build_daily_aggregate_asset(model, text, settings) for model, text in DAILY_MODELS.items()]
+    )

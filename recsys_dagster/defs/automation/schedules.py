@@ -1,0 +1,26 @@
+"""The daily job (every asset, yesterday's partition) and its schedule."""
+
+import dagster as dg
+
+from recsys_dagster.defs.shared import daily_partitions
+from recsys_dagster.settings import Settings
+
+DAILY_JOB = "daily_pipeline"
+
+
+def build_schedules(settings: Settings) -> dg.Definitions:
+    job = dg.define_asset_job(
+        DAILY_JOB,
+        selection=dg.AssetSelection.all(),
+        partitions_def=daily_partitions(settings),
+        description="Materialize one day through to publishing: ingest, gates, aggregates, artifacts, manifest.",
+    )
+    schedule = dg.build_schedule_from_partitioned_job(
+        job,
+        hour_of_day=2,
+        minute_of_hour=0,
+        name="daily_pipeline_schedule",
+        description="At 02:00 UTC, run yesterday's partition through to publishing.",
+        default_status=dg.DefaultScheduleStatus.RUNNING,
+    )
+    return dg.Definitions(jobs=[job], schedules=[schedule])

@@ -1,0 +1,42 @@
+"""Pieces every domain shares: the settings resource, the daily partitions, metadata helpers."""
+
+import datetime as dt
+from collections.abc import Iterable
+from functools import cached_property
+from typing import Any
+
+import dagster as dg
+
+from recsys_dagster.settings import Settings, load_settings
+
+OWNERS = ["team:data-platform"]
+
+
+class RecsysResource(dg.ConfigurableResource):
+    """Gives assets the product settings (paths, thresholds) read from the environment at run time."""
+
+    @cached_property
+    def settings(self) -> Settings:
+        return load_settings()
+
+
+def daily_partitions(settings: Settings) -> dg.DailyPartitionsDefinition:
+    return dg.DailyPartitionsDefinition(start_date=settings.start_date.isoformat(), timezone="UTC")
+
+
+def partition_days(context: dg.AssetExecutionContext) -> list[dt.date]:
+    """The days a (possibly multi-day, single-run backfill) materialization covers, oldest first."""
+    return [dt.date.fromisoformat(key) for key in context.partition_keys]
+
+
+def markdown_table(rows: Iterable[dict[str, Any]], columns: list[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row.get(c)) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value if value is not None else "").replace("|", "\\|").replace("\n", " ")[:120]

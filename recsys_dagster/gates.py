@@ -1,0 +1,227 @@
+"""Blocking gates on one canonical_events partition (PRODUCT.md 4.2), as plain functions.
+
+Each gate returns a `GateResult` with the numbers and a sample of offending rows a person can act on.
+The results of a partition are stored beside its data (`_checks.json`, tied to the data by content
+hash), so that anything downstream, publishing above all, can confirm that the exact partition it
+consumes passed, whichever run checked it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandera.errors
+import polars as pl
+
+from recsys_dagster import contract
+from recsys_dagster.canonicalize import content_hash, partition_dir, read_summary
+from recsys_dagster.settings import ChecksConfig, ConfigError, IngestConfig
+from recsys_dagster.sql import run_sql
+
+CHECKS_FILE = "_checks.json"
+SAMPLE_ROWS = 10
+
+GATE_DESCRIPTIONS = {
+    "schema": "Columns, types and value rules of the canonical table (pandera).",
+    "non_null_keys": "event_id, ts, tenant, surface, session_id and item_id are never null.",
+    "unique_event_id": "No event id occurs twice in the partition.",
+    "ts_in_range": "Every ts lies in the partition's arrival window.",
+    "quarantine_rate": "Share of non-blank lines quarantined is at most checks.max_quarantine_rate.",
+    "duplicate_rate": "Share of non-blank lines dropped as duplicates is at most checks.max_duplicate_rate.",
+    "volume": "Row count is within [min_ratio, max_ratio] x the median of the trailing days.",
+    "resource_limits": "Events, distinct items, sessions and items per session are under the limits.",
+}
+GATE_NAMES = tuple(GATE_DESCRIPTIONS)
+
+
+@dataclass
+class GateResult:
+    name: str
+    passed: bool
+    blocking: bool
+    summary: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+    sample: list[dict[str, Any]] = field(default_factory=list)
+
+
+def check_warn_only(checks: ChecksConfig) -> None:
+    unknown = sorted(set(checks.warn_only) - set(GATE_NAMES))
+    if unknown:
+        raise ConfigError(f"checks.warn_only: unknown check(s) {unknown}; known: {list(GATE_NAMES)}")
+
+
+def run_gates(lake_root: Path, day: dt.date, ingest: IngestConfig, checks: ChecksConfig) -> list[GateResult]:
+    """Evaluate every gate on the canonical partition of `day` and record the results beside it."""
+    check_warn_only(checks)
+    folder = partition_dir(lake_root, "canonical_events", day)
+    paths = sorted(str(p) for p in folder.glob("*.parquet"))
+    summary = read_summary(lake_root, day)
+    if summary is None or not paths:
+        raise FileNotFoundError(f"canonical_events partition {day} has not been materialized ({folder})")
+    window_start = dt.datetime.combine(day, dt.time(), dt.UTC) - dt.timedelta(days=ingest.max_lateness_days)
+    window_end = dt.datetime.combine(day, dt.time(), dt.UTC) + dt.timedelta(
+        days=1, hours=ingest.max_clock_skew_hours
+    )
+    results = [
+        _schema(paths),
+        _rows_gate(
+            "non_null_keys", run_sql("checks/canonical_null_keys", {"paths": paths}), "rows with a null key"
+        ),
+        _rows_gate(
+            "unique_event_id",
+            run_sql("checks/canonical_duplicate_event_ids", {"paths": paths}),
+            "event ids occurring more than once",
+        ),
+        _rows_gate(
+            "ts_in_range",
+            run_sql(
+                "checks/canonical_ts_out_of_range",
+                {
+                    "paths": paths,
+                    "window_start": window_start.isoformat(),
+                    "window_end": window_end.isoformat(),
+                },
+            ),
+            f"events outside [{window_start:%Y-%m-%d %H:%M}, {window_end:%Y-%m-%d %H:%M}) UTC",
+        ),
+        _rate_gate(
+            "quarantine_rate", summary["quarantined"], summary, checks.max_quarantine_rate, summary["reasons"]
+        ),
+        _rate_gate("duplicate_rate", summary["duplicates"], summary, checks.max_duplicate_rate, {}),
+        _volume(lake_root, day, summary["canonical_rows"], checks),
+        _resource_limits(paths, checks),
+    ]
+    for result in results:
+        result.blocking = result.name not in checks.warn_only
+    record = {
+        "day": day.isoformat(),
+        "content_hash": content_hash(folder),
+        "checked_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "passed": all(r.passed for r in results if r.blocking),
+        "results": [asdict(r) for r in results],
+    }
+    tmp = folder / f".{CHECKS_FILE}.tmp"
+    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    os.replace(tmp, folder / CHECKS_FILE)
+    return results
+
+
+def read_gate_record(lake_root: Path, day: dt.date) -> dict | None:
+    path = partition_dir(lake_root, "canonical_events", day) / CHECKS_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def confirm_gates_passed(lake_root: Path, day: dt.date) -> str | None:
+    """None if the partition's blocking gates passed on its current data, else why not."""
+    record = read_gate_record(lake_root, day)
+    if record is None:
+        return f"canonical_events {day}: no gate results (the partition was never checked)"
+    folder = partition_dir(lake_root, "canonical_events", day)
+    if record["content_hash"] != content_hash(folder):
+        return f"canonical_events {day}: data changed after it was checked; re-materialize it"
+    failed = [r["name"] for r in record["results"] if r["blocking"] and not r["passed"]]
+    if failed:
+        return f"canonical_events {day}: blocking check(s) failed: {', '.join(failed)}"
+    return None
+
+
+def _sample(frame: pl.DataFrame) -> list[dict[str, Any]]:
+    return [{k: _plain(v) for k, v in row.items()} for row in frame.head(SAMPLE_ROWS).iter_rows(named=True)]
+
+
+def _plain(value: Any) -> Any:
+    return value.isoformat() if isinstance(value, dt.datetime | dt.date) else value
+
+
+def _schema(paths: list[str]) -> GateResult:
+    frame = pl.read_parquet(paths)
+    try:
+        contract.canonical_schema_model().validate(frame, lazy=True)
+    except pandera.errors.SchemaErrors as exc:
+        cases = exc.failure_cases
+        return GateResult(
+            "schema",
+            False,
+            True,
+            f"{cases.height} schema violation(s)",
+            {"violations": cases.height},
+            _sample(cases.select(pl.all().cast(pl.String))),
+        )
+    except pandera.errors.SchemaError as exc:
+        return GateResult("schema", False, True, str(exc)[:300], {"violations": 1})
+    return GateResult(
+        "schema", True, True, f"{frame.height:,} rows match the canonical schema", {"rows": frame.height}
+    )
+
+
+def _rows_gate(name: str, violations: pl.DataFrame, what: str) -> GateResult:
+    count = violations.height
+    summary = f"{count:,} {what}" if count else f"no {what}"
+    return GateResult(name, count == 0, True, summary, {"violations": count}, _sample(violations))
+
+
+def _rate_gate(name: str, count: int, summary: dict, limit: float, breakdown: dict) -> GateResult:
+    considered = summary["lines_read"] - summary["blank_lines"]
+    rate = count / considered if considered else 0.0
+    return GateResult(
+        name,
+        rate <= limit,
+        True,
+        f"{rate:.2%} of {considered:,} lines (limit {limit:.2%})",
+        {"count": count, "lines": considered, "rate": round(rate, 6), "limit": limit}
+        | {"by_reason": breakdown},
+    )
+
+
+def _volume(lake_root: Path, day: dt.date, rows: int, checks: ChecksConfig) -> GateResult:
+    history = []
+    for back in range(1, checks.volume_trailing_days + 1):
+        previous = read_summary(lake_root, day - dt.timedelta(days=back))
+        if previous and previous["canonical_rows"] > 0:
+            history.append(previous["canonical_rows"])
+    meta: dict[str, Any] = {"rows": rows, "history_days": len(history)}
+    if len(history) < checks.volume_min_history_days:
+        return GateResult(
+            "volume",
+            True,
+            True,
+            f"{rows:,} rows; only {len(history)} day(s) of history, need {checks.volume_min_history_days} to compare",
+            meta,
+        )
+    median = statistics.median(history)
+    ratio = rows / median
+    meta |= {"trailing_median": median, "ratio": round(ratio, 4)}
+    meta |= {"min_ratio": checks.volume_min_ratio, "max_ratio": checks.volume_max_ratio}
+    passed = checks.volume_min_ratio <= ratio <= checks.volume_max_ratio
+    return GateResult(
+        "volume",
+        passed,
+        True,
+        f"{rows:,} rows = {ratio:.2f} x the trailing median {median:,.0f} "
+        f"(allowed {checks.volume_min_ratio}-{checks.volume_max_ratio})",
+        meta,
+    )
+
+
+def _resource_limits(paths: list[str], checks: ChecksConfig) -> GateResult:
+    params = {
+        "paths": paths,
+        "max_events": checks.max_events,
+        "max_distinct_items": checks.max_distinct_items,
+        "max_sessions": checks.max_sessions,
+        "max_items_per_session": checks.max_items_per_session,
+    }
+    exceeded = run_sql("checks/canonical_resource_limits", params)
+    if exceeded.height:
+        largest = run_sql("checks/canonical_largest_sessions", {"paths": paths, "limit": SAMPLE_ROWS})
+        summary = "; ".join(f"{m} {o:,} > {lim:,}" for m, o, lim in exceeded.iter_rows())
+        return GateResult(
+            "resource_limits", False, True, summary, {"exceeded": _sample(exceeded)}, _sample(largest)
+        )
+    return GateResult("resource_limits", True, True, "all resource limits respected", {})

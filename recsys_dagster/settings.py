@@ -1,0 +1,277 @@
+"""One settings object for the whole product, read from environment variables and an optional YAML file.
+
+Environment variables locate things (where data lives, which days exist); the YAML file named by
+`RECSYS_CONFIG` tunes the pipeline (limits, thresholds, weights). Every key is documented in
+`docs/reference/configuration.md`. Nothing here imports Dagster, so the CLI, the pipeline and the
+server all read the same object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_START_DATE = dt.date(2025, 1, 1)
+DEFAULT_EVENT_TYPES = ("exposure", "click", "add_to_cart", "purchase", "rating")
+
+
+class ConfigError(ValueError):
+    """A setting or the config file is invalid; the message says which key and why."""
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    max_line_bytes: int = 1024 * 1024
+    max_lateness_days: int = 7
+    max_clock_skew_hours: int = 1
+    event_types: tuple[str, ...] = DEFAULT_EVENT_TYPES
+    # Rows held in memory before canonicalization spills to disk; bounds peak memory per partition.
+    rows_per_bucket: int = 2_000_000
+
+
+@dataclass(frozen=True)
+class ChecksConfig:
+    max_quarantine_rate: float = 0.05
+    max_duplicate_rate: float = 0.10
+    volume_trailing_days: int = 14
+    volume_min_history_days: int = 3
+    volume_min_ratio: float = 0.2
+    volume_max_ratio: float = 5.0
+    max_events: int = 50_000_000
+    max_distinct_items: int = 5_000_000
+    max_sessions: int = 10_000_000
+    max_items_per_session: int = 10_000
+    # Checks named here are reported but never block (Dagster WARN severity).
+    warn_only: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PopularityConfig:
+    window_days: int = 30
+    top_n: int = 1000
+    # 0 disables decay; otherwise an event's weight halves every `half_life_days` before the as-of day.
+    half_life_days: float = 0.0
+
+
+@dataclass(frozen=True)
+class CoocConfig:
+    window_days: int = 30
+    top_k: int = 50
+    min_support: int = 2
+    metric: str = "cosine"
+    max_session_items: int = 50
+    # When there are more items than this, the most popular are kept (never an alphabetical cut).
+    max_items: int = 200_000
+
+
+@dataclass(frozen=True)
+class UserHistoryConfig:
+    window_days: int = 30
+    max_items: int = 50
+
+
+@dataclass(frozen=True)
+class ArtifactsConfig:
+    popularity: PopularityConfig = field(default_factory=PopularityConfig)
+    cooc: CoocConfig = field(default_factory=CoocConfig)
+    user_history: UserHistoryConfig = field(default_factory=UserHistoryConfig)
+
+
+COOC_METRICS = ("cosine", "count", "jaccard", "lift")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    checks: ChecksConfig = field(default_factory=ChecksConfig)
+    artifacts: ArtifactsConfig = field(default_factory=ArtifactsConfig)
+    event_weights: Mapping[str, float] = field(
+        default_factory=lambda: {
+            "exposure": 0.0,
+            "click": 1.0,
+            "add_to_cart": 3.0,
+            "purchase": 5.0,
+            "rating": 1.0,
+        }
+    )
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    raw_root: Path
+    lake_root: Path
+    artifact_root: Path
+    dagster_home: Path
+    start_date: dt.date
+    config_file: Path | None
+    pipeline: PipelineConfig
+    alert_sink: str = "log"
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Build the settings from `environ` (default: the process environment)."""
+    env = os.environ if environ is None else environ
+    home = Path(env.get("RECSYS_HOME", ".recsys")).expanduser().absolute()
+
+    def root(var: str, default: str) -> Path:
+        return Path(env[var]).expanduser().absolute() if env.get(var) else home / default
+
+    config_file = Path(env["RECSYS_CONFIG"]).expanduser().absolute() if env.get("RECSYS_CONFIG") else None
+    return Settings(
+        home=home,
+        raw_root=root("RECSYS_RAW_ROOT", "raw"),
+        lake_root=root("RECSYS_LAKE_ROOT", "lake"),
+        artifact_root=root("RECSYS_ARTIFACT_ROOT", "artifacts"),
+        dagster_home=root("DAGSTER_HOME", "dagster"),
+        start_date=_parse_date("RECSYS_START_DATE", env.get("RECSYS_START_DATE"), DEFAULT_START_DATE),
+        config_file=config_file,
+        alert_sink=env.get("RECSYS_ALERT_SINK", "log"),
+        pipeline=_with_window_override(load_pipeline_config(config_file), env.get("RECSYS_WINDOW_DAYS")),
+    )
+
+
+def _with_window_override(config: PipelineConfig, value: str | None) -> PipelineConfig:
+    """RECSYS_WINDOW_DAYS sets the trailing window of every artifact kind at once."""
+    if not value:
+        return config
+    try:
+        days = int(value)
+    except ValueError:
+        days = 0
+    if days < 1:
+        raise ConfigError(f"RECSYS_WINDOW_DAYS: expected a whole number of days >= 1, got {value!r}")
+    artifacts = config.artifacts
+    return dataclasses.replace(
+        config,
+        artifacts=ArtifactsConfig(
+            popularity=dataclasses.replace(artifacts.popularity, window_days=days),
+            cooc=dataclasses.replace(artifacts.cooc, window_days=days),
+            user_history=dataclasses.replace(artifacts.user_history, window_days=days),
+        ),
+    )
+
+
+def load_pipeline_config(path: Path | None) -> PipelineConfig:
+    """Read the optional YAML file; unknown keys are errors so that typos never pass silently."""
+    if path is None:
+        return PipelineConfig()
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as exc:
+        raise ConfigError(f"RECSYS_CONFIG: cannot read {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"RECSYS_CONFIG: {path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"RECSYS_CONFIG: {path} must hold a mapping at the top level")
+    known = {"ingest", "checks", "event_weights", "artifacts"}
+    _reject_unknown("", raw, known)
+    weights = dict(PipelineConfig().event_weights)
+    for name, weight in (raw.get("event_weights") or {}).items():
+        if not isinstance(weight, int | float) or weight < 0:
+            raise ConfigError(f"event_weights.{name}: must be a number >= 0, got {weight!r}")
+        weights[str(name)] = float(weight)
+    config = PipelineConfig(
+        ingest=_section(IngestConfig, "ingest", raw.get("ingest")),
+        checks=_section(ChecksConfig, "checks", raw.get("checks")),
+        artifacts=_artifacts_section(raw.get("artifacts")),
+        event_weights=weights,
+    )
+    _validate(config)
+    return config
+
+
+def _section(cls: type, name: str, values: Any) -> Any:
+    if values is None:
+        return cls()
+    if not isinstance(values, dict):
+        raise ConfigError(f"{name}: must be a mapping")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _reject_unknown(f"{name}.", values, set(fields))
+    default = cls()
+    kwargs = {}
+    for key, value in values.items():
+        expected = type(getattr(default, key))
+        if expected is tuple:
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{name}.{key}: must be a list of strings")
+            value = tuple(value)
+        elif expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        elif not isinstance(value, expected) or isinstance(value, bool):
+            raise ConfigError(f"{name}.{key}: must be {expected.__name__}, got {value!r}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _artifacts_section(values: Any) -> ArtifactsConfig:
+    if values is None:
+        return ArtifactsConfig()
+    if not isinstance(values, dict):
+        raise ConfigError("artifacts: must be a mapping")
+    kinds = {"popularity": PopularityConfig, "cooc": CoocConfig, "user_history": UserHistoryConfig}
+    _reject_unknown("artifacts.", values, set(kinds))
+    return ArtifactsConfig(
+        **{kind: _section(cls, f"artifacts.{kind}", values.get(kind)) for kind, cls in kinds.items()}
+    )
+
+
+def _reject_unknown(prefix: str, values: dict, known: set[str]) -> None:
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown config key(s): {', '.join(prefix + k for k in unknown)}")
+
+
+def _validate(config: PipelineConfig) -> None:
+    ingest, checks = config.ingest, config.checks
+    positive = {
+        "ingest.max_line_bytes": ingest.max_line_bytes,
+        "ingest.rows_per_bucket": ingest.rows_per_bucket,
+        "checks.volume_trailing_days": checks.volume_trailing_days,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {value}")
+    if ingest.max_lateness_days < 0 or ingest.max_clock_skew_hours < 0:
+        raise ConfigError("ingest.max_lateness_days and ingest.max_clock_skew_hours must be >= 0")
+    if not ingest.event_types:
+        raise ConfigError("ingest.event_types: must list at least one event type")
+    artifacts = config.artifacts
+    for kind in ("popularity", "cooc", "user_history"):
+        if getattr(artifacts, kind).window_days < 1:
+            raise ConfigError(f"artifacts.{kind}.window_days: must be >= 1")
+    if artifacts.cooc.metric not in COOC_METRICS:
+        raise ConfigError(
+            f"artifacts.cooc.metric: must be one of {', '.join(COOC_METRICS)}, got {artifacts.cooc.metric!r}"
+        )
+    for key, value in {
+        "artifacts.popularity.top_n": artifacts.popularity.top_n,
+        "artifacts.cooc.top_k": artifacts.cooc.top_k,
+        "artifacts.cooc.min_support": artifacts.cooc.min_support,
+        "artifacts.cooc.max_session_items": artifacts.cooc.max_session_items,
+        "artifacts.cooc.max_items": artifacts.cooc.max_items,
+        "artifacts.user_history.max_items": artifacts.user_history.max_items,
+    }.items():
+        if value < 1:
+            raise ConfigError(f"{key}: must be >= 1, got {value}")
+    if artifacts.popularity.half_life_days < 0:
+        raise ConfigError("artifacts.popularity.half_life_days: must be >= 0 (0 = no decay)")
+    for key in ("max_quarantine_rate", "max_duplicate_rate"):
+        if not 0.0 <= getattr(checks, key) <= 1.0:
+            raise ConfigError(f"checks.{key}: must be between 0 and 1")
+
+
+def _parse_date(var: str, value: str | None, default: dt.date) -> dt.date:
+    if not value:
+        return default
+    try:
+        return dt.date.fromisoformat(value)
+    except ValueError as exc:
+        raise ConfigError(f"{var}: expected a date like 2025-01-31, got {value!r}") from exc
