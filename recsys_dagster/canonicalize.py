@@ -76,6 +76,9 @@ class PartitionSummary:
     blank_lines: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
     output_files: list[str] = field(default_factory=list)
+    # SHA-256 over the output Parquet files, computed once at write time so that gates, artifacts and
+    # publishing can tie themselves to this exact data without re-reading it.
+    content_hash: str = ""
     seconds: float = 0.0
 
     @property
@@ -140,6 +143,7 @@ def canonicalize_partition(
         summary.quarantined = quarantine.rows
         if not summary.reconciled:
             raise AssertionError(f"reconciliation failed for {day}: {summary.to_json()}")
+        summary.content_hash = content_hash(canonical_stage)
         summary.seconds = round(time.perf_counter() - started, 3)
         _write_json(canonical_stage / SUMMARY_FILE, summary.to_json() | {"seconds": None})
         _swap_into_place(quarantine_stage, partition_dir(lake_root, "quarantine", day))
@@ -273,7 +277,7 @@ def _parse_block(lines: _LineIndex, max_line_bytes: int) -> tuple[pl.DataFrame, 
     careful[nonempty] |= arr[np.maximum(last[nonempty], 0)] != ord("}")
     if not _is_utf8(block):
         careful |= _invalid_utf8_lines(lines)
-    if b"\\u" in block:
+    if np.any(arr == ord("\\")) and b"\\u" in block:
         careful |= _escaped_surrogate_lines(lines)
 
     fast_index = np.flatnonzero(~careful)
@@ -282,20 +286,21 @@ def _parse_block(lines: _LineIndex, max_line_bytes: int) -> tuple[pl.DataFrame, 
     if len(fast_index):
         source = block if len(fast_index) == lines.count else _mask_lines(block, lines, careful)
         parsed, failed = _read_ndjson_bisect(source, lines, 0, lines.count, careful)
+        keep = ~careful
         if failed:
             slow_index.extend(failed)
-            keep = np.ones(lines.count, dtype=bool)
-            keep[careful] = False
             keep[failed] = False
-        else:
-            keep = ~careful
-        parsed = parsed.with_columns(pl.int_range(pl.len(), dtype=pl.Int64).alias("line_index")).filter(
-            pl.Series(keep)
-        )
-        suspicious = parsed.filter(_coerced_type_suspected())
-        if suspicious.height:
-            slow_index.extend(suspicious["line_index"].to_list())
-            parsed = parsed.join(suspicious.select("line_index"), on="line_index", how="anti")
+        # Lines where the reader may have turned a non-string JSON value into a string go to the
+        # reference parser too (see `_coerced_lines`).
+        keep_count = int(np.count_nonzero(keep))
+        suspect = _coerced_lines(arr, lines, parsed)
+        if suspect is not None:
+            suspect = suspect & keep
+            slow_index.extend(np.flatnonzero(suspect))
+            keep &= ~suspect
+        parsed = parsed.with_columns(pl.int_range(pl.len(), dtype=pl.Int64).alias("line_index"))
+        if keep_count != lines.count or suspect is not None:
+            parsed = parsed.filter(pl.Series(keep))
         frames.append(parsed)
     rejected: list[tuple[int, str, str]] = []
     blanks = 0
@@ -311,8 +316,117 @@ def _parse_block(lines: _LineIndex, max_line_bytes: int) -> tuple[pl.DataFrame, 
     if slow_rows:
         frames.append(pl.DataFrame(slow_rows, schema=contract.PARSED_SCHEMA | {"line_index": pl.Int64}))
     schema = contract.PARSED_SCHEMA | {"line_index": pl.Int64()}
-    parsed = pl.concat(frames, how="vertical") if frames else pl.DataFrame(schema=schema)
-    return parsed.sort("line_index"), rejected, blanks
+    if not frames:
+        return pl.DataFrame(schema=schema), rejected, blanks
+    if len(frames) == 1:
+        # Fast-path rows are already in line order.
+        return frames[0], rejected, blanks
+    return pl.concat(frames, how="vertical").sort("line_index"), rejected, blanks
+
+
+_DIGIT = np.zeros(256, dtype=bool)
+_DIGIT[ord("0") : ord("9") + 1] = True
+_JSON_SPACE = np.zeros(256, dtype=bool)
+_JSON_SPACE[[ord(" "), ord("\t"), ord("\r")]] = True
+_VALUE_KEY = np.frombuffer(b'"value', np.uint8)
+
+
+_ODD_TYPE = r"^(?:true$|false$|[\[{])"
+_LOOK_ALIKE = r"^(?:[-+0-9.eE]+$|true$|false$|[\[{])"
+# Up to this many look-alike lines per block simply go to the reference parser.
+MAX_LOOK_ALIKES = 256
+
+
+def _coerced_lines(arr: np.ndarray, lines: _LineIndex, parsed: pl.DataFrame) -> np.ndarray | None:
+    """Lines where the NDJSON reader may have turned a non-string JSON value into a string.
+
+    The reader stores booleans, floats, arrays and objects found in string fields as their text: `true`,
+    `[1, 2]`, `{"a": 1}`, `0.5`, and an integral float even as plain digits (`1.0` -> `1`), which only
+    the bytes can tell from an integer (integers are valid in string fields). Lines with a value that
+    looks like one of those go to the reference parser, which knows the JSON type; None when there are
+    none. When look-alikes are many (numeric ids, epoch timestamps), numbers are narrowed down to lines
+    whose bytes hold a fraction or exponent number as a member value (`_float_member_lines`).
+    """
+    look_alike = _any_string_field_matches(parsed, _LOOK_ALIKE)
+    count = int(np.count_nonzero(look_alike))
+    if not count:
+        return None
+    if count <= MAX_LOOK_ALIKES:
+        return look_alike
+    suspect = _any_string_field_matches(parsed, _ODD_TYPE)
+    floats = _float_member_lines(arr, lines)
+    if floats is not None:
+        suspect |= look_alike & floats
+    return suspect if suspect.any() else None
+
+
+def _any_string_field_matches(parsed: pl.DataFrame, pattern: str) -> np.ndarray:
+    matches = parsed.select(
+        pl.any_horizontal([pl.col(name).str.contains(pattern) for name in contract.STRING_FIELDS])
+        .fill_null(False)
+        .alias("x")
+    )
+    return matches.to_series().to_numpy().astype(bool, copy=True)
+
+
+def _float_member_lines(arr: np.ndarray, lines: _LineIndex) -> np.ndarray | None:
+    """Lines holding a member (other than `"value"`) whose value is a number token with a fraction or
+    exponent; None if there is none. Found from the bytes, conservatively (look-alikes inside strings
+    that are not preceded by `"` `:` are not counted; those that are, are)."""
+    n = len(arr)
+    if n < 3:
+        return None
+    body = arr[1:]
+    mark = (body == ord(".")) | (body == ord("e")) | (body == ord("E"))
+    mark &= (arr[:-1] - np.uint8(48)) < 10
+    pos = np.flatnonzero(mark)  # position of the digit before the mark
+    if not len(pos):
+        return None
+    # Walk back over the integer digits.
+    q = pos.copy()
+    active = np.arange(len(q))
+    while len(active):
+        prev = q[active] - 1
+        ok = prev >= 0
+        ok[ok] = _DIGIT[arr[prev[ok]]]
+        active = active[ok]
+        q[active] -= 1
+    q -= 1  # the byte before the digits
+    q = q[q >= 0]
+    q -= arr[q] == ord("-")
+    q = _skip_space_back(arr, q)
+    q = q[arr[np.maximum(q, 0)] == ord(":")]
+    q = _skip_space_back(arr, q - 1)
+    q = q[(q >= 0) & (arr[np.maximum(q, 0)] == ord('"'))]
+    if not len(q):
+        return None
+    # Members named exactly "value": `"value"` preceded (after whitespace) by `{` or `,`.
+    is_value = q >= len(_VALUE_KEY) + 1
+    cand = q[is_value]
+    for offset, byte in enumerate(_VALUE_KEY):
+        is_value[is_value] &= arr[cand - len(_VALUE_KEY) + offset] == byte
+        cand = q[is_value]
+    before = _skip_space_back(arr, cand - len(_VALUE_KEY) - 1)
+    good = (before >= 0) & np.isin(arr[np.maximum(before, 0)], (ord("{"), ord(",")))
+    is_value[is_value] = good
+    q = q[~is_value]
+    if not len(q):
+        return None
+    suspect = np.zeros(lines.count, dtype=bool)
+    suspect[np.searchsorted(lines.ends, q)] = True
+    return suspect
+
+
+def _skip_space_back(arr: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Move each position back over JSON whitespace (never past the start; -1 if it runs out)."""
+    q = q.copy()
+    active = np.flatnonzero(q >= 0)
+    while len(active):
+        ok = _JSON_SPACE[arr[q[active]]]
+        active = active[ok]
+        q[active] -= 1
+        active = active[q[active] >= 0]
+    return q
 
 
 def _read_ndjson_bisect(
@@ -350,22 +464,6 @@ def _mask_lines(block: bytes, lines: _LineIndex, mask: np.ndarray) -> bytes:
     # A masked line shorter than `{}` cannot be replaced in place; the reader then sees an empty line,
     # which the row count check below catches and the bisection isolates.
     return bytes(data)
-
-
-def _coerced_type_suspected() -> pl.Expr:
-    """Rows where the NDJSON reader may have turned a non-string JSON value into a string.
-
-    The reader stores booleans, floats, arrays and objects found in string fields as their text; such
-    values look like `true`, `1.5` or `{...}`. Those rows (and the rare genuine strings that look the
-    same) are re-parsed by the reference parser, which knows the JSON type.
-    """
-    pattern = r"^(?:true|false|[\[{].*|-?[0-9]+(?:\.[0-9]*)?(?:[eE][-+]?[0-9]+)?)$"
-    integer = r"^-?[0-9]+$"
-    checks = [
-        pl.col(name).str.contains(pattern) & ~pl.col(name).str.contains(integer)
-        for name in contract.STRING_FIELDS
-    ]
-    return pl.any_horizontal(checks).fill_null(False)
 
 
 def _is_utf8(block: bytes) -> bool:
@@ -416,15 +514,21 @@ def _escaped_surrogate_lines(lines: _LineIndex) -> np.ndarray:
 
 
 def _with_event_id(events: pl.DataFrame) -> pl.DataFrame:
-    """Fill missing event ids with a stable hash of the identifying fields (xxh3-128, hex)."""
-    identity = plh.concat_str(
-        [
-            (pl.col(name).dt.epoch("us") if name == "ts" else pl.col(name)).cast(pl.String).fill_null("")
-            for name in HASHED_FIELDS
-        ],
-        separator="\x1f",
-        ignore_nulls=False,
-    )
+    """Fill missing event ids with a stable hash (xxh3-128) of the identifying fields.
+
+    Each field enters the hash as `<byte length>:<text>` (`-` when absent), so no two different events
+    can produce the same input, whatever characters their values contain.
+    """
+    parts: list[pl.Expr] = []
+    for name in HASHED_FIELDS:
+        text = (pl.col(name).dt.epoch("us") if name == "ts" else pl.col(name)).cast(pl.String)
+        parts += [
+            text.str.len_bytes().cast(pl.String).fill_null("-"),
+            pl.lit(":"),
+            text.fill_null(""),
+            pl.lit(";"),
+        ]
+    identity = plh.concat_str(parts, separator="")
     derived = pl.lit("h") + identity.nchash.xxh3_128().cast(pl.String).str.zfill(39)
     return events.with_columns(pl.coalesce(pl.col("event_id"), derived).alias("event_id")).select(
         list(contract.CANONICAL_SCHEMA)
@@ -440,7 +544,7 @@ class _BucketStore:
         self.frames: list[pl.DataFrame] = []
         self.held = 0
         self.total = 0
-        self.spills: list[Path] = []
+        self.spills: list[tuple[Path, np.ndarray]] = []
 
     def add(self, frame: pl.DataFrame) -> None:
         if not frame.height:
@@ -454,13 +558,29 @@ class _BucketStore:
             self._spill()
 
     def _spill(self) -> None:
+        """Write the held rows as one run file: Arrow IPC, one record batch per slot (in slot order, rows
+        in reading order within a slot), so that the final pass reads each spilled row exactly once."""
         self.spill_dir.mkdir(parents=True, exist_ok=True)
-        path = self.spill_dir / f"run-{len(self.spills):05d}.parquet"
+        path = self.spill_dir / f"run-{len(self.spills):05d}.arrow"
         frame = pl.concat(self.frames).with_columns(_slot().alias("_slot")).sort("_slot", maintain_order=True)
-        # Small row groups let each bucket read only its own slots back.
-        frame.write_parquet(path, row_group_size=50_000, statistics=True, compression="lz4")
-        self.spills.append(path)
         self.frames, self.held = [], 0
+        slots = frame["_slot"].to_numpy()
+        bounds = np.searchsorted(slots, np.arange(SPILL_SLOTS + 1))
+        table = frame.drop("_slot").to_arrow().combine_chunks()
+        del frame
+        batch_slots = []
+        options = pa.ipc.IpcWriteOptions(compression="lz4")
+        with (
+            pa.OSFile(str(path), "wb") as sink,
+            pa.ipc.new_file(sink, table.schema, options=options) as writer,
+        ):
+            for slot in range(SPILL_SLOTS):
+                lo, hi = int(bounds[slot]), int(bounds[slot + 1])
+                if hi > lo:
+                    for batch in table.slice(lo, hi - lo).to_batches():
+                        writer.write_batch(batch)
+                        batch_slots.append(slot)
+        self.spills.append((path, np.array(batch_slots, dtype=np.int64)))
 
     def write_outputs(self, out_dir: Path, summary: PartitionSummary) -> list[str]:
         if not self.spills:
@@ -471,13 +591,26 @@ class _BucketStore:
         buckets = max(1, math.ceil(self.total / self.rows_per_bucket))
         names = []
         for bucket in range(buckets):
+            # Runs in reading order, slots ascending within a run: the same row order as filtering every
+            # run by `_slot % buckets == bucket`.
+            parts = []
+            for path, batch_slots in self.spills:
+                wanted = np.flatnonzero(batch_slots % buckets == bucket)
+                if not len(wanted):
+                    continue
+                with pa.memory_map(str(path)) as source:
+                    reader = pa.ipc.open_file(source)
+                    table = pa.Table.from_batches([reader.get_batch(int(i)) for i in wanted], reader.schema)
+                    parts.append(pl.from_arrow(table))
+                    del table
             frame = (
-                pl.scan_parquet(self.spills)
-                .filter(pl.col("_slot") % buckets == bucket)
-                .drop("_slot")
-                .collect()
+                pl.concat(parts)
+                if parts
+                else pl.DataFrame(schema=contract.CANONICAL_SCHEMA | {"_seq": pl.Int64})
             )
+            del parts
             names.append(_write_bucket(frame, out_dir / f"part-{bucket:05d}.parquet", summary))
+            del frame
         return names
 
 
@@ -494,10 +627,14 @@ def _write_bucket(frame: pl.DataFrame, path: Path, summary: PartitionSummary) ->
     hashed = frame.select(plh.col("event_id").nchash.xxh3_64().alias("h"))["h"]
     maybe_dup = hashed.is_duplicated()
     if maybe_dup.any():
-        keep = ~maybe_dup | frame["event_id"].is_first_distinct()
-        before = frame.height
-        frame = frame.filter(keep)
-        summary.duplicates += before - frame.height
+        # Only rows whose hash repeats can be duplicates; compare their ids exactly, in frame order.
+        candidates = maybe_dup.arg_true()
+        repeated = ~frame["event_id"].gather(candidates).is_first_distinct()
+        if repeated.any():
+            drop = np.zeros(frame.height, dtype=bool)
+            drop[candidates.filter(repeated).to_numpy()] = True
+            frame = frame.filter(pl.Series(~drop))
+            summary.duplicates += int(np.count_nonzero(drop))
     frame = frame.sort("ts", maintain_order=True).drop("_seq")
     summary.canonical_rows += frame.height
     frame.write_parquet(path, compression="zstd", statistics=True)

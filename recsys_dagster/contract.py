@@ -95,6 +95,14 @@ class Rejection(NamedTuple):
     detail: str
 
 
+def _first_key_wins(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A repeated key keeps its first value, as the vectorised reader does."""
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        obj.setdefault(key, value)
+    return obj
+
+
 def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
 
@@ -115,7 +123,7 @@ def parse_line(line: bytes, max_line_bytes: int) -> dict[str, Any] | Rejection |
     if not text.strip(" \t\r\n"):
         return None
     try:
-        obj = json.loads(text, parse_constant=_reject_constant)
+        obj = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_first_key_wins)
     except (ValueError, RecursionError) as exc:
         return Rejection("invalid_json", str(exc)[:200])
     if not isinstance(obj, dict):
@@ -200,18 +208,26 @@ def validate_events(
         days=1, hours=max_clock_skew_hours
     )
     rules = _rules(events, event_types, window_start, window_end)
-    reason = pl.lit(None, pl.String)
+    first_rule = pl.lit(None, pl.Int32)
     # Built from the last rule backwards so that the first matching rule wins.
-    for condition, code, _ in reversed(rules):
-        reason = pl.when(condition.fill_null(False)).then(pl.lit(code)).otherwise(reason)
-    events = events.with_columns(reason.alias("reason"))
+    for index in reversed(range(len(rules))):
+        first_rule = (
+            pl.when(rules[index][0].fill_null(False)).then(pl.lit(index, pl.Int32)).otherwise(first_rule)
+        )
+    events = events.with_columns(first_rule.alias("_rule")).with_columns(
+        pl.col("_rule")
+        .replace_strict(
+            list(range(len(rules))), [code for _, code, _ in rules], default=None, return_dtype=pl.String
+        )
+        .alias("reason")
+    )
     detail = pl.lit(None, pl.String)
-    for _, code, message in rules:
-        detail = pl.when(pl.col("reason") == code).then(message).otherwise(detail)
+    for index, (_, _, message) in enumerate(rules):
+        detail = pl.when(pl.col("_rule") == index).then(message).otherwise(detail)
     # Messages are formatted only for the (usually few) rejected rows.
     rejected = events.filter(pl.col("reason").is_not_null()).with_columns(detail.alias("detail"))
     accepted = events.filter(pl.col("reason").is_null()).with_columns(pl.lit(None, pl.String).alias("detail"))
-    return pl.concat([accepted, rejected]).drop("ts", "v").rename({"ts_parsed": "ts"})
+    return pl.concat([accepted, rejected]).drop("ts", "v", "_rule").rename({"ts_parsed": "ts"})
 
 
 def _none_if_empty(expr: pl.Expr) -> pl.Expr:

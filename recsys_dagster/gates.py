@@ -20,7 +20,7 @@ import pandera.errors
 import polars as pl
 
 from recsys_dagster import contract
-from recsys_dagster.canonicalize import content_hash, partition_dir, read_summary
+from recsys_dagster.canonicalize import partition_dir, read_summary
 from recsys_dagster.settings import ChecksConfig, ConfigError, IngestConfig
 from recsys_dagster.sql import run_sql
 
@@ -101,7 +101,7 @@ def run_gates(lake_root: Path, day: dt.date, ingest: IngestConfig, checks: Check
         result.blocking = result.name not in checks.warn_only
     record = {
         "day": day.isoformat(),
-        "content_hash": content_hash(folder),
+        "content_hash": summary["content_hash"],
         "checked_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "passed": all(r.passed for r in results if r.blocking),
         "results": [asdict(r) for r in results],
@@ -122,8 +122,8 @@ def confirm_gates_passed(lake_root: Path, day: dt.date) -> str | None:
     record = read_gate_record(lake_root, day)
     if record is None:
         return f"canonical_events {day}: no gate results (the partition was never checked)"
-    folder = partition_dir(lake_root, "canonical_events", day)
-    if record["content_hash"] != content_hash(folder):
+    summary = read_summary(lake_root, day)
+    if summary is None or record["content_hash"] != summary["content_hash"]:
         return f"canonical_events {day}: data changed after it was checked; re-materialize it"
     failed = [r["name"] for r in record["results"] if r["blocking"] and not r["passed"]]
     if failed:

@@ -114,12 +114,15 @@ class Settings:
     config_file: Path | None
     pipeline: PipelineConfig
     alert_sink: str = "log"
+    # API server: how often it looks for a new manifest, and whether it logs served items as exposures.
+    serve_poll_seconds: float = 2.0
+    exposure_log: bool = False
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     """Build the settings from `environ` (default: the process environment)."""
     env = os.environ if environ is None else environ
-    home = Path(env.get("RECSYS_HOME", ".recsys")).expanduser().absolute()
+    home = Path(env.get("RECSYS_HOME") or ".recsys").expanduser().absolute()
 
     def root(var: str, default: str) -> Path:
         return Path(env[var]).expanduser().absolute() if env.get(var) else home / default
@@ -134,6 +137,10 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         start_date=_parse_date("RECSYS_START_DATE", env.get("RECSYS_START_DATE"), DEFAULT_START_DATE),
         config_file=config_file,
         alert_sink=env.get("RECSYS_ALERT_SINK", "log"),
+        serve_poll_seconds=_parse_positive_float(
+            "RECSYS_SERVE_POLL_SECONDS", env.get("RECSYS_SERVE_POLL_SECONDS"), 2.0
+        ),
+        exposure_log=_parse_bool("RECSYS_EXPOSURE_LOG", env.get("RECSYS_EXPOSURE_LOG"), False),
         pipeline=_with_window_override(load_pipeline_config(config_file), env.get("RECSYS_WINDOW_DAYS")),
     )
 
@@ -174,8 +181,11 @@ def load_pipeline_config(path: Path | None) -> PipelineConfig:
     known = {"ingest", "checks", "event_weights", "artifacts"}
     _reject_unknown("", raw, known)
     weights = dict(PipelineConfig().event_weights)
-    for name, weight in (raw.get("event_weights") or {}).items():
-        if not isinstance(weight, int | float) or weight < 0:
+    given_weights = raw.get("event_weights") or {}
+    if not isinstance(given_weights, dict):
+        raise ConfigError("event_weights: must be a mapping of event type to weight")
+    for name, weight in given_weights.items():
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or weight < 0:
             raise ConfigError(f"event_weights.{name}: must be a number >= 0, got {weight!r}")
         weights[str(name)] = float(weight)
     config = PipelineConfig(
@@ -266,6 +276,28 @@ def _validate(config: PipelineConfig) -> None:
     for key in ("max_quarantine_rate", "max_duplicate_rate"):
         if not 0.0 <= getattr(checks, key) <= 1.0:
             raise ConfigError(f"checks.{key}: must be between 0 and 1")
+
+
+def _parse_positive_float(var: str, value: str | None, default: float) -> float:
+    if not value:
+        return default
+    try:
+        parsed = float(value)
+    except ValueError:
+        parsed = -1.0
+    if not parsed > 0:
+        raise ConfigError(f"{var}: expected a number of seconds > 0, got {value!r}")
+    return parsed
+
+
+def _parse_bool(var: str, value: str | None, default: bool) -> bool:
+    if not value:
+        return default
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{var}: expected true/false, got {value!r}")
 
 
 def _parse_date(var: str, value: str | None, default: dt.date) -> dt.date:

@@ -1,0 +1,63 @@
+"""Shared fixtures: a temporary RECSYS layout and a writer for raw landing files."""
+
+from __future__ import annotations
+
+import datetime as dt
+import gzip
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+RawContent = bytes | str | Iterable[bytes | str | dict]
+
+
+def write_raw(root: Path, day: dt.date, name: str, content: RawContent, *, newline: bytes = b"\n") -> Path:
+    """Write one landing file `<root>/dt=<day>/<name>`.
+
+    `content` is written as is when it is bytes or str; a list is joined line by line (dicts as JSON,
+    str as UTF-8, bytes untouched), each line followed by `newline`. A name ending in `.gz` is gzipped.
+    """
+    if isinstance(content, bytes):
+        data = content
+    elif isinstance(content, str):
+        data = content.encode("utf-8")
+    else:
+        parts = []
+        for line in content:
+            if isinstance(line, dict):
+                line = json.dumps(line)
+            parts.append((line.encode("utf-8") if isinstance(line, str) else line) + newline)
+        data = b"".join(parts)
+    folder = root / f"dt={day.isoformat()}"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_bytes(gzip.compress(data, mtime=0) if name.endswith(".gz") else data)
+    return path
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A RECSYS_HOME with its default roots, as `load_settings` derives them."""
+
+    home: Path
+    raw_root: Path
+    lake_root: Path
+    artifact_root: Path
+    dagster_home: Path
+
+
+@pytest.fixture(name="write_raw", scope="session")
+def write_raw_fixture() -> Callable[..., Path]:
+    return write_raw
+
+
+@pytest.fixture
+def layout(tmp_path: Path) -> Layout:
+    home = tmp_path / "recsys"
+    roots = Layout(home, home / "raw", home / "lake", home / "artifacts", home / "dagster")
+    for path in (roots.raw_root, roots.lake_root, roots.artifact_root, roots.dagster_home):
+        path.mkdir(parents=True)
+    return roots

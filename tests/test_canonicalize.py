@@ -1,0 +1,514 @@
+"""canonicalize_partition: raw landing files of one day -> canonical_events + quarantine partitions."""
+
+from __future__ import annotations
+
+import datetime as dt
+import gzip
+import json
+import random
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from recsys_dagster import contract
+from recsys_dagster.canonicalize import (
+    RawFileError,
+    canonicalize_partition,
+    partition_dir,
+    read_summary,
+)
+from recsys_dagster.settings import IngestConfig
+
+DAY = dt.date(2025, 3, 10)
+BOM = b"\xef\xbb\xbf"
+NOON = dt.datetime(2025, 3, 10, 12, tzinfo=dt.UTC)
+
+
+def event(n: int, **fields: object) -> dict:
+    """A valid event of DAY; `n` makes it distinct from the others."""
+    ts = (NOON + dt.timedelta(seconds=n)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    base = {"ts": ts, "tenant": "acme", "surface": "home", "session_id": f"s{n % 7}", "item_id": f"i{n}"}
+    return {k: v for k, v in (base | fields).items() if v is not None}
+
+
+def line(n: int, **fields: object) -> bytes:
+    return json.dumps(event(n, **fields)).encode()
+
+
+def run(layout, config: IngestConfig | None = None, day: dt.date = DAY, lake_root: Path | None = None):
+    return canonicalize_partition(
+        layout.raw_root, lake_root or layout.lake_root, day, config or IngestConfig()
+    )
+
+
+def read(lake_root: Path, asset: str, day: dt.date = DAY) -> pl.DataFrame:
+    """All Parquet files of a partition, in file name order."""
+    files = sorted(partition_dir(lake_root, asset, day).glob("*.parquet"))
+    assert files, f"no Parquet files in {asset} {day}"
+    return pl.concat([pl.read_parquet(f) for f in files])
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` (relative name -> bytes), hidden ones included."""
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Every line ends up in exactly one place, with the right reason at the right line
+
+
+def test_every_reason_lands_on_its_line(layout, write_raw: Callable[..., Path]) -> None:
+    long_line = line(90, pad="p" * 6000)
+    cases: list[tuple[bytes, str]] = [
+        (BOM + line(1), "ok"),  # a byte order mark starts the file
+        (line(2), "ok"),
+        (b"", "blank"),
+        (b"  \t ", "blank"),
+        (long_line, "line_too_long"),
+        (b'{"ts": "2025-03-10T12:00:00Z", "tenant": "\xff\xfe"}', "invalid_utf8"),
+        (b'{"ts": "2025-03-10T12:00:00Z", "tenant": "acme"', "invalid_json"),
+        (line(3)[:-1] + b', "value": NaN}', "invalid_json"),
+        (BOM + line(4), "invalid_json"),  # a byte order mark inside the file is not whitespace
+        (b'[{"ts": "2025-03-10T12:00:00Z"}]', "not_an_object"),
+        (b'"just a string"', "not_an_object"),
+        (b"42", "not_an_object"),
+        (line(5, extra={"deep": [1, {"x": {"y": [None, True]}}]}), "ok"),  # nested unknown fields are fine
+        (line(6, tenant=True), "bad_type"),
+        (line(7, rank="3"), "bad_type"),
+        (line(8)[:-1] + b', "request_id": "\\ud800"}', "bad_type"),
+        (line(9, v=2), "unsupported_version"),
+        (json.dumps({k: v for k, v in event(10).items() if k != "item_id"}).encode(), "missing_field"),
+        (line(11, session_id=" "), "empty_id"),
+        (line(12, item_id="i" * 300), "id_too_long"),
+        (line(13, tenant=".."), "bad_identifier"),
+        (line(14, ts="yesterday"), "bad_ts"),
+        (line(15, ts="2025-01-01T00:00:00Z"), "ts_out_of_range"),
+        (line(16, event_type="view"), "unknown_event_type"),
+        (line(17, rank=-1), "negative_rank"),
+        (line(18)[:-1] + b', "value": 1e999}', "non_finite_value"),
+        (line(2), "duplicate"),  # an exact repeat of line 2
+        (line(19, ts=int((NOON.timestamp() + 19) * 1000)), "ok"),
+        (line(20), "ok"),  # the last line has no newline
+    ]
+    data = b"\r\n".join(raw for raw, _ in cases)
+    write_raw(layout.raw_root, DAY, "mixed.jsonl", data)
+
+    summary = run(layout, IngestConfig(max_line_bytes=2000))
+
+    quarantine = read(layout.lake_root, "quarantine")
+    canonical = read(layout.lake_root, "canonical_events")
+    expected_reasons = {n: kind for n, (_, kind) in enumerate(cases, 1) if kind in contract.REASONS}
+    assert dict(zip(quarantine["source_line"], quarantine["reason"], strict=True)) == expected_reasons
+    assert sorted(canonical["source_line"]) == [n for n, (_, kind) in enumerate(cases, 1) if kind == "ok"]
+    assert set(quarantine["source_file"]) == set(canonical["source_file"]) == {f"dt={DAY}/mixed.jsonl"}
+
+    assert summary.lines_read == len(cases)
+    assert summary.blank_lines == 2
+    assert summary.duplicates == 1
+    assert summary.quarantined == len(expected_reasons) == quarantine.height
+    assert summary.canonical_rows == canonical.height == 5
+    assert summary.lines_read == summary.canonical_rows + summary.quarantined + summary.duplicates + 2
+    assert summary.reconciled
+    assert summary.reasons == dict(Counter(expected_reasons.values()))
+    assert summary.files == [f"dt={DAY}/mixed.jsonl"]
+
+    stored = read_summary(layout.lake_root, DAY)
+    assert stored is not None and stored["reconciled"] is True
+    for key in (
+        "lines_read",
+        "canonical_rows",
+        "quarantined",
+        "duplicates",
+        "blank_lines",
+        "reasons",
+        "files",
+    ):
+        assert stored[key] == getattr(summary, key), key
+    # Every quarantined line says why, beyond its reason code.
+    without_detail = quarantine.filter(pl.col("detail").is_null() | (pl.col("detail") == ""))
+    assert without_detail.select("source_line", "reason").rows() == []
+
+
+def test_quarantine_raw_holds_the_line_text_bounded(layout, write_raw: Callable[..., Path]) -> None:
+    long_line = line(1, pad="p" * 20_000)
+    cases = [
+        line(2, tenant="bad tenant"),
+        long_line,
+        b'{"tenant": "caf\xc3\xa9", "item_id": "\xff"}',
+        '{"tenant": "caf\u00e9", "ts": 3, "item_id": "\U0001f600"}'.encode(),
+    ]
+    write_raw(layout.raw_root, DAY, "q.jsonl", b"\r\n".join(cases) + b"\r\n")
+
+    run(layout, IngestConfig(max_line_bytes=1000))
+
+    raw = dict(zip(*read(layout.lake_root, "quarantine").select("source_line", "raw"), strict=True))
+    assert raw[1] == cases[0].decode()  # no trailing carriage return
+    assert 0 < len(raw[2]) <= contract.RAW_PREFIX_CHARS and long_line.decode().startswith(raw[2])
+    assert raw[3].startswith('{"tenant": "caf\u00e9", "item_id": "') and raw[3].endswith('"}')
+    assert raw[4] == cases[3].decode()
+
+
+def test_lines_and_files_are_counted_from_one(layout, write_raw: Callable[..., Path]) -> None:
+    write_raw(layout.raw_root, DAY, "a.jsonl", [line(1), "", line(2, rank=-5)])
+    write_raw(layout.raw_root, DAY, "b.jsonl", [line(3, rank=-5), line(4)])
+    run(layout)
+    quarantine = read(layout.lake_root, "quarantine").sort("source_file", "source_line")
+    assert quarantine.select("source_file", "source_line").rows() == [
+        (f"dt={DAY}/a.jsonl", 3),
+        (f"dt={DAY}/b.jsonl", 1),
+    ]
+    canonical = read(layout.lake_root, "canonical_events").sort("source_file", "source_line")
+    assert canonical.select("source_file", "source_line").rows() == [
+        (f"dt={DAY}/a.jsonl", 1),
+        (f"dt={DAY}/b.jsonl", 2),
+    ]
+
+
+def test_canonical_values_and_schema(layout, write_raw: Callable[..., Path]) -> None:
+    write_raw(
+        layout.raw_root,
+        DAY,
+        "e.jsonl",
+        [
+            {
+                "ts": "2025-03-10T13:30:00+01:30",
+                "tenant": " acme ",
+                "surface": "home\t",
+                "session_id": " s1 ",
+                "item_id": 42,
+                "user_id": "",
+                "rank": 2,
+                "value": 3,
+            },
+            {
+                "ts": 1741608000000,
+                "tenant": "acme",
+                "surface": "home",
+                "session_id": "s2",
+                "item_id": "i2",
+                "event_type": "click",
+                "user_id": " u2 ",
+                "request_id": " r ",
+                "event_id": " e-2 ",
+            },
+        ],
+    )
+    run(layout)
+    canonical = read(layout.lake_root, "canonical_events").sort("source_line")
+    assert canonical.schema == pl.Schema(contract.CANONICAL_SCHEMA)
+    contract.canonical_schema_model().validate(canonical)
+    first, second = canonical.to_dicts()
+    assert first["ts"] == second["ts"] == NOON
+    assert (first["tenant"], first["surface"], first["session_id"], first["item_id"]) == (
+        "acme",
+        "home",
+        "s1",
+        "42",
+    )
+    assert first["user_id"] is None  # an empty user id is an anonymous event
+    assert first["event_type"] == "exposure"
+    assert (first["rank"], first["value"], first["request_id"]) == (2, 3.0, None)
+    assert first["event_id"]  # derived from the identifying fields
+    assert (second["user_id"], second["request_id"], second["event_id"]) == ("u2", "r", "e-2")
+
+
+# --------------------------------------------------------------------------------------------------
+# Duplicates
+
+
+def test_duplicates_across_files_keep_the_first_by_file_name_then_line(
+    layout, write_raw: Callable[..., Path]
+) -> None:
+    # b.jsonl is written first: reading order is by name, not by arrival.
+    write_raw(
+        layout.raw_root,
+        DAY,
+        "b.jsonl",
+        [line(1, event_id="dup-1", item_id="from-b"), line(2), line(3)],
+    )
+    write_raw(
+        layout.raw_root,
+        DAY,
+        "a.jsonl",
+        [
+            line(1, event_id="dup-1", item_id="from-a-1"),
+            line(2),
+            line(4, event_id="dup-1", item_id="from-a-3"),
+        ],
+    )
+    summary = run(layout)
+    canonical = read(layout.lake_root, "canonical_events").sort("source_file", "source_line")
+    assert canonical.select("source_file", "source_line").rows() == [
+        (f"dt={DAY}/a.jsonl", 1),
+        (f"dt={DAY}/a.jsonl", 2),
+        (f"dt={DAY}/b.jsonl", 3),
+    ]
+    assert canonical.filter(pl.col("event_id") == "dup-1")["item_id"].to_list() == ["from-a-1"]
+    assert summary.duplicates == 3
+    assert summary.files == [f"dt={DAY}/a.jsonl", f"dt={DAY}/b.jsonl"]
+    assert read(layout.lake_root, "quarantine").height == 0
+    assert summary.reconciled
+
+
+def test_the_same_event_spelled_differently_is_a_duplicate(layout, write_raw: Callable[..., Path]) -> None:
+    spellings = [
+        event(1),
+        event(1, tenant=" acme ", item_id=" i1 ", session_id="s1 "),
+        event(1, ts="2025-03-10T13:00:01+01:00"),
+        event(1, ts=int(NOON.timestamp() * 1000) + 1000),
+        event(1, event_type="exposure", v=1, user_id=""),
+    ]
+    write_raw(layout.raw_root, DAY, "e.jsonl", [*spellings, event(1, event_id=" x "), event(2, event_id="x")])
+    summary = run(layout)
+    assert summary.canonical_rows == 2
+    assert summary.duplicates == 5
+    assert sorted(read(layout.lake_root, "canonical_events")["source_line"]) == [1, 6]
+
+
+def test_distinct_events_get_distinct_derived_ids(layout, write_raw: Callable[..., Path]) -> None:
+    """No two different events may share a derived id, however their field values are split."""
+    pairs = [
+        (event(1, user_id="u\x1fv", item_id="i"), event(1, user_id="u", item_id="v\x1fi")),
+        (event(2, session_id="s\x1fx", user_id="u"), event(2, session_id="s", user_id="x\x1fu")),
+        (event(3, rank=1), event(3, value=1.0)),
+        (event(4, request_id="r"), event(4)),
+    ]
+    write_raw(layout.raw_root, DAY, "e.jsonl", [e for pair in pairs for e in pair])
+    summary = run(layout)
+    assert summary.duplicates == 0
+    assert summary.canonical_rows == 8
+    assert read(layout.lake_root, "canonical_events")["event_id"].n_unique() == 8
+
+
+# --------------------------------------------------------------------------------------------------
+# Input formats and landing layout
+
+
+def test_gzip_input_reads_like_plain(layout, write_raw: Callable[..., Path], tmp_path: Path) -> None:
+    lines = [line(n) for n in range(20)] + [b"", line(3), b"{broken", line(21, rank=-1)]
+    write_raw(layout.raw_root, DAY, "events.jsonl.gz", BOM + b"\n".join(lines) + b"\n")
+    plain_raw = tmp_path / "plain"
+    write_raw(plain_raw, DAY, "events.jsonl", BOM + b"\n".join(lines) + b"\n")
+
+    gz = run(layout)
+    plain = canonicalize_partition(plain_raw, tmp_path / "plain_lake", DAY, IngestConfig())
+
+    for key in ("lines_read", "canonical_rows", "quarantined", "duplicates", "blank_lines", "reasons"):
+        assert getattr(gz, key) == getattr(plain, key), key
+    assert gz.canonical_rows == 20 and gz.duplicates == 1 and gz.blank_lines == 1
+    assert gz.files == [f"dt={DAY}/events.jsonl.gz"]
+    drop = ["source_file"]
+    assert (
+        read(layout.lake_root, "canonical_events")
+        .drop(drop)
+        .equals(read(tmp_path / "plain_lake", "canonical_events").drop(drop))
+    )
+    assert (
+        read(layout.lake_root, "quarantine")
+        .drop(drop)
+        .equals(read(tmp_path / "plain_lake", "quarantine").drop(drop))
+    )
+
+
+def test_hidden_and_foreign_files_are_ignored(layout, write_raw: Callable[..., Path]) -> None:
+    write_raw(layout.raw_root, DAY, "events.jsonl", [line(1)])
+    write_raw(layout.raw_root, DAY, ".in-flight.jsonl", [line(2), b"garbage"])
+    write_raw(layout.raw_root, DAY, ".hidden.jsonl.gz", [line(3)])
+    write_raw(layout.raw_root, DAY, "notes.txt", [b"not an event"])
+    write_raw(layout.raw_root, DAY, "data.json", [line(4)])
+    (layout.raw_root / f"dt={DAY}" / "folder.jsonl").mkdir()
+    write_raw(layout.raw_root, DAY - dt.timedelta(days=1), "events.jsonl", [line(5)])
+
+    summary = run(layout)
+    assert summary.files == [f"dt={DAY}/events.jsonl"]
+    assert summary.lines_read == 1
+    assert read(layout.lake_root, "canonical_events")["item_id"].to_list() == ["i1"]
+    assert read(layout.lake_root, "quarantine").height == 0
+
+
+@pytest.mark.parametrize("landing", ["missing", "empty_folder", "empty_file", "only_hidden"])
+def test_a_day_without_events_gives_an_empty_schema_correct_partition(
+    layout, write_raw: Callable[..., Path], landing: str
+) -> None:
+    folder = layout.raw_root / f"dt={DAY}"
+    if landing == "empty_folder":
+        folder.mkdir()
+    elif landing == "empty_file":
+        write_raw(layout.raw_root, DAY, "events.jsonl", b"")
+    elif landing == "only_hidden":
+        write_raw(layout.raw_root, DAY, ".events.jsonl", [line(1)])
+
+    summary = run(layout)
+
+    canonical = read(layout.lake_root, "canonical_events")
+    quarantine = read(layout.lake_root, "quarantine")
+    assert canonical.height == 0 and quarantine.height == 0
+    assert canonical.schema == pl.Schema(contract.CANONICAL_SCHEMA)
+    assert quarantine.schema == pl.Schema(contract.QUARANTINE_SCHEMA)
+    assert (summary.lines_read, summary.canonical_rows, summary.quarantined, summary.duplicates) == (
+        0,
+        0,
+        0,
+        0,
+    )
+    assert summary.reconciled
+    assert read_summary(layout.lake_root, DAY)["canonical_rows"] == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Determinism, replacement, atomicity
+
+
+def _mixed_day(write_raw: Callable[..., Path], raw_root: Path, n: int = 300, seed: int = 7) -> None:
+    rng = random.Random(seed)
+    for name in ("b.jsonl", "a.jsonl.gz"):
+        lines: list[bytes] = []
+        for i in range(n):
+            k = rng.randrange(n * 2)
+            choice = rng.random()
+            if choice < 0.05:
+                lines.append(line(k, rank=-1))
+            elif choice < 0.08:
+                lines.append(b"{not json")
+            elif choice < 0.1:
+                lines.append(b"")
+            elif choice < 0.15:
+                lines.append(line(k, event_id=f"e{k % 40}"))
+            else:
+                lines.append(
+                    line(k, ts=(NOON + dt.timedelta(seconds=rng.randrange(-3600, 3600))).isoformat())
+                )
+            if i % 50 == 0:
+                lines.append(lines[-1])  # an exact repeat
+        write_raw(raw_root, DAY, name, lines)
+
+
+@pytest.mark.parametrize("rows_per_bucket", [2_000_000, 50])
+def test_rerun_gives_byte_identical_outputs(
+    layout, write_raw: Callable[..., Path], tmp_path: Path, rows_per_bucket: int
+) -> None:
+    _mixed_day(write_raw, layout.raw_root)
+    config = IngestConfig(rows_per_bucket=rows_per_bucket)
+    run(layout, config)
+    canonical_dir = partition_dir(layout.lake_root, "canonical_events", DAY)
+    quarantine_dir = partition_dir(layout.lake_root, "quarantine", DAY)
+    first = (snapshot(canonical_dir), snapshot(quarantine_dir))
+
+    run(layout, config)
+    assert (snapshot(canonical_dir), snapshot(quarantine_dir)) == first
+
+    other_lake = tmp_path / "other-lake"
+    run(layout, config, lake_root=other_lake)
+    assert snapshot(partition_dir(other_lake, "canonical_events", DAY)) == first[0]
+    assert snapshot(partition_dir(other_lake, "quarantine", DAY)) == first[1]
+
+
+def test_rerun_replaces_the_partition(layout, write_raw: Callable[..., Path]) -> None:
+    raw_file = write_raw(layout.raw_root, DAY, "events.jsonl", [line(n) for n in range(400)] + [b"{bad"])
+    run(layout, IngestConfig(rows_per_bucket=50))
+    canonical_dir = partition_dir(layout.lake_root, "canonical_events", DAY)
+    assert len(list(canonical_dir.glob("*.parquet"))) > 1
+
+    raw_file.unlink()
+    write_raw(layout.raw_root, DAY, "events.jsonl", [line(1000), line(1001), line(1002)])
+    summary = run(layout)
+
+    assert sorted(p.name for p in canonical_dir.iterdir()) == ["_summary.json", "part-00000.parquet"]
+    assert sorted(read(layout.lake_root, "canonical_events")["item_id"]) == ["i1000", "i1001", "i1002"]
+    assert read(layout.lake_root, "quarantine").height == 0
+    assert read_summary(layout.lake_root, DAY)["lines_read"] == summary.lines_read == 3
+    for asset in ("canonical_events", "quarantine"):
+        assert [p.name for p in (layout.lake_root / asset).iterdir()] == [f"dt={DAY}"]
+
+
+def test_other_days_are_left_alone(layout, write_raw: Callable[..., Path]) -> None:
+    other = DAY - dt.timedelta(days=1)
+    write_raw(layout.raw_root, other, "events.jsonl", [line(1, ts="2025-03-09T12:00:00Z")])
+    run(layout, day=other)
+    before = snapshot(partition_dir(layout.lake_root, "canonical_events", other))
+    write_raw(layout.raw_root, DAY, "events.jsonl", [line(2)])
+    run(layout)
+    assert snapshot(partition_dir(layout.lake_root, "canonical_events", other)) == before
+
+
+@pytest.mark.parametrize("corruption", ["not_gzip", "truncated"])
+def test_unreadable_landing_file_fails_and_leaves_the_previous_partition(
+    layout, write_raw: Callable[..., Path], corruption: str
+) -> None:
+    write_raw(layout.raw_root, DAY, "a.jsonl", [line(n) for n in range(10)] + [b"{bad"])
+    run(layout)
+    before = {asset: snapshot(layout.lake_root / asset) for asset in ("canonical_events", "quarantine")}
+
+    if corruption == "not_gzip":
+        payload = b"this is not gzip data\n" * 10
+    else:
+        payload = gzip.compress(b"\n".join(line(n) for n in range(100, 2000)) + b"\n")
+        payload = payload[: len(payload) // 2]
+    (layout.raw_root / f"dt={DAY}" / "b.jsonl.gz").write_bytes(payload)
+    write_raw(layout.raw_root, DAY, "c.jsonl", [line(50)])
+
+    with pytest.raises(RawFileError, match=r"b\.jsonl\.gz"):
+        run(layout)
+
+    after = {asset: snapshot(layout.lake_root / asset) for asset in ("canonical_events", "quarantine")}
+    assert after == before
+    for asset in ("canonical_events", "quarantine"):
+        assert [p.name for p in (layout.lake_root / asset).iterdir()] == [f"dt={DAY}"]
+    staging = layout.lake_root / ".staging"
+    assert not staging.exists() or list(staging.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------------------
+# Spilling to disk and ordering
+
+
+def _sorted_rows(frame: pl.DataFrame) -> list[tuple]:
+    return sorted(frame.select(list(contract.CANONICAL_SCHEMA)).rows(), key=repr)
+
+
+def test_spill_mode_gives_the_same_rows_as_in_memory(
+    layout, write_raw: Callable[..., Path], tmp_path: Path
+) -> None:
+    _mixed_day(write_raw, layout.raw_root, n=1500, seed=11)
+    memory = run(layout, IngestConfig(), lake_root=tmp_path / "memory")
+    spill = run(layout, IngestConfig(rows_per_bucket=50), lake_root=tmp_path / "spill")
+
+    spilled_files = sorted(partition_dir(tmp_path / "spill", "canonical_events", DAY).glob("*.parquet"))
+    assert len(spilled_files) > 1
+    in_memory = read(tmp_path / "memory", "canonical_events")
+    spilled = read(tmp_path / "spill", "canonical_events")
+    assert memory.duplicates > 50
+    assert (spill.duplicates, spill.canonical_rows, spill.quarantined) == (
+        memory.duplicates,
+        memory.canonical_rows,
+        memory.quarantined,
+    )
+    assert spilled.height == in_memory.height == memory.canonical_rows
+    assert spilled["event_id"].n_unique() == spilled.height
+    assert _sorted_rows(spilled) == _sorted_rows(in_memory)
+    assert read(tmp_path / "spill", "quarantine").equals(read(tmp_path / "memory", "quarantine"))
+    for path in spilled_files:
+        assert pl.read_parquet(path)["ts"].is_sorted()
+    assert spill.reconciled
+
+
+def test_output_is_sorted_by_ts_with_ties_in_reading_order(layout, write_raw: Callable[..., Path]) -> None:
+    rng = random.Random(3)
+    lines = []
+    for n in range(300):
+        ts = NOON + dt.timedelta(seconds=rng.randrange(-20, 20))
+        lines.append(line(n, ts=ts.isoformat()))
+    write_raw(layout.raw_root, DAY, "b.jsonl", lines[150:])
+    write_raw(layout.raw_root, DAY, "a.jsonl", lines[:150])
+    run(layout)
+    canonical = read(layout.lake_root, "canonical_events")
+    assert canonical["ts"].is_sorted()
+    expected = canonical.sort("ts", "source_file", "source_line")
+    assert canonical.select("source_file", "source_line").equals(
+        expected.select("source_file", "source_line")
+    )
