@@ -78,6 +78,36 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--days", type=int, default=14, help="days to show when --start is not given")
     status.add_argument("--json", action="store_true", help="machine-readable output")
 
+    history = sub.add_parser(
+        "history", help="registry records of one tenant/surface (publishes, rollbacks, ...)"
+    )
+    history.add_argument("--tenant", required=True)
+    history.add_argument("--surface", required=True)
+    history.add_argument("--limit", type=int, default=20, help="newest records to show (default 20; 0 = all)")
+    history.add_argument("--json", action="store_true", help="machine-readable output")
+
+    rollback = sub.add_parser("rollback", help="re-point the current manifest to an earlier published one")
+    rollback.add_argument("--tenant", required=True)
+    rollback.add_argument("--surface", required=True)
+    target = rollback.add_mutually_exclusive_group(required=True)
+    target.add_argument("--to", dest="to_version", help="manifest version (or a unique prefix of it)")
+    target.add_argument("--steps", type=int, help="go back N manifests that were current")
+    rollback.add_argument("--reason", required=True, help="why (recorded in the registry)")
+
+    gc = sub.add_parser(
+        "gc", help="delete artifact versions no kept manifest references (dry run by default)"
+    )
+    gc.add_argument("--keep", type=int, required=True, help="keep the artifacts of the N newest manifests")
+    gc.add_argument("--apply", action="store_true", help="really delete (default: only list)")
+    gc.add_argument(
+        "--min-age-hours", type=float, default=1.0, help="never delete anything younger (default 1)"
+    )
+
+    serve = sub.add_parser("serve", help="serve the HTTP API from the current manifests")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--workers", type=int, default=1)
+
     ui = sub.add_parser("ui", help="start the Dagster UI (webserver + daemon) on the same RECSYS_HOME")
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=3000)
@@ -94,6 +124,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "import": cmd_import,
             "run": cmd_run,
             "status": cmd_status,
+            "history": cmd_history,
+            "rollback": cmd_rollback,
+            "gc": cmd_gc,
+            "serve": cmd_serve,
             "ui": cmd_ui,
         }
         return handler[args.command](args, settings)
@@ -255,15 +289,148 @@ def _print_partition_table(settings: Settings, start: dt.date, end: dt.date) -> 
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    from recsys_dagster.publishing import status
+
     end = args.end or _yesterday()
     start = args.start or end - dt.timedelta(days=max(args.days, 1) - 1)
     if end < start:
         raise UsageError(f"--end {end} is before --start {start}")
+    manifests = status(settings.artifact_root)
     if args.json:
-        print(json.dumps({"partitions": partition_rows(settings, start, end)}, indent=2))
+        print(
+            json.dumps({"manifests": manifests, "partitions": partition_rows(settings, start, end)}, indent=2)
+        )
         return EXIT_OK
     print(f"RECSYS_HOME {settings.home}")
+    print()
+    print("Published manifests")
+    if not manifests:
+        print("  none yet (run the pipeline through published_manifest)")
+    for entry in manifests:
+        label = f"{entry['tenant']}/{entry['surface']}"
+        if entry.get("error"):
+            print(f"  {label}: ERROR {entry['error']}")
+            continue
+        if not entry.get("manifest_version"):
+            print(f"  {label}: nothing published")
+            continue
+        print(
+            f"  {label}: manifest {entry['manifest_version'][:12]}  as of {entry['as_of']}  "
+            f"updated {entry['updated_at']} ({_age(entry['age_seconds'])} ago)"
+        )
+        for kind, artifact in sorted(entry["artifacts"].items()):
+            rows = artifact.get("rows")
+            print(
+                f"    {kind:<13} {artifact['version'][:12]}  {rows:>10,} rows"
+                if rows is not None
+                else f"    {kind}"
+            )
+    print()
+    print("Canonical partitions")
     _print_partition_table(settings, start, end)
+    return EXIT_OK
+
+
+def _age(seconds: int | None) -> str:
+    if seconds is None:
+        return "?"
+    if seconds < 3600:
+        return f"{seconds // 60}m"
+    if seconds < 86400 * 2:
+        return f"{seconds / 3600:.1f}h"
+    return f"{seconds / 86400:.1f}d"
+
+
+def cmd_history(args: argparse.Namespace, settings: Settings) -> int:
+    from recsys_dagster.manifest import ManifestError, UnsafePathError
+    from recsys_dagster.publishing import history
+
+    try:
+        records = history(settings.artifact_root, args.tenant, args.surface)
+    except (UnsafePathError, ManifestError) as exc:
+        raise UsageError(str(exc)) from exc
+    shown = records[-args.limit :] if args.limit > 0 else records
+    if args.json:
+        print(json.dumps({"tenant": args.tenant, "surface": args.surface, "records": shown}, indent=2))
+        return EXIT_OK
+    if not records:
+        print(f"{args.tenant}/{args.surface}: no registry records")
+        return EXIT_OK
+    print(f"{'seq':>4}  {'at':<20}  {'action':<12}  {'manifest':<12}  {'as_of':<10}  detail")
+    for record in shown:
+        detail = record.get("reason") or record.get("message") or ""
+        if record.get("actor") and record["action"] == "rollback":
+            detail = f"by {record['actor']}: {detail}"
+        print(
+            f"{record.get('seq', ''):>4}  {record.get('at', ''):<20}  {record.get('action', ''):<12}  "
+            f"{(record.get('manifest_version') or '')[:12]:<12}  {record.get('as_of') or '':<10}  {detail}"
+        )
+    return EXIT_OK
+
+
+def cmd_rollback(args: argparse.Namespace, settings: Settings) -> int:
+    import getpass
+
+    from recsys_dagster.manifest import ManifestError, UnsafePathError
+    from recsys_dagster.publishing import PublishError, history, rollback
+
+    if args.steps is not None and args.steps < 1:
+        raise UsageError("--steps must be >= 1")
+    to_version = args.to_version
+    try:
+        if to_version and len(to_version) < 64:
+            known = {
+                r.get("manifest_version") for r in history(settings.artifact_root, args.tenant, args.surface)
+            }
+            matches = sorted(v for v in known if v and v.startswith(to_version))
+            if len(matches) != 1:
+                raise UsageError(
+                    f"--to {to_version!r} matches {len(matches)} published manifest(s); give more characters"
+                )
+            to_version = matches[0]
+        outcome = rollback(
+            settings.artifact_root,
+            args.tenant,
+            args.surface,
+            to_version=to_version,
+            steps=args.steps,
+            reason=args.reason,
+            actor=os.environ.get("RECSYS_ACTOR") or getpass.getuser(),
+        )
+    except (PublishError, UnsafePathError, ManifestError) as exc:
+        print(f"recsys rollback: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"{args.tenant}/{args.surface}: {outcome.message}")
+    return EXIT_OK
+
+
+def cmd_gc(args: argparse.Namespace, settings: Settings) -> int:
+    from recsys_dagster.publishing import gc
+
+    if args.keep < 1:
+        raise UsageError("--keep must be >= 1 (the current manifest is always kept)")
+    report = gc(
+        settings.artifact_root, args.keep, apply=args.apply, min_age_seconds=int(args.min_age_hours * 3600)
+    )
+    listed = report.deleted if args.apply else report.to_delete
+    verb = "deleted" if args.apply else "would delete"
+    for path, size in listed:
+        print(f"{verb} {path} ({size / 1e6:.1f} MB)")
+    total = sum(size for _, size in listed)
+    print(f"{verb} {len(listed)} artifact version(s), {total / 1e6:.1f} MB; kept {report.kept}")
+    if not args.apply and listed:
+        print("dry run: add --apply to delete")
+    for error in report.errors:
+        print(f"error: {error}", file=sys.stderr)
+    return EXIT_FAILED if report.errors else EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from recsys_serving.server import serve
+
+    if args.workers < 1:
+        raise UsageError("--workers must be >= 1")
+    serve(args.host, args.port, args.workers)
     return EXIT_OK
 
 

@@ -5,9 +5,11 @@ import datetime as dt
 import dagster as dg
 
 from recsys_dagster.defs.aggregates.assets import build_aggregates
+from recsys_dagster.defs.artifacts.assets import build_artifacts
 from recsys_dagster.defs.automation.schedules import build_schedules
 from recsys_dagster.defs.automation.sensors import build_sensors
 from recsys_dagster.defs.ingest.assets import build_ingest
+from recsys_dagster.defs.publishing.assets import build_publishing
 from recsys_dagster.defs.shared import RecsysResource
 from recsys_dagster.settings import load_settings
 
@@ -23,7 +25,9 @@ def build_definitions() -> dg.Definitions:
     defs = dg.Definitions.merge(
         build_ingest(settings),
         build_aggregates(settings),
-        build_schedules(settings),
+        build_artifacts(settings),
+        build_publishing(settings),
+        build_schedules(),
         build_sensors(),
         dg.Definitions(resources={"recsys": RecsysResource()}),
     )

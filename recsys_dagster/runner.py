@@ -90,8 +90,10 @@ def materialize_range(
         if event.event_type == dg.DagsterEventType.STEP_FAILURE:
             outcome.failed_steps.append(event.step_key or "?")
             error = event.event_specific_data.error if event.event_specific_data else None
-            # Dagster wraps the user's exception; its innermost cause is the message that helps.
-            while error is not None and error.cause is not None:
+            # Dagster wraps the user's exception: report the first error that is not Dagster's own wrapper.
+            while (
+                error is not None and error.cause is not None and (error.cls_name or "").startswith("Dagster")
+            ):
                 error = error.cause
             if error is not None:
                 outcome.errors.append(f"{event.step_key}: {error.message.strip()}")

@@ -8,6 +8,7 @@ concurrent runs and backfills from contending for a database file.
 from __future__ import annotations
 
 import hashlib
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,8 @@ def run_sql(name: str, params: dict[str, Any], threads: int | None = None) -> pl
     con = duckdb.connect(":memory:")
     try:
         con.execute("SET TimeZone = 'UTC'")
+        # DuckDB spills large joins to `.tmp` in the working directory by default; use the system temp dir.
+        con.execute("SET temp_directory = $dir", {"dir": str(Path(tempfile.gettempdir()) / "recsys-duckdb")})
         if threads:
             con.execute(f"SET threads = {int(threads)}")
         used = {key: value for key, value in params.items() if f"${key}" in sql_text(name)}

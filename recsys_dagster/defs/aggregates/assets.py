@@ -3,6 +3,7 @@
 import dagster as dg
 
 from recsys_dagster.aggregates import build_daily_aggregate
+from recsys_dagster.artifacts import daily_aggregate_params
 from recsys_dagster.defs.shared import (
     OWNERS,
     RecsysResource,
@@ -15,6 +16,11 @@ from recsys_dagster.sql import sql_path, sql_version
 
 DAILY_MODELS = {
     "item_daily": "Per item and event type: events, distinct sessions and users, last event time.",
+    "pair_daily": (
+        "Session co-occurrence pair counts (sessions capped at artifacts.cooc.max_session_items distinct items), "
+        "with per-item and total session counts for normalisation."
+    ),
+    "user_item_daily": "Per known user and item: event-type-weighted interactions, event count, last event time.",
 }
 
 
@@ -33,7 +39,10 @@ def build_daily_aggregate_asset(model: str, description: str, settings: Settings
     def daily_aggregate(context: dg.AssetExecutionContext, recsys: RecsysResource) -> dg.MaterializeResult:
         rows = []
         for day in partition_days(context):
-            built = build_daily_aggregate(model, recsys.settings.lake_root, day)
+            cfg = recsys.settings
+            built = build_daily_aggregate(
+                model, cfg.lake_root, day, daily_aggregate_params(model, cfg.pipeline)
+            )
             rows.append({"day": day.isoformat(), "rows": built["rows"]})
             context.log.info(f"{model} {day}: {built['rows']:,} rows")
         return dg.MaterializeResult(

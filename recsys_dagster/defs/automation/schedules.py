@@ -2,17 +2,13 @@
 
 import dagster as dg
 
-from recsys_dagster.defs.shared import daily_partitions
-from recsys_dagster.settings import Settings
-
 DAILY_JOB = "daily_pipeline"
 
 
-def build_schedules(settings: Settings) -> dg.Definitions:
+def build_schedules() -> dg.Definitions:
     job = dg.define_asset_job(
         DAILY_JOB,
         selection=dg.AssetSelection.all(),
-        partitions_def=daily_partitions(settings),
         description="Materialize one day through to publishing: ingest, gates, aggregates, artifacts, manifest.",
     )
     schedule = dg.build_schedule_from_partitioned_job(

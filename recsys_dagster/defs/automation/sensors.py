@@ -64,7 +64,7 @@ def run_failure_alerts(context: dg.RunFailureSensorContext, recsys: RecsysResour
     steps = {}
     for event in context.get_step_failure_events():
         error = event.step_failure_data.error
-        while error is not None and error.cause is not None:
+        while error is not None and error.cause is not None and (error.cls_name or "").startswith("Dagster"):
             error = error.cause
         steps[event.step_key] = error.message.strip().splitlines()[-1] if error else "unknown error"
     partition = run.tags.get("dagster/partition") or "-".join(

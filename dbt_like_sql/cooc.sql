@@ -1,0 +1,65 @@
+-- cooc: per tenant and surface, each item's top $top_k neighbours by a normalised co-occurrence score.
+-- Reads the pair_daily partitions of the window and sums them: c = sessions with both items,
+-- na / nb = sessions with each item, n = all sessions (sessions capped as pair_daily did).
+--
+-- Parameters:
+--   $paths        the pair_daily Parquet files of the window's days
+--   $metric       'cosine' c / sqrt(na * nb) | 'count' c | 'jaccard' c / (na + nb - c) | 'lift' c * n / (na * nb)
+--   $min_support  pairs with c < $min_support are dropped
+--   $top_k        neighbours kept per item
+--   $max_items    only the $max_items items in the most sessions take part (ties: item_id asc), on either side
+--
+-- Every pair is listed in both directions; per item, neighbours are ranked by score desc, count desc,
+-- neighbor_id asc. Scores come from exact integer counts, so equal inputs give bit-identical output.
+WITH summed AS (
+    SELECT tenant, surface, item_a, item_b, sum(sessions)::BIGINT AS c
+    FROM read_parquet($paths)
+    GROUP BY tenant, surface, item_a, item_b
+),
+totals AS (
+    SELECT tenant, surface, c AS n FROM summed WHERE item_a IS NULL AND item_b IS NULL
+),
+kept_items AS (
+    SELECT tenant, surface, item_a AS item_id, c AS sessions
+    FROM summed
+    WHERE item_a = item_b
+    QUALIFY row_number() OVER (PARTITION BY tenant, surface ORDER BY c DESC, item_a) <= $max_items
+),
+scored AS (
+    SELECT
+        p.tenant,
+        p.surface,
+        p.item_a,
+        p.item_b,
+        p.c,
+        CASE $metric
+            WHEN 'cosine' THEN p.c / sqrt(a.sessions::DOUBLE * b.sessions::DOUBLE)
+            WHEN 'count' THEN p.c::DOUBLE
+            WHEN 'jaccard' THEN p.c / (a.sessions + b.sessions - p.c)::DOUBLE
+            WHEN 'lift' THEN (p.c::DOUBLE * t.n::DOUBLE) / (a.sessions::DOUBLE * b.sessions::DOUBLE)
+            ELSE error('cooc: unknown metric ' || $metric || ' (use cosine, count, jaccard or lift)')
+        END AS score
+    FROM summed AS p
+    JOIN kept_items AS a ON p.tenant = a.tenant AND p.surface = a.surface AND p.item_a = a.item_id
+    JOIN kept_items AS b ON p.tenant = b.tenant AND p.surface = b.surface AND p.item_b = b.item_id
+    JOIN totals AS t ON p.tenant = t.tenant AND p.surface = t.surface
+    WHERE p.item_a < p.item_b AND p.c >= $min_support
+),
+directed AS (
+    SELECT tenant, surface, item_a AS item_id, item_b AS neighbor_id, score, c AS count FROM scored
+    UNION ALL
+    SELECT tenant, surface, item_b AS item_id, item_a AS neighbor_id, score, c AS count FROM scored
+)
+SELECT
+    tenant,
+    surface,
+    item_id,
+    row_number() OVER (
+        PARTITION BY tenant, surface, item_id ORDER BY score DESC, count DESC, neighbor_id
+    )::INTEGER AS rank,
+    neighbor_id,
+    score,
+    count
+FROM directed
+QUALIFY rank <= $top_k
+ORDER BY tenant, surface, item_id, rank

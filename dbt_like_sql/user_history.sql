@@ -1,0 +1,28 @@
+-- user_history: per tenant, surface and user, the $max_items most recent distinct items of the window.
+-- Reads the user_item_daily partitions of the window (weighted interest events of known users only).
+--
+-- Parameters:
+--   $paths      the user_item_daily Parquet files of the window's days
+--   $max_items  items kept per user
+--
+-- last_ts = the item's latest interest event in the window; weight = the sum of its event weights.
+-- Ranked by last_ts desc, then item_id asc (rank 1 = most recent).
+WITH items AS (
+    SELECT tenant, surface, user_id, item_id,
+           max(last_ts) AS last_ts,
+           -- Summed in day order so that equal inputs give bit-identical weights.
+           list_sum(list(weight ORDER BY day))::DOUBLE AS weight
+    FROM read_parquet($paths)
+    GROUP BY tenant, surface, user_id, item_id
+)
+SELECT
+    tenant,
+    surface,
+    user_id,
+    row_number() OVER (PARTITION BY tenant, surface, user_id ORDER BY last_ts DESC, item_id)::INTEGER AS rank,
+    item_id,
+    last_ts,
+    weight
+FROM items
+QUALIFY rank <= $max_items
+ORDER BY tenant, surface, user_id, rank

@@ -1,0 +1,411 @@
+"""Artifacts, manifests and the registry: the shared READ side of `docs/reference/artifacts.md`.
+
+Both the pipeline (which publishes) and the API server (which follows `manifest.json`) import this
+module, so it deliberately depends on nothing but the standard library and pyarrow: the server must not
+pull in Dagster, and the pipeline must not pull in FastAPI. Writing (publish, rollback, gc) lives in
+`recsys_dagster.publishing`; the one write primitive here, `write_atomic`, is shared because artifact
+builders need it too.
+
+Safety rules enforced here, before any byte is read or written:
+- tenant, surface and kind names follow the event-contract identifier rule and are never `.` or `..`;
+- every path is resolved (symlinks included) and must stay inside the artifact root; a tenant or surface
+  directory that is itself a symlink is refused outright, so two names can never alias one directory.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import re
+import uuid
+from collections.abc import Mapping
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import pyarrow.parquet as pq
+
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+MANIFESTS_DIR = "manifests"
+REGISTRY_FILE = "registry.jsonl"
+LOCK_FILE = ".lock"
+META_FILE = "meta.json"
+# Fields of meta.json that do not take part in the version (they change on every rebuild).
+VOLATILE_META_FIELDS = frozenset({"version", "built_at", "run_id"})
+REGISTRY_ACTIONS = frozenset({"publish", "noop", "history_only", "refused", "rollback"})
+
+# Same rule as `contract.IDENTIFIER_PATTERN` (a test holds them together). Not imported from there
+# because `contract` pulls in pandera, which the API server has no use for. Used with `fullmatch`, which
+# also refuses a trailing newline (`^...$` with `re.match` would let "name\n" through).
+_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_HEX64_RE = re.compile(r"[0-9a-f]{64}")
+
+
+class UnsafePathError(ValueError):
+    """A name or path that is invalid or would lead outside the artifact root."""
+
+
+class ManifestError(ValueError):
+    """A manifest, meta.json or registry file that is missing required structure or is corrupt."""
+
+
+# --------------------------------------------------------------------------------------------- names
+
+
+def validate_name(kind_of_name: str, value: str) -> str:
+    """Return `value` if it is a safe tenant/surface/kind name, else raise `UnsafePathError`.
+
+    Rule: 1-64 characters of `A-Z a-z 0-9 . _ -`, never `.` or `..` (which would walk the tree).
+    """
+    if not isinstance(value, str):
+        raise UnsafePathError(f"invalid {kind_of_name} name: expected a string, got {type(value).__name__}")
+    if not _NAME_RE.fullmatch(value) or value in (".", ".."):
+        shown = repr(value if len(value) <= 80 else value[:80] + "...")
+        raise UnsafePathError(
+            f"invalid {kind_of_name} name {shown}: must be 1-64 characters of A-Z a-z 0-9 . _ - "
+            "and not '.' or '..'"
+        )
+    return value
+
+
+def is_hex64(value: Any) -> bool:
+    """True for a lowercase SHA-256 hex digest, the form of every version in this layout."""
+    return isinstance(value, str) and _HEX64_RE.fullmatch(value) is not None
+
+
+def target_dir(artifact_root: Path, tenant: str, surface: str) -> Path:
+    """The resolved directory of one tenant and surface, refused if it is not exactly `<root>/<t>/<s>`.
+
+    The root itself may be a symlink (it is resolved first); below it, the tenant and surface must be
+    plain directories (or not exist yet). A symlink there is refused even if it points inside the root,
+    because two names sharing one directory would share one registry and one lock.
+    """
+    validate_name("tenant", tenant)
+    validate_name("surface", surface)
+    root = Path(artifact_root).resolve()
+    expected = root / tenant / surface
+    resolved = expected.resolve()
+    if resolved != expected:
+        where = "outside the artifact root" if not resolved.is_relative_to(root) else "through a symlink"
+        raise UnsafePathError(f"{tenant}/{surface}: resolves {where} ({resolved}); refused")
+    return expected
+
+
+def _inside(base: Path, relative: str, what: str) -> Path:
+    """Resolve a relative POSIX path under `base`; refuse absolute paths, `..` and symlink escapes."""
+    if not isinstance(relative, str) or not relative or "\x00" in relative or "\\" in relative:
+        raise UnsafePathError(f"{what} {relative!r}: not a usable relative path")
+    pure = PurePosixPath(relative)
+    if pure.is_absolute() or any(part in ("..", ".") for part in pure.parts) or relative != pure.as_posix():
+        raise UnsafePathError(f"{what} {relative!r}: must be a normalised relative path inside {base.name}/")
+    resolved = (base / pure).resolve()
+    if not resolved.is_relative_to(base.resolve()) or resolved == base.resolve():
+        raise UnsafePathError(f"{what} {relative!r}: resolves outside its directory; refused")
+    return resolved
+
+
+def resolve_uri(artifact_root: Path, tenant: str, surface: str, uri: str) -> Path:
+    """The artifact directory a manifest `current` URI points to, guaranteed inside the target dir."""
+    return _inside(target_dir(artifact_root, tenant, surface), uri, "artifact uri")
+
+
+# ------------------------------------------------------------------------------------------ hashing
+
+
+def canonical_json(obj: Any) -> bytes:
+    """Canonical JSON: sorted keys, no spaces, UTF-8, no NaN/Infinity (not JSON, not hashable stably)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode(
+        "utf-8"
+    )
+
+
+def artifact_version(meta: Mapping[str, Any]) -> str:
+    """SHA-256 hex of the canonical JSON of `meta` without its volatile fields (version, built_at, run_id)."""
+    stable = {k: v for k, v in meta.items() if k not in VOLATILE_META_FIELDS}
+    return hashlib.sha256(canonical_json(stable)).hexdigest()
+
+
+def manifest_version(tenant: str, surface: str, as_of: dt.date | str, versions: Mapping[str, str]) -> str:
+    """SHA-256 hex of the canonical JSON of `{tenant, surface, as_of, artifacts: {kind: version}}`."""
+    day = as_of.isoformat() if isinstance(as_of, dt.date) else str(as_of)
+    payload = {"tenant": tenant, "surface": surface, "as_of": day, "artifacts": dict(versions)}
+    return hashlib.sha256(canonical_json(payload)).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 hex of a file's bytes, streamed (artifact files can be large)."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+# -------------------------------------------------------------------------------------- manifests
+
+
+def read_manifest(
+    path: Path, *, base: Path | None = None, tenant: str | None = None, surface: str | None = None
+) -> dict:
+    """Read and validate one manifest file; raise `ManifestError` with the reason if it is malformed.
+
+    `base` is the directory the `current` URIs are relative to: the directory holding `manifest.json`
+    (the default, `path.parent`), which for a file under `manifests/` is its grandparent. `tenant` and
+    `surface`, when given, must match the file's. A missing file raises `FileNotFoundError`.
+    """
+    path = Path(path)
+    base = Path(base) if base is not None else path.parent
+    try:
+        manifest = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise ManifestError(f"{path}: not readable JSON ({exc})") from exc
+
+    def bad(why: str) -> ManifestError:
+        return ManifestError(f"{path}: {why}")
+
+    if not isinstance(manifest, dict):
+        raise bad("not a JSON object")
+    if manifest.get("v") != FORMAT_VERSION:
+        raise bad(f"unsupported manifest format v={manifest.get('v')!r} (expected {FORMAT_VERSION})")
+    for field, expected in (("tenant", tenant), ("surface", surface)):
+        value = manifest.get(field)
+        try:
+            validate_name(field, value)
+        except UnsafePathError as exc:
+            raise bad(str(exc)) from exc
+        if expected is not None and value != expected:
+            raise bad(f"{field} is {value!r}, expected {expected!r}")
+    try:
+        dt.datetime.fromisoformat(manifest.get("updated_at"))
+    except (TypeError, ValueError) as exc:
+        raise bad(f"updated_at {manifest.get('updated_at')!r} is not an ISO timestamp") from exc
+    current = manifest.get("current")
+    if not isinstance(current, dict) or not current:
+        raise bad("current must be a non-empty object of kind -> uri")
+    artifacts = manifest.get("artifacts")
+    if not isinstance(artifacts, dict) or set(artifacts) != set(current):
+        raise bad("artifacts must describe exactly the kinds listed in current")
+    versions: dict[str, str] = {}
+    for kind, uri in current.items():
+        try:
+            validate_name("kind", kind)
+            _inside(base, uri, f"current[{kind!r}]")
+        except UnsafePathError as exc:
+            raise bad(str(exc)) from exc
+        entry = artifacts[kind]
+        if not isinstance(entry, dict) or not is_hex64(entry.get("version")) or entry.get("uri") != uri:
+            raise bad(f"artifacts[{kind!r}] must carry a 64-hex version and the same uri as current")
+        if uri != f"{kind}/{entry['version']}":
+            raise bad(f"current[{kind!r}] is {uri!r}, expected {kind}/<version>")
+        versions[kind] = entry["version"]
+    as_of = manifest.get("as_of")
+    try:
+        dt.date.fromisoformat(as_of)
+    except (TypeError, ValueError) as exc:
+        raise bad(f"as_of {as_of!r} is not an ISO date") from exc
+    mv = manifest.get("manifest_version")
+    if not is_hex64(mv):
+        raise bad("manifest_version missing or not 64 hex characters")
+    # Recomputing the version catches a hand-edited or mixed-up manifest, not just a truncated one.
+    if mv != manifest_version(manifest["tenant"], manifest["surface"], as_of, versions):
+        raise bad("manifest_version does not match its tenant/surface/as_of/artifact versions")
+    return manifest
+
+
+def read_current(artifact_root: Path, tenant: str, surface: str) -> dict | None:
+    """The current manifest of a tenant and surface, validated; None if nothing was published yet."""
+    folder = target_dir(artifact_root, tenant, surface)
+    try:
+        return read_manifest(folder / MANIFEST_FILE, base=folder, tenant=tenant, surface=surface)
+    except FileNotFoundError:
+        return None
+
+
+# -------------------------------------------------------------------------------------- artifacts
+
+
+def read_meta(artifact_dir: Path) -> dict:
+    """An artifact directory's `meta.json` as a dict; `ManifestError` if missing or not a JSON object."""
+    path = Path(artifact_dir) / META_FILE
+    try:
+        meta = json.loads(path.read_bytes())
+    except FileNotFoundError as exc:
+        raise ManifestError(f"{path}: missing") from exc
+    except (OSError, ValueError) as exc:
+        raise ManifestError(f"{path}: not readable JSON ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise ManifestError(f"{path}: not a JSON object")
+    return meta
+
+
+def verify_artifact(artifact_dir: Path, required_nonempty: bool) -> list[str]:
+    """Every problem found with one artifact directory (empty list = valid).
+
+    Checks the publishing protocol's step 2: meta.json present and well-formed, every listed file present
+    with a matching SHA-256 and (for Parquet, from the footer only) row count, the version recomputed and
+    equal both to meta's `version` and to the directory name, and at least one row when required.
+    """
+    folder = Path(artifact_dir)
+    label = f"{folder.parent.name}/{folder.name}"
+    if not folder.is_dir():
+        return [f"{label}: artifact directory missing"]
+    try:
+        meta = read_meta(folder)
+    except ManifestError as exc:
+        return [f"{label}: {exc}"]
+    problems: list[str] = []
+    if meta.get("format") != FORMAT_VERSION:
+        problems.append(f"{label}: meta.json format {meta.get('format')!r} (expected {FORMAT_VERSION})")
+    if meta.get("kind") != folder.parent.name:
+        problems.append(f"{label}: meta.json kind {meta.get('kind')!r} does not match its directory")
+    files, rows = meta.get("files"), meta.get("rows")
+    if not isinstance(files, dict) or not files:
+        return [*problems, f"{label}: meta.json files must be a non-empty object of name -> sha256"]
+    if not isinstance(rows, dict) or not set(rows) <= set(files):
+        return [*problems, f"{label}: meta.json rows must be an object keyed by listed files"]
+    for name, digest in files.items():
+        try:
+            path = _inside(folder, name, "file")
+        except UnsafePathError as exc:
+            problems.append(f"{label}: {exc}")
+            continue
+        if not path.is_file():
+            problems.append(f"{label}: listed file {name} missing")
+            continue
+        if file_sha256(path) != digest:
+            problems.append(f"{label}: {name} sha256 mismatch (file changed or corrupt)")
+            continue
+        if name in rows:
+            expected = rows[name]
+            if not isinstance(expected, int) or isinstance(expected, bool) or expected < 0:
+                problems.append(f"{label}: rows[{name!r}] is not a non-negative integer")
+            elif name.endswith(".parquet"):
+                try:
+                    actual = pq.ParquetFile(path).metadata.num_rows
+                except Exception as exc:  # any footer error means the file is unusable
+                    problems.append(f"{label}: {name} is not readable Parquet ({exc})")
+                    continue
+                if actual != expected:
+                    problems.append(f"{label}: {name} has {actual} rows, meta.json says {expected}")
+    try:
+        recomputed = artifact_version(meta)
+    except ValueError as exc:  # NaN in meta: cannot be canonical JSON
+        recomputed = f"<uncomputable: {exc}>"
+    if meta.get("version") != recomputed:
+        problems.append(f"{label}: version in meta.json does not match its recomputed content hash")
+    if folder.name != recomputed:
+        problems.append(f"{label}: directory name is not the artifact version {recomputed[:12]}...")
+    if required_nonempty and not problems:
+        total = sum(v for v in rows.values() if isinstance(v, int))
+        if total == 0:
+            problems.append(f"{label}: required artifact is empty (0 rows)")
+    return problems
+
+
+# ------------------------------------------------------------------------------------ listing, log
+
+
+def list_targets(artifact_root: Path) -> list[tuple[str, str]]:
+    """(tenant, surface) pairs under the root that have a manifest.json or a registry, sorted.
+
+    Entries with unsafe names or symlinked directories are skipped, not followed.
+    """
+    root = Path(artifact_root)
+    found: list[tuple[str, str]] = []
+    if not root.is_dir():
+        return found
+    for tenant_entry in sorted(os.scandir(root), key=lambda e: e.name):
+        if not tenant_entry.is_dir(follow_symlinks=False):
+            continue
+        for surface_entry in sorted(os.scandir(tenant_entry.path), key=lambda e: e.name):
+            if not surface_entry.is_dir(follow_symlinks=False):
+                continue
+            try:
+                folder = target_dir(root, tenant_entry.name, surface_entry.name)
+            except UnsafePathError:
+                continue
+            if (folder / MANIFEST_FILE).is_file() or (folder / REGISTRY_FILE).is_file():
+                found.append((tenant_entry.name, surface_entry.name))
+    return found
+
+
+def parse_registry(data: bytes, *, source: str = REGISTRY_FILE) -> tuple[list[dict], int]:
+    """Parse registry bytes into records plus the byte offset where the last good record ends.
+
+    A crash while appending can leave the final line torn (partial, or zero-filled after power loss):
+    that line is ignored, and the offset tells the next appender where to cut it off. An unparseable
+    line anywhere else means the log is corrupt, and `ManifestError` says which line.
+    """
+    records: list[dict] = []
+    good_end = 0
+    offset = 0
+    lines = data.split(b"\n")
+    # The chunk after the final newline is empty for a clean file, or the torn tail otherwise.
+    for number, line in enumerate(lines, start=1):
+        end = offset + len(line) + (1 if number < len(lines) else 0)
+        is_last = number == len(lines) or (number == len(lines) - 1 and lines[-1] == b"")
+        if line.strip():
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict) or not isinstance(record.get("seq"), int):
+                    raise ValueError("not a record with an integer seq")
+                if record.get("action") not in REGISTRY_ACTIONS:
+                    raise ValueError(f"unknown action {record.get('action')!r}")
+                if number == len(lines):
+                    # No trailing newline: the write may have stopped mid-record even if it parses.
+                    raise ValueError("unterminated final line")
+            except ValueError as exc:
+                if is_last:
+                    break
+                raise ManifestError(f"{source}: line {number} is corrupt ({exc})") from exc
+            records.append(record)
+        good_end = end
+        offset = end
+    return records, good_end
+
+
+def read_registry(artifact_root: Path, tenant: str, surface: str) -> list[dict]:
+    """Registry records of a tenant and surface, oldest first ([] if none); tolerates a torn last line."""
+    path = target_dir(artifact_root, tenant, surface) / REGISTRY_FILE
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    return parse_registry(data, source=str(path))[0]
+
+
+# ------------------------------------------------------------------------------------------ writes
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so a rename or a new entry in it survives a power loss."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` so readers see the old or the new file, never a partial one.
+
+    Temp file in the same directory (a rename is only atomic within one filesystem), write, fsync,
+    `os.replace`, then fsync the directory so the rename itself is durable.
+    """
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)

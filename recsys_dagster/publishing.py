@@ -1,0 +1,720 @@
+"""Publishing, rollback, history, status and garbage collection of artifact trees: the WRITE side.
+
+Implements the publishing protocol of `docs/reference/artifacts.md`. The reading side (validation, paths,
+hashing) is `recsys_dagster.manifest`; like it, this module imports no Dagster so the CLI and tests can
+use it directly.
+
+Durability model: the registry is the log and its record is the commit point. Under the target's lock a
+publish writes `manifests/<mv>.json`, appends and fsyncs its registry record, and only then swaps
+`manifest.json`. If a process dies between the append and the swap, the next locked operation sees that
+the newest publish/rollback record names a manifest that is not current and finishes the swap
+(roll-forward), so a committed publish or rollback always takes effect and the registry's history of
+what was current stays true. Whatever the crash point, `manifest.json` is always the old or the new
+complete manifest (it is only ever replaced by an atomic rename).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import errno
+import fcntl
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from recsys_dagster.manifest import (
+    FORMAT_VERSION,
+    LOCK_FILE,
+    MANIFEST_FILE,
+    MANIFESTS_DIR,
+    META_FILE,
+    REGISTRY_FILE,
+    ManifestError,
+    UnsafePathError,
+    artifact_version,
+    file_sha256,
+    fsync_dir,
+    is_hex64,
+    list_targets,
+    manifest_version,
+    parse_registry,
+    read_current,
+    read_manifest,
+    read_meta,
+    read_registry,
+    resolve_uri,
+    target_dir,
+    validate_name,
+    verify_artifact,
+    write_atomic,
+)
+
+if TYPE_CHECKING:
+    # Only for annotations: write_artifact_dir calls methods of the frames it is given, so importing
+    # polars (about a second) is left to the builders; rollback, status and gc stay quick from the CLI.
+    import polars as pl
+
+# Registry actions that move `current`; their `manifest_version` is what became current.
+_CURRENT_MOVING = ("publish", "rollback")
+
+
+class PublishError(ValueError):
+    """A rollback (or other explicit operation) that cannot be done; nothing was changed."""
+
+
+@dataclass(frozen=True)
+class PublishOutcome:
+    """What a publish or rollback did.
+
+    `action` is one of publish, noop, history_only, refused (publish) or rollback; `previous` is the
+    manifest version that was current before; `problems` lists the reasons of a refusal.
+    """
+
+    action: str
+    manifest_version: str | None
+    previous: str | None
+    message: str
+    problems: tuple[str, ...] = ()
+
+
+@dataclass
+class GcReport:
+    """Result of `gc`: what is (or would be) deleted, with sizes in bytes, and what was kept."""
+
+    to_delete: list[tuple[Path, int]] = field(default_factory=list)
+    deleted: list[tuple[Path, int]] = field(default_factory=list)
+    kept: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def bytes_to_delete(self) -> int:
+        """Total size of everything selected for deletion."""
+        return sum(size for _, size in self.to_delete)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _iso(moment: dt.datetime) -> str:
+    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _as_date(as_of: dt.date | str) -> dt.date:
+    # datetime is a date subclass, but its isoformat() would put a time into the manifest version.
+    if isinstance(as_of, dt.datetime):
+        raise TypeError("as_of must be a date, not a datetime")
+    return as_of if isinstance(as_of, dt.date) else dt.date.fromisoformat(as_of)
+
+
+def _json_bytes(obj: Any) -> bytes:
+    """Human-readable JSON for files people open (manifests, meta.json), keys in the documented order.
+
+    Never hashed as such: versions are computed from `canonical_json`, so layout here is free.
+    """
+    return (json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode()
+
+
+def _prepare_target(artifact_root: Path, tenant: str, surface: str) -> Path:
+    """Validate, create and re-validate the target dir (the re-check catches a symlink swapped in)."""
+    target = target_dir(artifact_root, tenant, surface)
+    target.mkdir(parents=True, exist_ok=True)
+    if target_dir(artifact_root, tenant, surface) != target:
+        raise UnsafePathError(f"{tenant}/{surface}: target directory changed while being created")
+    return target
+
+
+@contextlib.contextmanager
+def _locked(target: Path) -> Iterator[None]:
+    """Exclusive advisory lock on `<target>/.lock`, held for read-current -> write -> append -> swap."""
+    fd = os.open(target / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock, also if the process dies
+
+
+def _read_records(target: Path) -> list[dict]:
+    path = target / REGISTRY_FILE
+    try:
+        return parse_registry(path.read_bytes(), source=str(path))[0]
+    except FileNotFoundError:
+        return []
+
+
+def _append_record(target: Path, fields: Mapping[str, Any]) -> dict:
+    """Append one registry record with the next `seq`, fsynced. Caller holds the lock.
+
+    A torn tail left by a crashed appender is cut off first: otherwise it would end up in the middle of
+    the log, where it counts as corruption.
+    """
+    path = target / REGISTRY_FILE
+    created = not path.exists()
+    # O_NOFOLLOW: a symlinked registry must not make us append to a file outside the target.
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        data = os.pread(fd, size, 0) if size else b""
+        records, good_end = parse_registry(data, source=str(path))
+        if good_end < len(data):
+            os.ftruncate(fd, good_end)
+        record = {"seq": records[-1]["seq"] + 1 if records else 1, "at": _iso(_utc_now()), **fields}
+        line = (json.dumps(record, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
+        view = memoryview(line)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if created:
+        fsync_dir(target)
+    return record
+
+
+def _record(action: str, mv: str | None, previous: str | None, as_of: str | None, **extra: Any) -> dict:
+    """Registry fields in a fixed order, every documented key present (null when not applicable)."""
+    fields = {
+        "action": action,
+        "manifest_version": mv,
+        "previous": previous,
+        "as_of": as_of,
+        "actor": extra.pop("actor", None),
+        "reason": extra.pop("reason", None),
+        "run_id": extra.pop("run_id", None),
+    }
+    fields.update(extra)
+    return fields
+
+
+def _swap(target: Path, manifest: Mapping[str, Any]) -> dict:
+    """Make `manifest` current: `updated_at` is the time of the swap, the rename is atomic."""
+    swapped = {**manifest, "updated_at": _iso(_utc_now())}
+    write_atomic(target / MANIFEST_FILE, _json_bytes(swapped))
+    return swapped
+
+
+def _timeline(records: Sequence[dict]) -> list[str]:
+    """Manifest versions in the order they became current (publish and rollback records)."""
+    return [r["manifest_version"] for r in records if r.get("action") in _CURRENT_MOVING]
+
+
+def _rolled_back(records: Sequence[dict]) -> dict[str, dict]:
+    """Manifest versions rolled back away from and not since re-instated by a rollback, with the record."""
+    marks: dict[str, dict] = {}
+    for record in records:
+        if record.get("action") == "rollback":
+            marks[record.get("from")] = record
+            marks.pop(record.get("to"), None)
+    return marks
+
+
+def _load_current(target: Path, tenant: str, surface: str, records: Sequence[dict]) -> dict | None:
+    """The current manifest, after finishing a swap that a crashed publish/rollback left undone.
+
+    Caller holds the lock. The newest publish/rollback record is the committed state; if manifest.json
+    disagrees (or is unreadable) and the committed manifest and its artifacts are intact, swap it in.
+    """
+    broken: ManifestError | None = None
+    try:
+        current = read_manifest(target / MANIFEST_FILE, base=target, tenant=tenant, surface=surface)
+    except FileNotFoundError:
+        current = None
+    except ManifestError as exc:
+        current, broken = None, exc
+    timeline = _timeline(records)
+    if not timeline or (current is not None and current["manifest_version"] == timeline[-1]):
+        if broken is not None:
+            raise broken
+        return current
+    committed = timeline[-1]
+    try:
+        manifest = read_manifest(
+            target / MANIFESTS_DIR / f"{committed}.json", base=target, tenant=tenant, surface=surface
+        )
+        intact = not any(verify_artifact(target / uri, False) for uri in manifest["current"].values())
+    except (FileNotFoundError, ManifestError, UnsafePathError):
+        intact = False
+    if not intact:
+        if broken is not None:
+            raise broken
+        return current
+    return _swap(target, manifest)
+
+
+def _check_inputs(
+    target: Path,
+    tenant: str,
+    surface: str,
+    day: str,
+    artifacts: Mapping[str, Path],
+    required_nonempty: Sequence[str],
+) -> tuple[list[str], dict[str, dict]]:
+    """Validate every artifact directory (protocol step 2); return problems and the metas read."""
+    problems: list[str] = []
+    metas: dict[str, dict] = {}
+    if not artifacts:
+        problems.append("no artifacts given")
+    for kind in required_nonempty:
+        if kind not in artifacts:
+            problems.append(f"required artifact {kind} missing")
+    for kind, given in artifacts.items():
+        folder = target / kind / Path(given).name
+        if Path(given).resolve() != folder:
+            problems.append(
+                f"{kind}: {given} is not a version directory {kind}/<version> of {tenant}/{surface}"
+            )
+            continue
+        found = verify_artifact(folder, kind in required_nonempty)
+        if found:
+            problems.extend(found)
+            continue
+        meta = read_meta(folder)
+        for key, expected in (("tenant", tenant), ("surface", surface), ("as_of", day)):
+            if key in meta and meta[key] != expected:
+                problems.append(
+                    f"{kind}/{folder.name}: meta.json {key} is {meta[key]!r}, expected {expected!r}"
+                )
+        metas[kind] = meta
+    return problems, metas
+
+
+# ------------------------------------------------------------------------------------------ publish
+
+
+def publish(
+    artifact_root: Path,
+    tenant: str,
+    surface: str,
+    as_of: dt.date,
+    artifacts: Mapping[str, Path],
+    *,
+    required_nonempty: Sequence[str] = ("popularity",),
+    gate_problems: Sequence[str] = (),
+    checks_summary: Mapping[str, Any] | None = None,
+    run_id: str | None = None,
+    actor: str = "pipeline",
+) -> PublishOutcome:
+    """Publish the artifact directories `artifacts` (kind -> `<target>/<kind>/<version>`) as of `as_of`.
+
+    Outcomes (each recorded in the registry): `refused` if an artifact fails validation, `gate_problems`
+    is non-empty, or the manifest was rolled back away from (nothing changes); `noop` if it is already
+    current; `history_only` if `as_of` is older than the current manifest's (kept under manifests/,
+    current unchanged); otherwise `publish` (manifest.json swapped last). Unsafe tenant/surface/kind
+    names raise `UnsafePathError` before anything is written.
+    """
+    day = _as_date(as_of).isoformat()
+    for kind in artifacts:
+        validate_name("kind", kind)
+    target = _prepare_target(artifact_root, tenant, surface)
+    versions = {kind: Path(path).name for kind, path in artifacts.items()}
+    mv = manifest_version(tenant, surface, day, versions)
+    with _locked(target):
+        records = _read_records(target)
+        current = _load_current(target, tenant, surface, records)
+        previous = current["manifest_version"] if current else None
+        common = {"actor": actor, "run_id": run_id}
+
+        problems, metas = _check_inputs(target, tenant, surface, day, artifacts, required_nonempty)
+        problems = [*gate_problems, *problems]
+        if problems:
+            _append_record(
+                target, _record("refused", mv, previous, day, **common, reason="; ".join(problems))
+            )
+            return PublishOutcome("refused", mv, previous, f"refused: {'; '.join(problems)}", tuple(problems))
+        if mv == previous:
+            _append_record(target, _record("noop", mv, previous, day, **common))
+            return PublishOutcome("noop", mv, previous, f"manifest {mv[:12]} is already current")
+
+        forward = current is None or day >= current["as_of"]
+        rolled = _rolled_back(records).get(mv)
+        if forward and rolled is not None:
+            why = (
+                f"manifest version {mv} was rolled back on {rolled['at'][:10]} ({rolled.get('reason')}); "
+                f"publish it explicitly with recsys rollback --to {mv}"
+            )
+            _append_record(target, _record("refused", mv, previous, day, **common, reason=why))
+            return PublishOutcome("refused", mv, previous, why, (why,))
+
+        manifest = {
+            "v": FORMAT_VERSION,
+            "tenant": tenant,
+            "surface": surface,
+            "current": {kind: f"{kind}/{version}" for kind, version in sorted(versions.items())},
+            "updated_at": _iso(_utc_now()),
+            "manifest_version": mv,
+            "as_of": day,
+            "artifacts": {
+                kind: {
+                    "version": versions[kind],
+                    "uri": f"{kind}/{versions[kind]}",
+                    "rows": sum(metas[kind]["rows"].values()),
+                    "window": metas[kind].get("window"),
+                }
+                for kind in sorted(versions)
+            },
+            "checks": {**(checks_summary or {}), "artifacts": {"passed": True}},
+            "run_id": run_id,
+            "published_by": actor,
+        }
+        history_dir = target / MANIFESTS_DIR
+        if history_dir.is_symlink():  # would write history outside the target
+            raise UnsafePathError(f"{tenant}/{surface}: {MANIFESTS_DIR}/ is a symlink; refused")
+        history_dir.mkdir(exist_ok=True)
+        history_file = history_dir / f"{mv}.json"
+        try:
+            # Immutable once written: a re-publish keeps the first file (and its run id).
+            manifest = read_manifest(history_file, base=target, tenant=tenant, surface=surface)
+        except (FileNotFoundError, ManifestError):
+            write_atomic(history_file, _json_bytes(manifest))
+
+        if not forward:
+            _append_record(target, _record("history_only", mv, previous, day, **common))
+            return PublishOutcome(
+                "history_only", mv, previous, f"{day} is older than current {current['as_of']}: history only"
+            )
+        _append_record(target, _record("publish", mv, previous, day, **common))
+        _swap(target, manifest)
+        return PublishOutcome("publish", mv, previous, f"published {mv[:12]} as of {day}")
+
+
+def rollback(
+    artifact_root: Path,
+    tenant: str,
+    surface: str,
+    *,
+    to_version: str | None = None,
+    steps: int | None = None,
+    reason: str,
+    actor: str,
+) -> PublishOutcome:
+    """Re-point current to an earlier manifest and record who and why. Raises `PublishError` if not possible.
+
+    `to_version` names any manifest under manifests/. `steps=N` picks the N-th previous distinct manifest
+    that was current, newest first, skipping the current one and any manifest that was rolled back away
+    from (so `--steps 1` twice walks C -> B -> A instead of bouncing back to C).
+    """
+    if (to_version is None) == (steps is None):
+        raise PublishError("give exactly one of to_version or steps")
+    if not reason or not reason.strip() or not actor or not actor.strip():
+        raise PublishError("a rollback needs a reason and an actor (they are recorded in the registry)")
+    target = target_dir(artifact_root, tenant, surface)
+    if not target.is_dir():
+        raise PublishError(f"{tenant}/{surface}: nothing published yet, nothing to roll back")
+    with _locked(target):
+        records = _read_records(target)
+        current = _load_current(target, tenant, surface, records)
+        if current is None:
+            raise PublishError(f"{tenant}/{surface}: nothing published yet, nothing to roll back")
+        from_mv = current["manifest_version"]
+        if steps is not None:
+            if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+                raise PublishError(f"steps must be a positive integer, got {steps!r}")
+            rolled = _rolled_back(records)
+            candidates: list[str] = []
+            for mv in reversed(_timeline(records)):
+                if mv != from_mv and mv not in rolled and mv not in candidates:
+                    candidates.append(mv)
+            if not candidates:
+                raise PublishError(
+                    f"{tenant}/{surface}: nothing to roll back to (no earlier manifest was current)"
+                )
+            if steps > len(candidates):
+                raise PublishError(
+                    f"steps={steps} out of range: {tenant}/{surface} has {len(candidates)} earlier manifest(s)"
+                )
+            to_mv = candidates[steps - 1]
+        else:
+            to_mv = to_version
+            if not is_hex64(to_mv):
+                raise PublishError(f"unknown manifest version {to_mv!r} (expected 64 hex characters)")
+        if to_mv == from_mv:
+            raise PublishError(f"manifest {to_mv} is already current; nothing to roll back")
+        try:
+            manifest = read_manifest(
+                target / MANIFESTS_DIR / f"{to_mv}.json", base=target, tenant=tenant, surface=surface
+            )
+        except FileNotFoundError as exc:
+            raise PublishError(f"unknown manifest version {to_mv}: not under {MANIFESTS_DIR}/") from exc
+        except ManifestError as exc:
+            raise PublishError(f"manifest {to_mv} is unusable: {exc}") from exc
+        problems = [
+            problem
+            for uri in manifest["current"].values()
+            for problem in verify_artifact(resolve_uri(artifact_root, tenant, surface, uri), False)
+        ]
+        if problems:
+            raise PublishError(
+                f"cannot roll back to {to_mv}: its artifacts are missing or invalid (removed by gc?): "
+                + "; ".join(problems)
+            )
+        _append_record(
+            target,
+            _record(
+                "rollback",
+                to_mv,
+                from_mv,
+                manifest["as_of"],
+                actor=actor,
+                reason=reason,
+                **{"from": from_mv, "to": to_mv},
+            ),
+        )
+        _swap(target, manifest)
+    return PublishOutcome(
+        "rollback", to_mv, from_mv, f"rolled back {tenant}/{surface} from {from_mv[:12]} to {to_mv[:12]}"
+    )
+
+
+# -------------------------------------------------------------------------------- history, status
+
+
+def history(artifact_root: Path, tenant: str, surface: str) -> list[dict]:
+    """Registry records of a tenant and surface, newest last."""
+    return read_registry(artifact_root, tenant, surface)
+
+
+def status(artifact_root: Path, *, now: dt.datetime | None = None) -> list[dict]:
+    """One entry per tenant/surface: current manifest version, as-of, age and per-kind version/rows.
+
+    A target whose manifest.json is malformed gets an `error` entry instead of failing the whole listing.
+    """
+    now = now or _utc_now()
+    entries: list[dict] = []
+    for tenant, surface in list_targets(artifact_root):
+        entry: dict[str, Any] = {"tenant": tenant, "surface": surface}
+        try:
+            current = read_current(artifact_root, tenant, surface)
+        except (ManifestError, UnsafePathError) as exc:
+            entries.append({**entry, "error": str(exc)})
+            continue
+        if current is None:
+            entry.update(manifest_version=None, as_of=None, updated_at=None, age_seconds=None, artifacts={})
+        else:
+            updated = dt.datetime.fromisoformat(current["updated_at"])
+            entry.update(
+                manifest_version=current["manifest_version"],
+                as_of=current["as_of"],
+                updated_at=current["updated_at"],
+                age_seconds=round((now - updated).total_seconds()),
+                artifacts={
+                    kind: {"version": item["version"], "rows": item.get("rows")}
+                    for kind, item in current["artifacts"].items()
+                },
+            )
+        entries.append(entry)
+    return entries
+
+
+# ------------------------------------------------------------------------------------------------ gc
+
+
+def _size_and_newest(path: Path) -> tuple[int, float]:
+    """Total bytes under `path` and the newest mtime in it (a dir still being filled counts as fresh)."""
+    info = path.lstat()
+    total, newest = info.st_size if not path.is_dir() else 0, info.st_mtime
+    if path.is_dir() and not path.is_symlink():
+        for folder, _dirs, names in os.walk(path):
+            newest = max(newest, os.lstat(folder).st_mtime)
+            for name in names:
+                item = os.lstat(os.path.join(folder, name))
+                total += item.st_size
+                newest = max(newest, item.st_mtime)
+    return total, newest
+
+
+def _kept_refs(target: Path, tenant: str, surface: str, keep: int) -> set[tuple[str, str]]:
+    """(kind, version) pairs referenced by the current manifest and the `keep` most recent current ones."""
+    current = (
+        read_manifest(target / MANIFEST_FILE, base=target, tenant=tenant, surface=surface)
+        if (target / MANIFEST_FILE).exists()
+        else None
+    )
+    recent: list[str] = []
+    for mv in reversed(_timeline(_read_records(target))):
+        if len(recent) >= keep:
+            break
+        if mv not in recent:
+            recent.append(mv)
+    manifests = [current] if current else []
+    for mv in recent:
+        if current and mv == current["manifest_version"]:
+            continue
+        path = target / MANIFESTS_DIR / f"{mv}.json"
+        if not path.exists():
+            raise ManifestError(f"manifest {mv} named in the registry is missing from {MANIFESTS_DIR}/")
+        manifests.append(read_manifest(path, base=target, tenant=tenant, surface=surface))
+    return {(kind, item["version"]) for m in manifests for kind, item in m["artifacts"].items()}
+
+
+def gc(
+    artifact_root: Path,
+    keep: int,
+    *,
+    apply: bool = False,
+    min_age_seconds: int = 3600,
+    now: float | dt.datetime | None = None,
+) -> GcReport:
+    """Select (and with `apply=True` delete) artifact versions no kept manifest references.
+
+    Kept per tenant/surface: everything the current manifest references, everything the `keep` most
+    recently current manifests (registry order of publish/rollback records) reference, and anything
+    modified less than `min_age_seconds` ago (a running build may be about to publish it). Leftover
+    temp entries (dot names) older than `min_age_seconds` go too. manifests/ and the registry are never
+    touched. A target whose manifests cannot be read is skipped and reported in `errors`: deleting
+    without knowing the references could break a kept manifest.
+    """
+    if keep < 0:
+        raise ValueError("keep must be >= 0")
+    if now is None:
+        now_ts = time.time()
+    elif isinstance(now, dt.datetime):
+        now_ts = now.timestamp()
+    else:
+        now_ts = float(now)
+    report = GcReport()
+    for tenant, surface in list_targets(artifact_root):
+        target = target_dir(artifact_root, tenant, surface)
+        # Under the lock so no publish or rollback can start referencing a version while it is deleted.
+        with _locked(target):
+            try:
+                refs = _kept_refs(target, tenant, surface, keep)
+            except (ManifestError, UnsafePathError) as exc:
+                report.errors.append(f"{tenant}/{surface}: {exc}; nothing deleted there")
+                continue
+            selected: list[tuple[Path, int]] = []
+            for entry in sorted(os.scandir(target), key=lambda e: e.name):
+                is_dir = entry.is_dir(follow_symlinks=False)
+                if entry.name.startswith(".") and ".tmp-" in entry.name and not is_dir:
+                    size, newest = _size_and_newest(Path(entry.path))  # torn write_atomic temp file
+                    if now_ts - newest >= min_age_seconds:
+                        selected.append((Path(entry.path), size))
+                    continue
+                if not is_dir or entry.name.startswith(".") or entry.name == MANIFESTS_DIR:
+                    continue
+                for version in sorted(os.scandir(entry.path), key=lambda e: e.name):
+                    path = Path(version.path)
+                    if not version.is_dir(follow_symlinks=False) and not version.name.startswith("."):
+                        continue
+                    size, newest = _size_and_newest(path)
+                    fresh = now_ts - newest < min_age_seconds
+                    if not version.name.startswith(".") and ((entry.name, version.name) in refs or fresh):
+                        report.kept += 1
+                    elif not fresh:
+                        selected.append((path, size))
+            history_dir = target / MANIFESTS_DIR
+            history_entries = (
+                sorted(os.scandir(history_dir), key=lambda e: e.name) if history_dir.is_dir() else []
+            )
+            for entry in history_entries:
+                if (
+                    entry.name.startswith(".")
+                    and ".tmp-" in entry.name
+                    and entry.is_file(follow_symlinks=False)
+                ):
+                    size, newest = _size_and_newest(Path(entry.path))
+                    if now_ts - newest >= min_age_seconds:
+                        selected.append((Path(entry.path), size))
+            report.to_delete.extend(selected)
+            if apply:
+                for path, size in selected:
+                    _remove(path)
+                    report.deleted.append((path, size))
+    return report
+
+
+def _remove(path: Path) -> None:
+    """Delete a file or directory; a version directory is first renamed to a dot name so that a crash
+    mid-delete never leaves a partial directory under a version name (the next gc finishes it)."""
+    if path.is_dir() and not path.is_symlink():
+        if not path.name.startswith("."):
+            doomed = path.parent / f".deleting-{path.name}-{uuid.uuid4().hex[:8]}"
+            os.rename(path, doomed)
+            fsync_dir(path.parent)
+            path = doomed
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------- artifact builds
+
+
+def write_artifact_dir(
+    target_dir: Path, kind: str, meta_without_version: Mapping[str, Any], files: Mapping[str, pl.DataFrame]
+) -> tuple[str, Path]:
+    """Write one artifact version directory `<target>/<kind>/<version>/` and return (version, path).
+
+    Frames are written as Parquet (zstd, statistics) into `<target>/<kind>/.tmp-<uuid>/`, hashed and
+    counted into meta's `files` / `rows`; the version is computed from the meta (see
+    `manifest.artifact_version`), meta.json written, and the temp dir renamed into place. Identical
+    frames give byte-identical files and so the same version; if that directory already exists (and
+    verifies) the new copy is discarded and the existing one touched, so gc's age guard protects it
+    until it is published. `meta_without_version` must be JSON-serialisable.
+    """
+    validate_name("kind", kind)
+    if not files:
+        raise ValueError("an artifact needs at least one file")
+    for name in files:
+        validate_name("file", name)
+        if name.startswith(".") or not name.endswith(".parquet"):
+            raise ValueError(f"file name {name!r} must end with .parquet and not start with '.'")
+    if "version" in meta_without_version:
+        raise ValueError("meta_without_version must not contain 'version': it is computed here")
+    if meta_without_version.get("kind", kind) != kind:
+        raise ValueError(f"meta kind {meta_without_version['kind']!r} does not match {kind!r}")
+    kind_dir = Path(target_dir) / kind
+    if kind_dir.is_symlink():  # the version directory would land wherever the link points
+        raise UnsafePathError(f"{kind_dir.name}/ is a symlink; refused")
+    kind_dir.mkdir(parents=True, exist_ok=True)
+    tmp = kind_dir / f".tmp-{uuid.uuid4().hex}"
+    tmp.mkdir()
+    try:
+        hashes: dict[str, str] = {}
+        rows: dict[str, int] = {}
+        for name in sorted(files):
+            # Chunk layout decides row groups, so identical frames chunked differently would give
+            # different bytes (and versions) without the rechunk.
+            frame = files[name].rechunk()
+            path = tmp / name
+            frame.write_parquet(path, compression="zstd", statistics=True)
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            hashes[name] = file_sha256(path)
+            rows[name] = frame.height
+        meta = {**meta_without_version, "format": FORMAT_VERSION, "kind": kind, "rows": rows, "files": hashes}
+        meta.setdefault("built_at", _iso(_utc_now()))
+        version = artifact_version(meta)
+        meta["version"] = version
+        write_atomic(tmp / META_FILE, _json_bytes(meta))
+        final = kind_dir / version
+        try:
+            os.rename(tmp, final)
+        except OSError as exc:
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not final.is_dir():
+                raise
+            if verify_artifact(final, False):
+                # Same name but not whole or not matching: move it aside (gc removes it) and use ours.
+                os.rename(final, kind_dir / f".corrupt-{version[:12]}-{uuid.uuid4().hex[:8]}")
+                os.rename(tmp, final)
+            else:
+                shutil.rmtree(tmp)
+                os.utime(final)
+        fsync_dir(kind_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return version, final

@@ -1,0 +1,108 @@
+"""From built artifacts to published manifests, one as-of day at a time.
+
+The window-artifact assets record which artifact versions they built for a day in
+`lake/<kind>/dt=<day>/builds.json`; `publish_as_of` reads those records, re-confirms the blocking gates of
+every canonical partition in the window from their stored results (whichever run checked them), and
+publishes per tenant and surface. Nothing here imports Dagster.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from recsys_dagster.artifacts import KINDS, ArtifactBuild, window_days, window_size
+from recsys_dagster.canonicalize import partition_dir, read_summary
+from recsys_dagster.gates import confirm_gates_passed
+from recsys_dagster.manifest import write_atomic
+from recsys_dagster.publishing import PublishOutcome, publish
+from recsys_dagster.settings import Settings
+
+BUILDS_FILE = "builds.json"
+
+
+@dataclass(frozen=True)
+class TargetOutcome:
+    tenant: str
+    surface: str
+    outcome: PublishOutcome
+
+
+def write_build_record(lake_root: Path, kind: str, as_of: dt.date, builds: list[ArtifactBuild]) -> Path:
+    """Record the artifact versions built for `as_of` (the partition of the window-artifact asset)."""
+    record = {
+        "kind": kind,
+        "as_of": as_of.isoformat(),
+        "artifacts": [
+            {
+                "tenant": b.tenant,
+                "surface": b.surface,
+                "version": b.version,
+                "path": str(b.path),
+                "rows": b.rows,
+                "window": {"start": b.window_start.isoformat(), "end": b.window_end.isoformat()},
+                "missing_days": list(b.missing_days),
+            }
+            for b in builds
+        ],
+    }
+    path = partition_dir(lake_root, kind, as_of) / BUILDS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+    return path
+
+
+def read_build_record(lake_root: Path, kind: str, as_of: dt.date) -> dict | None:
+    path = partition_dir(lake_root, kind, as_of) / BUILDS_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def gate_problems(settings: Settings, as_of: dt.date) -> tuple[list[str], int]:
+    """Reasons the canonical inputs of the widest window ending at `as_of` may not be published.
+
+    Days before RECSYS_START_DATE and days never materialized are not inputs (the artifacts' meta.json lists
+    them as missing); every canonical partition that exists must have passed its blocking gates.
+    """
+    widest = max(window_size(kind, settings.pipeline) for kind in KINDS)
+    problems, checked = [], 0
+    for day in window_days(as_of, widest):
+        if day < settings.start_date or read_summary(settings.lake_root, day) is None:
+            continue
+        checked += 1
+        problem = confirm_gates_passed(settings.lake_root, day)
+        if problem:
+            problems.append(problem)
+    return problems, checked
+
+
+def publish_as_of(settings: Settings, as_of: dt.date, *, run_id: str | None = None) -> list[TargetOutcome]:
+    """Publish every tenant and surface that has artifacts built for `as_of`."""
+    missing = [kind for kind in KINDS if read_build_record(settings.lake_root, kind, as_of) is None]
+    if missing:
+        raise FileNotFoundError(
+            f"no artifacts built as of {as_of} for: {', '.join(missing)}; materialize them before publishing"
+        )
+    per_target: dict[tuple[str, str], dict[str, Path]] = defaultdict(dict)
+    for kind in KINDS:
+        for entry in read_build_record(settings.lake_root, kind, as_of)["artifacts"]:
+            per_target[(entry["tenant"], entry["surface"])][kind] = Path(entry["path"])
+    problems, checked = gate_problems(settings, as_of)
+    outcomes = []
+    for (tenant, surface), artifacts in sorted(per_target.items()):
+        absent = [kind for kind in KINDS if kind not in artifacts]
+        outcome = publish(
+            settings.artifact_root,
+            tenant,
+            surface,
+            as_of,
+            artifacts,
+            gate_problems=problems
+            + [f"artifact {kind} was not built for this tenant/surface" for kind in absent],
+            checks_summary={"canonical_events": {"days": checked, "passed": not problems}},
+            run_id=run_id,
+        )
+        outcomes.append(TargetOutcome(tenant, surface, outcome))
+    return outcomes

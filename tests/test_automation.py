@@ -1,0 +1,162 @@
+"""The Dagster definitions as the UI and the daemon load them: asset graph, schedule, alert sensors."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+from pathlib import Path
+
+import dagster as dg
+import pytest
+from dagster._core.definitions.freshness import FreshnessState, FreshnessStateChange
+
+from recsys_dagster.alerts import FileSink, sink_from_spec
+from recsys_dagster.definitions import build_definitions
+from recsys_dagster.defs.automation.sensors import freshness_alerts, freshness_transitions, run_failure_alerts
+from recsys_dagster.defs.shared import RecsysResource
+
+
+@pytest.fixture
+def defs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dg.Definitions:
+    monkeypatch.setenv("RECSYS_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("RECSYS_START_DATE", "2025-01-01")
+    monkeypatch.setenv("RECSYS_ALERT_SINK", "file")
+    monkeypatch.delenv("RECSYS_CONFIG", raising=False)
+    return build_definitions()
+
+
+def alerts_written(tmp_path: Path) -> list[dict]:
+    path = tmp_path / "home" / "alerts.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_asset_graph_reads_as_the_pipeline_story(defs: dg.Definitions) -> None:
+    graph = defs.resolve_asset_graph()
+    groups = {node.key.to_user_string(): node.group_name for node in graph.asset_nodes}
+    assert groups == {
+        "canonical_events": "ingest",
+        "quarantine": "ingest",
+        "item_daily": "aggregates",
+        "pair_daily": "aggregates",
+        "user_item_daily": "aggregates",
+        "popularity": "artifacts",
+        "cooc": "artifacts",
+        "user_history": "artifacts",
+        "published_manifest": "publishing",
+    }
+    for node in graph.asset_nodes:
+        assert node.description, node.key
+        assert node.owners == ["team:data-platform"], node.key
+        assert node.kinds, node.key
+        assert node.freshness_policy_or_from_metadata is not None, node.key
+        assert node.backfill_policy == dg.BackfillPolicy.single_run(), node.key
+    upstream = {
+        key.to_user_string(): sorted(p.to_user_string() for p in graph.get(key).parent_keys)
+        for key in graph.get_all_asset_keys()
+    }
+    assert upstream["item_daily"] == ["canonical_events"]
+    assert upstream["cooc"] == ["pair_daily"]
+    assert upstream["published_manifest"] == ["cooc", "popularity", "user_history"]
+    checks = {key.name for key in graph.asset_check_keys}
+    assert checks == {
+        "schema",
+        "non_null_keys",
+        "unique_event_id",
+        "ts_in_range",
+        "quarantine_rate",
+        "duplicate_rate",
+        "volume",
+        "resource_limits",
+    }
+
+
+def test_daily_schedule_requests_yesterday(defs: dg.Definitions) -> None:
+    schedule = defs.resolve_schedule_def("daily_pipeline_schedule")
+    assert schedule.cron_schedule == "0 2 * * *"
+    assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
+    with dg.instance_for_test() as instance:
+        context = dg.build_schedule_context(
+            instance=instance, scheduled_execution_time=dt.datetime(2025, 3, 10, 2, 0, tzinfo=dt.UTC)
+        )
+        request = schedule.evaluate_tick(context).run_requests[0]
+    assert request.partition_key == "2025-03-09"
+    job = defs.resolve_job_def("daily_pipeline")
+    assert {key.to_user_string() for key in job.asset_layer.selected_asset_keys} >= {
+        "canonical_events",
+        "published_manifest",
+    }
+
+
+def test_freshness_transitions_alert_on_stale_and_recovery() -> None:
+    alerts = freshness_transitions({"a": "PASS", "b": "FAIL"}, {"a": "FAIL", "b": "PASS", "c": "WARN"})
+    assert [(a.kind, a.subject) for a in alerts] == [("stale", "a"), ("recovered", "b"), ("stale", "c")]
+    assert freshness_transitions({"a": "FAIL"}, {"a": "FAIL"}) == []
+
+
+def test_freshness_sensor_sends_alerts_to_the_sink(defs: dg.Definitions, tmp_path: Path) -> None:
+    with dg.instance_for_test() as instance:
+
+        def tick() -> str:
+            context = dg.build_sensor_context(
+                instance=instance, definitions=defs, cursor=cursor[0], resources={"recsys": RecsysResource()}
+            )
+            result = freshness_alerts.evaluate_tick(context)
+            cursor[0] = result.cursor
+            return result.skip_message
+
+        cursor: list[str | None] = [None]
+
+        def report(state: FreshnessState, previous: FreshnessState) -> None:
+            instance.report_runless_asset_event(
+                FreshnessStateChange(
+                    key=dg.AssetKey("published_manifest"),
+                    new_state=state,
+                    previous_state=previous,
+                    state_change_timestamp=time.time(),
+                )
+            )
+
+        assert "0 alert(s)" in tick()
+        report(FreshnessState.FAIL, FreshnessState.PASS)
+        assert "stale now: published_manifest" in tick()
+        assert "0 alert(s)" in tick()  # still stale: no repeated alert
+        report(FreshnessState.PASS, FreshnessState.FAIL)
+        tick()
+    assert [(a["kind"], a["subject"]) for a in alerts_written(tmp_path)] == [
+        ("stale", "published_manifest"),
+        ("recovered", "published_manifest"),
+    ]
+
+
+def test_run_failure_sensor_names_the_failed_step(defs: dg.Definitions, tmp_path: Path) -> None:
+    raw = tmp_path / "home" / "raw" / "dt=2025-03-01"
+    raw.mkdir(parents=True)
+    (raw / "bad.jsonl.gz").write_bytes(b"not gzip at all")
+    job = dg.Definitions.merge(
+        defs,
+        dg.Definitions(
+            jobs=[dg.define_asset_job("ingest_only", selection="key:canonical_events or key:quarantine")]
+        ),
+    ).resolve_job_def("ingest_only")
+    with dg.instance_for_test() as instance:
+        result = job.execute_in_process(instance=instance, partition_key="2025-03-01", raise_on_error=False)
+        assert not result.success
+        context = dg.build_run_status_sensor_context(
+            sensor_name="run_failure_alerts",
+            dagster_instance=instance,
+            dagster_run=result.dagster_run,
+            dagster_event=result.get_run_failure_event(),
+            resources={"recsys": RecsysResource()},
+        )
+        alert = run_failure_alerts(context)
+    assert "canonical_events" in alert.message and "bad.jsonl.gz" in alert.message
+    written = alerts_written(tmp_path)
+    assert written[-1]["kind"] == "run_failure" and written[-1]["details"]["partition"] == "2025-03-01"
+
+
+def test_alert_sink_spec(tmp_path: Path) -> None:
+    assert isinstance(sink_from_spec("file", tmp_path), FileSink)
+    assert sink_from_spec(f"file:{tmp_path}/x.jsonl", tmp_path).path == tmp_path / "x.jsonl"
+    with pytest.raises(ValueError, match="RECSYS_ALERT_SINK"):
+        sink_from_spec("smtp://nope", tmp_path)

@@ -1,0 +1,230 @@
+"""End to end through the `recsys` CLI and the Dagster definitions it runs in-process.
+
+Each test gets its own RECSYS_HOME; runs are real (Parquet, DuckDB, a SQLite Dagster instance).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+from shared_data import shared_data_dir
+
+from recsys_dagster import cli
+from recsys_dagster.canonicalize import partition_dir
+from recsys_dagster.manifest import read_current, read_registry
+
+END = dt.date.today() - dt.timedelta(days=1)
+START = END - dt.timedelta(days=2)
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path / "home"
+    monkeypatch.setenv("RECSYS_HOME", str(home))
+    monkeypatch.setenv("RECSYS_START_DATE", (START - dt.timedelta(days=10)).isoformat())
+    for var in (
+        "RECSYS_CONFIG",
+        "DAGSTER_HOME",
+        "RECSYS_RAW_ROOT",
+        "RECSYS_LAKE_ROOT",
+        "RECSYS_ARTIFACT_ROOT",
+    ):
+        monkeypatch.delenv(var, raising=False)
+    return home
+
+
+def write_config(home: Path, monkeypatch: pytest.MonkeyPatch, text: str) -> None:
+    home.mkdir(parents=True, exist_ok=True)
+    path = home / "config.yaml"
+    path.write_text(text)
+    monkeypatch.setenv("RECSYS_CONFIG", str(path))
+
+
+def recsys(*args: str) -> int:
+    return cli.main([str(a) for a in args])
+
+
+def generate(days: int = 3, events: int = 3000) -> None:
+    assert (
+        recsys(
+            "generate",
+            "--end",
+            END,
+            "--days",
+            days,
+            "--events-per-day",
+            events,
+            "--users",
+            300,
+            "--items",
+            200,
+        )
+        == 0
+    )
+
+
+def canonical_bytes(home: Path, day: dt.date) -> dict[str, bytes]:
+    folder = partition_dir(home / "lake", "canonical_events", day)
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.parquet"))}
+
+
+def test_generate_run_publish_and_rerun_is_idempotent(home: Path, capsys: pytest.CaptureFixture) -> None:
+    generate()
+    assert recsys("run", "--start", START, "--end", END) == 0
+    out = capsys.readouterr().out
+    assert "succeeded" in out
+    manifest = read_current(home / "artifacts", "demo", "home")
+    assert manifest is not None and manifest["v"] == 1 and manifest["as_of"] == END.isoformat()
+    assert set(manifest["current"]) == {"popularity", "cooc", "user_history"}
+    first_bytes = {day: canonical_bytes(home, day) for day in (START, END)}
+    first_version = manifest["manifest_version"]
+
+    assert recsys("run", "--start", START, "--end", END) == 0
+    assert {day: canonical_bytes(home, day) for day in (START, END)} == first_bytes
+    again = read_current(home / "artifacts", "demo", "home")
+    assert again["manifest_version"] == first_version
+    actions = [r["action"] for r in read_registry(home / "artifacts", "demo", "home")]
+    # Re-publishing older days keeps history as it was; the current day is a no-op.
+    assert actions == ["publish", "publish", "publish", "history_only", "history_only", "noop"]
+
+    capsys.readouterr()
+    assert recsys("status", "--json", "--start", START, "--end", END) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert [p["checks"] for p in status["partitions"]] == ["passed"] * 3
+    assert status["manifests"][0]["manifest_version"] == first_version
+
+
+def test_failed_gate_exits_1_stops_downstream_and_never_reaches_current(
+    home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    generate()
+    assert recsys("run", "--start", START, "--end", END) == 0
+    published = read_current(home / "artifacts", "demo", "home")["manifest_version"]
+    capsys.readouterr()
+
+    # A new day arrives, and its volume breaks a resource limit.
+    write_config(home, monkeypatch, "checks:\n  max_events: 100\n")
+    assert recsys("run", "--start", END, "--end", END) == 1
+    out = capsys.readouterr().out
+    assert "blocking check failed: canonical_events:resource_limits" in out
+    assert not (partition_dir(home / "lake", "item_daily", END) / "builds.json").exists()
+    assert read_current(home / "artifacts", "demo", "home")["manifest_version"] == published
+
+    # With the limit lifted but the partition not re-checked, publishing still refuses it: the stored gate
+    # result of the exact partition is what counts, not the current run.
+    monkeypatch.delenv("RECSYS_CONFIG")
+    assert (
+        recsys(
+            "run",
+            "--start",
+            END,
+            "--end",
+            END,
+            "--select",
+            "key:item_daily+ or key:pair_daily+ or key:user_item_daily+",
+        )
+        == 1
+    )
+    out = capsys.readouterr().out
+    assert "published_manifest" in out and "resource_limits" in out
+    assert read_current(home / "artifacts", "demo", "home")["manifest_version"] == published
+    assert read_registry(home / "artifacts", "demo", "home")[-1]["action"] == "refused"
+
+    # Re-materializing the partition under the lifted limit lets it through.
+    assert recsys("run", "--start", END, "--end", END) == 0
+
+
+def test_bad_usage_exits_2(
+    home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    assert recsys("run", "--start", END, "--end", START) == 2
+    assert recsys("run", "--start", END, "--select", "not a :: selection") == 2
+    assert recsys("run", "--start", END, "--select", "key:no_such_asset") == 2
+    assert "selects no asset" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        recsys("run", "--start", "2025-13-45")
+    assert exc.value.code == 2
+    write_config(home, monkeypatch, "ingest:\n  max_line_byte: 5\n")
+    assert recsys("status") == 2
+    assert "ingest.max_line_byte" in capsys.readouterr().err
+
+
+def test_unreadable_landing_file_fails_the_partition_and_writes_nothing(
+    home: Path, capsys: pytest.CaptureFixture
+) -> None:
+    generate(days=1)
+    folder = home / "raw" / f"dt={END.isoformat()}"
+    good = (folder / "events-00000.jsonl").read_bytes()
+    (folder / "broken.jsonl.gz").write_bytes(gzip.compress(good)[:200])
+    assert recsys("run", "--start", END, "--end", END, "--select", "key:canonical_events") == 1
+    out = capsys.readouterr().out
+    assert "cannot read landing file" in out and "broken.jsonl.gz" in out
+    assert not partition_dir(home / "lake", "canonical_events", END).exists()
+    assert not partition_dir(home / "lake", "quarantine", END).exists()
+
+
+def test_cli_entry_point_exit_codes(home: Path) -> None:
+    """The installed console script itself (not just `cli.main`) reports usage errors with code 2."""
+    env = os.environ | {"RECSYS_HOME": str(home)}
+    script = Path(sys.executable).with_name("recsys")
+    bad = subprocess.run([script, "run", "--start", "2025-02-30"], env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "expected a date" in bad.stderr
+    ok = subprocess.run([script, "status", "--json"], env=env, capture_output=True, text=True)
+    assert ok.returncode == 0 and json.loads(ok.stdout)["manifests"] == []
+
+
+def _require_shared(name: str) -> Path:
+    root = shared_data_dir()
+    if root is None:
+        pytest.skip("shared data sets not found: set RECSYS_SHARED_DATA to the folder holding them")
+    return root / name
+
+
+def test_movielens_end_to_end(
+    home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    ratings = _require_shared("ml-latest-small") / "ratings.csv"
+    monkeypatch.setenv("RECSYS_START_DATE", "2018-09-01")
+    # Ratings arrive in bursts: the volume gate warns instead of blocking on this data set.
+    write_config(home, monkeypatch, "checks:\n  warn_only: [volume]\n")
+    assert recsys("import", ratings, "--tenant", "movielens", "--surface", "ratings") == 0
+    assert "2018-09-24" in capsys.readouterr().out
+    assert recsys("run", "--start", "2018-09-01", "--end", "2018-09-24") == 0
+    expected = (
+        pl.read_csv(ratings)
+        .with_columns(pl.from_epoch("timestamp").dt.date().alias("day"))
+        .filter(pl.col("day") >= dt.date(2018, 9, 1))
+    )
+    canonical = pl.read_parquet(home / "lake" / "canonical_events" / "*" / "*.parquet")
+    assert canonical.height == expected.height
+    assert canonical["event_type"].unique().to_list() == ["rating"]
+    manifest = read_current(home / "artifacts", "movielens", "ratings")
+    assert manifest["as_of"] == "2018-09-24"
+    assert manifest["artifacts"]["popularity"]["rows"] > 0
+
+
+def test_otto_end_to_end(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sessions = _require_shared("otto-sample") / "train.jsonl"
+    monkeypatch.setenv("RECSYS_START_DATE", "2022-07-31")
+    write_config(home, monkeypatch, "checks:\n  warn_only: [volume]\n")
+    assert recsys("import", sessions, "--tenant", "otto", "--surface", "shop") == 0
+    days = sorted(p.name.removeprefix("dt=") for p in (home / "raw").iterdir())
+    assert recsys("run", "--start", days[0], "--end", days[-1]) == 0
+    canonical = pl.read_parquet(home / "lake" / "canonical_events" / "*" / "*.parquet")
+    assert canonical.height == 862
+    assert canonical.group_by("event_type").len().sort("event_type").rows() == [
+        ("add_to_cart", 52),
+        ("click", 800),
+        ("purchase", 10),
+    ]
+    quarantine = pl.read_parquet(home / "lake" / "quarantine" / "*" / "*.parquet")
+    assert quarantine.height == 0
+    assert read_current(home / "artifacts", "otto", "shop")["as_of"] == days[-1]
