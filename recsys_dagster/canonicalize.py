@@ -16,6 +16,7 @@ Outputs are written to a staging directory and swapped into place only when comp
 
 from __future__ import annotations
 
+import ctypes
 import datetime as dt
 import gzip
 import hashlib
@@ -614,22 +615,28 @@ class _BucketStore:
         return names
 
 
+def _dedupe_hash() -> pl.Expr:
+    """64-bit hash of the deduplication key: event ids are idempotency keys within one tenant."""
+    return plh.concat_str([pl.col("tenant"), pl.col("event_id")], separator="\x00").nchash.xxh3_64()
+
+
 def _slot() -> pl.Expr:
-    return (plh.col("event_id").nchash.xxh3_64() % SPILL_SLOTS).cast(pl.Int32)
+    return (_dedupe_hash() % SPILL_SLOTS).cast(pl.Int32)
 
 
 def _write_bucket(frame: pl.DataFrame, path: Path, summary: PartitionSummary) -> str:
-    """Drop duplicate event ids (the first in reading order wins), sort by time, write.
+    """Drop duplicate (tenant, event id)s (the first in reading order wins), sort by time, write.
 
     Rows arrive in reading order (spill runs keep it per slot, and one id always maps to one slot), and
     `_seq` numbers them in that order, so ties in `ts` are broken the same way on every run.
     """
-    hashed = frame.select(plh.col("event_id").nchash.xxh3_64().alias("h"))["h"]
+    hashed = frame.select(_dedupe_hash().alias("h"))["h"]
     maybe_dup = hashed.is_duplicated()
     if maybe_dup.any():
         # Only rows whose hash repeats can be duplicates; compare their ids exactly, in frame order.
         candidates = maybe_dup.arg_true()
-        repeated = ~frame["event_id"].gather(candidates).is_first_distinct()
+        keys = frame.select(pl.struct("tenant", "event_id").alias("key"))["key"].gather(candidates)
+        repeated = ~keys.is_first_distinct()
         if repeated.any():
             drop = np.zeros(frame.height, dtype=bool)
             drop[candidates.filter(repeated).to_numpy()] = True
@@ -670,13 +677,32 @@ def _write_json(path: Path, payload: dict) -> None:
 
 
 def _swap_into_place(staged: Path, target: Path) -> None:
-    """Replace the `target` directory by `staged`; readers never see a half-written partition."""
+    """Replace the `target` directory by `staged` so that readers see the old or the new partition.
+
+    On Linux the two directories are exchanged in one atomic renameat2(RENAME_EXCHANGE); elsewhere the
+    old directory is renamed away first, which leaves a moment with no partition (never a partial one).
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists() and _exchange(staged, target):
+        shutil.rmtree(staged, ignore_errors=True)
+        return
     old = target.with_name(f".old-{target.name}-{uuid.uuid4().hex[:8]}")
     if target.exists():
         os.rename(target, old)
     os.rename(staged, target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    renameat2 = getattr(_LIBC, "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
 
 
 def content_hash(folder: Path) -> str:

@@ -139,21 +139,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
     from recsys_dagster.generate import generate_events
 
-    if args.days < 1 or args.events_per_day < 1 or args.users < 1 or args.items < 1:
-        raise UsageError("--days, --events-per-day, --users and --items must be >= 1")
     end = args.end or _yesterday()
-    report = generate_events(
-        settings.raw_root,
-        end_date=end,
-        days=args.days,
-        events_per_day=args.events_per_day,
-        seed=args.seed,
-        tenants=args.tenants,
-        surfaces=args.surfaces,
-        n_users=args.users,
-        n_items=args.items,
-        progress=print,
-    )
+    try:
+        report = generate_events(
+            settings.raw_root,
+            end_date=end,
+            days=args.days,
+            events_per_day=args.events_per_day,
+            seed=args.seed,
+            tenants=args.tenants,
+            surfaces=args.surfaces,
+            n_users=args.users,
+            n_items=args.items,
+            progress=print,
+        )
+    except ValueError as exc:  # the generator validates its arguments
+        raise UsageError(str(exc)) from exc
     first = end - dt.timedelta(days=args.days - 1)
     print(f"generated {report.total_events:,} events for {first}..{end} into {settings.raw_root}")
     return EXIT_OK
@@ -210,8 +211,8 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         raise UsageError(
             f"--start {start} is before the first partition RECSYS_START_DATE={settings.start_date}"
         )
-    if end > _yesterday() + dt.timedelta(days=1):
-        raise UsageError(f"--end {end} is in the future; the last partition is {_yesterday()}")
+    if end > _yesterday():
+        raise UsageError(f"--end {end} is not a complete day yet; the last partition is {_yesterday()}")
     import dagster as dg
 
     # Beta/preview notices about Dagster APIs are for developers, not for people running the pipeline.
@@ -260,8 +261,11 @@ def partition_rows(settings: Settings, start: dt.date, end: dt.date) -> list[dic
                 "reasons": summary["reasons"],
             }
         if record:
-            failed = [r["name"] for r in record["results"] if not r["passed"]]
-            row["checks"] = "passed" if not failed else "failed: " + ", ".join(failed)
+            failed = [r["name"] for r in record["results"] if not r["passed"] and r["blocking"]]
+            warned = [r["name"] for r in record["results"] if not r["passed"] and not r["blocking"]]
+            row["checks"] = ("failed: " + ", ".join(failed)) if failed else "passed"
+            if warned:
+                row["checks"] += " (warnings: " + ", ".join(warned) + ")"
             row["checks_passed"] = record["passed"]
         rows.append(row)
         day += dt.timedelta(days=1)

@@ -136,8 +136,10 @@ def parse_line(line: bytes, max_line_bytes: int) -> dict[str, Any] | Rejection |
             continue
         converted = _convert(value, dtype)
         if converted is _BAD:
-            expected = "string" if dtype == pl.String() else "integer" if dtype == pl.Int64() else "number"
-            return Rejection("bad_type", f"field {name!r} must be a {expected}, got {_json_type(value)}")
+            expected = (
+                "a string" if dtype == pl.String() else "an integer" if dtype == pl.Int64() else "a number"
+            )
+            return Rejection("bad_type", f"field {name!r} must be {expected}, got {_json_type(value)}")
         row[name] = converted
     return row
 
@@ -318,7 +320,7 @@ def canonical_schema_model() -> pa.DataFrameSchema:
     required_text = pa.Check.str_length(min_value=1, max_value=MAX_ID_CHARS)
     return pa.DataFrameSchema(
         {
-            "event_id": pa.Column(pl.String, required_text, unique=True),
+            "event_id": pa.Column(pl.String, required_text),
             "ts": pa.Column(pl.Datetime("us", "UTC")),
             "tenant": pa.Column(pl.String, pa.Check.str_matches(IDENTIFIER_PATTERN)),
             "surface": pa.Column(pl.String, pa.Check.str_matches(IDENTIFIER_PATTERN)),
@@ -334,4 +336,6 @@ def canonical_schema_model() -> pa.DataFrameSchema:
         },
         strict=True,
         ordered=True,
+        # Event ids are idempotency keys per tenant.
+        unique=["tenant", "event_id"],
     )

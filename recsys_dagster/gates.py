@@ -219,7 +219,7 @@ def _resource_limits(paths: list[str], checks: ChecksConfig) -> GateResult:
     }
     exceeded = run_sql("checks/canonical_resource_limits", params)
     if exceeded.height:
-        largest = run_sql("checks/canonical_largest_sessions", {"paths": paths, "limit": SAMPLE_ROWS})
+        largest = run_sql("checks/canonical_largest_sessions", {"paths": paths, "max_rows": SAMPLE_ROWS})
         summary = "; ".join(f"{m} {o:,} > {lim:,}" for m, o, lim in exceeded.iter_rows())
         return GateResult(
             "resource_limits", False, True, summary, {"exceeded": _sample(exceeded)}, _sample(largest)

@@ -136,7 +136,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         dagster_home=root("DAGSTER_HOME", "dagster"),
         start_date=_parse_date("RECSYS_START_DATE", env.get("RECSYS_START_DATE"), DEFAULT_START_DATE),
         config_file=config_file,
-        alert_sink=env.get("RECSYS_ALERT_SINK", "log"),
+        alert_sink=_parse_alert_sink(env.get("RECSYS_ALERT_SINK") or "log"),
         serve_poll_seconds=_parse_positive_float(
             "RECSYS_SERVE_POLL_SECONDS", env.get("RECSYS_SERVE_POLL_SECONDS"), 2.0
         ),
@@ -276,6 +276,12 @@ def _validate(config: PipelineConfig) -> None:
     for key in ("max_quarantine_rate", "max_duplicate_rate"):
         if not 0.0 <= getattr(checks, key) <= 1.0:
             raise ConfigError(f"checks.{key}: must be between 0 and 1")
+
+
+def _parse_alert_sink(value: str) -> str:
+    if value in ("log", "file") or value.startswith(("file:", "http://", "https://")):
+        return value
+    raise ConfigError(f"RECSYS_ALERT_SINK: expected log, file, file:PATH or an http(s) URL, got {value!r}")
 
 
 def _parse_positive_float(var: str, value: str | None, default: float) -> float:

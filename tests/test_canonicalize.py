@@ -255,6 +255,22 @@ def test_duplicates_across_files_keep_the_first_by_file_name_then_line(
     assert summary.reconciled
 
 
+def test_event_ids_are_idempotency_keys_per_tenant(layout, write_raw: Callable[..., Path]) -> None:
+    write_raw(
+        layout.raw_root,
+        DAY,
+        "a.jsonl",
+        [line(1, event_id="1"), line(2, event_id="1", tenant="other"), line(3, event_id="1", tenant="other")],
+    )
+    summary = run(layout)
+    canonical = read(layout.lake_root, "canonical_events").sort("source_line")
+    assert canonical.select("tenant", "event_id", "source_line").rows() == [
+        ("acme", "1", 1),
+        ("other", "1", 2),
+    ]
+    assert summary.duplicates == 1
+
+
 def test_the_same_event_spelled_differently_is_a_duplicate(layout, write_raw: Callable[..., Path]) -> None:
     spellings = [
         event(1),

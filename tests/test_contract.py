@@ -927,7 +927,10 @@ def reference_outcomes(lines: list[bytes], config: IngestConfig) -> tuple[dict[i
             expected[number] = ("quarantine", row["reason"], row["detail"])
             continue
         fields = tuple(repr(row[k]) if k == "value" else row[k] for k in CANONICAL_FIELDS)
-        identity = ("given", row["event_id"]) if row["event_id"] is not None else ("derived", fields)
+        # Event ids are idempotency keys within a tenant.
+        identity = (
+            ("given", row["tenant"], row["event_id"]) if row["event_id"] is not None else ("derived", fields)
+        )
         if identity in seen:
             duplicates += 1
             continue

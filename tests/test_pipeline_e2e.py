@@ -21,7 +21,7 @@ from recsys_dagster import cli
 from recsys_dagster.canonicalize import partition_dir
 from recsys_dagster.manifest import read_current, read_registry
 
-END = dt.date.today() - dt.timedelta(days=1)
+END = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)
 START = END - dt.timedelta(days=2)
 
 

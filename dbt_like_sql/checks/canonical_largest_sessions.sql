@@ -1,7 +1,7 @@
 -- The sessions with the most distinct items in one canonical_events partition (context for limits).
--- Parameters: $paths, $limit.
+-- Parameters: $paths, $max_rows.
 SELECT tenant, surface, session_id, count(DISTINCT item_id) AS items, count(*) AS events
 FROM read_parquet($paths)
 GROUP BY ALL
 ORDER BY items DESC, session_id
-LIMIT $limit
+LIMIT $max_rows
