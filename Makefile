@@ -33,7 +33,9 @@ run: install
 	$(VENV)/bin/recsys generate --days $(RUN_DAYS) --events-per-day $(RUN_EVENTS_PER_DAY)
 	$(VENV)/bin/recsys run --start $$(date -u -d "$(RUN_DAYS) days ago" +%F) --end $$(date -u -d "1 day ago" +%F)
 	@echo
-	@echo "Data is under $(RECSYS_HOME). Open the Dagster UI with: make ui  (http://127.0.0.1:3000)"
+	@echo "Data is under $(RECSYS_HOME). In another terminal, open the Dagster UI with: make ui  (http://127.0.0.1:3000)"
+	@echo "Now serving the published manifests; Ctrl-C stops the API."
+	$(VENV)/bin/recsys serve --host 127.0.0.1 --port 8000
 
 ui: install
 	$(VENV)/bin/recsys ui

@@ -25,6 +25,14 @@ kept_items AS (
     WHERE item_a = item_b
     QUALIFY row_number() OVER (PARTITION BY tenant, surface ORDER BY c DESC, item_a) <= $max_items
 ),
+-- Each side's session count is joined in its own step: written as one three-way join, the optimiser may
+-- join the two item lists with each other first (they share tenant and surface), a cross product.
+with_a AS MATERIALIZED (
+    SELECT p.tenant, p.surface, p.item_a, p.item_b, p.c, a.sessions AS na
+    FROM summed AS p
+    JOIN kept_items AS a ON p.tenant = a.tenant AND p.surface = a.surface AND p.item_a = a.item_id
+    WHERE p.item_a < p.item_b AND p.c >= $min_support
+),
 scored AS (
     SELECT
         p.tenant,
@@ -33,17 +41,15 @@ scored AS (
         p.item_b,
         p.c,
         CASE $metric
-            WHEN 'cosine' THEN p.c / sqrt(a.sessions::DOUBLE * b.sessions::DOUBLE)
+            WHEN 'cosine' THEN p.c / sqrt(p.na::DOUBLE * b.sessions::DOUBLE)
             WHEN 'count' THEN p.c::DOUBLE
-            WHEN 'jaccard' THEN p.c / (a.sessions + b.sessions - p.c)::DOUBLE
-            WHEN 'lift' THEN (p.c::DOUBLE * t.n::DOUBLE) / (a.sessions::DOUBLE * b.sessions::DOUBLE)
+            WHEN 'jaccard' THEN p.c / (p.na + b.sessions - p.c)::DOUBLE
+            WHEN 'lift' THEN (p.c::DOUBLE * t.n::DOUBLE) / (p.na::DOUBLE * b.sessions::DOUBLE)
             ELSE error('cooc: unknown metric ' || $metric || ' (use cosine, count, jaccard or lift)')
         END AS score
-    FROM summed AS p
-    JOIN kept_items AS a ON p.tenant = a.tenant AND p.surface = a.surface AND p.item_a = a.item_id
+    FROM with_a AS p
     JOIN kept_items AS b ON p.tenant = b.tenant AND p.surface = b.surface AND p.item_b = b.item_id
     JOIN totals AS t ON p.tenant = t.tenant AND p.surface = t.surface
-    WHERE p.item_a < p.item_b AND p.c >= $min_support
 ),
 directed AS (
     SELECT tenant, surface, item_a AS item_id, item_b AS neighbor_id, score, c AS count FROM scored

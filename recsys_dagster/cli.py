@@ -434,8 +434,50 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
     if args.workers < 1:
         raise UsageError("--workers must be >= 1")
+    if not 0 < args.port < 65536:
+        raise UsageError("--port must be 1-65535")
+    base = f"http://{args.host}:{args.port}"
+    print(f"recsys API on {base} (docs: {base}/docs), serving manifests under {settings.artifact_root}")
+    for line in example_requests(settings, base):
+        print(f"  {line}")
     serve(args.host, args.port, args.workers)
     return EXIT_OK
+
+
+def example_requests(settings: Settings, base: str) -> list[str]:
+    """curl calls that work against what is published now (a real user and item of the first target)."""
+    from recsys_dagster.manifest import ManifestError, list_targets, read_current
+
+    for tenant, surface in list_targets(settings.artifact_root):
+        try:
+            manifest = read_current(settings.artifact_root, tenant, surface)
+        except (ManifestError, OSError):
+            continue
+        if manifest is None:
+            continue
+        query = f"tenant={tenant}&surface={surface}"
+        user = _first_value(settings, manifest, "user_history", "history.parquet", "user_id")
+        item = _first_value(settings, manifest, "popularity", "items.parquet", "item_id")
+        lines = [f"curl '{base}/v1/popular?{query}&k=5'"]
+        if user:
+            lines.append(f"curl '{base}/v1/recommendations?{query}&user_id={user}&k=5'")
+        if item:
+            lines.append(f"curl '{base}/v1/items/{item}/similar?{query}&k=5'")
+        return [*lines, f"curl '{base}/v1/manifest?{query}'", f"curl '{base}/readyz'"]
+    return [f"curl '{base}/readyz'   # nothing is published yet: run the pipeline first"]
+
+
+def _first_value(settings: Settings, manifest: dict, kind: str, file: str, column: str) -> str | None:
+    import polars as pl
+
+    from recsys_dagster.manifest import resolve_uri
+
+    uri = manifest["current"].get(kind)
+    if uri is None:
+        return None
+    path = resolve_uri(settings.artifact_root, manifest["tenant"], manifest["surface"], uri) / file
+    frame = pl.read_parquet(path, columns=[column], n_rows=1)
+    return frame[column][0] if frame.height else None
 
 
 def cmd_ui(args: argparse.Namespace, settings: Settings) -> int:
