@@ -1,0 +1,173 @@
+"""Ranking: pure functions over a `LoadedTarget`, no I/O and no shared state.
+
+Items are integer indexes into the target's vocabulary, which is sorted by item id, so "score desc, then
+item id asc" is "score desc, then index asc".
+
+Blend (`recommend`): each seed item s (the user's most recent items, or the request's context items, in
+the order given) votes for its co-occurrence neighbours c with `score(s, c) * RECENCY_DECAY ** position`;
+votes are summed per candidate, in seed order. Seeds are never recommended, nor (with exclude_seen)
+anything in the user's history. Candidates are ranked by summed score desc, item id asc; popularity fills
+the remaining slots in its published order, skipping anything excluded or already chosen.
+
+Two implementations compute the same blend, bit for bit: a typical request has a handful of seeds and a
+few dozen votes, where a plain-Python dict beats a dozen numpy calls of fixed overhead each; from
+`VECTOR_THRESHOLD` votes on, numpy takes over (one integer sort groups the votes). Tests hold them equal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from recsys_serving.store import LoadedTarget
+
+# The user's most recent items used as seeds; context items given in a request are all used (the API
+# caps them at MAX_CONTEXT_ITEMS).
+MAX_HISTORY_SEEDS = 20
+MAX_CONTEXT_ITEMS = 50
+# Weight of the seed at position p (0 = most recent): RECENCY_DECAY ** p.
+RECENCY_DECAY = 0.85
+# Python's pow, not numpy's (which differs in the last bit for a few exponents), so the weights are
+# exactly RECENCY_DECAY ** p as documented, in both implementations.
+_WEIGHTS = [RECENCY_DECAY**p for p in range(max(MAX_HISTORY_SEEDS, MAX_CONTEXT_ITEMS))]
+_WEIGHTS_ARRAY = np.array(_WEIGHTS)
+# Votes (seeds x their neighbours) from which the numpy implementation is used.
+VECTOR_THRESHOLD = 256
+
+SOURCE_COOC = "cooc"
+SOURCE_POPULARITY = "popularity"
+
+_POSITION_BITS = 32
+_POSITION_MASK = (1 << _POSITION_BITS) - 1
+
+
+@dataclass(frozen=True, slots=True)
+class Ranking:
+    """A ranked list: `items` (vocabulary indexes) best first with their `scores`.
+
+    The first `n_cooc` entries come from co-occurrence, the rest from popularity.
+    """
+
+    items: list[int]
+    scores: list[float]
+    n_cooc: int
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def sources(self) -> list[str]:
+        return [SOURCE_COOC] * self.n_cooc + [SOURCE_POPULARITY] * (len(self.items) - self.n_cooc)
+
+
+def recency_weights(n: int) -> list[float]:
+    """Weights of `n` seeds, most recent (or first given) first."""
+    return _WEIGHTS[:n] if n <= len(_WEIGHTS) else [RECENCY_DECAY**p for p in range(n)]
+
+
+def recommend(
+    target: LoadedTarget,
+    seeds: Sequence[int],
+    k: int,
+    exclude: Iterable[int] = (),
+    *,
+    vectorized: bool | None = None,
+) -> Ranking:
+    """Top `k`: co-occurrence from `seeds` (most recent first), then popularity to fill.
+
+    `exclude` lists items never to return (the caller passes the seeds, plus the user's history when
+    excluding seen items). `vectorized` forces one implementation (tests); by default the number of
+    votes decides.
+    """
+    ptr = target.cooc_ptr
+    spans = [(ptr[seed], ptr[seed + 1]) for seed in seeds]
+    votes = sum(end - start for start, end in spans)
+    excluded = set(exclude)
+    if vectorized if vectorized is not None else votes >= VECTOR_THRESHOLD:
+        items, scores = _cooc_top_numpy(target, spans, votes, k, excluded)
+    else:
+        items, scores = _cooc_top_python(target, spans, k, excluded)
+    n_cooc = len(items)
+    if n_cooc < k:
+        excluded.update(items)
+        fill, fill_scores = popular(target, k - n_cooc, excluded)
+        items += fill
+        scores += fill_scores
+    return Ranking(items, scores, n_cooc)
+
+
+def _cooc_top_python(
+    target: LoadedTarget, spans: list[tuple[int, int]], k: int, excluded: set[int]
+) -> tuple[list[int], list[float]]:
+    neighbors, scores = target.cooc_neighbor_list, target.cooc_score_list
+    if not spans:
+        return [], []
+    # The first seed weighs exactly 1.0 (score * 1.0 == score), so its row fills the dict in C.
+    start, end = spans[0]
+    votes: dict[int, float] = dict(zip(neighbors[start:end], scores[start:end], strict=True))
+    get = votes.get
+    for weight, (start, end) in zip(recency_weights(len(spans))[1:], spans[1:], strict=True):
+        for item, score in zip(neighbors[start:end], scores[start:end], strict=True):
+            votes[item] = get(item, 0.0) + score * weight
+    ranked = sorted([(-total, item) for item, total in votes.items() if item not in excluded])[:k]
+    return [item for _, item in ranked], [-negated for negated, _ in ranked]
+
+
+def _cooc_top_numpy(
+    target: LoadedTarget, spans: list[tuple[int, int]], total: int, k: int, excluded: set[int]
+) -> tuple[list[int], list[float]]:
+    if total == 0:
+        return [], []
+    bounds = np.array(spans, dtype=np.int64).reshape(-1, 2)
+    starts, lengths = bounds[:, 0], bounds[:, 1] - bounds[:, 0]
+    # Position j of seed r's row is starts[r] + j: gather every row in one go.
+    positions = np.arange(total, dtype=np.int64) + np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
+    weights = (
+        _WEIGHTS_ARRAY[: len(spans)] if len(spans) <= len(_WEIGHTS) else np.array(recency_weights(len(spans)))
+    )
+    votes = target.cooc_scores[positions] * np.repeat(weights, lengths)
+    # Group equal candidates with one integer sort of (candidate, vote position) keys; each group keeps
+    # its votes in seed order, and bincount adds them in that order (as the Python implementation does).
+    keys = np.sort((target.cooc_neighbors[positions].astype(np.int64) << _POSITION_BITS) | np.arange(total))
+    candidates = keys >> _POSITION_BITS
+    first = np.empty(total, dtype=bool)
+    first[0] = True
+    np.not_equal(candidates[1:], candidates[:-1], out=first[1:])
+    sums = np.bincount(np.cumsum(first) - 1, weights=votes[keys & _POSITION_MASK])
+    candidates = candidates[first]
+    if excluded:
+        skip = np.zeros(target.n_items, dtype=bool)
+        skip[list(excluded)] = True
+        keep = ~skip[candidates]
+        candidates, sums = candidates[keep], sums[keep]
+    if len(candidates) > 4 * k:
+        # Only candidates at least as good as the k-th best (ties included) can make the top k.
+        kth = np.partition(-sums, k - 1)[k - 1]
+        keep = -sums <= kth
+        candidates, sums = candidates[keep], sums[keep]
+    order = np.argsort(-sums, kind="stable")[:k]  # candidates ascend, so ties stay in index order
+    return candidates[order].tolist(), sums[order].tolist()
+
+
+def popular(
+    target: LoadedTarget, k: int, skip: set[int] | frozenset[int] = frozenset()
+) -> tuple[list[int], list[float]]:
+    """The `k` most popular items in published order, leaving out `skip`."""
+    if not skip:
+        return target.popular_list[:k], target.popular_score_list[:k]
+    items: list[int] = []
+    scores: list[float] = []
+    for item, score in zip(target.popular_list, target.popular_score_list, strict=True):
+        if item not in skip:
+            items.append(item)
+            scores.append(score)
+            if len(items) == k:
+                break
+    return items, scores
+
+
+def similar(target: LoadedTarget, item: int, k: int) -> tuple[list[int], list[float]]:
+    """An item's `k` best co-occurrence neighbours in published rank order."""
+    neighbors, scores = target.neighbors(item)
+    return neighbors[:k].tolist(), scores[:k].tolist()

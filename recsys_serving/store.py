@@ -1,0 +1,496 @@
+"""Loading, polling and atomic swapping of the published artifacts the server answers from.
+
+For every (tenant, surface) with a current manifest under the artifact root, the artifacts it names are
+verified (the publishing protocol's checks: meta.json, file hashes, row counts, version) and loaded once
+into an immutable `LoadedTarget`: an integer item vocabulary sorted by item id, popularity as index and
+score arrays, co-occurrence and user history as CSR arrays. Requests only index into these arrays; nothing
+is parsed per request.
+
+`ArtifactStore` holds a snapshot `{(tenant, surface): LoadedTarget}` and replaces it by one reference
+assignment, so a request sees either the old or the new version of a target, never a mix. A daemon thread
+re-reads every `manifest.json` each poll interval and loads a changed manifest off the request path. A
+version that fails to load leaves the previous one serving; the failure is kept (and retried after a
+back-off) for /readyz and /metrics.
+
+Reading manifests and resolving URIs goes through `recsys_dagster.manifest`, which imports no Dagster.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from recsys_dagster.manifest import list_targets, read_current, read_meta, resolve_uri, verify_artifact
+
+log = logging.getLogger(__name__)
+
+# Kinds the server uses, their data file and the columns it reads. Other kinds in a manifest (a future
+# `als`) are listed as not served rather than refused, so publishing a new kind never breaks serving.
+SERVED_KINDS = ("popularity", "cooc", "user_history")
+REQUIRED_KINDS = frozenset({"popularity"})
+DATA_FILE = {"popularity": "items.parquet", "cooc": "neighbors.parquet", "user_history": "history.parquet"}
+_COLUMNS: dict[str, dict[str, pa.DataType]] = {
+    "popularity": {"rank": pa.int64(), "item_id": pa.large_string(), "score": pa.float64()},
+    "cooc": {
+        "item_id": pa.large_string(),
+        "rank": pa.int64(),
+        "neighbor_id": pa.large_string(),
+        "score": pa.float64(),
+    },
+    "user_history": {"user_id": pa.large_string(), "rank": pa.int64(), "item_id": pa.large_string()},
+}
+
+_EMPTY_I32 = np.empty(0, dtype=np.int32)
+_EMPTY_F64 = np.empty(0, dtype=np.float64)
+
+
+class LoadError(RuntimeError):
+    """A manifest whose artifacts cannot be served; the message says which artifact and why."""
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class LoadedTarget:
+    """Everything one published manifest of one tenant and surface serves, immutable once built.
+
+    Items are integer indexes into `item_ids`, which is sorted by item id, so ordering by index breaks
+    ties by item id. Co-occurrence neighbours of item `i` are `cooc_neighbors[cooc_indptr[i]:
+    cooc_indptr[i + 1]]` in published rank order; a user's history is the slice of `history_items` given
+    by `user_index` and `history_indptr`, most recent first.
+    """
+
+    tenant: str
+    surface: str
+    manifest: dict[str, Any]
+    manifest_version: str
+    as_of: str
+    updated_at: str
+    updated_at_epoch: float
+    loaded_at: float
+    load_seconds: float
+    kinds: tuple[str, ...]
+    ignored_kinds: tuple[str, ...]
+    item_ids: list[str]
+    item_index: dict[str, int]
+    popular_items: np.ndarray
+    popular_scores: np.ndarray
+    cooc_indptr: np.ndarray
+    cooc_neighbors: np.ndarray
+    cooc_scores: np.ndarray
+    user_index: dict[str, int]
+    history_indptr: np.ndarray
+    history_items: np.ndarray
+    # Python-list copies of what the plain-Python ranking reads element by element (about 40 bytes per
+    # co-occurrence row: a pointer to a shared int object, a pointer to a float object and the float).
+    cooc_ptr: list[int]
+    cooc_neighbor_list: list[int]
+    cooc_score_list: list[float]
+    popular_list: list[int]
+    popular_score_list: list[float]
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    @property
+    def n_users(self) -> int:
+        return len(self.user_index)
+
+    def history(self, user_id: str) -> list[int] | None:
+        """The user's items (indexes), most recent first; None for a user not in the history artifact."""
+        row = self.user_index.get(user_id)
+        if row is None:
+            return None
+        return self.history_items[self.history_indptr[row] : self.history_indptr[row + 1]].tolist()
+
+    def neighbors(self, item: int) -> tuple[np.ndarray, np.ndarray]:
+        """Co-occurrence neighbours (indexes) and scores of one item, best first."""
+        start, end = self.cooc_indptr[item], self.cooc_indptr[item + 1]
+        return self.cooc_neighbors[start:end], self.cooc_scores[start:end]
+
+    def describe(self, now: float | None = None) -> dict[str, Any]:
+        """What is served and since when: the body of /v1/manifest and one entry of /readyz."""
+        now = time.time() if now is None else now
+        artifacts = self.manifest.get("artifacts", {})
+        return {
+            "tenant": self.tenant,
+            "surface": self.surface,
+            "manifest_version": self.manifest_version,
+            "as_of": self.as_of,
+            "updated_at": self.updated_at,
+            "loaded_at": _iso(self.loaded_at),
+            "age_seconds": round(max(0.0, now - self.updated_at_epoch), 3),
+            "load_seconds": round(self.load_seconds, 4),
+            "artifacts": {
+                kind: {
+                    "version": entry.get("version"),
+                    "rows": entry.get("rows"),
+                    "window": entry.get("window"),
+                    "served": kind in self.kinds,
+                }
+                for kind, entry in sorted(artifacts.items())
+            },
+            "items": self.n_items,
+            "users": self.n_users,
+            "run_id": self.manifest.get("run_id"),
+        }
+
+
+@dataclass
+class TargetStatus:
+    """Load bookkeeping of one tenant and surface (mutated only by the refreshing thread)."""
+
+    tenant: str
+    surface: str
+    loads: int = 0
+    failures: int = 0
+    last_error: str | None = None
+    last_error_at: float | None = None
+    # The manifest version that failed to load (None when manifest.json itself was unreadable).
+    failing_version: str | None = None
+    failing: bool = False
+    retry_at: float = 0.0
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "tenant": self.tenant,
+            "surface": self.surface,
+            "manifest_version": self.failing_version,
+            "error": self.last_error,
+            "at": _iso(self.last_error_at) if self.last_error_at is not None else None,
+            "failures": self.failures,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The served state, swapped as one reference: targets plus the set of tenants they cover."""
+
+    targets: Mapping[tuple[str, str], LoadedTarget] = field(default_factory=dict)
+    tenants: frozenset[str] = frozenset()
+
+
+class ArtifactStore:
+    """The loaded targets of an artifact root, kept current by a background poller."""
+
+    def __init__(
+        self, artifact_root: Path, poll_seconds: float = 2.0, *, retry_seconds: float | None = None
+    ) -> None:
+        if not poll_seconds > 0:
+            raise ValueError(f"poll_seconds must be > 0, got {poll_seconds!r}")
+        self.artifact_root = Path(artifact_root)
+        self.poll_seconds = float(poll_seconds)
+        # A version that failed is retried after this long (a rebuilt artifact directory may fix it).
+        self.retry_seconds = (
+            float(retry_seconds) if retry_seconds is not None else max(30.0, 5 * poll_seconds)
+        )
+        self._snapshot = Snapshot()
+        self._status: dict[tuple[str, str], TargetStatus] = {}
+        self._refresh_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.last_poll_at: float | None = None
+        self.poll_errors = 0
+        self.last_poll_error: str | None = None
+
+    # -------------------------------------------------------------------------------- read side
+
+    @property
+    def snapshot(self) -> Snapshot:
+        return self._snapshot
+
+    def get(self, tenant: str, surface: str) -> LoadedTarget | None:
+        return self._snapshot.targets.get((tenant, surface))
+
+    def statuses(self) -> list[TargetStatus]:
+        """Bookkeeping of every target seen, sorted (a copy: safe to read from any thread)."""
+        return [dataclasses.replace(status) for _, status in sorted(self._status.items())]
+
+    # ------------------------------------------------------------------------------- write side
+
+    def refresh(self) -> bool:
+        """One poll pass over every target; returns True if any target was (re)loaded.
+
+        Safe to call from any thread; passes are serialised. Never raises for a bad manifest or
+        artifact: the failure is recorded on the target's status and the old version keeps serving.
+        """
+        with self._refresh_lock:
+            return self._refresh()
+
+    def _refresh(self) -> bool:
+        now = time.time()
+        self.last_poll_at = now
+        try:
+            found = list_targets(self.artifact_root)
+        except OSError as exc:
+            self.poll_errors += 1
+            self.last_poll_error = f"cannot list {self.artifact_root}: {exc}"
+            log.warning("manifest poll failed: %s", self.last_poll_error)
+            return False
+        served = self._snapshot.targets
+        updated = dict(served)
+        changed = False
+        for tenant, surface in found:
+            key = (tenant, surface)
+            status = self._status.get(key)
+            if status is None:
+                status = self._status[key] = TargetStatus(tenant, surface)
+            try:
+                manifest = read_current(self.artifact_root, tenant, surface)
+            except Exception as exc:  # ManifestError, UnsafePathError, OSError: keep what is served
+                self._record_failure(status, None, f"manifest.json unusable: {exc}", now)
+                continue
+            if manifest is None:
+                continue
+            version = manifest["manifest_version"]
+            loaded = served.get(key)
+            if loaded is not None and loaded.manifest_version == version:
+                if status.failing:
+                    # Current was re-pointed (e.g. rolled back) to the version being served.
+                    status.failing = False
+                continue
+            if status.failing and status.failing_version == version and now < status.retry_at:
+                continue
+            try:
+                target = load_target(self.artifact_root, tenant, surface, manifest)
+            except Exception as exc:  # any failure to load keeps the last good version serving
+                self._record_failure(status, version, str(exc), now)
+                continue
+            updated[key] = target
+            changed = True
+            status.loads += 1
+            status.failing = False
+            log.info(
+                "serving %s/%s manifest %s as of %s (%d items, %d users, loaded in %.2f s)",
+                tenant,
+                surface,
+                version[:12],
+                target.as_of,
+                target.n_items,
+                target.n_users,
+                target.load_seconds,
+            )
+        if changed:
+            self._snapshot = Snapshot(updated, frozenset(t for t, _ in updated))
+        return changed
+
+    def _record_failure(self, status: TargetStatus, version: str | None, error: str, now: float) -> None:
+        repeated = status.failing and status.failing_version == version and status.last_error == error
+        status.failures += 1
+        status.failing = True
+        status.failing_version = version
+        status.last_error = error
+        status.last_error_at = now
+        status.retry_at = now + self.retry_seconds
+        served = self.get(status.tenant, status.surface)
+        if not repeated:
+            log.error(
+                "cannot load %s/%s manifest %s (still serving %s): %s",
+                status.tenant,
+                status.surface,
+                version[:12] if version else "<unreadable>",
+                served.manifest_version[:12] if served else "nothing",
+                error,
+            )
+
+    # ------------------------------------------------------------------------------------ poller
+
+    def start(self) -> None:
+        """Start the daemon poller (idempotent)."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="recsys-manifest-poller", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_seconds):
+            try:
+                self.refresh()
+            except Exception:  # never let the poller die: the next pass tries again
+                self.poll_errors += 1
+                log.exception("manifest poll pass failed")
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def load_target(artifact_root: Path, tenant: str, surface: str, manifest: Mapping[str, Any]) -> LoadedTarget:
+    """Verify and load the artifacts `manifest` names into a `LoadedTarget`; `LoadError` if unusable."""
+    started = time.perf_counter()
+    current: Mapping[str, str] = manifest["current"]
+    missing = sorted(REQUIRED_KINDS - set(current))
+    if missing:
+        raise LoadError(f"manifest {manifest['manifest_version'][:12]} has no {', '.join(missing)} artifact")
+    tables: dict[str, pa.Table] = {}
+    for kind in SERVED_KINDS:
+        if kind in current:
+            tables[kind] = _read_artifact(artifact_root, tenant, surface, manifest, kind)
+
+    popularity = tables["popularity"]
+    cooc = tables.get("cooc")
+    history = tables.get("user_history")
+    id_columns = [popularity["item_id"]]
+    if cooc is not None:
+        id_columns += [cooc["item_id"], cooc["neighbor_id"]]
+    if history is not None:
+        id_columns.append(history["item_id"])
+    vocab = pc.unique(
+        pa.chunked_array([chunk for col in id_columns for chunk in col.chunks], pa.large_string())
+    )
+    vocab = vocab.take(pc.array_sort_indices(vocab))
+    item_ids: list[str] = vocab.to_pylist()
+    item_index = {item: i for i, item in enumerate(item_ids)}
+    n_items = len(item_ids)
+
+    def codes(column: pa.ChunkedArray) -> np.ndarray:
+        # Every id is in the vocabulary and none is null (checked on read), so no code is missing.
+        return pc.index_in(column, value_set=vocab).to_numpy(zero_copy_only=False).astype(np.int32)
+
+    # Popularity: published rank order; an item listed twice keeps its best rank.
+    order = np.argsort(_ints(popularity["rank"]), kind="stable")
+    pop_items = codes(popularity["item_id"])[order]
+    pop_scores = _floats(popularity["score"])[order]
+    usable = np.isfinite(pop_scores)
+    pop_items, pop_scores = pop_items[usable], pop_scores[usable]
+    _, first = np.unique(pop_items, return_index=True)
+    first.sort()
+    pop_items, pop_scores = pop_items[first], pop_scores[first]
+
+    if cooc is not None and cooc.num_rows:
+        src = codes(cooc["item_id"])
+        dst = codes(cooc["neighbor_id"])
+        ranks = _ints(cooc["rank"])
+        scores = _floats(cooc["score"])
+        usable = (src != dst) & np.isfinite(scores)
+        src, dst, ranks, scores = src[usable], dst[usable], ranks[usable], scores[usable]
+        order = np.lexsort((ranks, src))
+        src, dst, scores = src[order].astype(np.int64), dst[order].astype(np.int32), scores[order]
+        cooc_indptr = _indptr(src, n_items)
+        cooc_neighbors, cooc_scores = dst, scores.astype(np.float64)
+    else:
+        cooc_indptr = np.zeros(n_items + 1, dtype=np.int64)
+        cooc_neighbors, cooc_scores = _EMPTY_I32, _EMPTY_F64
+
+    if history is not None and history.num_rows:
+        # Anonymous activity has no user to personalise for.
+        history = history.filter(pc.not_equal(history["user_id"], ""))
+        encoded = history["user_id"].combine_chunks().dictionary_encode()
+        user_codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+        user_ids: list[str] = encoded.dictionary.to_pylist()
+        order = np.lexsort((_ints(history["rank"]), user_codes))
+        history_items = codes(history["item_id"])[order].astype(np.int32)
+        history_indptr = _indptr(user_codes[order], len(user_ids))
+        user_index = {user: i for i, user in enumerate(user_ids)}
+    else:
+        history_items, history_indptr, user_index = _EMPTY_I32, np.zeros(1, dtype=np.int64), {}
+
+    updated_at = str(manifest.get("updated_at", ""))
+    return LoadedTarget(
+        tenant=tenant,
+        surface=surface,
+        manifest=dict(manifest),
+        manifest_version=manifest["manifest_version"],
+        as_of=manifest["as_of"],
+        updated_at=updated_at,
+        updated_at_epoch=_epoch(updated_at),
+        loaded_at=time.time(),
+        load_seconds=time.perf_counter() - started,
+        kinds=tuple(kind for kind in SERVED_KINDS if kind in current),
+        ignored_kinds=tuple(sorted(kind for kind in current if kind not in SERVED_KINDS)),
+        item_ids=item_ids,
+        item_index=item_index,
+        popular_items=pop_items,
+        popular_scores=pop_scores,
+        cooc_indptr=cooc_indptr,
+        cooc_neighbors=cooc_neighbors,
+        cooc_scores=cooc_scores,
+        user_index=user_index,
+        history_indptr=history_indptr,
+        history_items=history_items,
+        cooc_ptr=cooc_indptr.tolist(),
+        cooc_neighbor_list=_shared_ints(cooc_neighbors, n_items),
+        cooc_score_list=cooc_scores.tolist(),
+        popular_list=pop_items.tolist(),
+        popular_score_list=pop_scores.tolist(),
+    )
+
+
+def _read_artifact(
+    artifact_root: Path, tenant: str, surface: str, manifest: Mapping[str, Any], kind: str
+) -> pa.Table:
+    """One verified artifact's data file, with the columns the server reads cast to known types."""
+    uri = manifest["current"][kind]
+    folder = resolve_uri(artifact_root, tenant, surface, uri)
+    problems = verify_artifact(folder, required_nonempty=kind in REQUIRED_KINDS)
+    if problems:
+        raise LoadError(f"{kind} artifact {uri} is not valid: {'; '.join(problems)}")
+    meta = read_meta(folder)
+    expected = manifest["artifacts"][kind]["version"]
+    if meta.get("version") != expected:
+        raise LoadError(f"{kind} artifact {uri}: meta.json version does not match the manifest's {expected}")
+    name = DATA_FILE[kind]
+    if name not in meta.get("files", {}):
+        raise LoadError(f"{kind} artifact {uri}: {name} is not listed in meta.json")
+    columns = _COLUMNS[kind]
+    try:
+        table = pq.read_table(folder / name, columns=list(columns))
+        table = pa.table({col: table[col].cast(dtype) for col, dtype in columns.items()})
+    except (pa.ArrowException, KeyError, OSError) as exc:
+        raise LoadError(f"{kind} artifact {uri}: {name} unreadable or of the wrong shape ({exc})") from exc
+    nulls = [col for col in columns if table[col].null_count]
+    if nulls:
+        raise LoadError(f"{kind} artifact {uri}: {name} has null values in {', '.join(nulls)}")
+    return table
+
+
+def _shared_ints(values: np.ndarray, n: int) -> list[int]:
+    """`values.tolist()`, with one int object per distinct value instead of one per element."""
+    objects = list(range(n))
+    return [objects[v] for v in values.tolist()]
+
+
+def _ints(column: pa.ChunkedArray) -> np.ndarray:
+    return column.to_numpy().astype(np.int64, copy=False)
+
+
+def _floats(column: pa.ChunkedArray) -> np.ndarray:
+    return column.to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
+
+
+def _indptr(sorted_rows: np.ndarray, n_rows: int) -> np.ndarray:
+    """CSR row pointers for row ids that are already sorted ascending."""
+    indptr = np.zeros(n_rows + 1, dtype=np.int64)
+    np.cumsum(np.bincount(sorted_rows, minlength=n_rows), out=indptr[1:])
+    return indptr
+
+
+def _epoch(text: str) -> float:
+    try:
+        moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return time.time()
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.UTC)
+    return moment.timestamp()
+
+
+def _iso(epoch: float) -> str:
+    return dt.datetime.fromtimestamp(epoch, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
