@@ -10,8 +10,8 @@
 WITH items AS (
     SELECT tenant, surface, user_id, item_id,
            max(last_ts) AS last_ts,
-           -- Summed in day order so that equal inputs give bit-identical weights.
-           list_sum(list(weight ORDER BY day))::DOUBLE AS weight
+           -- Summed as fixed-point decimals: exact, so the result does not depend on summation order.
+           sum(weight::DECIMAL(18, 6))::DOUBLE AS weight
     FROM read_parquet($paths)
     GROUP BY tenant, surface, user_id, item_id
 )
