@@ -20,6 +20,7 @@ from recsys_dagster.gates import confirm_gates_passed
 from recsys_dagster.manifest import write_atomic
 from recsys_dagster.publishing import PublishOutcome, publish
 from recsys_dagster.settings import Settings
+from recsys_dagster.sql import run_sql
 
 BUILDS_FILE = "builds.json"
 
@@ -78,6 +79,29 @@ def gate_problems(settings: Settings, as_of: dt.date) -> tuple[list[str], int]:
     return problems, checked
 
 
+# Row-level contract checks of artifact files (dbt_like_sql/checks/), by kind: (query, file, extra params).
+ARTIFACT_ROW_CHECKS = {
+    "popularity": ("checks/popularity_invalid_rows", "items.parquet"),
+    "cooc": ("checks/cooc_invalid_rows", "neighbors.parquet"),
+}
+
+
+def artifact_row_problems(artifacts: dict[str, Path], min_support: int) -> list[str]:
+    """Violations found by the artifact check queries, summarised per kind and problem."""
+    problems = []
+    for kind, (query, file) in ARTIFACT_ROW_CHECKS.items():
+        path = artifacts.get(kind)
+        if path is None or not (path / file).is_file():
+            continue  # a missing artifact or file is reported by publish's own validation
+        violations = run_sql(query, {"paths": [str(path / file)], "min_support": min_support})
+        if violations.height:
+            counts = violations.group_by("problem").len().sort("problem").iter_rows()
+            problems.append(
+                f"artifact {kind} breaks its contract: " + ", ".join(f"{p} x{n}" for p, n in counts)
+            )
+    return problems
+
+
 def publish_as_of(settings: Settings, as_of: dt.date, *, run_id: str | None = None) -> list[TargetOutcome]:
     """Publish every tenant and surface that has artifacts built for `as_of`."""
     missing = [kind for kind in KINDS if read_build_record(settings.lake_root, kind, as_of) is None]
@@ -100,7 +124,8 @@ def publish_as_of(settings: Settings, as_of: dt.date, *, run_id: str | None = No
             as_of,
             artifacts,
             gate_problems=problems
-            + [f"artifact {kind} was not built for this tenant/surface" for kind in absent],
+            + [f"artifact {kind} was not built for this tenant/surface" for kind in absent]
+            + artifact_row_problems(artifacts, settings.pipeline.artifacts.cooc.min_support),
             checks_summary={"canonical_events": {"days": checked, "passed": not problems}},
             run_id=run_id,
         )

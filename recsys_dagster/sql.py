@@ -8,6 +8,7 @@ concurrent runs and backfills from contending for a database file.
 from __future__ import annotations
 
 import hashlib
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,11 @@ def sql_text(name: str) -> str:
 def sql_version(name: str) -> str:
     """Hash of the file's text: the Dagster code version of anything built from it."""
     return hashlib.sha256(sql_text(name).encode()).hexdigest()[:16]
+
+
+def params_version(params: dict[str, Any]) -> str:
+    """Short hash of SQL parameters (for code versions): equal parameters, equal hash."""
+    return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def run_sql(name: str, params: dict[str, Any], threads: int | None = None) -> pl.DataFrame:

@@ -12,7 +12,7 @@ from recsys_dagster.defs.shared import (
     partition_days,
 )
 from recsys_dagster.settings import Settings
-from recsys_dagster.sql import sql_path, sql_version
+from recsys_dagster.sql import params_version, sql_path, sql_version
 
 DAILY_MODELS = {
     "item_daily": "Per item and event type: events, distinct sessions and users, last event time.",
@@ -31,7 +31,8 @@ def build_daily_aggregate_asset(model: str, description: str, settings: Settings
         description=f"{description} SQL: dbt_like_sql/{sql_path(model).name}",
         partitions_def=daily_partitions(settings),
         backfill_policy=dg.BackfillPolicy.single_run(),
-        code_version=sql_version(model),
+        # The SQL text and the parameters it is run with both shape the output.
+        code_version=f"{sql_version(model)}-{params_version(daily_aggregate_params(model, settings.pipeline))}",
         kinds={"duckdb", "parquet"},
         group_name="aggregates",
         owners=OWNERS,
