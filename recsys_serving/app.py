@@ -4,10 +4,12 @@ Routes answer from the `ArtifactStore` snapshot (one reference read per request)
 of `recsys_serving.ranking`; responses are encoded with orjson.
 
 Parameters are declared once, in `Param` tables, which both validate requests and document them in the
-OpenAPI schema. They are parsed here rather than by FastAPI's per-parameter pydantic dependency machinery,
-which cost more than the whole ranking on the hot path (see docs/benchmarks.md). Cross-cutting concerns
-live in one pure ASGI middleware (request id, body size limit, request metrics) and in the exception
-handlers, which turn every error into `application/problem+json` with a stable `code`.
+OpenAPI schema. They are parsed here rather than by FastAPI's per-parameter pydantic dependencies, and
+endpoints are plain Starlette routes (documented through a FastAPI router that only feeds the OpenAPI
+document): on the hot path that machinery cost more than the ranking itself (docs/benchmarks.md).
+Cross-cutting concerns live in one pure ASGI middleware (request id, body size limit, request metrics,
+and a direct dispatch of the query-string GET endpoints) and in the exception handlers, which turn every
+error into `application/problem+json` with a stable `code`.
 """
 
 from __future__ import annotations
@@ -122,6 +124,33 @@ _TITLES = {
 }
 
 
+class EncodedJSONResponse(Response):
+    """A response whose body is already encoded JSON (orjson), its raw headers built directly.
+
+    FastAPI's ORJSONResponse is deprecated; Starlette's generic header assembly is a measurable share
+    of a fast request.
+    """
+
+    def __init__(
+        self,
+        body: bytes,
+        *,
+        status_code: int = 200,
+        media_type: str = JSON,
+        manifest_version: str | None = None,
+        request_id: str | None = None,
+    ) -> None:
+        self.status_code = status_code
+        self.media_type = media_type
+        self.background = None
+        self.body = body
+        self.raw_headers = [(b"content-length", b"%d" % len(body)), (b"content-type", media_type.encode())]
+        if manifest_version is not None:
+            self.raw_headers.append((b"x-manifest-version", manifest_version.encode("ascii")))
+        if request_id is not None:
+            self.raw_headers.append((b"x-request-id", request_id.encode("ascii")))
+
+
 def new_request_id() -> str:
     """32 random hex digits (the form of a UUID4 without its dashes and version bits)."""
     return os.urandom(16).hex()
@@ -143,12 +172,16 @@ def problem_response(scope: Scope, problem: Problem) -> Response:
         "instance": scope.get("path", ""),
         "request_id": _request_id(scope),
     }
-    headers = {"x-request-id": body["request_id"]}
     if problem.manifest_version:
         body["manifest_version"] = problem.manifest_version
-        headers["x-manifest-version"] = problem.manifest_version
     body.update(problem.extra)
-    return Response(orjson.dumps(body), status_code=problem.status, media_type=PROBLEM_JSON, headers=headers)
+    return EncodedJSONResponse(
+        orjson.dumps(body),
+        status_code=problem.status,
+        media_type=PROBLEM_JSON,
+        manifest_version=problem.manifest_version or None,
+        request_id=body["request_id"],
+    )
 
 
 # ------------------------------------------------------------------------------------ parameters
@@ -644,7 +677,8 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send_with_id)
         finally:
             route = scope.get("route")
-            path = getattr(route, "path", None) or "<unmatched>"
+            # FastAPI's own /docs, /redoc and /openapi.json routes (fixed paths) record only their endpoint.
+            path = getattr(route, "path", None) or (scope["path"] if "endpoint" in scope else "<unmatched>")
             method = scope["method"] if scope["method"] in _KNOWN_METHODS else "OTHER"
             self.metrics.observe(path, method, status, time.perf_counter() - started)
 
@@ -782,9 +816,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ]
 
     def respond(target: LoadedTarget, body: dict[str, Any]) -> Response:
-        return Response(
-            orjson.dumps(body), media_type=JSON, headers={"x-manifest-version": target.manifest_version}
-        )
+        return EncodedJSONResponse(orjson.dumps(body), manifest_version=target.manifest_version)
 
     def recommend(scope: Scope, args: dict[str, Any]) -> Response:
         tenant, surface, user_id = args["tenant"], args["surface"], args["user_id"]
@@ -873,7 +905,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # ---------------------------------------------------------------------------- routes
     # Each endpoint is served by a plain Starlette route (FastAPI's per-request dependency solving
     # doubled the latency of a small endpoint) and documented by an identical FastAPI route on a router
-    # that only feeds the OpenAPI document.
+    # that only feeds the OpenAPI document. GET routes without path parameters are also dispatched
+    # directly by RequestContextMiddleware.
     documented = APIRouter()
 
     def route(method: str, path: str, **doc: Any) -> Callable[[Endpoint], Endpoint]:
@@ -1045,7 +1078,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @route("GET", "/healthz", tags=["service"], summary="The process is alive")
     async def healthz(request: Request) -> Response:
         body = {"status": "ok", "request_id": request.scope["state"]["request_id"]}
-        return Response(orjson.dumps(body), media_type=JSON)
+        return EncodedJSONResponse(orjson.dumps(body))
 
     @route(
         "GET",
@@ -1071,7 +1104,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "failures": failures,
             "request_id": request.scope["state"]["request_id"],
         }
-        return Response(orjson.dumps(body), media_type=JSON)
+        return EncodedJSONResponse(orjson.dumps(body))
 
     @route("GET", "/metrics", tags=["service"], summary="Prometheus metrics")
     async def prometheus_metrics(request: Request) -> Response:

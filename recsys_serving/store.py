@@ -88,6 +88,8 @@ class LoadedTarget:
     cooc_indptr: np.ndarray
     cooc_neighbors: np.ndarray
     cooc_scores: np.ndarray
+    # cooc_neighbors as int64 shifted left by 32 bits: the sort keys of the vectorized ranking.
+    cooc_keys: np.ndarray
     user_index: dict[str, int]
     history_indptr: np.ndarray
     history_items: np.ndarray
@@ -383,6 +385,12 @@ def load_target(artifact_root: Path, tenant: str, surface: str, manifest: Mappin
         src, dst, ranks, scores = src[usable], dst[usable], ranks[usable], scores[usable]
         order = np.lexsort((ranks, src))
         src, dst, scores = src[order].astype(np.int64), dst[order].astype(np.int32), scores[order]
+        # A neighbour listed twice for one item keeps its best rank (the rows are distinct pairs by
+        # contract; the ranking relies on it).
+        _, first = np.unique(src * n_items + dst, return_index=True)
+        if len(first) < len(src):
+            first.sort()
+            src, dst, scores = src[first], dst[first], scores[first]
         cooc_indptr = _indptr(src, n_items)
         cooc_neighbors, cooc_scores = dst, scores.astype(np.float64)
     else:
@@ -425,6 +433,7 @@ def load_target(artifact_root: Path, tenant: str, surface: str, manifest: Mappin
         user_index=user_index,
         history_indptr=history_indptr,
         history_items=history_items,
+        cooc_keys=cooc_neighbors.astype(np.int64) << 32,
         cooc_ptr=cooc_indptr.tolist(),
         cooc_neighbor_list=_shared_ints(cooc_neighbors, n_items),
         cooc_score_list=cooc_scores.tolist(),

@@ -1,0 +1,836 @@
+"""Window-artifact benchmarks: co-occurrence next to a bare DuckDB query, and the daily run's cost as the
+history grows.
+
+`cooc`: N events over a W-day window (default 10M events over 7 days), generated once and canonicalized,
+with item_daily and pair_daily built for every day (cached under `<workdir>/cooc/`, keyed by sizes, seed
+and the generator and pipeline sources). Measured, each in a fresh process, runs alternating:
+- baseline: one bare DuckDB statement over the W days of canonical Parquet (session-distinct interest
+  items, self-join within sessions, count, cosine, top-K per item, written to one Parquet file);
+- recsys: `build_daily_aggregate("pair_daily", ...)` for each of the W days (from canonical events), and
+  `build_window_artifacts("cooc", ..., as_of=last day)` with a W-day window (reads the W pair_daily
+  partitions, writes the artifact). The target compares the sum of both with the baseline.
+
+`daily-run`: E events per day (default 500k). One day D's incremental run (canonicalize D, gates,
+item_daily / pair_daily / user_item_daily of D, popularity / cooc / user_history as of D, publish) is
+measured with a H-day window (default 30) twice: with only D in the lake (1 day of history) and with the
+H-1 previous days already canonicalized, checked and aggregated (cached under `<workdir>/daily-run/`).
+Each step is timed inside the run.
+
+Sizes are environment variables, so `make bench` stays short by default (`--sizes` is the ingest
+benchmark's and does not apply here):
+    BENCH_COOC_EVENTS (10000000), BENCH_COOC_DAYS (7),
+    BENCH_DAILY_EVENTS (events per day, 500000), BENCH_DAILY_HISTORY_DAYS (30).
+Every measured process runs under a memory guard, BENCH_MEMORY_LIMIT_MIB (8192): one that exceeds it is
+stopped and reported as stopped (no time), rather than left to the kernel's OOM killer on a shared machine.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchmarks.harness import (
+    REPO_ROOT,
+    Benchmark,
+    BenchmarkError,
+    Measurement,
+    Options,
+    Section,
+    events,
+    machine_description,
+    markdown_table,
+    measure,
+    text_table,
+)
+
+TASKS = "benchmarks.artifacts_tasks"
+COOC = "cooc"
+DAILY = "daily-run"
+DEFAULT_REPEATS = 3
+# A measured process whose resident memory exceeds this is stopped (BENCH_MEMORY_LIMIT_MIB overrides).
+DEFAULT_MEMORY_LIMIT_MIB = 8192
+
+# Synthetic traffic shape (see recsys_dagster.generate): Zipf-like popularity over this many items and users.
+N_USERS = 200_000
+N_ITEMS = 20_000
+COOC_AS_OF = dt.date(2025, 1, 15)
+DAILY_DAY = dt.date(2025, 3, 15)
+
+# Targets (PRODUCT.md section 7).
+COOC_RATIO_TARGET = 1.2
+HISTORY_RATIO_TARGET = 1.3
+
+GENERATOR_SOURCES = ("recsys_dagster/generate.py",)
+PIPELINE_SOURCES = (
+    "recsys_dagster/contract.py",
+    "recsys_dagster/canonicalize.py",
+    "recsys_dagster/gates.py",
+    "recsys_dagster/aggregates.py",
+    "recsys_dagster/artifacts.py",
+    "recsys_dagster/publishing.py",
+    "recsys_dagster/manifest.py",
+    "recsys_dagster/release.py",
+    "recsys_dagster/settings.py",
+    "recsys_dagster/sql.py",
+)
+
+
+# ----------------------------------------------------------------------------------------- options
+
+
+def _env_int(name: str, default: int, minimum: int) -> int:
+    text = os.environ.get(name, "").strip().replace("_", "")
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = minimum - 1
+    if value < minimum:
+        raise BenchmarkError(f"{name}: expected a whole number >= {minimum}, got {os.environ[name]!r}")
+    return value
+
+
+def _repeats(options: Options) -> int:
+    return options.repeats or DEFAULT_REPEATS
+
+
+# ------------------------------------------------------------------------------------ cached data
+
+
+def _fingerprint(sources: tuple[str, ...], *, sql: bool = False) -> str:
+    """Hash of the named sources (and of every SQL model if `sql`): the key that invalidates a cache."""
+    digest = hashlib.sha256()
+    paths = [REPO_ROOT / s for s in sources]
+    if sql:
+        paths += sorted((REPO_ROOT / "dbt_like_sql").rglob("*.sql"))
+    for path in paths:
+        digest.update(path.relative_to(REPO_ROOT).as_posix().encode())
+        digest.update(path.read_bytes() if path.exists() else b"<missing>")
+    return digest.hexdigest()[:16]
+
+
+def _shown(path: Path, options: Options) -> str:
+    try:
+        return str(path.relative_to(options.workdir.parent))
+    except ValueError:
+        return str(path)
+
+
+def _cached(
+    name: str, folder: Path, key: dict, what: str, options: Options, build: Callable[[], dict]
+) -> Path:
+    """`folder` as built by `build()` for `key`; rebuilt (from scratch) unless its marker matches."""
+    marker = folder / "_cache_key.json"
+    if marker.exists() and json.loads(marker.read_text()).get("key") == key:
+        print(f"[{name}] using cached {what} in {_shown(folder, options)}", flush=True)
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    print(f"[{name}] building {what} (cached for later runs) ...", flush=True)
+    built = build()
+    marker.write_text(json.dumps({"key": key, "built": built}, indent=2))
+    return folder
+
+
+def _raw(name: str, options: Options, end_day: dt.date, days: int, events_per_day: int) -> tuple[Path, dict]:
+    """The raw landing root of `days` days of `events_per_day` events ending at `end_day`."""
+    key = {
+        "end_day": end_day.isoformat(),
+        "days": days,
+        "events_per_day": events_per_day,
+        "seed": options.seed,
+        "users": N_USERS,
+        "items": N_ITEMS,
+        "generator": _fingerprint(GENERATOR_SOURCES),
+    }
+    folder = options.workdir / name / f"raw-e{events_per_day}-d{days}-seed{options.seed}"
+
+    def build() -> dict:
+        generated = measure(
+            f"{TASKS}:generate",
+            {
+                "raw_root": str(folder),
+                "end_day": end_day.isoformat(),
+                "days": days,
+                "events_per_day": events_per_day,
+                "seed": options.seed,
+                "n_users": N_USERS,
+                "n_items": N_ITEMS,
+            },
+        )
+        print(f"[{name}] generated {generated.output['total_events']:,} events in {generated.seconds:.0f} s")
+        return generated.output
+
+    what = f"raw events ({days} days x {events_per_day:,})"
+    return _cached(name, folder, key, what, options, build), key
+
+
+def _env(home: Path, raw_root: Path, start: dt.date, window_days: int) -> dict[str, str]:
+    return {
+        "RECSYS_HOME": str(home),
+        "RECSYS_RAW_ROOT": str(raw_root),
+        "RECSYS_START_DATE": start.isoformat(),
+        "RECSYS_WINDOW_DAYS": str(window_days),
+    }
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """Copy a tree, hard-linking Parquet files (never modified in place) and copying everything else
+    (registries are appended to), so a run never changes the cache."""
+
+    def copy(source: str, target: str) -> None:
+        if source.endswith(".parquet"):
+            try:
+                os.link(source, target)
+                return
+            except OSError:
+                pass
+        shutil.copy2(source, target)
+
+    shutil.copytree(src, dst, copy_function=copy)
+
+
+def _fresh_dir(path: Path) -> Path:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+def _window(as_of: dt.date, days: int) -> list[dt.date]:
+    return [as_of - dt.timedelta(days=back) for back in range(days - 1, -1, -1)]
+
+
+def _iso(days: list[dt.date]) -> list[str]:
+    return [d.isoformat() for d in days]
+
+
+@dataclass(frozen=True)
+class Stopped:
+    """A measurement the memory guard stopped: what it saw and which steps had finished."""
+
+    rss_mib: float
+    limit_mib: int
+    seconds: float
+    step: str | None
+    done: dict[str, float]
+
+    def describe(self) -> str:
+        where = f" in {self.step}" if self.step else ""
+        return (
+            f"stopped{where}: resident memory {self.rss_mib:,.0f} MiB > the {self.limit_mib:,} MiB guard "
+            f"after {self.seconds:.1f} s"
+        )
+
+
+@dataclass
+class Runs:
+    """The runs of one measured thing; once the guard stops it, it is not run again."""
+
+    runs: list[Measurement] = field(default_factory=list)
+    stopped: Stopped | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.stopped is None and bool(self.runs)
+
+    def best(self) -> Measurement:
+        return min(self.runs, key=lambda m: m.seconds)
+
+    def peak(self) -> float:
+        return max(m.peak_rss_mib for m in self.runs)
+
+    def add(self, result: Measurement | Stopped) -> None:
+        if isinstance(result, Stopped):
+            self.stopped = result
+        else:
+            self.runs.append(result)
+
+    def seconds_cell(self) -> str:
+        return f"{self.best().seconds:.2f}" if self.ok else "stopped"
+
+    def peak_cell(self) -> str:
+        if self.stopped is not None:
+            return f"> {self.stopped.limit_mib:,}"
+        return f"{self.peak():,.0f}"
+
+
+def _memory_limit_mib() -> int:
+    return _env_int("BENCH_MEMORY_LIMIT_MIB", DEFAULT_MEMORY_LIMIT_MIB, 256)
+
+
+def _measure_guarded(task: str, params: dict, guard_file: Path) -> Measurement | Stopped:
+    """`measure` with the memory guard of `benchmarks.artifacts_tasks`; a guarded stop is a result."""
+    guard_file.parent.mkdir(parents=True, exist_ok=True)
+    guard_file.unlink(missing_ok=True)
+    limit = _memory_limit_mib()
+    try:
+        return measure(task, params | {"memory_limit_mib": limit, "guard_file": str(guard_file)})
+    except BenchmarkError:
+        if not guard_file.exists():
+            raise
+        report = json.loads(guard_file.read_text())
+        guard_file.unlink()
+        return Stopped(
+            report["rss_mib"], report["limit_mib"], report["seconds"], report["step"], report["done"]
+        )
+
+
+def _said(result: Measurement | Stopped) -> str:
+    if isinstance(result, Stopped):
+        return result.describe()
+    return f"{result.seconds:.2f} s, {result.peak_rss_mib:,.0f} MiB"
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "NOT MET"
+
+
+def _threads(runs: list[Measurement]) -> str:
+    seen = {(m.output["duckdb_threads"], m.output["polars_threads"]) for m in runs}
+    return ", ".join(f"DuckDB {d} / polars {p}" for d, p in sorted(seen)) or "unknown"
+
+
+def _idle(runs: list[Measurement]) -> str:
+    return f"{min(m.idle_rss_mib for m in runs):,.0f}" if runs else "?"
+
+
+# ---------------------------------------------------------------------------------- co-occurrence
+
+
+@dataclass(frozen=True)
+class CoocResult:
+    total_events: int
+    days: list[dt.date]
+    baseline: Runs
+    pair_daily: Runs
+    window: Runs
+    agreement: dict
+
+    @property
+    def ok(self) -> bool:
+        return self.baseline.ok and self.pair_daily.ok and self.window.ok
+
+    @property
+    def recsys_seconds(self) -> float:
+        return self.pair_daily.best().seconds + self.window.best().seconds
+
+    @property
+    def ratio(self) -> float:
+        return self.recsys_seconds / self.baseline.best().seconds
+
+    def pair_daily_day(self, day: dt.date) -> float:
+        """Best seconds of one day's pair_daily over the runs."""
+        return min(m.output["seconds_per_day"][day.isoformat()] for m in self.pair_daily.runs)
+
+
+def run_cooc(options: Options) -> Section:
+    machine = machine_description()  # before measuring, so the load average is the one at the start
+    total = _env_int("BENCH_COOC_EVENTS", 10_000_000, 1_000)
+    n_days = _env_int("BENCH_COOC_DAYS", 7, 1)
+    per_day = math.ceil(total / n_days)
+    days = _window(COOC_AS_OF, n_days)
+    raw_root, raw_key = _raw(COOC, options, COOC_AS_OF, n_days, per_day)
+
+    lake_key = raw_key | {"pipeline": _fingerprint(PIPELINE_SOURCES, sql=True), "window_days": n_days}
+    home = options.workdir / COOC / f"home-e{per_day}-d{n_days}-seed{options.seed}"
+    env = _env(home, raw_root, days[0], n_days)
+
+    def prepare() -> dict:
+        prepared = measure(
+            f"{TASKS}:prepare_days",
+            {"env": env, "days": _iso(days), "gates": False, "models": ["item_daily", "pair_daily"]},
+        )
+        print(f"[{COOC}] canonicalized and aggregated {n_days} days in {prepared.seconds:.0f} s", flush=True)
+        return prepared.output
+
+    _cached(COOC, home, lake_key, "canonical events + item_daily + pair_daily", options, prepare)
+
+    run_root = options.workdir / COOC / "run"
+    guard = run_root / "guard.json"
+    baseline, pair_daily, window = Runs(), Runs(), Runs()
+    agreement: dict = {}
+    repeats = _repeats(options)
+    for attempt in range(1, repeats + 1):
+        said = []
+        out_dir = _fresh_dir(run_root / "baseline")
+        if baseline.stopped is None:
+            result = _measure_guarded(
+                f"{TASKS}:cooc_baseline",
+                {"env": env, "days": _iso(days), "out": str(out_dir / "neighbors.parquet")},
+                guard,
+            )
+            baseline.add(result)
+            said.append(f"baseline {_said(result)}")
+
+        if pair_daily.stopped is None:
+            pair_home = _fresh_dir(run_root / "pair_daily")
+            _link_tree(home / "lake" / "canonical_events", pair_home / "lake" / "canonical_events")
+            result = _measure_guarded(
+                f"{TASKS}:cooc_pair_daily",
+                {"env": _env(pair_home, raw_root, days[0], n_days), "days": _iso(days)},
+                guard,
+            )
+            shutil.rmtree(pair_home)
+            pair_daily.add(result)
+            said.append(f"pair_daily x{n_days} {_said(result)}")
+
+        if window.stopped is None:
+            window_home = _fresh_dir(run_root / "window")
+            for asset in ("canonical_events", "item_daily", "pair_daily"):
+                _link_tree(home / "lake" / asset, window_home / "lake" / asset)
+            result = _measure_guarded(
+                f"{TASKS}:cooc_window",
+                {"env": _env(window_home, raw_root, days[0], n_days), "as_of": days[-1].isoformat()},
+                guard,
+            )
+            if isinstance(result, Measurement):
+                if result.output["missing_days"]:
+                    raise BenchmarkError(
+                        f"cooc window missed pair_daily days {result.output['missing_days']}"
+                    )
+                if not agreement and baseline.ok:
+                    agreement = _agreement(
+                        out_dir / "neighbors.parquet", [Path(p) for p in result.output["paths"]]
+                    )
+            shutil.rmtree(window_home)
+            window.add(result)
+            said.append(f"cooc window {_said(result)}")
+        shutil.rmtree(out_dir)
+        if not said:
+            break
+        print(f"[{COOC}] run {attempt}/{repeats}: " + " | ".join(said), flush=True)
+    raw_total = json.loads((raw_root / "_cache_key.json").read_text())["built"]["total_events"]
+    result = CoocResult(raw_total, days, baseline, pair_daily, window, agreement)
+    return _render_cooc(result, machine)
+
+
+def _agreement(baseline_path: Path, recsys_paths: list[Path]) -> dict:
+    """How far the two tables agree: rows, shared (item, neighbour) rows, identical top-1 neighbours."""
+    import polars as pl
+
+    keys = ["tenant", "surface", "item_id", "neighbor_id"]
+    base = pl.read_parquet(baseline_path)
+    # <artifact root>/<tenant>/<surface>/cooc/<version>/neighbors.parquet
+    ours = pl.concat(
+        [
+            pl.read_parquet(p).with_columns(tenant=pl.lit(p.parts[-5]), surface=pl.lit(p.parts[-4]))
+            for p in recsys_paths
+        ]
+    )
+    shared = ours.join(base, on=keys, how="semi").height
+    top_ours = ours.filter(pl.col("rank") == 1).select(keys)
+    top_base = base.filter(pl.col("rank") == 1).select(keys)
+    same_top = top_ours.join(top_base, on=keys, how="semi").height
+    result = {
+        "baseline_rows": base.height,
+        "recsys_rows": ours.height,
+        "shared_rows": shared,
+        "items": top_ours.height,
+        "same_top1": same_top,
+    }
+    if ours.height == 0 or shared / ours.height < 0.5:
+        raise BenchmarkError(f"baseline and recsys co-occurrence tables disagree: {result}")
+    return result
+
+
+def _ratio_cell(runs: Runs, baseline: Runs) -> str:
+    if runs.ok and baseline.ok:
+        return f"{runs.best().seconds / baseline.best().seconds:.2f}x"
+    return "-"
+
+
+def _rows_cell(runs: Runs) -> str:
+    return f"{runs.best().output['rows']:,}" if runs.ok else "-"
+
+
+def _render_cooc(r: CoocResult, machine: str) -> Section:
+    n_days = len(r.days)
+    headers = ["side", "work", "runs", "best s", "x baseline", "peak MiB", "rows out"]
+    rows = [
+        [
+            "baseline",
+            f"one DuckDB statement over {n_days} days of canonical events",
+            str(len(r.baseline.runs)),
+            r.baseline.seconds_cell(),
+            "1.00x" if r.baseline.ok else "-",
+            r.baseline.peak_cell(),
+            _rows_cell(r.baseline),
+        ],
+        [
+            "recsys",
+            f"pair_daily of {n_days} days (from canonical events)",
+            str(len(r.pair_daily.runs)),
+            r.pair_daily.seconds_cell(),
+            _ratio_cell(r.pair_daily, r.baseline),
+            r.pair_daily.peak_cell(),
+            _rows_cell(r.pair_daily),
+        ],
+        [
+            "recsys",
+            f"cooc window artifact (reads {n_days} pair_daily)",
+            str(len(r.window.runs)),
+            r.window.seconds_cell(),
+            _ratio_cell(r.window, r.baseline),
+            r.window.peak_cell(),
+            _rows_cell(r.window),
+        ],
+    ]
+    if r.ok:
+        base_s = r.baseline.best().seconds
+        steady = r.pair_daily_day(r.days[-1]) + r.window.best().seconds
+        rows += [
+            [
+                "recsys",
+                f"total: pair_daily x{n_days} + cooc window",
+                "",
+                f"{r.recsys_seconds:.2f}",
+                f"{r.ratio:.2f}x",
+                f"{max(r.pair_daily.peak(), r.window.peak()):,.0f}",
+                "",
+            ],
+            [
+                "recsys",
+                "steady state: pair_daily of the new day + cooc window",
+                "",
+                f"{steady:.2f}",
+                f"{steady / base_s:.2f}x",
+                "",
+                "",
+            ],
+        ]
+        verdict = f"{_met(r.ratio <= COOC_RATIO_TARGET)} ({r.ratio:.2f}x: {r.recsys_seconds:.2f} s vs {base_s:.2f} s)"
+    elif not r.baseline.ok:
+        verdict = f"not judged: the baseline {r.baseline.stopped.describe()}"
+    else:
+        failed = r.window if not r.window.ok else r.pair_daily
+        name = "cooc window" if failed is r.window else "pair_daily"
+        verdict = f"NOT MET: the recsys {name} did not finish ({failed.stopped.describe()})"
+    target_headers = ["target", "result"]
+    target_rows = [[f"co-occurrence within {COOC_RATIO_TARGET}x of the bare DuckDB query", verdict]]
+
+    measured = r.baseline.runs + r.pair_daily.runs + r.window.runs
+    notes = [
+        f"{r.total_events:,} events ({n_days} days x {math.ceil(r.total_events / n_days):,}) from "
+        f"{N_USERS:,} users over {N_ITEMS:,} items; window {r.days[0]}..{r.days[-1]}. Interest events are "
+        "click, add_to_cart, purchase and rating (weight > 0); exposures, the bulk of the events, are ignored "
+        "by both sides.",
+        "Wall seconds: best of the runs (the total adds the best of each part; the steady state adds the "
+        "best pair_daily time of the last day alone); peak MiB: highest of the runs.",
+        f"Threads: {_threads(measured)} (defaults, the same on both sides); each process holds about "
+        f"{_idle(measured)} MiB after imports, included in every peak.",
+    ]
+    if r.pair_daily.runs:
+        per_day = [r.pair_daily_day(d) for d in r.days]
+        notes.append(f"pair_daily per day: {min(per_day):.2f}-{max(per_day):.2f} s.")
+    if r.agreement:
+        a = r.agreement
+        notes.append(
+            f"Same result: the recsys artifact has {a['recsys_rows']:,} rows, the baseline "
+            f"{a['baseline_rows']:,}; {a['shared_rows'] / max(a['recsys_rows'], 1):.1%} of the recsys (item, "
+            f"neighbour) rows are in the baseline and {a['same_top1'] / max(a['items'], 1):.1%} of the "
+            f"{a['items']:,} items have the same top neighbour. Differences are by design: recsys counts a "
+            "session per day partition (a session across midnight counts on both days) and caps sessions at "
+            "`max_session_items` distinct items."
+        )
+    if r.ok:
+        notes.append(
+            "The steady state is what a daily run pays (the older days' pair_daily are already built); the "
+            "target is judged on the full rebuild of the window, the like-for-like comparison."
+        )
+    notes.append(
+        "Every measured process runs under a memory guard (`BENCH_MEMORY_LIMIT_MIB`, default "
+        f"{DEFAULT_MEMORY_LIMIT_MIB:,} MiB): one that exceeds it is stopped and reported as such, with no time."
+    )
+    title = (
+        f"Co-occurrence: {events(r.total_events)} events over {n_days} days, recsys pair_daily + cooc window "
+        "vs one bare DuckDB statement"
+    )
+    text = "\n".join(
+        [
+            title,
+            text_table(headers, rows),
+            "",
+            "Targets (PRODUCT.md section 7)",
+            text_table(target_headers, target_rows),
+            "",
+            *notes,
+        ]
+    )
+    markdown = "\n".join(
+        [
+            f"## Co-occurrence: {events(r.total_events)} events over a {n_days}-day window",
+            "",
+            machine,
+            "",
+            f"Baseline: one bare DuckDB statement over the {n_days} days of canonical Parquet: session-distinct "
+            "interest items, self-join within sessions, count (min support 2), cosine, top 50 per item, "
+            '`COPY ... TO` one Parquet file. Recsys: `build_daily_aggregate("pair_daily")` for each of the '
+            f'{n_days} days from the same canonical events, then `build_window_artifacts("cooc")` as of the '
+            f"last day with a {n_days}-day window (default config otherwise). Each in a fresh process; runs "
+            "alternate baseline, pair_daily, cooc window.",
+            "",
+            markdown_table(headers, rows),
+            "",
+            "Targets (PRODUCT.md section 7):",
+            "",
+            markdown_table(target_headers, target_rows),
+            "",
+            *(f"- {note}" for note in notes),
+            "- Sizes: `BENCH_COOC_EVENTS` (default 10000000) and `BENCH_COOC_DAYS` (default 7) in the "
+            "environment.",
+        ]
+    )
+    return Section(text=text, markdown=markdown)
+
+
+# ------------------------------------------------------------------------------------- daily run
+
+HISTORY_MODELS = ("item_daily", "pair_daily", "user_item_daily")
+STEPS = (
+    ("canonicalize", "canonicalize D (raw JSON lines -> canonical Parquet)"),
+    ("gates", "blocking gates on D"),
+    ("item_daily", "item_daily of D"),
+    ("pair_daily", "pair_daily of D"),
+    ("user_item_daily", "user_item_daily of D"),
+    ("popularity", "popularity as of D (reads the window's item_daily)"),
+    ("cooc", "cooc as of D (reads the window's pair_daily)"),
+    ("user_history", "user_history as of D (reads the window's user_item_daily)"),
+    ("publish", "publish D (re-confirms the window's gates)"),
+)
+
+
+@dataclass(frozen=True)
+class DailyResult:
+    events_per_day: int
+    history_days: int
+    one: Runs
+    full: Runs
+
+    @property
+    def ok(self) -> bool:
+        return self.one.ok and self.full.ok
+
+    @property
+    def ratio(self) -> float:
+        return self.full.best().seconds / self.one.best().seconds
+
+    @staticmethod
+    def step(case: Runs, name: str) -> float | None:
+        """Best seconds of one step over the runs (a stopped run counts for the steps it finished)."""
+        values = [m.output["steps"][name] for m in case.runs]
+        if case.stopped is not None and name in case.stopped.done:
+            values.append(case.stopped.done[name])
+        return min(values) if values else None
+
+    @classmethod
+    def step_cell(cls, case: Runs, name: str) -> str:
+        value = cls.step(case, name)
+        if value is not None:
+            return f"{value:.2f}"
+        if case.stopped is not None and case.stopped.step == name:
+            return "stopped"
+        return "not reached"
+
+
+def run_daily(options: Options) -> Section:
+    machine = machine_description()
+    per_day = _env_int("BENCH_DAILY_EVENTS", 500_000, 1_000)
+    history = _env_int("BENCH_DAILY_HISTORY_DAYS", 30, 2)
+    days = _window(DAILY_DAY, history)
+    raw_root, raw_key = _raw(DAILY, options, DAILY_DAY, history, per_day)
+
+    history_key = raw_key | {
+        "pipeline": _fingerprint(PIPELINE_SOURCES, sql=True),
+        "window_days": history,
+        "history": ["canonical_events", "gates", *HISTORY_MODELS],
+    }
+    history_home = options.workdir / DAILY / f"history-e{per_day}-d{history}-seed{options.seed}"
+    history_env = _env(history_home, raw_root, days[0], history)
+
+    def prepare() -> dict:
+        prepared = measure(
+            f"{TASKS}:prepare_days",
+            {"env": history_env, "days": _iso(days[:-1]), "gates": True, "models": list(HISTORY_MODELS)},
+        )
+        print(f"[{DAILY}] {history - 1} days of history built in {prepared.seconds:.0f} s", flush=True)
+        return prepared.output
+
+    what = f"{history - 1} days of history (canonical events, gate results, daily aggregates)"
+    _cached(DAILY, history_home, history_key, what, options, prepare)
+
+    run_home = options.workdir / DAILY / "run"
+    guard = options.workdir / DAILY / "guard.json"
+    one, full = Runs(), Runs()
+    repeats = _repeats(options)
+    for attempt in range(1, repeats + 1):
+        for label, case in (("1 day", one), (f"{history} days", full)):
+            if case.stopped is not None:
+                continue
+            home = _fresh_dir(run_home)
+            if case is full:
+                _link_tree(history_home / "lake", home / "lake")
+            start = days[0] if case is full else days[-1]
+            result = _measure_guarded(
+                f"{TASKS}:daily_run",
+                {
+                    "env": _env(home, raw_root, start, history),
+                    "day": days[-1].isoformat(),
+                    "window_days": history,
+                },
+                guard,
+            )
+            shutil.rmtree(home)
+            if isinstance(result, Measurement):
+                out = result.output
+                if out["failed_gates"] or out["publish"] != ["publish"]:
+                    raise BenchmarkError(f"daily run with {label} of history did not publish: {out}")
+                expected = history if case is full else 1
+                used = {kind: a["days_used"] for kind, a in out["artifacts"].items()}
+                if set(used.values()) != {expected}:
+                    raise BenchmarkError(f"daily run with {label} of history used window days {used}")
+                steps = ", ".join(f"{k} {v:.2f}" for k, v in out["steps"].items())
+            else:
+                steps = ", ".join(f"{k} {v:.2f}" for k, v in result.done.items())
+            case.add(result)
+            print(
+                f"[{DAILY}] run {attempt}/{repeats}, {label} of history: {_said(result)} ({steps})",
+                flush=True,
+            )
+    return _render_daily(DailyResult(per_day, history, one, full), machine)
+
+
+def _render_daily(r: DailyResult, machine: str) -> Section:
+    h = r.history_days
+    headers = ["step", "1 day s", f"{h} days s", f"{h}d - 1d s", f"{h}d / 1d"]
+    rows = []
+    growth = []
+    for name, label in STEPS:
+        a, b = r.step(r.one, name), r.step(r.full, name)
+        both = a is not None and b is not None
+        if both:
+            growth.append((b - a, name))
+        rows.append(
+            [
+                label,
+                r.step_cell(r.one, name),
+                r.step_cell(r.full, name),
+                f"{b - a:+.2f}" if both else "-",
+                f"{b / a:.2f}x" if both and a > 0 else "-",
+            ]
+        )
+
+    def total(case: Runs) -> str:
+        return f"{case.best().seconds:.2f}" if case.ok else "did not finish"
+
+    rows.append(
+        [
+            "**whole run** (best run)",
+            total(r.one),
+            total(r.full),
+            f"{r.full.best().seconds - r.one.best().seconds:+.2f}" if r.ok else "-",
+            f"{r.ratio:.2f}x" if r.ok else "-",
+        ]
+    )
+    rows.append(["peak RSS MiB (highest run)", r.one.peak_cell(), r.full.peak_cell(), "", ""])
+    text_rows = [[c.replace("**", "") for c in row] for row in rows]
+
+    if r.ok:
+        one_s, full_s = r.one.best().seconds, r.full.best().seconds
+        verdict = f"{_met(r.ratio <= HISTORY_RATIO_TARGET)} ({r.ratio:.2f}x: {full_s:.2f} s vs {one_s:.2f} s)"
+    else:
+        stops = [
+            f"the run with {label} of history {case.stopped.describe()}"
+            for label, case in (("1 day", r.one), (f"{h} days", r.full))
+            if case.stopped is not None
+        ]
+        verdict = "NOT MET: " + "; ".join(stops)
+    target_headers = ["target", "result"]
+    target_rows = [[f"{h} days of history cost <= {HISTORY_RATIO_TARGET}x one day", verdict]]
+
+    measured = r.one.runs + r.full.runs
+    notes = [
+        f"{r.events_per_day:,} events per day from {N_USERS:,} users over {N_ITEMS:,} items; day D = "
+        f"{DAILY_DAY}; every artifact has a {h}-day window. '1 day': the lake holds only D (the other "
+        f"{h - 1} window days are missing). '{h} days': the {h - 1} days before D are already canonicalized, "
+        "checked and aggregated (item_daily, pair_daily, user_item_daily), as the previous daily runs leave "
+        "them. Both start from an empty artifact root.",
+        "Each run in a fresh process, the two cases alternating; steps are timed inside the run. Step "
+        "seconds: best of the runs for that step; whole run: the best run (so the steps need not add up to "
+        "it exactly).",
+    ]
+    if growth:
+        notes.append(
+            "Largest growth with history: "
+            + ", ".join(f"{n} {d:+.2f} s" for d, n in sorted(growth, reverse=True)[:3])
+            + "."
+        )
+    for label, case in (("1 day", r.one), (f"{h} days", r.full)):
+        if case.runs:
+            rows_out = case.best().output["artifacts"]
+            notes.append(
+                f"Artifact rows with {label} of history: "
+                + ", ".join(f"{k} {v['rows']:,}" for k, v in rows_out.items())
+                + "."
+            )
+    notes += [
+        f"Threads: {_threads(measured)}; each process holds about {_idle(measured)} MiB after imports.",
+        "Every run is under a memory guard (`BENCH_MEMORY_LIMIT_MIB`, default "
+        f"{DEFAULT_MEMORY_LIMIT_MIB:,} MiB): a run that exceeds it is stopped; the steps it finished are "
+        "still shown, the step it was in reads 'stopped'.",
+    ]
+    title = f"Daily run: one day of {events(r.events_per_day)} events with 1 vs {h} days of history"
+    text = "\n".join(
+        [
+            title,
+            text_table(headers, text_rows),
+            "",
+            "Targets (PRODUCT.md section 7)",
+            text_table(target_headers, target_rows),
+            "",
+            *notes,
+        ]
+    )
+    markdown = "\n".join(
+        [
+            f"## Daily run cost vs history length ({events(r.events_per_day)} events per day)",
+            "",
+            machine,
+            "",
+            "One day D's incremental run, the plain-Python pipeline steps in order: `canonicalize_partition`, "
+            "`run_gates`, `build_daily_aggregate` (item_daily, pair_daily, user_item_daily), "
+            "`build_window_artifacts` + `write_build_record` (popularity, cooc, user_history) and "
+            f"`publish_as_of`, with 1 day vs {h} days of history in the window.",
+            "",
+            markdown_table(headers, rows),
+            "",
+            "Targets (PRODUCT.md section 7):",
+            "",
+            markdown_table(target_headers, target_rows),
+            "",
+            *(f"- {note}" for note in notes),
+            "- Sizes: `BENCH_DAILY_EVENTS` (events per day, default 500000) and `BENCH_DAILY_HISTORY_DAYS` "
+            "(default 30) in the environment.",
+        ]
+    )
+    return Section(text=text, markdown=markdown)
+
+
+COOC_BENCHMARK = Benchmark(
+    name=COOC,
+    description="pair_daily + cooc window artifact vs one bare DuckDB co-occurrence query on the same window",
+    run=run_cooc,
+)
+DAILY_BENCHMARK = Benchmark(
+    name=DAILY,
+    description="one day's incremental run with 1 day vs 30 days of history, timed per step",
+    run=run_daily,
+)
+BENCHMARKS = [COOC_BENCHMARK, DAILY_BENCHMARK]

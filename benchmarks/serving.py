@@ -1,0 +1,687 @@
+"""HTTP API benchmark: the recsys API next to a bare FastAPI hello-world, loaded with `wrk` over loopback.
+
+Data: synthetic events run through the pipeline's plain-Python steps (canonicalize, gates, daily aggregates,
+window artifacts, publish) until about 100k users have a history over 20k items; cached under
+`<workdir>/serving/` by generator, pipeline sources and sizes. Every run serves a fresh copy of the
+artifact tree (data files hard-linked), so publishing and rolling back never touch the cache.
+
+Measured, each server alone on 127.0.0.1 with the same uvicorn settings (1 worker, uvloop + httptools,
+no access log) and the same wrk Lua script (the same request paths; the hello-world answers them with a tiny
+orjson body, ignoring the query string):
+- throughput and latency percentiles of GET /v1/recommendations (mostly known users, some unknown users,
+  some context-item requests) vs the hello-world, runs alternating, best run of each reported;
+- a manifest swap under load: a new as-of day is published, then rolled back, while wrk runs; every
+  non-2xx response and socket error counts as a failed request.
+
+`wrk` is installed with apt-get when missing (only when this benchmark runs). The event-count sizes of
+`benchmarks.run --sizes` do not apply here.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchmarks.harness import (
+    REPO_ROOT,
+    Benchmark,
+    BenchmarkError,
+    Options,
+    Section,
+    machine_description,
+    markdown_table,
+    measure,
+    text_table,
+)
+
+NAME = "serving"
+TENANT, SURFACE = "bench", "home"
+AS_OF = dt.date(2025, 1, 15)  # the manifest served at the start
+NEXT_DAY = AS_OF + dt.timedelta(days=1)  # published (then rolled back) during the swap run
+HISTORY_DAYS = 4  # days of events up to AS_OF
+EVENTS_PER_DAY = 4_000_000
+# The generator draws users with a Zipf-like activity; out of this pool, about 100k are active (with a
+# click, cart or purchase) over the HISTORY_DAYS days.
+USER_POOL = 300_000
+N_ITEMS = 20_000
+
+CONNECTIONS = 32
+THREADS = 2
+DURATION_SECONDS = 10
+WARMUP_SECONDS = 2
+SWAP_DURATION_SECONDS = 14
+POLL_SECONDS = 0.5
+DEFAULT_RUNS = 3
+REQUEST_PATHS = 2_000
+
+# Targets (PRODUCT.md section 7).
+P99_TARGET_MS = 10.0
+THROUGHPUT_RATIO_TARGET = 0.60
+
+
+# ------------------------------------------------------------------------------------- data build
+
+
+def _fingerprint() -> str:
+    """Hash of everything that shapes the cached data: generator, pipeline steps and SQL models."""
+    digest = hashlib.sha256()
+    sources = [
+        "recsys_dagster/generate.py",
+        "recsys_dagster/canonicalize.py",
+        "recsys_dagster/aggregates.py",
+        "recsys_dagster/artifacts.py",
+        "recsys_dagster/publishing.py",
+        "recsys_dagster/manifest.py",
+    ]
+    paths = [REPO_ROOT / s for s in sources] + sorted((REPO_ROOT / "dbt_like_sql").rglob("*.sql"))
+    for path in paths:
+        digest.update(path.relative_to(REPO_ROOT).as_posix().encode())
+        digest.update(path.read_bytes() if path.exists() else b"<missing>")
+    return digest.hexdigest()[:16]
+
+
+def _home(options: Options) -> Path:
+    return options.workdir / NAME / f"home-u{USER_POOL}-i{N_ITEMS}-e{EVENTS_PER_DAY}-seed{options.seed}"
+
+
+def _ensure_data(options: Options) -> Path:
+    """The cached RECSYS_HOME with AS_OF published and NEXT_DAY's artifacts built; built unless cached."""
+    home = _home(options)
+    marker = home / "_built.json"
+    key = {
+        "user_pool": USER_POOL,
+        "items": N_ITEMS,
+        "events_per_day": EVENTS_PER_DAY,
+        "days": HISTORY_DAYS + 1,
+        "as_of": AS_OF.isoformat(),
+        "seed": options.seed,
+        "sources": _fingerprint(),
+    }
+    if marker.exists() and json.loads(marker.read_text()).get("key") == key:
+        print(f"[{NAME}] using cached data in {_shown(home, options)}", flush=True)
+        return home
+    # Days already in the lake of an interrupted build with the same key are kept (each step replaces
+    # its partition atomically); anything else starts from scratch.
+    started = home / "_building.json"
+    if not started.exists() or json.loads(started.read_text()) != key:
+        shutil.rmtree(home, ignore_errors=True)
+    home.mkdir(parents=True, exist_ok=True)
+    started.write_text(json.dumps(key))
+    total = EVENTS_PER_DAY * (HISTORY_DAYS + 1)
+    print(
+        f"[{NAME}] building data: {total:,} events through the pipeline (a few minutes, cached) ...",
+        flush=True,
+    )
+    built = measure("benchmarks.serving:build_task", {"home": str(home), "seed": options.seed})
+    print(f"[{NAME}] built in {built.seconds:.0f} s: {built.output}", flush=True)
+    marker.write_text(json.dumps({"key": key, "built": built.output}, indent=2))
+    started.unlink()
+    return home
+
+
+def build_task(params: dict) -> dict:
+    """Child-process task: generate, canonicalize, check, aggregate, build and publish (see module doc)."""
+    from recsys_dagster.aggregates import build_daily_aggregate
+    from recsys_dagster.artifacts import DAILY_MODELS, KINDS, build_window_artifacts, daily_aggregate_params
+    from recsys_dagster.canonicalize import canonicalize_partition
+    from recsys_dagster.gates import run_gates
+    from recsys_dagster.generate import generate_events
+    from recsys_dagster.release import publish_as_of, write_build_record
+
+    home = Path(params["home"])
+    settings = _settings(home)
+    first = AS_OF - dt.timedelta(days=HISTORY_DAYS - 1)
+    days = [first + dt.timedelta(days=i) for i in range(HISTORY_DAYS + 1)]
+    failed_gates = []
+    for day in days:
+        done = [
+            settings.lake_root / model / f"dt={day.isoformat()}" / "part-00000.parquet"
+            for model in DAILY_MODELS
+        ]
+        if all(path.is_file() for path in done):
+            print(f"[{NAME}] {day}: already in the lake", flush=True)
+            continue
+        started = time.perf_counter()
+        generate_events(
+            settings.raw_root,
+            end_date=day,
+            days=1,
+            events_per_day=EVENTS_PER_DAY,
+            seed=params["seed"],
+            tenants=(TENANT,),
+            surfaces=(SURFACE,),
+            n_users=USER_POOL,
+            n_items=N_ITEMS,
+        )
+        canonicalize_partition(settings.raw_root, settings.lake_root, day, settings.pipeline.ingest)
+        # Raw landing files are several GB; the lake holds everything the artifacts need.
+        shutil.rmtree(settings.raw_root / f"dt={day.isoformat()}")
+        results = run_gates(settings.lake_root, day, settings.pipeline.ingest, settings.pipeline.checks)
+        failed_gates += [f"{day}: {r}" for r in results if getattr(r, "blocking", False) and not r.passed]
+        for model in DAILY_MODELS:
+            build_daily_aggregate(
+                model, settings.lake_root, day, daily_aggregate_params(model, settings.pipeline)
+            )
+        print(
+            f"[{NAME}] {day}: {EVENTS_PER_DAY:,} events in the lake ({time.perf_counter() - started:.0f} s)",
+            flush=True,
+        )
+    for as_of in (AS_OF, NEXT_DAY):
+        for kind in KINDS:
+            builds = build_window_artifacts(
+                kind, settings.lake_root, settings.artifact_root, as_of, settings.pipeline
+            )
+            write_build_record(settings.lake_root, kind, as_of, builds)
+    outcomes = publish_as_of(settings, AS_OF)
+    actions = [o.outcome.action for o in outcomes]
+    if actions != ["publish"]:
+        raise BenchmarkError(f"publishing {AS_OF} did not publish: {[o.outcome.message for o in outcomes]}")
+    from recsys_dagster.manifest import read_current
+
+    manifest = read_current(settings.artifact_root, TENANT, SURFACE)
+    return {
+        "manifest_version": manifest["manifest_version"],
+        "rows": {kind: entry["rows"] for kind, entry in manifest["artifacts"].items()},
+        "failed_gates": failed_gates,
+    }
+
+
+def _settings(home: Path):
+    from recsys_dagster.settings import load_settings
+
+    env = {"RECSYS_HOME": str(home), "RECSYS_START_DATE": (AS_OF - dt.timedelta(days=60)).isoformat()}
+    return load_settings(env)
+
+
+def _run_tree(options: Options, home: Path) -> Path:
+    """A fresh artifact root for this run: data files hard-linked, mutable files (registry) copied."""
+    run_root = options.workdir / NAME / "run" / "artifacts"
+    shutil.rmtree(run_root.parent, ignore_errors=True)
+
+    def copy(src: str, dst: str) -> None:
+        if src.endswith(".parquet"):
+            try:
+                os.link(src, dst)
+                return
+            except OSError:
+                pass
+        shutil.copy2(src, dst)
+
+    shutil.copytree(home / "artifacts", run_root, copy_function=copy)
+    return run_root
+
+
+def _next_day_artifacts(home: Path, run_root: Path) -> dict[str, Path]:
+    artifacts = {}
+    for kind in ("popularity", "cooc", "user_history"):
+        record = json.loads((home / "lake" / kind / f"dt={NEXT_DAY.isoformat()}" / "builds.json").read_text())
+        (entry,) = [a for a in record["artifacts"] if (a["tenant"], a["surface"]) == (TENANT, SURFACE)]
+        artifacts[kind] = run_root / TENANT / SURFACE / kind / entry["version"]
+    return artifacts
+
+
+# --------------------------------------------------------------------------------------- servers
+
+
+def hello_app():
+    """The baseline: a bare FastAPI app answering the benchmark's path with a small orjson body."""
+    import orjson
+    from fastapi import FastAPI
+    from fastapi.responses import Response
+
+    app = FastAPI()
+
+    @app.get("/v1/recommendations")
+    async def hello() -> Response:
+        return Response(orjson.dumps({"hello": "world"}), media_type="application/json")
+
+    return app
+
+
+_UVICORN = (
+    "import sys, uvicorn; uvicorn.run(sys.argv[1], factory=True, host='127.0.0.1', port=int(sys.argv[2]), "
+    "workers=1, log_level='warning', access_log=False, timeout_graceful_shutdown=10)"
+)
+
+
+@dataclass
+class Server:
+    name: str
+    process: subprocess.Popen
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start(name: str, factory: str, env: dict[str, str], ready_path: str, timeout: float = 300) -> Server:
+    port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-c", _UVICORN, factory, str(port)], cwd=REPO_ROOT, env=os.environ | env
+    )
+    server = Server(name, process, port)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise BenchmarkError(f"{name} server exited with code {process.returncode}")
+        try:
+            with urllib.request.urlopen(server.url + ready_path, timeout=2) as response:
+                if response.status == 200:
+                    return server
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.2)
+    server.stop()
+    raise BenchmarkError(f"{name} server not ready after {timeout:.0f} s")
+
+
+def _get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return json.loads(response.read())
+
+
+# ------------------------------------------------------------------------------------------ wrk
+
+
+@dataclass
+class WrkResult:
+    requests: int
+    seconds: float
+    rps: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    non_2xx: int
+    socket_errors: int
+
+    @property
+    def errors(self) -> int:
+        return self.non_2xx + self.socket_errors
+
+
+def _ensure_wrk() -> str:
+    found = shutil.which("wrk")
+    if found:
+        return found
+    apt = shutil.which("apt-get")
+    if apt is None:
+        raise BenchmarkError("wrk is not installed and apt-get is not available: install wrk and re-run")
+    print(f"[{NAME}] installing wrk with apt-get ...", flush=True)
+    if subprocess.run([apt, "install", "-y", "wrk"], capture_output=True).returncode != 0:
+        subprocess.run([apt, "update"], capture_output=True)
+        subprocess.run([apt, "install", "-y", "wrk"], capture_output=True)
+    found = shutil.which("wrk")
+    if not found:
+        raise BenchmarkError("could not install wrk (apt-get install -y wrk failed); install it and re-run")
+    return found
+
+
+def _lua_script(path: Path, paths: list[str]) -> Path:
+    lines = ["local paths = {"]
+    lines += [f'  "{p}",' for p in paths]
+    lines += [
+        "}",
+        "local i = 0",
+        "request = function()",
+        "  i = i % #paths + 1",
+        "  return wrk.format('GET', paths[i])",
+        "end",
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _request_paths(run_root: Path, seed: int) -> list[str]:
+    """Mostly known users (from the served history), some unknown users, some context-item requests."""
+    import numpy as np
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from recsys_dagster.manifest import read_current, resolve_uri
+
+    manifest = read_current(run_root, TENANT, SURFACE)
+    history_dir = resolve_uri(run_root, TENANT, SURFACE, manifest["current"]["user_history"])
+    users = pc.unique(
+        pq.read_table(history_dir / "history.parquet", columns=["user_id"])["user_id"]
+    ).to_pylist()
+    popular_dir = resolve_uri(run_root, TENANT, SURFACE, manifest["current"]["popularity"])
+    items = pq.read_table(popular_dir / "items.parquet", columns=["item_id"])["item_id"].to_pylist()[:500]
+    rng = np.random.default_rng(seed)
+    base = f"/v1/recommendations?tenant={TENANT}&surface={SURFACE}"
+    paths = []
+    for n in range(REQUEST_PATHS):
+        roll = rng.random()
+        if roll < 0.90:
+            paths.append(f"{base}&user_id={users[rng.integers(len(users))]}")
+        elif roll < 0.95:
+            paths.append(f"{base}&user_id=cold-user-{n}")
+        else:
+            picked = rng.choice(len(items), size=3, replace=False)
+            paths.append(base + "".join(f"&context_items={items[i]}" for i in picked))
+    return paths
+
+
+_UNIT = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
+
+
+def _wrk(wrk: str, url: str, script: Path, seconds: int) -> WrkResult:
+    command = [wrk, f"-t{THREADS}", f"-c{CONNECTIONS}", f"-d{seconds}s", "--latency", "-s", str(script), url]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60)
+    if out.returncode != 0:
+        raise BenchmarkError(f"wrk failed: {out.stderr or out.stdout}")
+    text = out.stdout
+
+    def latency(percent: str) -> float:
+        match = re.search(rf"^\s+{percent}%\s+([\d.]+)(us|ms|s|m)\s*$", text, re.MULTILINE)
+        if not match:
+            raise BenchmarkError(f"no {percent}% latency in wrk output:\n{text}")
+        return float(match.group(1)) * _UNIT[match.group(2)]
+
+    done = re.search(r"(\d+) requests in ([\d.]+)(us|ms|s|m)", text)
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    if not done or not rps:
+        raise BenchmarkError(f"unexpected wrk output:\n{text}")
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    sockets = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    return WrkResult(
+        requests=int(done.group(1)),
+        seconds=float(done.group(2)) * _UNIT[done.group(3)] / 1e3,
+        rps=float(rps.group(1)),
+        p50_ms=latency("50"),
+        p90_ms=latency("90"),
+        p99_ms=latency("99"),
+        non_2xx=int(non_2xx.group(1)) if non_2xx else 0,
+        socket_errors=sum(int(g) for g in sockets.groups()) if sockets else 0,
+    )
+
+
+# ------------------------------------------------------------------------------------------- run
+
+
+@dataclass
+class SwapResult:
+    load: WrkResult
+    published: str
+    rolled_back_to: str
+    publish_seen_after_s: float | None
+    rollback_seen_after_s: float | None
+    versions_seen: list[str] = field(default_factory=list)
+
+
+def run(options: Options) -> Section:
+    machine = machine_description()
+    wrk = _ensure_wrk()
+    home = _ensure_data(options)
+    run_root = _run_tree(options, home)
+    script = _lua_script(run_root.parent / "requests.lua", _request_paths(run_root, options.seed))
+    runs = options.repeats or DEFAULT_RUNS
+
+    api_env = {
+        "RECSYS_HOME": str(home),
+        "RECSYS_ARTIFACT_ROOT": str(run_root),
+        "RECSYS_SERVE_POLL_SECONDS": str(POLL_SECONDS),
+        "RECSYS_EXPOSURE_LOG": "false",
+    }
+    hello = _start("hello-world", "benchmarks.serving:hello_app", {}, "/v1/recommendations")
+    api = None
+    try:
+        api = _start("recsys API", "recsys_serving.app:create_app", api_env, "/readyz")
+        served = _get_json(f"{api.url}/v1/manifest?tenant={TENANT}&surface={SURFACE}")
+        rss_mib = _rss_mib(api.process.pid)
+        print(
+            f"[{NAME}] serving {served['users']:,} users, {served['items']:,} items "
+            f"(loaded in {served['load_seconds']:.2f} s, server RSS {rss_mib:,.0f} MiB)",
+            flush=True,
+        )
+        for server in (hello, api):
+            _wrk(wrk, server.url, script, WARMUP_SECONDS)
+        results: dict[str, list[WrkResult]] = {"hello-world": [], "recsys API": []}
+        for attempt in range(1, runs + 1):
+            for server in (hello, api):
+                result = _wrk(wrk, server.url, script, DURATION_SECONDS)
+                results[server.name].append(result)
+                print(
+                    f"[{NAME}] run {attempt}/{runs} {server.name}: {result.rps:,.0f} req/s, "
+                    f"p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms, errors {result.errors}",
+                    flush=True,
+                )
+        swap = _swap_under_load(wrk, api, script, home, run_root)
+        print(
+            f"[{NAME}] swap: {swap.load.requests:,} requests, {swap.load.errors} failed; publish seen after "
+            f"{_secs(swap.publish_seen_after_s)}, rollback seen after {_secs(swap.rollback_seen_after_s)}",
+            flush=True,
+        )
+    finally:
+        hello.stop()
+        if api is not None:
+            api.stop()
+    return _render(machine, served, rss_mib, results, swap)
+
+
+def _swap_under_load(wrk: str, api: Server, script: Path, home: Path, run_root: Path) -> SwapResult:
+    from recsys_dagster.publishing import publish, rollback
+
+    manifest_url = f"{api.url}/v1/manifest?tenant={TENANT}&surface={SURFACE}"
+    before = _get_json(manifest_url)["manifest_version"]
+    outcome: dict[str, object] = {}
+    seen: list[str] = []
+
+    def wait_for(version: str, since: float, limit: float = 15.0) -> float | None:
+        while time.monotonic() - since < limit:
+            current = _get_json(manifest_url)["manifest_version"]
+            if not seen or seen[-1] != current:
+                seen.append(current)
+            if current == version:
+                return time.monotonic() - since
+            time.sleep(0.05)
+        return None
+
+    def swapper() -> None:
+        try:
+            time.sleep(3)
+            started = time.monotonic()
+            result = publish(run_root, TENANT, SURFACE, NEXT_DAY, _next_day_artifacts(home, run_root))
+            if result.action != "publish":
+                raise BenchmarkError(f"publishing {NEXT_DAY} during the load: {result.message}")
+            outcome["published"] = result.manifest_version
+            outcome["publish_seen"] = wait_for(result.manifest_version, started)
+            time.sleep(2)
+            started = time.monotonic()
+            back = rollback(run_root, TENANT, SURFACE, steps=1, reason="benchmark swap", actor="benchmark")
+            outcome["rolled_back_to"] = back.manifest_version
+            outcome["rollback_seen"] = wait_for(back.manifest_version, started)
+        except Exception as exc:  # reported after the load finishes
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=swapper, name="swapper")
+    thread.start()
+    load = _wrk(wrk, api.url, script, SWAP_DURATION_SECONDS)
+    thread.join()
+    if "error" in outcome:
+        raise BenchmarkError(f"manifest swap failed: {outcome['error']}")
+    if outcome.get("rolled_back_to") != before:
+        raise BenchmarkError(f"rollback went to {outcome.get('rolled_back_to')}, expected {before}")
+    return SwapResult(
+        load=load,
+        published=str(outcome["published"]),
+        rolled_back_to=str(outcome["rolled_back_to"]),
+        publish_seen_after_s=outcome.get("publish_seen"),  # type: ignore[arg-type]
+        rollback_seen_after_s=outcome.get("rollback_seen"),  # type: ignore[arg-type]
+        versions_seen=seen,
+    )
+
+
+def _rss_mib(pid: int) -> float:
+    import psutil
+
+    return psutil.Process(pid).memory_info().rss / 2**20
+
+
+def _secs(value: float | None) -> str:
+    return "never (timed out)" if value is None else f"{value:.2f} s"
+
+
+def _shown(path: Path, options: Options) -> str:
+    try:
+        return str(path.relative_to(options.workdir.parent))
+    except ValueError:
+        return str(path)
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "NOT MET"
+
+
+def _render(
+    machine: str, served: dict, rss_mib: float, results: dict[str, list[WrkResult]], swap: SwapResult
+) -> Section:
+    best = {name: max(runs, key=lambda r: r.rps) for name, runs in results.items()}
+    base, ours = best["hello-world"], best["recsys API"]
+    ratio = ours.rps / base.rps
+    headers = ["server", "runs", "req/s (best run)", "p50 ms", "p90 ms", "p99 ms", "requests", "failed"]
+    rows = [
+        [
+            name,
+            str(len(results[name])),
+            f"{r.rps:,.0f}",
+            f"{r.p50_ms:.2f}",
+            f"{r.p90_ms:.2f}",
+            f"{r.p99_ms:.2f}",
+            f"{r.requests:,}",
+            str(r.errors),
+        ]
+        for name, r in best.items()
+    ]
+    all_runs = "; ".join(
+        f"{name}: " + ", ".join(f"{r.rps:,.0f} req/s p99 {r.p99_ms:.2f} ms" for r in runs)
+        for name, runs in results.items()
+    )
+    swap_headers = [
+        "requests",
+        "req/s",
+        "p99 ms",
+        "failed",
+        "publish picked up after",
+        "rollback picked up after",
+    ]
+    swap_rows = [
+        [
+            f"{swap.load.requests:,}",
+            f"{swap.load.rps:,.0f}",
+            f"{swap.load.p99_ms:.2f}",
+            str(swap.load.errors),
+            _secs(swap.publish_seen_after_s),
+            _secs(swap.rollback_seen_after_s),
+        ]
+    ]
+    target_headers = ["target", "result"]
+    target_rows = [
+        [
+            f"p99 <= {P99_TARGET_MS:g} ms at {CONNECTIONS} connections",
+            f"{_met(ours.p99_ms <= P99_TARGET_MS)} ({ours.p99_ms:.2f} ms)",
+        ],
+        [
+            f">= {THROUGHPUT_RATIO_TARGET:.0%} of hello-world throughput",
+            f"{_met(ratio >= THROUGHPUT_RATIO_TARGET)} ({ratio:.0%}: {ours.rps:,.0f} vs {base.rps:,.0f} req/s)",
+        ],
+        [
+            "zero failed requests across a manifest swap",
+            f"{_met(swap.load.errors == 0 and swap.publish_seen_after_s is not None and swap.rollback_seen_after_s is not None)} "
+            f"({swap.load.errors} failed of {swap.load.requests:,})",
+        ],
+    ]
+    rows_text = ", ".join(f"{kind} {entry['rows']:,}" for kind, entry in served["artifacts"].items())
+    data = (
+        f"{served['users']:,} users with a history and {served['items']:,} items served "
+        f"(artifact rows: {rows_text}); "
+        f"loaded in {served['load_seconds']:.2f} s; API server RSS {rss_mib:,.0f} MiB after loading."
+    )
+    notes = [
+        f"wrk {THREADS} threads, {CONNECTIONS} connections, {DURATION_SECONDS} s per run after a "
+        f"{WARMUP_SECONDS} s warm-up, 127.0.0.1 only; both servers: uvicorn, 1 worker, no access log. wrk "
+        "shares the 2 cores with the server, as any client on this machine would.",
+        f"Request mix ({REQUEST_PATHS:,} paths, cycled): 90% known users (k=10, exclude_seen), 5% unknown users "
+        "(popularity fallback), 5% three context items.",
+        f"Swap: {SWAP_DURATION_SECONDS} s of load; after 3 s as-of {NEXT_DAY} is published, 2 s after the "
+        f"server serves it the manifest is rolled back; the server polls every {POLL_SECONDS:g} s. "
+        "Failed = non-2xx responses + socket errors (connect, read, write, timeout).",
+        f"All runs: {all_runs}.",
+    ]
+    title = "HTTP API: GET /v1/recommendations vs a bare FastAPI hello-world"
+    text = "\n".join(
+        [
+            title,
+            data,
+            text_table(headers, rows),
+            f"recsys/hello-world throughput: {ratio:.2f}",
+            "",
+            "Manifest swap under load",
+            text_table(swap_headers, swap_rows),
+            "",
+            "Targets (PRODUCT.md section 7)",
+            text_table(target_headers, target_rows),
+            "",
+            *notes,
+        ]
+    )
+    markdown = "\n".join(
+        [
+            f"## {title}",
+            "",
+            machine,
+            "",
+            data,
+            "",
+            markdown_table(headers, rows),
+            "",
+            f"Throughput ratio recsys / hello-world: **{ratio:.2f}**.",
+            "",
+            "Manifest swap under load (publish a new as-of day, then roll back):",
+            "",
+            markdown_table(swap_headers, swap_rows),
+            "",
+            "Targets (PRODUCT.md section 7):",
+            "",
+            markdown_table(target_headers, target_rows),
+            "",
+            *(f"- {note}" for note in notes),
+        ]
+    )
+    return Section(text=text, markdown=markdown)
+
+
+BENCHMARK = Benchmark(
+    name=NAME,
+    description="HTTP API (100k users, 20k items) vs a bare FastAPI hello-world under wrk, plus a manifest swap",
+    run=run,
+)
