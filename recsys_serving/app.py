@@ -234,7 +234,12 @@ RECOMMEND_PARAMS = (
     SURFACE,
     Param("user_id", "id", "The user; an unknown user gets popular items and a warning"),
     K,
-    Param("exclude_seen", "bool", "Leave out the items in the user's history", default=True),
+    Param(
+        "exclude_seen",
+        "bool",
+        "Leave out all items in the user's history (the seed items, the most recent ones, are always left out)",
+        default=True,
+    ),
     Param(
         "context_items",
         "ids",
