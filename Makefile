@@ -13,7 +13,7 @@ RUN_EVENTS_PER_DAY ?= 50000
 .PHONY: install run ui test lint fmt bench clean help
 
 help:
-	@echo "make run    install, generate $(RUN_DAYS) days of sample events, materialize them, print a summary"
+	@echo "make run    install, generate $(RUN_DAYS) days of sample events, materialize them, print a summary, serve the API"
 	@echo "make test   install, lint, check the Dagster definitions, run the test suite"
 	@echo "make ui     open the Dagster UI (webserver + daemon) on http://127.0.0.1:3000"
 	@echo "make bench  benchmarks next to bare-library baselines; figures go to docs/benchmarks.md"
