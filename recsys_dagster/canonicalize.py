@@ -514,24 +514,45 @@ def _escaped_surrogate_lines(lines: _LineIndex) -> np.ndarray:
     return marked
 
 
+_FIELD_SEPARATOR = "\x1f"
+_ABSENT = "\x1e"
+
+
 def _with_event_id(events: pl.DataFrame) -> pl.DataFrame:
     """Fill missing event ids with a stable hash (xxh3-128) of the identifying fields.
 
-    Each field enters the hash as `<byte length>:<text>` (`-` when absent), so no two different events
-    can produce the same input, whatever characters their values contain.
+    The hashed text must differ for any two different events. Normally the fields are joined with a
+    control character, absent ones written as another; a row whose values contain those characters
+    themselves (checked by counting them) is encoded instead as `<byte length>:<text>` per field behind a
+    leading \x02, which no joined row starts with (tenants are plain identifiers).
     """
-    parts: list[pl.Expr] = []
-    for name in HASHED_FIELDS:
-        text = (pl.col(name).dt.epoch("us") if name == "ts" else pl.col(name)).cast(pl.String)
-        parts += [
-            text.str.len_bytes().cast(pl.String).fill_null("-"),
-            pl.lit(":"),
-            text.fill_null(""),
-            pl.lit(";"),
-        ]
-    identity = plh.concat_str(parts, separator="")
-    derived = pl.lit("h") + identity.nchash.xxh3_128().cast(pl.String).str.zfill(39)
-    return events.with_columns(pl.coalesce(pl.col("event_id"), derived).alias("event_id")).select(
+    texts = [
+        (pl.col(name).dt.epoch("us") if name == "ts" else pl.col(name)).cast(pl.String)
+        for name in HASHED_FIELDS
+    ]
+    joined = plh.concat_str([text.fill_null(_ABSENT) for text in texts], separator=_FIELD_SEPARATOR)
+    keyed = events.with_columns(joined.alias("_identity"))
+    unambiguous = (
+        pl.col("_identity").str.count_matches(_FIELD_SEPARATOR, literal=True) == len(HASHED_FIELDS) - 1
+    ) & (
+        pl.col("_identity").str.count_matches(_ABSENT, literal=True)
+        == pl.sum_horizontal(t.is_null() for t in texts)
+    )
+    if not keyed.select(unambiguous.all()).item():
+        parts: list[pl.Expr] = [pl.lit("\x02")]
+        for text in texts:
+            parts += [
+                text.str.len_bytes().cast(pl.String).fill_null("-"),
+                pl.lit(":"),
+                text.fill_null(""),
+                pl.lit(";"),
+            ]
+        prefixed = plh.concat_str(parts, separator="")
+        keyed = keyed.with_columns(
+            pl.when(unambiguous).then(pl.col("_identity")).otherwise(prefixed).alias("_identity")
+        )
+    derived = pl.lit("h") + plh.col("_identity").nchash.xxh3_128().cast(pl.String).str.zfill(39)
+    return keyed.with_columns(pl.coalesce(pl.col("event_id"), derived).alias("event_id")).select(
         list(contract.CANONICAL_SCHEMA)
     )
 
