@@ -451,37 +451,34 @@ def _rows_cell(runs: Runs) -> str:
     return f"{runs.best().output['rows']:,}" if runs.ok else "-"
 
 
+def _recsys_row(work: str, runs: Runs, baseline: Runs) -> list[str]:
+    return [
+        "recsys",
+        work,
+        str(len(runs.runs)),
+        runs.seconds_cell(),
+        _ratio_cell(runs, baseline),
+        runs.peak_cell(),
+        _rows_cell(runs),
+    ]
+
+
 def _render_cooc(r: CoocResult, machine: str) -> Section:
     n_days = len(r.days)
     headers = ["side", "work", "runs", "best s", "x baseline", "peak MiB", "rows out"]
+    baseline_row = [
+        "baseline",
+        f"one DuckDB statement over {n_days} days of canonical events",
+        str(len(r.baseline.runs)),
+        r.baseline.seconds_cell(),
+        "1.00x" if r.baseline.ok else "-",
+        r.baseline.peak_cell(),
+        _rows_cell(r.baseline),
+    ]
     rows = [
-        [
-            "baseline",
-            f"one DuckDB statement over {n_days} days of canonical events",
-            str(len(r.baseline.runs)),
-            r.baseline.seconds_cell(),
-            "1.00x" if r.baseline.ok else "-",
-            r.baseline.peak_cell(),
-            _rows_cell(r.baseline),
-        ],
-        [
-            "recsys",
-            f"pair_daily of {n_days} days (from canonical events)",
-            str(len(r.pair_daily.runs)),
-            r.pair_daily.seconds_cell(),
-            _ratio_cell(r.pair_daily, r.baseline),
-            r.pair_daily.peak_cell(),
-            _rows_cell(r.pair_daily),
-        ],
-        [
-            "recsys",
-            f"cooc window artifact (reads {n_days} pair_daily)",
-            str(len(r.window.runs)),
-            r.window.seconds_cell(),
-            _ratio_cell(r.window, r.baseline),
-            r.window.peak_cell(),
-            _rows_cell(r.window),
-        ],
+        baseline_row,
+        _recsys_row(f"pair_daily of {n_days} days (from canonical events)", r.pair_daily, r.baseline),
+        _recsys_row(f"cooc window artifact (reads {n_days} pair_daily)", r.window, r.baseline),
     ]
     if r.ok:
         base_s = r.baseline.best().seconds

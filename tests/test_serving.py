@@ -862,31 +862,26 @@ def test_exposure_writer_rotates_by_size_and_day_and_never_shows_partial_files(t
         tmp_path, host="h", pid=1234, max_bytes=4000, max_age_seconds=3600, flush_seconds=60
     )
     day1 = dt.datetime(2025, 3, 10, 23, 59, 59, tzinfo=dt.UTC).timestamp()
-    for n in range(6):
-        writer.record(
-            tenant="t",
-            surface="s",
-            session_id=f"s{n}",
-            user_id="u",
-            request_id=f"r{n}",
-            item_ids=["a", "b", "c"],
-            ts=day1,
-        )
+
+    def record(numbers: range) -> None:
+        for n in numbers:
+            writer.record(
+                tenant="t",
+                surface="s",
+                session_id=f"s{n}",
+                user_id="u",
+                request_id=f"r{n}",
+                item_ids=["a", "b", "c"],
+                ts=day1,
+            )
+
+    record(range(6))
     writer.flush()
     visible = sorted(p.name for p in (tmp_path / "dt=2025-03-10").iterdir() if not p.name.startswith("."))
     hidden = sorted(p.name for p in (tmp_path / "dt=2025-03-10").iterdir() if p.name.startswith("."))
     assert visible == [] and hidden == [f".exposures-h-1234-1{IN_PROGRESS_SUFFIX}"]
     assert landing_files(tmp_path, dt.date(2025, 3, 10)) == [], "the pipeline must not see the open file"
-    for n in range(6, 12):
-        writer.record(
-            tenant="t",
-            surface="s",
-            session_id=f"s{n}",
-            user_id="u",
-            request_id=f"r{n}",
-            item_ids=["a", "b", "c"],
-            ts=day1,
-        )
+    record(range(6, 12))
     writer.flush()  # over max_bytes now: published
     assert [p.name for p in landing_files(tmp_path, dt.date(2025, 3, 10))] == ["exposures-h-1234-1.jsonl"]
     writer.record(
