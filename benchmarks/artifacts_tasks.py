@@ -24,7 +24,7 @@ from pathlib import Path
 import duckdb
 import polars as pl
 
-from recsys_dagster.aggregates import build_daily_aggregate
+from recsys_dagster.aggregates import build_daily_aggregate, build_daily_aggregates
 from recsys_dagster.artifacts import (
     DAILY_MODELS,
     KINDS,
@@ -134,7 +134,7 @@ def generate(params: dict) -> dict:
 
 
 def prepare_days(params: dict) -> dict:
-    """Canonicalize each day (and run its gates if asked), then build the listed daily aggregates."""
+    """Canonicalize each day (and run its gates if asked), then build the listed daily aggregates of them all."""
     settings = _settings(params)
     rows = 0
     for day in _days(params):
@@ -147,11 +147,11 @@ def prepare_days(params: dict) -> dict:
             failed = [r.name for r in results if r.blocking and not r.passed]
             if failed:
                 raise RuntimeError(f"{day}: blocking gates failed: {failed}")
-        for model in params["models"]:
-            build_daily_aggregate(
-                model, settings.lake_root, day, daily_aggregate_params(model, settings.pipeline)
-            )
         print(f"[prepare] {day}: {summary.canonical_rows:,} canonical rows", flush=True)
+    for model in params["models"]:
+        build_daily_aggregates(
+            model, settings.lake_root, _days(params), daily_aggregate_params(model, settings.pipeline)
+        )
     return {"canonical_rows": rows}
 
 
@@ -247,30 +247,29 @@ def cooc_baseline(params: dict) -> dict:
 
 
 @guarded
-def cooc_pair_daily(params: dict) -> dict:
-    """recsys: the pair_daily partition of every window day, built from its canonical events."""
+def cooc_recsys(params: dict) -> dict:
+    """recsys: pair_daily of `build_days` (one batched build, as a backfill run does), then the cooc window
+    artifact as of the last window day from the window's pair_daily partitions; each step timed."""
     settings = _settings(params)
-    params_ = daily_aggregate_params("pair_daily", settings.pipeline)
-    rows = 0
-    for day in _days(params):
-        built = _step(
-            day.isoformat(),
-            lambda day=day: build_daily_aggregate("pair_daily", settings.lake_root, day, params_),
-        )
-        rows += built["rows"]
-    return {"seconds_per_day": dict(_progress["done"]), "rows": rows} | _threads()
-
-
-@guarded
-def cooc_window(params: dict) -> dict:
-    """recsys: the cooc window artifact as of the last day, from the window's pair_daily partitions."""
-    settings = _settings(params)
+    lake = settings.lake_root
     as_of = dt.date.fromisoformat(params["as_of"])
-    builds = build_window_artifacts(
-        "cooc", settings.lake_root, settings.artifact_root, as_of, settings.pipeline
+    params_ = daily_aggregate_params("pair_daily", settings.pipeline)
+    built = _step(
+        "pair_daily",
+        lambda: build_daily_aggregates(
+            "pair_daily", lake, [dt.date.fromisoformat(d) for d in params["build_days"]], params_
+        ),
     )
-    write_build_record(settings.lake_root, "cooc", as_of, builds)
+
+    def window() -> list:
+        builds = build_window_artifacts("cooc", lake, settings.artifact_root, as_of, settings.pipeline)
+        write_build_record(lake, "cooc", as_of, builds)
+        return builds
+
+    builds = _step("cooc", window)
     return {
+        "steps": dict(_progress["done"]),
+        "pair_daily_rows": sum(b["rows"] for b in built),
         "rows": sum(b.rows for b in builds),
         "paths": [str(b.path / "neighbors.parquet") for b in builds],
         "missing_days": sorted({d for b in builds for d in b.missing_days}),

@@ -1,7 +1,8 @@
 -- item_daily: per tenant, surface, item and event type, the day's event count and reach.
--- Parameters: $paths (the Parquet files of one canonical_events partition), $day (the partition date).
+-- Parameters: $paths, the Parquet files of one or more canonical_events partitions (their `dt=` directory
+-- names the day: DuckDB reads it as a hive partition column).
 SELECT
-    $day::DATE AS day,
+    dt AS day,
     tenant,
     surface,
     item_id,
@@ -10,6 +11,6 @@ SELECT
     count(DISTINCT session_id) AS sessions,
     count(DISTINCT user_id) AS users,
     max(ts) AS last_ts
-FROM read_parquet($paths)
+FROM read_parquet($paths, hive_partitioning = true, hive_types = {'dt': DATE})
 GROUP BY ALL
-ORDER BY tenant, surface, item_id, event_type
+ORDER BY day, tenant, surface, item_id, event_type

@@ -2,8 +2,8 @@
 -- Input to the `user_history` window artifact.
 --
 -- Parameters:
---   $paths    the Parquet files of one canonical_events partition
---   $day      the partition date
+--   $paths    the Parquet files of one or more canonical_events partitions (their `dt=` directory names
+--             the day: DuckDB reads it as a hive partition column)
 --   $weights  list of {event_type, weight}: the weight of one event of each type
 --
 -- Only events of types with weight > 0 count (exposures, weight 0 by default, are not interest: an item
@@ -17,15 +17,15 @@ WITH weights AS (
 ),
 per_type AS (
     -- count * weight per type, then a sum in a fixed order: the same input always gives the same bits.
-    SELECT e.tenant, e.surface, e.user_id, e.item_id, e.event_type,
+    SELECT e.dt AS day, e.tenant, e.surface, e.user_id, e.item_id, e.event_type,
            count(*) AS events, count(*) * any_value(w.weight) AS weight, max(e.ts) AS last_ts
-    FROM read_parquet($paths) AS e
+    FROM read_parquet($paths, hive_partitioning = true, hive_types = {'dt': DATE}) AS e
     JOIN weights AS w ON e.event_type = w.event_type
     WHERE e.user_id IS NOT NULL
-    GROUP BY e.tenant, e.surface, e.user_id, e.item_id, e.event_type
+    GROUP BY e.dt, e.tenant, e.surface, e.user_id, e.item_id, e.event_type
 )
 SELECT
-    $day::DATE AS day,
+    day,
     tenant,
     surface,
     user_id,
@@ -34,5 +34,5 @@ SELECT
     sum(events)::BIGINT AS events,
     max(last_ts) AS last_ts
 FROM per_type
-GROUP BY tenant, surface, user_id, item_id
-ORDER BY tenant, surface, user_id, item_id
+GROUP BY day, tenant, surface, user_id, item_id
+ORDER BY day, tenant, surface, user_id, item_id

@@ -12,7 +12,7 @@ Each SQL model runs once over the window for every tenant and surface; the resul
 content version (docs/reference/artifacts.md). A window day whose aggregate partition is missing is skipped
 and listed in `meta.inputs.missing_days`; a window with no aggregate at all is an error.
 
-The aggregates themselves are built by `aggregates.build_daily_aggregate(model, lake_root, day,
+The aggregates themselves are built by `aggregates.build_daily_aggregates(model, lake_root, days,
 daily_aggregate_params(model, config))`. Nothing here imports Dagster.
 """
 

@@ -21,7 +21,7 @@ import polars as pl
 import pytest
 from shared_data import shared_data_dir
 
-from recsys_dagster.aggregates import build_daily_aggregate
+from recsys_dagster.aggregates import DAYS_PER_QUERY, build_daily_aggregate, build_daily_aggregates
 from recsys_dagster.artifacts import (
     DAILY_MODELS,
     FILE_OF,
@@ -98,9 +98,8 @@ def aggregate_paths(lake: Path, model: str, days: list[dt.date]) -> list[str]:
 
 
 def build_aggregates(lake: Path, days: list[dt.date], config: PipelineConfig) -> None:
-    for day in days:
-        for model in DAILY_MODELS:
-            build_daily_aggregate(model, lake, day, daily_aggregate_params(model, config))
+    for model in DAILY_MODELS:
+        build_daily_aggregates(model, lake, days, daily_aggregate_params(model, config))
 
 
 def pairs_of(frame: pl.DataFrame) -> dict[tuple, int]:
@@ -197,6 +196,40 @@ def test_pair_daily_without_interest_types_is_empty(tmp_path: Path) -> None:
     built = build_daily_aggregate("pair_daily", tmp_path, D1, {"event_types": [], "max_session_items": 5})
     assert built["rows"] == 0
     assert pl.read_parquet_schema(built["path"])["item_a"] == pl.String()
+
+
+# ------------------------------------------------------------------------------ batches of days
+
+
+def test_a_batch_of_days_writes_the_same_bytes_as_one_day_at_a_time(tmp_path: Path) -> None:
+    # More days than one query takes; the same session and user ids on every day (a session counts per
+    # day); one day without interest events at all (its partitions are still written, empty).
+    days = [D1 + dt.timedelta(days=n) for n in range(DAYS_PER_QUERY + 2)]
+    for n, day in enumerate(days):
+        events = [("s1", "a", 1), ("s1", f"i{n}", 2, "purchase"), ("s2", "a", 3), ("s2", "b", n + 4)]
+        write_canonical(tmp_path / "batch", day, events if n != 3 else [("s1", "a", 1, "exposure")])
+        write_canonical(tmp_path / "single", day, events if n != 3 else [("s1", "a", 1, "exposure")])
+    config = PipelineConfig()
+    for model in DAILY_MODELS:
+        params = daily_aggregate_params(model, config)
+        built = build_daily_aggregates(model, tmp_path / "batch", reversed(days), params)
+        assert [b["day"] for b in built] == days
+        for day, batch in zip(days, built, strict=True):
+            single = build_daily_aggregate(model, tmp_path / "single", day, params)
+            assert batch["rows"] == single["rows"]
+            assert Path(batch["path"]).read_bytes() == Path(single["path"]).read_bytes(), (model, day)
+            assert pl.read_parquet(batch["path"])["day"].unique().to_list() in ([day], [])
+    pairs = pl.read_parquet(aggregate_paths(tmp_path / "batch", "pair_daily", days))
+    # a and b share s2 on every day but the empty one; each day counts its own session.
+    assert pairs.filter(item_a="a", item_b="b")["sessions"].to_list() == [1] * (len(days) - 1)
+    assert pairs.filter(pl.col("day") == days[3]).height == 0
+
+
+def test_a_batch_with_a_missing_day_writes_nothing(tmp_path: Path) -> None:
+    write_canonical(tmp_path, D1, [("s1", "a", 1), ("s1", "b", 2)])
+    with pytest.raises(FileNotFoundError, match=f"canonical_events partition {D2} has not been materialized"):
+        build_daily_aggregates("item_daily", tmp_path, [D1, D2])
+    assert not partition_dir(tmp_path, "item_daily", D1).exists()
 
 
 # ------------------------------------------------------------------------------------ user_item_daily

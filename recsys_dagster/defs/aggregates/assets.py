@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from recsys_dagster.aggregates import build_daily_aggregate
+from recsys_dagster.aggregates import build_daily_aggregates
 from recsys_dagster.artifacts import daily_aggregate_params
 from recsys_dagster.defs.shared import (
     OWNERS,
@@ -38,19 +38,18 @@ def build_daily_aggregate_asset(model: str, description: str, settings: Settings
         owners=OWNERS,
     )
     def daily_aggregate(context: dg.AssetExecutionContext, recsys: RecsysResource) -> dg.MaterializeResult:
-        rows = []
-        for day in partition_days(context):
-            cfg = recsys.settings
-            built = build_daily_aggregate(
-                model, cfg.lake_root, day, daily_aggregate_params(model, cfg.pipeline)
-            )
-            rows.append({"day": day.isoformat(), "rows": built["rows"]})
-            context.log.info(f"{model} {day}: {built['rows']:,} rows")
+        cfg = recsys.settings
+        built = build_daily_aggregates(
+            model, cfg.lake_root, partition_days(context), daily_aggregate_params(model, cfg.pipeline)
+        )
+        rows = [{"day": b["day"].isoformat(), "rows": b["rows"]} for b in built]
+        for row in rows:
+            context.log.info(f"{model} {row['day']}: {row['rows']:,} rows")
         return dg.MaterializeResult(
             metadata={
                 "dagster/row_count": sum(r["rows"] for r in rows),
                 "per_day": dg.MetadataValue.md(markdown_table(rows, ["day", "rows"])),
-                "path": dg.MetadataValue.path(built["path"]),
+                "path": dg.MetadataValue.path(built[-1]["path"]),
             }
         )
 
