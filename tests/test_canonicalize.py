@@ -13,7 +13,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from recsys_dagster import contract
+from recsys_dagster import canonicalize, contract
 from recsys_dagster.canonicalize import (
     RawFileError,
     canonicalize_partition,
@@ -528,3 +528,19 @@ def test_output_is_sorted_by_ts_with_ties_in_reading_order(layout, write_raw: Ca
     assert canonical.select("source_file", "source_line").equals(
         expected.select("source_file", "source_line")
     )
+
+
+@pytest.mark.parametrize(
+    ("block", "possible"),
+    [
+        (b'{"item_id": "a"}\n{"item_id": "b\\n"}\n', False),
+        (b'{"item_id": "a\x1fb"}\n', True),
+        (b'{"item_id": "a\x1eb"}\n', True),
+        (b'{"item_id": "a\\u001Fb"}\n', True),
+        (b'{"item_id": "a\\u001eb"}\n', True),
+        (b'{"item_id": "a\\u0010b"}\n', True),
+    ],
+)
+def test_separator_check_finds_raw_and_escaped_separators(block: bytes, possible: bool) -> None:
+    # When it answers False, derived ids skip the per-row ambiguity check (see _with_event_id).
+    assert canonicalize._may_hold_separators(block) is possible
