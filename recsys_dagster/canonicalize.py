@@ -8,9 +8,9 @@ How it stays fast and bounded:
 - files are read in blocks of whole lines; each block is split with numpy and parsed by polars'
   NDJSON reader in one call (the fast path); only unusual lines (blank, too long, invalid UTF-8, not
   an object, wrong types) go through `contract.parse_line` one by one;
-- parsed rows are held in memory up to `rows_per_bucket`; beyond that they spill to disk, hashed by
-  event id, and each output file is deduplicated and sorted bucket by bucket, so peak memory depends
-  on the bucket size, not on the partition size.
+- valid rows are written as they arrive, in reading order, in files of `rows_per_file` rows (each
+  sorted by time, written on a background thread); duplicates are found across files through 16 bytes
+  of hashes per distinct event, so memory depends on the file size, not on the partition size.
 Outputs are written to a staging directory and swapped into place only when complete.
 """
 
@@ -21,7 +21,6 @@ import datetime as dt
 import gzip
 import hashlib
 import json
-import math
 import os
 import shutil
 import time
@@ -44,7 +43,6 @@ from recsys_dagster.settings import IngestConfig
 
 BLOCK_BYTES = 16 * 1024 * 1024
 PARALLEL_BLOCKS = 3
-SPILL_SLOTS = 256
 SUMMARY_FILE = "_summary.json"
 UTF8_BOM = b"\xef\xbb\xbf"
 HASHED_FIELDS = (
@@ -121,8 +119,8 @@ def canonicalize_partition(
     quarantine_stage = staging / "quarantine"
     canonical_stage.mkdir(parents=True)
     quarantine_stage.mkdir(parents=True)
+    canonical = _CanonicalWriter(canonical_stage, config.rows_per_file)
     try:
-        buckets = _BucketStore(staging / "spill", config.rows_per_bucket)
         quarantine = _QuarantineWriter(quarantine_stage / "part-00000.parquet")
         # Blocks are parsed on a small thread pool (polars and numpy release the GIL) and merged in
         # reading order; at most PARALLEL_BLOCKS + 1 blocks are in memory at once.
@@ -134,13 +132,14 @@ def canonicalize_partition(
                 for block, first_line in _read_blocks(path):
                     pending.append(pool.submit(_process_block, block, first_line, source, day, config))
                     if len(pending) > PARALLEL_BLOCKS:
-                        pending.popleft().result().merge_into(summary, buckets, quarantine)
+                        pending.popleft().result().merge_into(summary, canonical, quarantine)
                 if log:
                     log(f"{day}: read {source}")
             while pending:
-                pending.popleft().result().merge_into(summary, buckets, quarantine)
+                pending.popleft().result().merge_into(summary, canonical, quarantine)
         quarantine.close()
-        summary.output_files = buckets.write_outputs(canonical_stage, summary)
+        summary.output_files = canonical.close()
+        summary.canonical_rows, summary.duplicates = canonical.rows, canonical.duplicates
         summary.quarantined = quarantine.rows
         if not summary.reconciled:
             raise AssertionError(f"reconciliation failed for {day}: {summary.to_json()}")
@@ -150,6 +149,7 @@ def canonicalize_partition(
         _swap_into_place(quarantine_stage, partition_dir(lake_root, "quarantine", day))
         _swap_into_place(canonical_stage, partition_dir(lake_root, "canonical_events", day))
     finally:
+        canonical.shutdown()  # after a failure, a file may still be being written into the staging folder
         shutil.rmtree(staging, ignore_errors=True)
     return summary
 
@@ -197,7 +197,7 @@ class _BlockResult:
     bytes: int
 
     def merge_into(
-        self, summary: PartitionSummary, buckets: _BucketStore, quarantine: _QuarantineWriter
+        self, summary: PartitionSummary, canonical: _CanonicalWriter, quarantine: _QuarantineWriter
     ) -> None:
         summary.lines_read += self.lines
         summary.blank_lines += self.blank
@@ -206,7 +206,7 @@ class _BlockResult:
             summary.reasons[code] = summary.reasons.get(code, 0) + 1
         if self.quarantined["reason"]:
             quarantine.write(self.quarantined)
-        buckets.add(self.valid)
+        canonical.add(self.valid)
 
 
 def _process_block(
@@ -566,103 +566,156 @@ def _with_event_id(events: pl.DataFrame, *, separators_possible: bool = True) ->
     )
 
 
-class _BucketStore:
-    """Holds valid rows; spills to disk past `rows_per_bucket` so that memory stays bounded."""
+class _CanonicalWriter:
+    """Writes valid rows as they arrive, in reading order, as files of `rows_per_file` rows (the last one
+    smaller), each sorted by `ts` and written on a background thread while the next one fills.
 
-    def __init__(self, spill_dir: Path, rows_per_bucket: int) -> None:
-        self.spill_dir = spill_dir
-        self.rows_per_bucket = rows_per_bucket
+    A row whose (tenant, event_id) already appeared earlier in reading order, in this file or an earlier
+    one, is a duplicate and is dropped (event ids are idempotency keys within one tenant). Memory holds at
+    most the file being filled and the one being written, plus 16 bytes per distinct key (`_SeenKeys`).
+    """
+
+    def __init__(self, out_dir: Path, rows_per_file: int) -> None:
+        self.out_dir = out_dir
+        self.rows_per_file = rows_per_file
         self.frames: list[pl.DataFrame] = []
         self.held = 0
-        self.total = 0
-        self.spills: list[tuple[Path, np.ndarray]] = []
+        self.seen = _SeenKeys()
+        self.files: list[str] = []
+        self.rows = 0
+        self.duplicates = 0
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="canonical-writer")
+        self._writing: Future[tuple[int, int]] | None = None
 
     def add(self, frame: pl.DataFrame) -> None:
         if not frame.height:
             return
         self.frames.append(frame)
         self.held += frame.height
-        self.total += frame.height
-        if self.held >= self.rows_per_bucket:
-            self._spill()
+        if self.held >= self.rows_per_file:
+            held = pl.concat(self.frames)
+            cut = self.held - self.held % self.rows_per_file
+            for start in range(0, cut, self.rows_per_file):
+                self._write_next(held.slice(start, self.rows_per_file))
+            self.frames = [held.slice(cut)] if cut < self.held else []
+            self.held -= cut
 
-    def _spill(self) -> None:
-        """Write the held rows as one run file: Arrow IPC, one record batch per slot (in slot order, rows
-        in reading order within a slot), so that the final pass reads each spilled row exactly once."""
-        self.spill_dir.mkdir(parents=True, exist_ok=True)
-        path = self.spill_dir / f"run-{len(self.spills):05d}.arrow"
-        frame = pl.concat(self.frames).with_columns(_slot().alias("_slot")).sort("_slot", maintain_order=True)
-        self.frames, self.held = [], 0
-        slots = frame["_slot"].to_numpy()
-        bounds = np.searchsorted(slots, np.arange(SPILL_SLOTS + 1))
-        table = frame.drop("_slot").to_arrow().combine_chunks()
-        del frame
-        batch_slots = []
-        options = pa.ipc.IpcWriteOptions(compression="lz4")
-        with (
-            pa.OSFile(str(path), "wb") as sink,
-            pa.ipc.new_file(sink, table.schema, options=options) as writer,
-        ):
-            for slot in range(SPILL_SLOTS):
-                lo, hi = int(bounds[slot]), int(bounds[slot + 1])
-                if hi > lo:
-                    for batch in table.slice(lo, hi - lo).to_batches():
-                        writer.write_batch(batch)
-                        batch_slots.append(slot)
-        self.spills.append((path, np.array(batch_slots, dtype=np.int64)))
+    def close(self) -> list[str]:
+        """Write what is left (an empty file if there were no rows at all); returns the file names."""
+        try:
+            if self.frames or not self.files:
+                frames = self.frames or [pl.DataFrame(schema=contract.CANONICAL_SCHEMA)]
+                self._write_next(pl.concat(frames), last=True)
+                self.frames, self.held = [], 0
+            self._wait()
+        finally:
+            self._pool.shutdown(wait=True)
+        return self.files
 
-    def write_outputs(self, out_dir: Path, summary: PartitionSummary) -> list[str]:
-        if not self.spills:
-            frames = self.frames or [pl.DataFrame(schema=contract.CANONICAL_SCHEMA)]
-            return [_write_bucket(pl.concat(frames), out_dir / "part-00000.parquet", summary)]
-        if self.frames:
-            self._spill()
-        buckets = max(1, math.ceil(self.total / self.rows_per_bucket))
-        names = []
-        for bucket in range(buckets):
-            # Runs in reading order, slots ascending within a run: the same row order as filtering every
-            # run by `_slot % buckets == bucket`.
-            parts = []
-            for path, batch_slots in self.spills:
-                wanted = np.flatnonzero(batch_slots % buckets == bucket)
-                if not len(wanted):
-                    continue
-                with pa.memory_map(str(path)) as source:
-                    reader = pa.ipc.open_file(source)
-                    table = pa.Table.from_batches([reader.get_batch(int(i)) for i in wanted], reader.schema)
-                    parts.append(pl.from_arrow(table))
-                    del table
-            frame = pl.concat(parts) if parts else pl.DataFrame(schema=contract.CANONICAL_SCHEMA)
-            del parts
-            names.append(_write_bucket(frame, out_dir / f"part-{bucket:05d}.parquet", summary))
-            del frame
-        return names
+    def shutdown(self) -> None:
+        """Wait for a write in progress (needed after a failure, before the staging folder goes)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _write_next(self, frame: pl.DataFrame, *, last: bool = False) -> None:
+        self._wait()  # the previous file first: keys are checked in reading order
+        path = self.out_dir / f"part-{len(self.files):05d}.parquet"
+        self.files.append(path.name)
+        self._writing = self._pool.submit(self._write, frame, path, last)
+
+    def _wait(self) -> None:
+        if self._writing is not None:
+            rows, duplicates = self._writing.result()
+            self._writing = None
+            self.rows += rows
+            self.duplicates += duplicates
+
+    def _write(self, frame: pl.DataFrame, path: Path, last: bool) -> tuple[int, int]:
+        first = self.seen.first_occurrences(frame, remember=not last)
+        if not first.all():
+            frame = frame.filter(pl.Series(first))
+        frame = frame.sort("ts", maintain_order=True)  # ties keep reading order
+        # zstd level 1 writes about twice as fast as the default level 3 at the same size on this data.
+        frame.write_parquet(path, compression="zstd", compression_level=1, statistics=True)
+        return frame.height, len(first) - frame.height
 
 
-def _slot() -> pl.Expr:
-    """Spill slot of a row: a stable 64-bit hash of the deduplication key (event ids are idempotency keys
-    within one tenant), so that all copies of an event meet in the same output bucket."""
-    key = plh.concat_str([pl.col("tenant"), pl.col("event_id")], separator="\x00")
-    return (key.nchash.xxh3_64() % SPILL_SLOTS).cast(pl.Int32)
+class _SeenKeys:
+    """The (tenant, event_id) keys seen so far, each as two independent 64-bit hashes (xxh3 and wyhash).
 
-
-def _write_bucket(frame: pl.DataFrame, path: Path, summary: PartitionSummary) -> str:
-    """Drop duplicate (tenant, event id)s (the first in reading order wins), sort by time, write.
-
-    Rows arrive in reading order, or after a spill in (run, slot) order with reading order kept within
-    each slot; one id always maps to one slot, so its copies still arrive in reading order. Ties in `ts`
-    keep the arrival order, the same on every run.
+    Two keys are taken to be the same when both hashes agree: 128 bits, the same strength as the derived
+    event ids themselves. The pairs are kept in a few arrays ("levels") sorted by the first hash and looked
+    up with binary search.
     """
-    first = frame.select(pl.struct("tenant", "event_id").is_first_distinct())[:, 0]
-    duplicates = first.len() - first.sum()
-    if duplicates:
-        frame = frame.filter(first)
-        summary.duplicates += duplicates
-    frame = frame.sort("ts", maintain_order=True)
-    summary.canonical_rows += frame.height
-    # zstd level 1 writes about twice as fast as the default level 3 at the same size on this data.
-    frame.write_parquet(path, compression="zstd", compression_level=1, statistics=True)
-    return path.name
+
+    def __init__(self) -> None:
+        self.levels: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def first_occurrences(self, frame: pl.DataFrame, *, remember: bool = True) -> np.ndarray:
+        """True for each row whose key is seen for the first time (earlier rows of `frame` included);
+        remembers the new keys unless told that no rows follow."""
+        key = plh.concat_str([pl.col("tenant"), pl.col("event_id")], separator="\x00")
+        hashes = frame.select(key.nchash.xxh3_64().alias("h1"), key.nchash.wyhash().alias("h2"))
+        first = hashes.select(pl.struct("h1", "h2").is_first_distinct()).to_series().to_numpy()
+        if not self.levels and not remember:
+            return first
+        # Sorted by the first hash, the lookups walk each level in one direction (binary search is then
+        # cache-friendly) and the new keys come out ready to be kept as a level.
+        order = np.argsort(hashes["h1"].to_numpy())
+        h1, h2 = hashes["h1"].to_numpy()[order], hashes["h2"].to_numpy()[order]
+        new = first[order]
+        for level in self.levels:
+            new &= ~_contains(level, h1, h2)
+        if remember:
+            self._remember(h1[new], h2[new])
+        first = np.empty_like(new)
+        first[order] = new
+        return first
+
+    def _remember(self, h1: np.ndarray, h2: np.ndarray) -> None:
+        """Keep keys given in ascending order of `h1` as a new level; each level stays more than twice the
+        size of the next, so there are at most log2(keys) + 1 levels."""
+        if not len(h1):
+            return
+        self.levels.append((h1, h2))
+        while len(self.levels) >= 2 and len(self.levels[-2][0]) <= 2 * len(self.levels[-1][0]):
+            newer = self.levels.pop()
+            self.levels.append(_merge(self.levels.pop(), newer))
+
+
+def _merge(
+    a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Two levels sorted by their first array -> one (linear, without sorting again)."""
+    at = np.searchsorted(a[0], b[0]) + np.arange(len(b[0]))
+    from_a = np.ones(len(a[0]) + len(b[0]), dtype=bool)
+    from_a[at] = False
+    merged = []
+    for column_a, column_b in zip(a, b, strict=True):
+        out = np.empty(len(from_a), dtype=column_a.dtype)
+        out[at] = column_b
+        out[from_a] = column_a
+        merged.append(out)
+    return merged[0], merged[1]
+
+
+def _contains(level: tuple[np.ndarray, np.ndarray], h1: np.ndarray, h2: np.ndarray) -> np.ndarray:
+    """Which (h1, h2) pairs are in `level` (sorted by its first array)."""
+    sorted1, sorted2 = level
+    if not len(sorted1):
+        return np.zeros(len(h1), dtype=bool)
+    at = np.searchsorted(sorted1, h1)
+    clipped = np.minimum(at, len(sorted1) - 1)
+    same_first = sorted1[clipped] == h1
+    found = same_first & (sorted2[clipped] == h2)
+    # Distinct keys whose first hashes collide sit next to each other: look past the first of them.
+    for i in np.flatnonzero(same_first & ~found):
+        j = int(at[i]) + 1
+        while j < len(sorted1) and sorted1[j] == h1[i]:
+            if sorted2[j] == h2[i]:
+                found[i] = True
+                break
+            j += 1
+    return found
 
 
 class _QuarantineWriter:

@@ -32,8 +32,8 @@ class IngestConfig:
     max_lateness_days: int = 7
     max_clock_skew_hours: int = 1
     event_types: tuple[str, ...] = DEFAULT_EVENT_TYPES
-    # Rows held in memory before canonicalization spills to disk; bounds peak memory per partition.
-    rows_per_bucket: int = 2_000_000
+    # Valid rows per canonical output file; a file is held in memory until written, so this bounds memory.
+    rows_per_file: int = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -243,7 +243,7 @@ def _validate(config: PipelineConfig) -> None:
     ingest, checks = config.ingest, config.checks
     positive = {
         "ingest.max_line_bytes": ingest.max_line_bytes,
-        "ingest.rows_per_bucket": ingest.rows_per_bucket,
+        "ingest.rows_per_file": ingest.rows_per_file,
         "checks.volume_trailing_days": checks.volume_trailing_days,
     }
     for key, value in positive.items():

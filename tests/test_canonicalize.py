@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import datetime as dt
 import gzip
+import itertools
 import json
 import random
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 
@@ -404,12 +406,12 @@ def _mixed_day(write_raw: Callable[..., Path], raw_root: Path, n: int = 300, see
         write_raw(raw_root, DAY, name, lines)
 
 
-@pytest.mark.parametrize("rows_per_bucket", [2_000_000, 50])
+@pytest.mark.parametrize("rows_per_file", [2_000_000, 50])
 def test_rerun_gives_byte_identical_outputs(
-    layout, write_raw: Callable[..., Path], tmp_path: Path, rows_per_bucket: int
+    layout, write_raw: Callable[..., Path], tmp_path: Path, rows_per_file: int
 ) -> None:
     _mixed_day(write_raw, layout.raw_root)
-    config = IngestConfig(rows_per_bucket=rows_per_bucket)
+    config = IngestConfig(rows_per_file=rows_per_file)
     run(layout, config)
     canonical_dir = partition_dir(layout.lake_root, "canonical_events", DAY)
     quarantine_dir = partition_dir(layout.lake_root, "quarantine", DAY)
@@ -426,7 +428,7 @@ def test_rerun_gives_byte_identical_outputs(
 
 def test_rerun_replaces_the_partition(layout, write_raw: Callable[..., Path]) -> None:
     raw_file = write_raw(layout.raw_root, DAY, "events.jsonl", [line(n) for n in range(400)] + [b"{bad"])
-    run(layout, IngestConfig(rows_per_bucket=50))
+    run(layout, IngestConfig(rows_per_file=50))
     canonical_dir = partition_dir(layout.lake_root, "canonical_events", DAY)
     assert len(list(canonical_dir.glob("*.parquet"))) > 1
 
@@ -492,7 +494,7 @@ def test_spill_mode_gives_the_same_rows_as_in_memory(
 ) -> None:
     _mixed_day(write_raw, layout.raw_root, n=1500, seed=11)
     memory = run(layout, IngestConfig(), lake_root=tmp_path / "memory")
-    spill = run(layout, IngestConfig(rows_per_bucket=50), lake_root=tmp_path / "spill")
+    spill = run(layout, IngestConfig(rows_per_file=50), lake_root=tmp_path / "spill")
 
     spilled_files = sorted(partition_dir(tmp_path / "spill", "canonical_events", DAY).glob("*.parquet"))
     assert len(spilled_files) > 1
@@ -544,3 +546,49 @@ def test_output_is_sorted_by_ts_with_ties_in_reading_order(layout, write_raw: Ca
 def test_separator_check_finds_raw_and_escaped_separators(block: bytes, possible: bool) -> None:
     # When it answers False, derived ids skip the per-row ambiguity check (see _with_event_id).
     assert canonicalize._may_hold_separators(block) is possible
+
+
+def test_a_duplicate_in_a_later_output_file_is_dropped_and_the_first_kept(
+    layout, write_raw: Callable[..., Path]
+) -> None:
+    first = [line(n, event_id=f"e{n}", item_id="first") for n in range(30)]
+    # Same ids later in the day (in files written after the first ones), plus one new id per tenant.
+    again = [line(n, event_id=f"e{n}", item_id="again") for n in range(0, 30, 3)]
+    other_tenant = [line(100, event_id="e1", tenant="other")]
+    write_raw(layout.raw_root, DAY, "a.jsonl", first)
+    write_raw(layout.raw_root, DAY, "b.jsonl", [*again, *other_tenant])
+    summary = run(layout, IngestConfig(rows_per_file=7))
+
+    files = sorted(partition_dir(layout.lake_root, "canonical_events", DAY).glob("*.parquet"))
+    assert len(files) == 6  # 41 valid rows in runs of 7
+    rows = read(layout.lake_root, "canonical_events")
+    assert summary.duplicates == 10 and summary.canonical_rows == 31
+    assert rows.filter(pl.col("tenant") == "acme")["item_id"].unique().to_list() == ["first"]
+    assert rows.filter(pl.col("tenant") == "other")["event_id"].to_list() == ["e1"]
+
+
+def test_seen_keys_match_a_set_across_many_levels() -> None:
+    rng = random.Random(5)
+    seen_keys = canonicalize._SeenKeys()
+    reference: set[tuple[str, str]] = set()
+    for batch in range(9):
+        keys = [(rng.choice("ab"), f"id{rng.randrange(400)}") for _ in range(120)]
+        frame = pl.DataFrame(keys, schema=["tenant", "event_id"], orient="row")
+        expected = []
+        for key in keys:
+            expected.append(key not in reference)
+            reference.add(key)
+        assert seen_keys.first_occurrences(frame).tolist() == expected, batch
+    sizes = [len(level[0]) for level in seen_keys.levels]
+    assert sum(sizes) == len(reference)
+    assert all(bigger > 2 * smaller for bigger, smaller in itertools.pairwise(sizes)), sizes
+
+
+def test_lookup_checks_every_entry_whose_first_hash_collides() -> None:
+    # Distinct keys may share the first 64-bit hash: all of them are compared on the second.
+    first = np.array([5, 7, 7, 7, 9], dtype=np.uint64)
+    second = np.array([1, 2, 3, 4, 5], dtype=np.uint64)
+    probe_first = np.array([7, 7, 7, 8, 9], dtype=np.uint64)
+    probe_second = np.array([4, 2, 9, 1, 5], dtype=np.uint64)
+    found = canonicalize._contains((first, second), probe_first, probe_second)
+    assert found.tolist() == [True, True, False, False, True]

@@ -1038,7 +1038,7 @@ def test_canonicalize_agrees_with_the_reference_parser_on_tricky_lines(
     crlf=st.lists(st.booleans(), min_size=16, max_size=16),
     final_newline=st.booleans(),
     block_bytes=st.sampled_from([None, 4096, 300]),
-    rows_per_bucket=st.sampled_from([2_000_000, 4]),
+    rows_per_file=st.sampled_from([2_000_000, 4]),
 )
 def test_canonicalize_agrees_with_the_reference_parser_line_by_line(
     write_raw: Callable[..., Path],
@@ -1047,7 +1047,7 @@ def test_canonicalize_agrees_with_the_reference_parser_line_by_line(
     crlf: list[bool],
     final_newline: bool,
     block_bytes: int | None,
-    rows_per_bucket: int,
+    rows_per_file: int,
 ) -> None:
     """Random mixes of valid, broken and odd lines: the fast path never disagrees with parse_line +
     validate_events (same reason per quarantined line, same values per canonical line), whatever the
@@ -1058,5 +1058,5 @@ def test_canonicalize_agrees_with_the_reference_parser_line_by_line(
             lines[target] = lines[source]
     lines = [line + b"\r" if cr else line for line, cr in zip(lines, crlf, strict=False)]
     data = b"\n".join(lines) + (b"\n" if final_newline else b"")
-    config = IngestConfig(rows_per_bucket=rows_per_bucket, **PROP_CONFIG)
+    config = IngestConfig(rows_per_file=rows_per_file, **PROP_CONFIG)
     assert_agrees_with_reference(write_raw, data, config, block_bytes)

@@ -132,7 +132,7 @@ ingest:
   max_lateness_days: 2
   max_clock_skew_hours: 0
   event_types: [exposure, click, view]
-  rows_per_bucket: 1000
+  rows_per_file: 1000
 checks:
   max_quarantine_rate: 0.2
   max_duplicate_rate: 1
@@ -151,7 +151,7 @@ event_weights:
         max_lateness_days=2,
         max_clock_skew_hours=0,
         event_types=("exposure", "click", "view"),
-        rows_per_bucket=1000,
+        rows_per_file=1000,
     )
     checks = settings.pipeline.checks
     assert checks.max_quarantine_rate == 0.2
@@ -224,7 +224,7 @@ def test_wrong_types_are_rejected_with_the_key(in_tmp: Path, text: str, key: str
     ("text", "key"),
     [
         ("ingest:\n  max_line_bytes: 0\n", "ingest.max_line_bytes"),
-        ("ingest:\n  rows_per_bucket: -5\n", "ingest.rows_per_bucket"),
+        ("ingest:\n  rows_per_file: -5\n", "ingest.rows_per_file"),
         ("ingest:\n  max_lateness_days: -1\n", "ingest.max_lateness_days"),
         ("ingest:\n  max_clock_skew_hours: -1\n", "ingest.max_clock_skew_hours"),
         ("ingest:\n  event_types: []\n", "ingest.event_types"),
