@@ -59,7 +59,6 @@ SCHEMAS: dict[str, dict[str, pl.DataType]] = {
         "weight": pl.Float64(),
     },
 }
-SORT_KEYS = {"popularity": ["rank"], "cooc": ["item_id", "rank"], "user_history": ["user_id", "rank"]}
 TOP_ROWS = 10
 AGGREGATE_FILE = "part-00000.parquet"
 
@@ -218,12 +217,7 @@ def build_window_artifacts(
     days = window_days(as_of, window_size(kind, config))
     scopes = _scopes(lake_root, aggregate, used)
     schema = SCHEMAS[kind]
-    groups = {
-        (tenant, surface): part
-        for (tenant, surface), part in frame.partition_by(
-            ["tenant", "surface"], maintain_order=True, as_dict=True
-        ).items()
-    }
+    groups = _split_by_scope(frame)
     inputs: dict[str, Any] = {
         aggregate: [d.isoformat() for d in used],
         "canonical_events": _canonical_hashes(lake_root, used),
@@ -233,12 +227,12 @@ def build_window_artifacts(
     builds = []
     for tenant, surface in sorted(scopes | set(groups)):
         part = groups.get((tenant, surface))
+        # Rows stay in the order of the SQL's ORDER BY (tenant, surface, then the kind's keys).
         data = (
             pl.DataFrame(schema=schema)
             if part is None
             else part.select([pl.col(name).cast(dtype) for name, dtype in schema.items()])
         )
-        data = data.sort(SORT_KEYS[kind], maintain_order=True)
         meta = {
             "format": FORMAT,
             "kind": kind,
@@ -269,6 +263,14 @@ def build_window_artifacts(
             )
         )
     return builds
+
+
+def _split_by_scope(frame: pl.DataFrame) -> dict[tuple[str, str], pl.DataFrame]:
+    """Rows per (tenant, surface), order kept; a single scope (the common case) is not copied."""
+    scopes = frame.select("tenant", "surface").unique()
+    if scopes.height == 1:
+        return {scopes.row(0): frame}
+    return dict(frame.partition_by(["tenant", "surface"], maintain_order=True, as_dict=True))
 
 
 def _scopes(lake_root: Path, aggregate: str, days: list[dt.date]) -> set[tuple[str, str]]:
