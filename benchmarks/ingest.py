@@ -30,7 +30,6 @@ from benchmarks.harness import (
     measure,
     text_table,
 )
-from recsys_dagster.settings import IngestConfig
 
 NAME = "ingest"
 TASKS = "benchmarks.ingest_tasks"
@@ -41,9 +40,8 @@ EVENTS_PER_SECOND_TARGET = 1_000_000
 BASELINE_RATIO_TARGET = 1.5
 # "Peak memory bounded independent of partition size": the peak at the largest size may be at most this
 # many times the peak at the smallest size measured. A partition held whole in memory grows about in
-# proportion to its events (the baseline shows it); canonicalization holds at most `rows_per_file` rows
-# (IngestConfig), so a partition smaller than one bucket is held whole and some growth up to that is
-# expected, none beyond it.
+# proportion to its events (the baseline shows it); canonicalization streams blocks of lines to its output
+# files and keeps only 16 bytes of hashes per distinct event, so it should hardly grow.
 MEMORY_GROWTH_LIMIT = 2.0
 
 
@@ -250,8 +248,8 @@ def _render(results: list[SizeResult], machine: str) -> Section:
         "reconciles this; the run fails otherwise); duplicates are the generator's client-retry lines.",
         f"Memory target: the recsys peak at each size may be at most {MEMORY_GROWTH_LIMIT:g}x its peak at "
         "the smallest size measured (a partition held whole in memory grows with its events, as the "
-        "baseline does; recsys holds at most `rows_per_file` = "
-        f"{IngestConfig().rows_per_file:,} rows by default).",
+        "baseline does; recsys streams blocks of lines to its files and keeps 16 bytes of hashes per "
+        "distinct event).",
     ]
     text = "\n".join(
         [

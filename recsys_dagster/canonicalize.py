@@ -8,9 +8,10 @@ How it stays fast and bounded:
 - files are read in blocks of whole lines; each block is split with numpy and parsed by polars'
   NDJSON reader in one call (the fast path); only unusual lines (blank, too long, invalid UTF-8, not
   an object, wrong types) go through `contract.parse_line` one by one;
-- valid rows are written as they arrive, in reading order, in files of `rows_per_file` rows (each
-  sorted by time, written on a background thread); duplicates are found across files through 16 bytes
-  of hashes per distinct event, so memory depends on the file size, not on the partition size.
+- each block's valid rows are appended, in reading order, to the current output file as a row group, on
+  a background thread while the next blocks are parsed (a new file every `rows_per_file` rows);
+  duplicates are found through 16 bytes of hashes per distinct event, so memory depends on the block
+  size, not on the partition size.
 Outputs are written to a staging directory and swapped into place only when complete.
 """
 
@@ -36,6 +37,7 @@ import numpy as np
 import polars as pl
 import polars_hash as plh
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from recsys_dagster import contract
@@ -124,19 +126,27 @@ def canonicalize_partition(
         quarantine = _QuarantineWriter(quarantine_stage / "part-00000.parquet")
         # Blocks are parsed on a small thread pool (polars and numpy release the GIL) and merged in
         # reading order; at most PARALLEL_BLOCKS + 1 blocks are in memory at once.
+        lines_merged: dict[str, int] = {}  # per landing file
+
+        def merge(block: Future[_BlockResult]) -> None:
+            result = block.result()
+            before = lines_merged.get(result.source, 0)
+            result.merge_into(summary, canonical, quarantine, before)
+            lines_merged[result.source] = before + result.lines
+
         with ThreadPoolExecutor(PARALLEL_BLOCKS) as pool:
             pending: deque[Future[_BlockResult]] = deque()
             for path in landing_files(raw_root, day):
                 source = path.relative_to(raw_root).as_posix()
                 summary.files.append(source)
-                for block, first_line in _read_blocks(path):
-                    pending.append(pool.submit(_process_block, block, first_line, source, day, config))
+                for block in _read_blocks(path):
+                    pending.append(pool.submit(_process_block, block, source, day, config))
                     if len(pending) > PARALLEL_BLOCKS:
-                        pending.popleft().result().merge_into(summary, canonical, quarantine)
+                        merge(pending.popleft())
                 if log:
                     log(f"{day}: read {source}")
             while pending:
-                pending.popleft().result().merge_into(summary, canonical, quarantine)
+                merge(pending.popleft())
         quarantine.close()
         summary.output_files = canonical.close()
         summary.canonical_rows, summary.duplicates = canonical.rows, canonical.duplicates
@@ -159,14 +169,13 @@ def read_summary(lake_root: Path, day: dt.date) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _read_blocks(path: Path) -> Iterator[tuple[bytes, int]]:
-    """Yield (block of whole lines, 1-based number of its first line); strips a leading BOM."""
-    opener = gzip.open if path.name.endswith(".gz") else open
-    line_no = 1
+def _read_blocks(path: Path) -> Iterator[bytes]:
+    """Yield the file in blocks of whole lines; strips a leading BOM."""
+    gzipped = path.name.endswith(".gz")
     carry = b""
     first = True
     try:
-        with opener(path, "rb") as handle:
+        with (gzip.open if gzipped else open)(path, "rb") as handle:
             while True:
                 chunk = handle.read(BLOCK_BYTES)
                 if first:
@@ -174,44 +183,58 @@ def _read_blocks(path: Path) -> Iterator[tuple[bytes, int]]:
                     first = False
                 if not chunk:
                     break
-                data = carry + chunk
-                cut = data.rfind(b"\n")
-                if cut < 0:
-                    carry = data
+                cut = chunk.rfind(b"\n") + 1
+                if not cut:
+                    carry += chunk  # a line longer than a block
                     continue
-                block, carry = data[: cut + 1], data[cut + 1 :]
-                yield block, line_no
-                line_no += block.count(b"\n")
+                tail = chunk[cut:]
+                if tail and not gzipped:
+                    # Hand the unfinished line back to the file: re-reading it costs less than copying
+                    # the block onto the carried-over bytes (seeking back in a gzip stream would not).
+                    handle.seek(-len(tail), os.SEEK_CUR)
+                    tail = b""
+                yield carry + chunk[:cut] if carry else chunk[:cut]
+                carry = tail
     except (OSError, EOFError, zlib.error) as exc:
         raise RawFileError(f"cannot read landing file {path}: {exc}") from exc
     if carry:
-        yield carry + b"\n", line_no
+        yield carry + b"\n"
 
 
 @dataclass
 class _BlockResult:
-    valid: pl.DataFrame
+    """One block's outcome; line numbers count from the block's first line, until `merge_into`."""
+
+    source: str
+    valid: pa.Table
+    keys: tuple[np.ndarray, np.ndarray]  # per valid row, the two hashes of (tenant, event_id)
     quarantined: dict[str, list]
     lines: int
     blank: int
     bytes: int
 
     def merge_into(
-        self, summary: PartitionSummary, canonical: _CanonicalWriter, quarantine: _QuarantineWriter
+        self,
+        summary: PartitionSummary,
+        canonical: _CanonicalWriter,
+        quarantine: _QuarantineWriter,
+        lines_before: int,
     ) -> None:
+        """Add the block to the outputs; `lines_before` = lines of its file in the blocks before it."""
         summary.lines_read += self.lines
         summary.blank_lines += self.blank
         summary.bytes_read += self.bytes
         for code in self.quarantined["reason"]:
             summary.reasons[code] = summary.reasons.get(code, 0) + 1
         if self.quarantined["reason"]:
-            quarantine.write(self.quarantined)
-        canonical.add(self.valid)
+            lines = [n + lines_before for n in self.quarantined["source_line"]]
+            quarantine.write(self.quarantined | {"source_line": lines})
+        at = self.valid.schema.get_field_index("source_line")
+        lines = pc.add(self.valid.column(at), lines_before)
+        canonical.add(self.valid.set_column(at, "source_line", lines), self.keys)
 
 
-def _process_block(
-    block: bytes, first_line: int, source: str, day: dt.date, config: IngestConfig
-) -> _BlockResult:
+def _process_block(block: bytes, source: str, day: dt.date, config: IngestConfig) -> _BlockResult:
     """Parse and validate one block of whole lines (pure: safe to run on a worker thread)."""
     lines = _LineIndex(block)
     parsed, rejected, blank = _parse_block(lines, config.max_line_bytes)
@@ -229,18 +252,20 @@ def _process_block(
         events.filter(pl.col("reason").is_null())
         .with_columns(
             pl.lit(source).alias("source_file"),
-            (pl.col("line_index") + first_line).alias("source_line"),
+            (pl.col("line_index") + 1).alias("source_line"),
         )
         .pipe(_with_event_id, separators_possible=_may_hold_separators(block))
     )
     quarantined = {
         "source_file": [source] * len(rejected),
-        "source_line": [first_line + r[0] for r in rejected],
+        "source_line": [1 + r[0] for r in rejected],
         "reason": [r[1] for r in rejected],
         "detail": [r[2] for r in rejected],
         "raw": [lines.text(r[0]) for r in rejected],
     }
-    return _BlockResult(valid, quarantined, lines.count, blank, len(block))
+    return _BlockResult(
+        source, valid.to_arrow(), _key_hashes(valid), quarantined, lines.count, blank, len(block)
+    )
 
 
 class _LineIndex:
@@ -278,7 +303,7 @@ def _parse_block(lines: _LineIndex, max_line_bytes: int) -> tuple[pl.DataFrame, 
     careful[nonempty] |= arr[np.maximum(last[nonempty], 0)] != ord("}")
     if not _is_utf8(block):
         careful |= _invalid_utf8_lines(lines)
-    if np.any(arr == ord("\\")) and b"\\u" in block:
+    if b"\\" in block and b"\\u" in block:
         careful |= _escaped_surrogate_lines(lines)
 
     fast_index = np.flatnonzero(~careful)
@@ -566,81 +591,110 @@ def _with_event_id(events: pl.DataFrame, *, separators_possible: bool = True) ->
     )
 
 
-class _CanonicalWriter:
-    """Writes valid rows as they arrive, in reading order, as files of `rows_per_file` rows (the last one
-    smaller), each sorted by `ts` and written on a background thread while the next one fills.
+# Dictionary encoding only where values repeat; the event id column (mostly unique hashes) would fall back
+# to plain encoding after paying for a dictionary. zstd level 1 writes about twice as fast as the default
+# level 3 at about the same size on this data.
+_CANONICAL_PARQUET = {
+    "compression": "zstd",
+    "compression_level": 1,
+    "use_dictionary": [name for name in contract.CANONICAL_SCHEMA if name != "event_id"],
+    "write_statistics": True,
+}
+_ARROW_CANONICAL_SCHEMA = pl.DataFrame(schema=contract.CANONICAL_SCHEMA).to_arrow().schema
 
-    A row whose (tenant, event_id) already appeared earlier in reading order, in this file or an earlier
-    one, is a duplicate and is dropped (event ids are idempotency keys within one tenant). Memory holds at
-    most the file being filled and the one being written, plus 16 bytes per distinct key (`_SeenKeys`).
+
+class _CanonicalWriter:
+    """Appends valid rows, in reading order, to Parquet files of at most `rows_per_file` rows.
+
+    A row whose (tenant, event_id) already appeared earlier in reading order is a duplicate and is dropped
+    (event ids are idempotency keys within one tenant). What is left of each block becomes a row group,
+    written on a background thread while the next blocks are parsed; memory holds at most
+    `MAX_QUEUED_WRITES` blocks waiting for it, plus 16 bytes per distinct key (`_SeenKeys`).
     """
+
+    MAX_QUEUED_WRITES = 2
 
     def __init__(self, out_dir: Path, rows_per_file: int) -> None:
         self.out_dir = out_dir
         self.rows_per_file = rows_per_file
-        self.frames: list[pl.DataFrame] = []
-        self.held = 0
         self.seen = _SeenKeys()
         self.files: list[str] = []
         self.rows = 0
         self.duplicates = 0
+        self._file: pq.ParquetWriter | None = None
+        self._file_rows = 0
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="canonical-writer")
-        self._writing: Future[tuple[int, int]] | None = None
+        self._queued: deque[Future[None]] = deque()
 
-    def add(self, frame: pl.DataFrame) -> None:
-        if not frame.height:
+    def add(self, rows: pa.Table, keys: tuple[np.ndarray, np.ndarray]) -> None:
+        """Takes the blocks in reading order: the first occurrence of a key is the one kept."""
+        if not rows.num_rows:
             return
-        self.frames.append(frame)
-        self.held += frame.height
-        if self.held >= self.rows_per_file:
-            held = pl.concat(self.frames)
-            cut = self.held - self.held % self.rows_per_file
-            for start in range(0, cut, self.rows_per_file):
-                self._write_next(held.slice(start, self.rows_per_file))
-            self.frames = [held.slice(cut)] if cut < self.held else []
-            self.held -= cut
+        first = self.seen.first_occurrences(*keys)
+        if not first.all():
+            rows = rows.filter(pa.array(first))
+        self.duplicates += len(first) - rows.num_rows
+        self.rows += rows.num_rows
+        if len(self._queued) >= self.MAX_QUEUED_WRITES:
+            self._queued.popleft().result()
+        self._queued.append(self._pool.submit(self._append, rows))
 
     def close(self) -> list[str]:
-        """Write what is left (an empty file if there were no rows at all); returns the file names."""
+        """Finish the last file (an empty one if there were no rows at all); returns the file names."""
         try:
-            if self.frames or not self.files:
-                frames = self.frames or [pl.DataFrame(schema=contract.CANONICAL_SCHEMA)]
-                self._write_next(pl.concat(frames), last=True)
-                self.frames, self.held = [], 0
-            self._wait()
+            while self._queued:
+                self._queued.popleft().result()
+            self._pool.submit(self._finish).result()
         finally:
             self._pool.shutdown(wait=True)
         return self.files
 
     def shutdown(self) -> None:
-        """Wait for a write in progress (needed after a failure, before the staging folder goes)."""
+        """Stop writing and close the open file (after a failure, before the staging folder goes)."""
         self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
-    def _write_next(self, frame: pl.DataFrame, *, last: bool = False) -> None:
-        self._wait()  # the previous file first: keys are checked in reading order
-        path = self.out_dir / f"part-{len(self.files):05d}.parquet"
-        self.files.append(path.name)
-        self._writing = self._pool.submit(self._write, frame, path, last)
+    def _append(self, rows: pa.Table) -> None:
+        """On the writer thread, in the order of `add`."""
+        offset = 0
+        while offset < rows.num_rows:
+            if self._file is None:
+                self._open_next()
+            take = min(rows.num_rows - offset, self.rows_per_file - self._file_rows)
+            self._file.write_table(rows.slice(offset, take), row_group_size=take)
+            self._file_rows += take
+            offset += take
+            if self._file_rows == self.rows_per_file:
+                self._close_current()
 
-    def _wait(self) -> None:
-        if self._writing is not None:
-            rows, duplicates = self._writing.result()
-            self._writing = None
-            self.rows += rows
-            self.duplicates += duplicates
+    def _finish(self) -> None:
+        if not self.files:
+            self._open_next()
+        if self._file is not None:
+            self._close_current()
 
-    def _write(self, frame: pl.DataFrame, path: Path, last: bool) -> tuple[int, int]:
-        first = self.seen.first_occurrences(frame, remember=not last)
-        if not first.all():
-            frame = frame.filter(pl.Series(first))
-        frame = frame.sort("ts", maintain_order=True)  # ties keep reading order
-        # zstd level 1 writes about twice as fast as the default level 3 at the same size on this data.
-        frame.write_parquet(path, compression="zstd", compression_level=1, statistics=True)
-        return frame.height, len(first) - frame.height
+    def _open_next(self) -> None:
+        name = f"part-{len(self.files):05d}.parquet"
+        self.files.append(name)
+        self._file = pq.ParquetWriter(self.out_dir / name, _ARROW_CANONICAL_SCHEMA, **_CANONICAL_PARQUET)
+        self._file_rows = 0
+
+    def _close_current(self) -> None:
+        self._file.close()
+        self._file = None
+
+
+def _key_hashes(events: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Two independent 64-bit hashes (xxh3 and wyhash) of each row's (tenant, event_id)."""
+    key = plh.concat_str([pl.col("tenant"), pl.col("event_id")], separator="\x00")
+    hashes = events.select(key.nchash.xxh3_64().alias("h1"), key.nchash.wyhash().alias("h2"))
+    return hashes["h1"].to_numpy(), hashes["h2"].to_numpy()
 
 
 class _SeenKeys:
-    """The (tenant, event_id) keys seen so far, each as two independent 64-bit hashes (xxh3 and wyhash).
+    """The (tenant, event_id) keys seen so far, each as its two 64-bit hashes (`_key_hashes`).
 
     Two keys are taken to be the same when both hashes agree: 128 bits, the same strength as the derived
     event ids themselves. The pairs are kept in a few arrays ("levels") sorted by the first hash and looked
@@ -650,23 +704,25 @@ class _SeenKeys:
     def __init__(self) -> None:
         self.levels: list[tuple[np.ndarray, np.ndarray]] = []
 
-    def first_occurrences(self, frame: pl.DataFrame, *, remember: bool = True) -> np.ndarray:
-        """True for each row whose key is seen for the first time (earlier rows of `frame` included);
-        remembers the new keys unless told that no rows follow."""
-        key = plh.concat_str([pl.col("tenant"), pl.col("event_id")], separator="\x00")
-        hashes = frame.select(key.nchash.xxh3_64().alias("h1"), key.nchash.wyhash().alias("h2"))
-        first = hashes.select(pl.struct("h1", "h2").is_first_distinct()).to_series().to_numpy()
-        if not self.levels and not remember:
-            return first
+    def first_occurrences(self, h1: np.ndarray, h2: np.ndarray) -> np.ndarray:
+        """True for each key seen for the first time (earlier keys of the same call included), in the
+        order given; remembers the new keys."""
         # Sorted by the first hash, the lookups walk each level in one direction (binary search is then
         # cache-friendly) and the new keys come out ready to be kept as a level.
-        order = np.argsort(hashes["h1"].to_numpy())
-        h1, h2 = hashes["h1"].to_numpy()[order], hashes["h2"].to_numpy()[order]
-        new = first[order]
+        order = np.argsort(h1)
+        repeats = h1[order][1:] == h1[order][:-1]
+        if repeats.any():
+            # Runs of equal first hashes (duplicates, or distinct keys that collide) are ordered by
+            # second hash, then position, so that each key's first occurrence leads its group.
+            at = np.flatnonzero(np.append(repeats, False) | np.insert(repeats, 0, False))
+            run = order[at]
+            order[at] = run[np.lexsort((run, h2[run], h1[run]))]
+        h1, h2 = h1[order], h2[order]
+        new = np.ones(len(order), dtype=bool)
+        new[1:] = (h1[1:] != h1[:-1]) | (h2[1:] != h2[:-1])
         for level in self.levels:
             new &= ~_contains(level, h1, h2)
-        if remember:
-            self._remember(h1[new], h2[new])
+        self._remember(h1[new], h2[new])
         first = np.empty_like(new)
         first[order] = new
         return first

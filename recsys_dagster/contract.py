@@ -186,7 +186,8 @@ def validate_events(
     """Apply every value-level rule to parsed rows.
 
     Returns the rows with identifiers trimmed, `ts` as a UTC timestamp, defaults filled, and two extra
-    columns `reason` / `detail` that are null for valid rows.
+    columns `reason` / `detail` that are null for valid rows: the valid rows first, in input order, then
+    the rejected ones.
     """
     events = parsed.with_columns(
         pl.col("tenant", "surface", "session_id", "item_id").str.strip_chars(),
@@ -210,26 +211,32 @@ def validate_events(
         days=1, hours=max_clock_skew_hours
     )
     rules = _rules(events, event_types, window_start, window_end)
-    first_rule = pl.lit(None, pl.Int32)
-    # Built from the last rule backwards so that the first matching rule wins.
-    for index in reversed(range(len(rules))):
-        first_rule = (
-            pl.when(rules[index][0].fill_null(False)).then(pl.lit(index, pl.Int32)).otherwise(first_rule)
-        )
-    events = events.with_columns(first_rule.alias("_rule")).with_columns(
-        pl.col("_rule")
-        .replace_strict(
-            list(range(len(rules))), [code for _, code, _ in rules], default=None, return_dtype=pl.String
-        )
-        .alias("reason")
+    broken = events.select(pl.any_horizontal(cond.fill_null(False) for cond, _, _ in rules)).to_series()
+    accepted = events.filter(~broken).with_columns(
+        pl.lit(None, pl.String).alias("reason"), pl.lit(None, pl.String).alias("detail")
     )
-    detail = pl.lit(None, pl.String)
-    for index, (_, _, message) in enumerate(rules):
-        detail = pl.when(pl.col("_rule") == index).then(message).otherwise(detail)
-    # Messages are formatted only for the (usually few) rejected rows.
-    rejected = events.filter(pl.col("reason").is_not_null()).with_columns(detail.alias("detail"))
-    accepted = events.filter(pl.col("reason").is_null()).with_columns(pl.lit(None, pl.String).alias("detail"))
-    return pl.concat([accepted, rejected]).drop("ts", "v", "_rule").rename({"ts_parsed": "ts"})
+    if broken.any():
+        # Which rule failed first, and its message, only for the (usually few) rejected rows.
+        first_rule = pl.lit(None, pl.Int32)
+        for index in reversed(range(len(rules))):
+            first_rule = pl.when(rules[index][0].fill_null(False)).then(index).otherwise(first_rule)
+        detail = pl.lit(None, pl.String)
+        for index, (_, _, message) in enumerate(rules):
+            detail = pl.when(pl.col("_rule") == index).then(message).otherwise(detail)
+        codes = [code for _, code, _ in rules]
+        rejected = (
+            events.filter(broken)
+            .with_columns(first_rule.alias("_rule"))
+            .with_columns(
+                pl.col("_rule")
+                .replace_strict(list(range(len(rules))), codes, return_dtype=pl.String)
+                .alias("reason"),
+                detail.alias("detail"),
+            )
+            .drop("_rule")
+        )
+        accepted = pl.concat([accepted, rejected])
+    return accepted.drop("ts", "v").rename({"ts_parsed": "ts"})
 
 
 def _none_if_empty(expr: pl.Expr) -> pl.Expr:

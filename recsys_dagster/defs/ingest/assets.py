@@ -24,7 +24,7 @@ def build_ingest(settings: Settings) -> dg.Definitions:
                 "canonical_events",
                 description=(
                     "Valid, deduplicated events that arrived on the day, one Parquet partition per UTC day, "
-                    "sorted by ts, with lineage (source_file, source_line). Contract: docs/reference/event-contract.md"
+                    "in reading order, with lineage (source_file, source_line). Contract: docs/reference/event-contract.md"
                 ),
                 kinds={"polars", "parquet"},
                 group_name="ingest",
