@@ -225,6 +225,42 @@ def test_a_batch_of_days_writes_the_same_bytes_as_one_day_at_a_time(tmp_path: Pa
     assert pairs.filter(pl.col("day") == days[3]).height == 0
 
 
+def test_a_batch_caps_each_session_of_each_day_and_tenant_on_its_own(tmp_path: Path) -> None:
+    # Only sessions over the cap are ranked: the same session id is over a cap of 2 on D1 in tenants t and
+    # t2 (with its items in opposite orders) and within it on D2.
+    events = {
+        D1: [
+            *[("s1", item, second) for item, second in (("a", 1), ("b", 2), ("c", 3))],
+            *[("s1", item, second, "click", "u", "t2") for item, second in (("c", 1), ("b", 2), ("a", 3))],
+        ],
+        D2: [("s1", "c", 1), ("s1", "a", 2)],
+    }
+    for lake in ("batch", "single"):
+        for day, rows in events.items():
+            write_canonical(tmp_path / lake, day, rows)
+    params = {"event_types": INTEREST, "max_session_items": 2}
+    built = build_daily_aggregates("pair_daily", tmp_path / "batch", [D1, D2], params)
+    for day, batch in zip([D1, D2], built, strict=True):
+        single = build_daily_aggregate("pair_daily", tmp_path / "single", day, params)
+        assert Path(batch["path"]).read_bytes() == Path(single["path"]).read_bytes(), day
+    assert pairs_of(pl.read_parquet(built[0]["path"])) == {
+        ("t", None, None): 1,
+        ("t", "a", "a"): 1,
+        ("t", "a", "b"): 1,
+        ("t", "b", "b"): 1,
+        ("t2", None, None): 1,
+        ("t2", "b", "b"): 1,
+        ("t2", "b", "c"): 1,
+        ("t2", "c", "c"): 1,
+    }
+    assert pairs_of(pl.read_parquet(built[1]["path"])) == {
+        ("t", None, None): 1,
+        ("t", "a", "a"): 1,
+        ("t", "a", "c"): 1,
+        ("t", "c", "c"): 1,
+    }
+
+
 def test_a_batch_with_a_missing_day_writes_nothing(tmp_path: Path) -> None:
     write_canonical(tmp_path, D1, [("s1", "a", 1), ("s1", "b", 2)])
     with pytest.raises(FileNotFoundError, match=f"canonical_events partition {D2} has not been materialized"):
