@@ -9,6 +9,7 @@ UV_VERSION := 0.13.8
 STAMP := $(VENV)/.installed
 RUN_DAYS ?= 14
 RUN_EVENTS_PER_DAY ?= 50000
+RUN_MALFORMED_PER_DAY ?= 20
 
 .PHONY: install run ui test lint fmt bench clean help
 
@@ -30,7 +31,7 @@ $(STAMP): $(UV) pyproject.toml uv.lock
 	@touch $(STAMP)
 
 run: install
-	$(VENV)/bin/recsys generate --days $(RUN_DAYS) --events-per-day $(RUN_EVENTS_PER_DAY)
+	$(VENV)/bin/recsys generate --days $(RUN_DAYS) --events-per-day $(RUN_EVENTS_PER_DAY) --malformed-per-day $(RUN_MALFORMED_PER_DAY)
 	$(VENV)/bin/recsys run --start $$(date -u -d "$(RUN_DAYS) days ago" +%F) --end $$(date -u -d "1 day ago" +%F)
 	@echo
 	@echo "Data is under $(RECSYS_HOME). In another terminal, open the Dagster UI with: make ui  (http://127.0.0.1:3000)"

@@ -55,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--users", type=int, default=20_000, help="distinct users (default 20000)")
     gen.add_argument("--items", type=int, default=5_000, help="distinct items (default 5000)")
+    gen.add_argument(
+        "--malformed-per-day",
+        type=int,
+        default=0,
+        help="malformed lines mixed into each day, each breaking one contract rule (default 0)",
+    )
 
     imp = sub.add_parser("import", help="split foreign event files into the raw landing zone by event date")
     imp.add_argument("paths", nargs="+", type=Path, help="files to import")
@@ -151,12 +157,16 @@ def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
             surfaces=args.surfaces,
             n_users=args.users,
             n_items=args.items,
+            malformed_per_day=args.malformed_per_day,
             progress=print,
         )
     except ValueError as exc:  # the generator validates its arguments
         raise UsageError(str(exc)) from exc
     first = end - dt.timedelta(days=args.days - 1)
     print(f"generated {report.total_events:,} events for {first}..{end} into {settings.raw_root}")
+    if report.malformed_lines:
+        counts = ", ".join(f"{reason} {n:,}" for reason, n in report.malformed_lines.items())
+        print(f"plus {sum(report.malformed_lines.values()):,} malformed lines, by expected reason: {counts}")
     return EXIT_OK
 
 

@@ -4,7 +4,8 @@ Writes realistic raw events (JSON lines) into the landing layout ``<raw root>/dt
 pipeline can be exercised at any scale without real data. The traffic model is deliberately simple but has
 the shapes that matter downstream: Zipf-like item popularity, heavy and light users coming back over days,
 sessions of varying length, ranked requests of 10 exposures followed by a funnel of clicks, add-to-carts
-and purchases, anonymous sessions, client-retry duplicates and late arrivals.
+and purchases, anonymous sessions, client-retry duplicates and late arrivals; optionally, malformed lines of
+the kinds real producers send, mixed in (each breaks one contract rule, so its quarantine reason is known).
 
 Everything is generated in vectorised numpy chunks and rendered to text with polars string kernels, so
 memory stays bounded (one chunk at a time) and 10M events take seconds, not minutes. Output is a pure
@@ -73,6 +74,8 @@ class GenerateReport:
     total_events: int
     duplicate_lines: int
     late_events: int
+    # Malformed lines written, by the quarantine reason each must get (not counted in the events).
+    malformed_lines: dict[str, int]
 
 
 @dataclass(frozen=True)
@@ -152,18 +155,25 @@ def generate_events(
     surfaces: Sequence[str] = ("home",),
     n_users: int = 20_000,
     n_items: int = 5_000,
+    malformed_per_day: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> GenerateReport:
     """Write `days` days of synthetic contract-v1 events ending at `end_date` (inclusive).
 
-    Each day D gets exactly `events_per_day` lines in ``raw_root/dt=D/events-NNNNN.jsonl`` (D is the
-    arrival day: about 0.5% of them carry a `ts` from the evening before). Files are replaced atomically;
-    generator files of an earlier, larger run of the same day are removed so the folder matches this run.
+    Each day D gets exactly `events_per_day` event lines in ``raw_root/dt=D/events-NNNNN.jsonl`` (D is the
+    arrival day: about 0.5% of them carry a `ts` from the evening before), plus `malformed_per_day`
+    malformed lines at random places (copies of event lines broken in one way each, see `MALFORMATIONS`).
+    Files are replaced atomically; generator files of an earlier, larger run of the same day are removed so
+    the folder matches this run.
     """
     if days < 1:
         raise ValueError(f"days must be >= 1, got {days}")
     if events_per_day < 0:
         raise ValueError(f"events_per_day must be >= 0, got {events_per_day}")
+    if malformed_per_day < 0:
+        raise ValueError(f"malformed_per_day must be >= 0, got {malformed_per_day}")
+    if malformed_per_day and not events_per_day:
+        raise ValueError("malformed lines are copies of event lines: events_per_day must be > 0")
     if n_users < 1:
         raise ValueError(f"n_users must be >= 1, got {n_users}")
     if n_items < EXPOSURES_PER_REQUEST:
@@ -181,6 +191,7 @@ def generate_events(
     files: list[Path] = []
     per_day: dict[str, int] = {}
     duplicates = late = 0
+    malformed: dict[str, int] = {}
     # One background writer overlaps file output with simulating the next chunk (both release the GIL);
     # waiting for the previous write before submitting the next keeps at most two chunks in memory.
     with ThreadPoolExecutor(max_workers=1) as writer:
@@ -195,6 +206,11 @@ def generate_events(
                 n_lines = events_per_day // n_chunks + (1 if chunk < events_per_day % n_chunks else 0)
                 rng = np.random.default_rng([seed, day.toordinal(), chunk])
                 lines, n_dup, n_late = _chunk_lines(rng, tables, day, chunk, n_chunks, n_lines)
+                n_bad = malformed_per_day // n_chunks + (1 if chunk < malformed_per_day % n_chunks else 0)
+                if n_bad:
+                    lines, reasons = _mix_in_malformed(rng, lines, n_bad)
+                    for reason in reasons:
+                        malformed[reason] = malformed.get(reason, 0) + 1
                 path = day_dir / f"events-{chunk:05d}.jsonl"
                 if pending is not None:
                     pending.result()
@@ -217,6 +233,7 @@ def generate_events(
         total_events=events_per_day * days,
         duplicate_lines=duplicates,
         late_events=late,
+        malformed_lines=dict(sorted(malformed.items())),
     )
 
 
@@ -506,6 +523,38 @@ def _render(
         }
     )
     return frame.select(pl.concat_str([*frame.columns, pl.lit("}")]).alias("line")).to_series()
+
+
+# How a copy of an event line is broken, by the quarantine reason that must result: `re.sub` steps
+# (pattern, replacement) applied in order to the compact JSON that `_render` writes. Each breaks one rule.
+MALFORMATIONS: dict[str, tuple[tuple[str, str], ...]] = {
+    "invalid_json": ((r',"[a-z_]+":[^,]*}$', ',"'),),  # cut off in the middle of a member
+    "not_an_object": ((r"^(.*)$", r"[\1]"),),
+    "bad_type": ((r'^\{"v":1,', '{"v":"1",'),),
+    "unsupported_version": ((r'^\{"v":1,', '{"v":2,'),),
+    "missing_field": ((r',"item_id":"[^"]*"', ""),),
+    "empty_id": ((r'"session_id":"[^"]*"', '"session_id":"  "'),),
+    "id_too_long": ((r'"item_id":"[^"]*"', '"item_id":"' + "x" * 300 + '"'),),
+    "bad_identifier": ((r'"tenant":"([^"]*)"', r'"tenant":"\1/.."'),),
+    "bad_ts": ((r'"ts":"[^"]*"', '"ts":"yesterday"'),),
+    "ts_out_of_range": ((r'"ts":"[^"]*"', '"ts":"2001-01-01T00:00:00Z"'),),
+    "unknown_event_type": ((r'"event_type":"[^"]*"', '"event_type":"hover"'),),
+    "negative_rank": ((r',"rank":\d+', ""), (r"}$", ',"rank":-1}')),
+}
+
+
+def _mix_in_malformed(rng: np.random.Generator, lines: pl.Series, n_bad: int) -> tuple[pl.Series, list[str]]:
+    """Insert `n_bad` broken copies of random lines at random places; returns the lines and the reasons."""
+    names = list(MALFORMATIONS)
+    reasons = [names[i] for i in rng.integers(0, len(names), n_bad)]
+    copies = lines.gather(rng.integers(0, len(lines), n_bad)).to_list()
+    for i, reason in enumerate(reasons):
+        for pattern, replacement in MALFORMATIONS[reason]:
+            copies[i] = re.sub(pattern, replacement, copies[i], count=1)
+    # Line i of the events goes to key 2i; a malformed line inserted before event line p gets 2p - 1.
+    keys = np.concatenate([np.arange(len(lines)) * 2, rng.integers(0, len(lines) + 1, n_bad) * 2 - 1])
+    mixed = pl.concat([lines, pl.Series(copies, dtype=pl.String)]).gather(np.argsort(keys, kind="stable"))
+    return mixed, reasons
 
 
 def _write_atomic(path: Path, lines: pl.Series) -> None:

@@ -8,10 +8,13 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import orjson
+import polars as pl
 import pytest
 
 from recsys_dagster import generate
+from recsys_dagster.canonicalize import canonicalize_partition, partition_dir
 from recsys_dagster.generate import GenerateReport, generate_events
+from recsys_dagster.settings import IngestConfig
 
 END = dt.date(2024, 3, 10)
 DAYS = 3
@@ -244,9 +247,28 @@ def test_every_tenant_and_surface_combination_gets_traffic(tmp_path: Path) -> No
         ({"surfaces": ()}, "at least one surface"),
         ({"days": 0}, "days"),
         ({"n_items": 5}, "n_items"),
+        ({"malformed_per_day": -1}, "malformed_per_day"),
+        ({"events_per_day": 0, "malformed_per_day": 3}, "copies of event lines"),
     ],
 )
 def test_rejects_bad_arguments(tmp_path: Path, kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         generate_events(tmp_path, end_date=END, **{"events_per_day": 100, **kwargs})
     assert not any(tmp_path.iterdir())
+
+
+def test_malformed_lines_are_quarantined_with_the_reason_they_were_made_for(tmp_path: Path) -> None:
+    raw, lake = tmp_path / "raw", tmp_path / "lake"
+    report = generate_events(
+        raw, end_date=END, days=1, events_per_day=5_000, seed=3, malformed_per_day=240, **SMALL
+    )
+    assert set(report.malformed_lines) == set(generate.MALFORMATIONS)  # 240 draws cover all 12 kinds
+    assert sum(report.malformed_lines.values()) == 240
+
+    summary = canonicalize_partition(raw, lake, END, IngestConfig())
+    assert summary.lines_read == 5_240
+    assert summary.reasons == report.malformed_lines
+    assert summary.canonical_rows + summary.duplicates == 5_000
+    # Mixed in among the events, not appended: some malformed line comes before the last event line.
+    quarantined = pl.read_parquet(partition_dir(lake, "quarantine", END) / "part-00000.parquet")
+    assert quarantined["source_line"].min() < 5_000
