@@ -9,6 +9,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Sequence
@@ -510,7 +511,10 @@ def cmd_ui(args: argparse.Namespace, settings: Settings) -> int:
         "-p",
         str(args.port),
     ]
-    # Replace this process so that Ctrl-C and SIGTERM reach dagster directly.
+    # Replace this process so that Ctrl-C and SIGTERM reach dagster directly. Started in the background by a
+    # script, this process inherits an ignored SIGINT, which would survive the exec and make dagster dev
+    # ignore SIGINT and SIGTERM alike (and leave its children running): restore the default first.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     os.execv(sys.executable, command)
     return EXIT_OK
 
