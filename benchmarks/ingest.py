@@ -272,7 +272,7 @@ def _render(results: list[SizeResult], machine: str) -> Section:
             "column says). Baseline: bare polars "
             "`pl.read_ndjson` of every landing file with the contract's field types, concatenated, one "
             "`write_parquet` (zstd). Recsys: `canonicalize_partition` of the same day with the default "
-            "`IngestConfig` (parse, validate, quarantine, dedupe, sort, write canonical and quarantine "
+            "`IngestConfig` (parse, validate, quarantine, dedupe, write canonical and quarantine "
             "partitions). Each run in a fresh process, baseline and recsys alternating.",
             "",
             markdown_table(headers, rows),
