@@ -412,7 +412,9 @@ def cmd_rollback(args: argparse.Namespace, settings: Settings) -> int:
             reason=args.reason,
             actor=os.environ.get("RECSYS_ACTOR") or getpass.getuser(),
         )
-    except (PublishError, UnsafePathError, ManifestError) as exc:
+    except UnsafePathError as exc:  # a tenant or surface name that is not a safe path segment
+        raise UsageError(str(exc)) from exc
+    except (PublishError, ManifestError) as exc:
         print(f"recsys rollback: {exc}", file=sys.stderr)
         return EXIT_FAILED
     print(f"{args.tenant}/{args.surface}: {outcome.message}")

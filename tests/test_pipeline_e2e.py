@@ -149,6 +149,11 @@ def test_bad_usage_exits_2(
     assert recsys("run", "--start", END, "--select", "not a :: selection") == 2
     assert recsys("run", "--start", END, "--select", "key:no_such_asset") == 2
     assert "selects no asset" in capsys.readouterr().err
+    for tenant in ("../demo", "a/b", ".."):
+        assert (
+            recsys("rollback", "--tenant", tenant, "--surface", "home", "--steps", "1", "--reason", "r") == 2
+        )
+        assert "invalid tenant name" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         recsys("run", "--start", "2025-13-45")
     assert exc.value.code == 2
