@@ -125,7 +125,8 @@ def canonicalize_partition(
     try:
         quarantine = _QuarantineWriter(quarantine_stage / "part-00000.parquet")
         # Blocks are parsed on a small thread pool (polars and numpy release the GIL) and merged in
-        # reading order; at most PARALLEL_BLOCKS + 1 blocks are in memory at once.
+        # reading order; at most PARALLEL_BLOCKS + 1 blocks are in memory at once, besides the writer's
+        # (see _CanonicalWriter).
         lines_merged: dict[str, int] = {}  # per landing file
 
         def merge(block: Future[_BlockResult]) -> None:
@@ -159,8 +160,10 @@ def canonicalize_partition(
         _swap_into_place(quarantine_stage, partition_dir(lake_root, "quarantine", day))
         _swap_into_place(canonical_stage, partition_dir(lake_root, "canonical_events", day))
     finally:
-        canonical.shutdown()  # after a failure, a file may still be being written into the staging folder
-        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            canonical.shutdown()  # after a failure, a file may still be being written into the staging folder
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return summary
 
 
@@ -608,12 +611,14 @@ class _CanonicalWriter:
     """Appends valid rows, in reading order, to Parquet files of at most `rows_per_file` rows.
 
     A row whose (tenant, event_id) already appeared earlier in reading order is a duplicate and is dropped
-    (event ids are idempotency keys within one tenant). What is left of each block becomes a row group,
-    written on a background thread while the next blocks are parsed; memory holds at most
-    `MAX_QUEUED_WRITES` blocks waiting for it, plus 16 bytes per distinct key (`_SeenKeys`).
+    (event ids are idempotency keys within one tenant). What is left of each block goes to a background
+    thread that writes row groups of `ROW_GROUP_ROWS` rows while the next blocks are parsed; memory holds
+    at most `MAX_QUEUED_WRITES` blocks waiting for it and one row group's worth of rows, plus 16 bytes per
+    distinct key (`_SeenKeys`).
     """
 
     MAX_QUEUED_WRITES = 2
+    ROW_GROUP_ROWS = 131_072
 
     def __init__(self, out_dir: Path, rows_per_file: int) -> None:
         self.out_dir = out_dir
@@ -624,6 +629,8 @@ class _CanonicalWriter:
         self.duplicates = 0
         self._file: pq.ParquetWriter | None = None
         self._file_rows = 0
+        self._buffered: list[pa.Table] = []  # rows not yet written, on the writer thread
+        self._buffered_rows = 0
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="canonical-writer")
         self._queued: deque[Future[None]] = deque()
 
@@ -658,23 +665,36 @@ class _CanonicalWriter:
             self._file = None
 
     def _append(self, rows: pa.Table) -> None:
-        """On the writer thread, in the order of `add`."""
-        offset = 0
-        while offset < rows.num_rows:
-            if self._file is None:
-                self._open_next()
-            take = min(rows.num_rows - offset, self.rows_per_file - self._file_rows)
-            self._file.write_table(rows.slice(offset, take), row_group_size=take)
-            self._file_rows += take
-            offset += take
-            if self._file_rows == self.rows_per_file:
-                self._close_current()
+        """On the writer thread, in the order of `add`: buffer, then write whole row groups."""
+        self._buffered.append(rows)
+        self._buffered_rows += rows.num_rows
+        self._write_row_groups(flush=False)
 
     def _finish(self) -> None:
+        self._write_row_groups(flush=True)
         if not self.files:
             self._open_next()
         if self._file is not None:
             self._close_current()
+
+    def _write_row_groups(self, *, flush: bool) -> None:
+        """Write buffered rows as row groups of `ROW_GROUP_ROWS` (fewer where a file ends), and the rest too
+        if `flush`. Many small landing files would otherwise give as many tiny row groups, which make the
+        files several times larger and every later scan slower."""
+        while self._buffered_rows:
+            size = min(self.ROW_GROUP_ROWS, self.rows_per_file - self._file_rows)
+            if self._buffered_rows < size and not flush:
+                return
+            size = min(size, self._buffered_rows)
+            buffered = pa.concat_tables(self._buffered)
+            if self._file is None:
+                self._open_next()
+            self._file.write_table(buffered.slice(0, size), row_group_size=size)
+            self._file_rows += size
+            rest = buffered.slice(size)
+            self._buffered, self._buffered_rows = ([rest] if rest.num_rows else []), rest.num_rows
+            if self._file_rows == self.rows_per_file:
+                self._close_current()
 
     def _open_next(self) -> None:
         name = f"part-{len(self.files):05d}.parquet"
@@ -685,6 +705,7 @@ class _CanonicalWriter:
     def _close_current(self) -> None:
         self._file.close()
         self._file = None
+        self._file_rows = 0
 
 
 def _key_hashes(events: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -770,6 +791,11 @@ def _contains(level: tuple[np.ndarray, np.ndarray], h1: np.ndarray, h2: np.ndarr
 
 
 class _QuarantineWriter:
+    """Quarantine rows in one Parquet file, in row groups of at least `ROW_GROUP_ROWS` rows (but the last),
+    however few lines each block rejects."""
+
+    ROW_GROUP_ROWS = 65_536
+
     def __init__(self, path: Path) -> None:
         self.path = path
         self.rows = 0
@@ -777,18 +803,28 @@ class _QuarantineWriter:
             1, pa.field("source_line", pa.int64())
         )
         self.writer: pq.ParquetWriter | None = None
+        self._buffered: list[pa.Table] = []
+        self._buffered_rows = 0
 
     def write(self, columns: dict[str, list]) -> None:
-        if self.writer is None:
-            self.writer = pq.ParquetWriter(self.path, self.schema, compression="zstd")
-        self.writer.write_table(pa.table(columns, schema=self.schema))
-        self.rows += len(columns["reason"])
+        table = pa.table(columns, schema=self.schema)
+        self._buffered.append(table)
+        self._buffered_rows += table.num_rows
+        self.rows += table.num_rows
+        if self._buffered_rows >= self.ROW_GROUP_ROWS:
+            self._write_buffered()
 
     def close(self) -> None:
+        if self._buffered_rows or self.writer is None:
+            self._write_buffered()
+        self.writer.close()
+
+    def _write_buffered(self) -> None:
         if self.writer is None:
-            pq.write_table(self.schema.empty_table(), self.path, compression="zstd")
-        else:
-            self.writer.close()
+            self.writer = pq.ParquetWriter(self.path, self.schema, compression="zstd")
+        rows = pa.concat_tables(self._buffered) if self._buffered else self.schema.empty_table()
+        self.writer.write_table(rows, row_group_size=max(rows.num_rows, 1))
+        self._buffered, self._buffered_rows = [], 0
 
 
 def _write_json(path: Path, payload: dict) -> None:

@@ -525,8 +525,9 @@ def _render(
     return frame.select(pl.concat_str([*frame.columns, pl.lit("}")]).alias("line")).to_series()
 
 
-# How a copy of an event line is broken, by the quarantine reason that must result: `re.sub` steps
-# (pattern, replacement) applied in order to the compact JSON that `_render` writes. Each breaks one rule.
+# How a copy of an event line is broken, by the quarantine reason that must result under the default
+# ingest settings (a lateness window back to 2001 or an event type "hover" would let some through):
+# `re.sub` steps (pattern, replacement) applied in order to the compact JSON that `_render` writes.
 MALFORMATIONS: dict[str, tuple[tuple[str, str], ...]] = {
     "invalid_json": ((r',"[a-z_]+":[^,]*}$', ',"'),),  # cut off in the middle of a member
     "not_an_object": ((r"^(.*)$", r"[\1]"),),

@@ -32,7 +32,7 @@ class IngestConfig:
     max_lateness_days: int = 7
     max_clock_skew_hours: int = 1
     event_types: tuple[str, ...] = DEFAULT_EVENT_TYPES
-    # Valid rows per canonical output file; a file is held in memory until written, so this bounds memory.
+    # Rows per canonical output file (rows are streamed into the files: this does not bound memory).
     rows_per_file: int = 1_000_000
 
 

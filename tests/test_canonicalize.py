@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 
 from recsys_dagster import canonicalize, contract
@@ -532,6 +533,33 @@ def test_output_is_in_reading_order(layout, write_raw: Callable[..., Path]) -> N
         canonical.sort("source_file", "source_line").select("source_file", "source_line")
     )
     assert canonical["item_id"].to_list() == [f"i{n}" for n in range(300)]
+
+
+def test_many_small_landing_files_give_few_row_groups(
+    layout, write_raw: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One row group per file (or per block) would make the partition several times larger and slower to
+    # scan; rows are gathered into row groups of ROW_GROUP_ROWS whatever the landing layout.
+    monkeypatch.setattr(canonicalize._CanonicalWriter, "ROW_GROUP_ROWS", 100)
+    monkeypatch.setattr(canonicalize._QuarantineWriter, "ROW_GROUP_ROWS", 30)
+    for f in range(60):
+        write_raw(layout.raw_root, DAY, f"f{f:03d}.jsonl", [line(f * 10 + n) for n in range(5)] + [b"{bad"])
+    summary = run(layout, IngestConfig(rows_per_file=250))
+    assert (summary.canonical_rows, summary.quarantined) == (300, 60)
+    canonical = sorted(partition_dir(layout.lake_root, "canonical_events", DAY).glob("*.parquet"))
+    groups = [
+        [
+            pq.ParquetFile(path).metadata.row_group(i).num_rows
+            for i in range(pq.ParquetFile(path).num_row_groups)
+        ]
+        for path in canonical
+    ]
+    assert groups == [[100, 100, 50], [50]]
+    quarantine = pq.ParquetFile(partition_dir(layout.lake_root, "quarantine", DAY) / "part-00000.parquet")
+    assert [quarantine.metadata.row_group(i).num_rows for i in range(quarantine.num_row_groups)] == [30, 30]
+    assert read(layout.lake_root, "canonical_events")["item_id"].to_list() == [
+        f"i{f * 10 + n}" for f in range(60) for n in range(5)
+    ]
 
 
 @pytest.mark.parametrize(
