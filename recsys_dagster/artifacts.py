@@ -276,12 +276,17 @@ def _split_by_scope(frame: pl.DataFrame) -> dict[tuple[str, str], pl.DataFrame]:
 def _scopes(lake_root: Path, aggregate: str, days: list[dt.date]) -> set[tuple[str, str]]:
     """Every (tenant, surface) with an event on the days used.
 
-    pair_daily and user_item_daily drop exposures and anonymous events, so item_daily (small: one row per
-    item and event type) completes the list where it has been built.
+    Read from item_daily, which keeps every event (pair_daily and user_item_daily drop exposures and
+    anonymous events) and is small (one row per item and event type), so that the cost does not grow with
+    the size of the kind's own aggregate; from that aggregate only for days whose item_daily is missing.
     """
-    paths = {partition_dir(lake_root, aggregate, d) / AGGREGATE_FILE for d in days}
-    paths |= {partition_dir(lake_root, "item_daily", d) / AGGREGATE_FILE for d in days}
-    scans = [pl.scan_parquet(p).select("tenant", "surface") for p in sorted(paths) if p.is_file()]
+    paths = []
+    for day in days:
+        item_daily = partition_dir(lake_root, "item_daily", day) / AGGREGATE_FILE
+        paths.append(
+            item_daily if item_daily.is_file() else partition_dir(lake_root, aggregate, day) / AGGREGATE_FILE
+        )
+    scans = [pl.scan_parquet(p).select("tenant", "surface") for p in paths if p.is_file()]
     found = pl.concat(scans).unique().collect()
     return set(found.iter_rows())
 
