@@ -8,10 +8,10 @@ How it stays fast and bounded:
 - files are read in blocks of whole lines; each block is split with numpy and parsed by polars'
   NDJSON reader in one call (the fast path); only unusual lines (blank, too long, invalid UTF-8, not
   an object, wrong types) go through `contract.parse_line` one by one;
-- each block's valid rows are appended, in reading order, to the current output file as a row group, on
-  a background thread while the next blocks are parsed (a new file every `rows_per_file` rows);
-  duplicates are found through 16 bytes of hashes per distinct event, so memory depends on the block
-  size, not on the partition size.
+- each block's valid rows are appended, in reading order, to the current output file (in row groups of
+  `_CanonicalWriter.ROW_GROUP_ROWS`) on a background thread while the next blocks are parsed, a new file
+  every `rows_per_file` rows; duplicates are found through 16 bytes of hashes per distinct event, so
+  memory depends on the block size, not on the partition size.
 Outputs are written to a staging directory and swapped into place only when complete.
 """
 
