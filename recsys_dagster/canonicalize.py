@@ -123,7 +123,7 @@ def canonicalize_partition(
     quarantine_stage.mkdir(parents=True)
     canonical = _CanonicalWriter(canonical_stage, config.rows_per_file)
     try:
-        quarantine = _QuarantineWriter(quarantine_stage / "part-00000.parquet")
+        quarantine = _QuarantineWriter(quarantine_stage)
         # Blocks are parsed on a small thread pool (polars and numpy release the GIL) and merged in
         # reading order; at most PARALLEL_BLOCKS + 1 blocks are in memory at once, besides the writer's
         # (see _CanonicalWriter).
@@ -607,6 +607,64 @@ _CANONICAL_PARQUET = {
 _ARROW_CANONICAL_SCHEMA = pl.DataFrame(schema=contract.CANONICAL_SCHEMA).to_arrow().schema
 
 
+class _ParquetParts:
+    """Arrow tables appended to `part-00000.parquet`, `part-00001.parquet`, ... in `out_dir`: row groups of
+    `row_group_rows` rows however small the tables (many small landing files would otherwise give as many
+    tiny row groups, which make the files several times larger and every later scan slower), a new file
+    every `rows_per_file` rows. Used from one thread at a time."""
+
+    def __init__(
+        self, out_dir: Path, schema: pa.Schema, options: dict, row_group_rows: int, rows_per_file: int
+    ) -> None:
+        self.out_dir, self.schema, self.options = out_dir, schema, options
+        self.row_group_rows, self.rows_per_file = row_group_rows, rows_per_file
+        self.files: list[str] = []
+        self._file: pq.ParquetWriter | None = None
+        self._file_rows = 0
+        self._buffered: list[pa.Table] = []
+        self._buffered_rows = 0
+
+    def append(self, rows: pa.Table) -> None:
+        self._buffered.append(rows)
+        self._buffered_rows += rows.num_rows
+        self._write_row_groups(flush=False)
+
+    def close(self) -> list[str]:
+        """Write what is buffered and close; an empty file if nothing was appended. Returns the names."""
+        self._write_row_groups(flush=True)
+        if not self.files:
+            self._open_next()
+        self.abort()
+        return self.files
+
+    def abort(self) -> None:
+        """Close the open file without writing what is buffered (after a failure)."""
+        if self._file is not None:
+            self._file.close()
+            self._file, self._file_rows = None, 0
+
+    def _write_row_groups(self, *, flush: bool) -> None:
+        while self._buffered_rows:
+            size = min(self.row_group_rows, self.rows_per_file - self._file_rows)
+            if self._buffered_rows < size and not flush:
+                return
+            size = min(size, self._buffered_rows)
+            buffered = pa.concat_tables(self._buffered)
+            if self._file is None:
+                self._open_next()
+            self._file.write_table(buffered.slice(0, size), row_group_size=size)
+            self._file_rows += size
+            rest = buffered.slice(size)
+            self._buffered, self._buffered_rows = ([rest] if rest.num_rows else []), rest.num_rows
+            if self._file_rows == self.rows_per_file:
+                self.abort()
+
+    def _open_next(self) -> None:
+        name = f"part-{len(self.files):05d}.parquet"
+        self.files.append(name)
+        self._file = pq.ParquetWriter(self.out_dir / name, self.schema, **self.options)
+
+
 class _CanonicalWriter:
     """Appends valid rows, in reading order, to Parquet files of at most `rows_per_file` rows.
 
@@ -621,16 +679,12 @@ class _CanonicalWriter:
     ROW_GROUP_ROWS = 131_072
 
     def __init__(self, out_dir: Path, rows_per_file: int) -> None:
-        self.out_dir = out_dir
-        self.rows_per_file = rows_per_file
         self.seen = _SeenKeys()
-        self.files: list[str] = []
         self.rows = 0
         self.duplicates = 0
-        self._file: pq.ParquetWriter | None = None
-        self._file_rows = 0
-        self._buffered: list[pa.Table] = []  # rows not yet written, on the writer thread
-        self._buffered_rows = 0
+        self._parts = _ParquetParts(
+            out_dir, _ARROW_CANONICAL_SCHEMA, _CANONICAL_PARQUET, self.ROW_GROUP_ROWS, rows_per_file
+        )
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="canonical-writer")
         self._queued: deque[Future[None]] = deque()
 
@@ -645,67 +699,21 @@ class _CanonicalWriter:
         self.rows += rows.num_rows
         if len(self._queued) >= self.MAX_QUEUED_WRITES:
             self._queued.popleft().result()
-        self._queued.append(self._pool.submit(self._append, rows))
+        self._queued.append(self._pool.submit(self._parts.append, rows))
 
     def close(self) -> list[str]:
         """Finish the last file (an empty one if there were no rows at all); returns the file names."""
         try:
             while self._queued:
                 self._queued.popleft().result()
-            self._pool.submit(self._finish).result()
+            return self._pool.submit(self._parts.close).result()
         finally:
             self._pool.shutdown(wait=True)
-        return self.files
 
     def shutdown(self) -> None:
         """Stop writing and close the open file (after a failure, before the staging folder goes)."""
         self._pool.shutdown(wait=True, cancel_futures=True)
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-    def _append(self, rows: pa.Table) -> None:
-        """On the writer thread, in the order of `add`: buffer, then write whole row groups."""
-        self._buffered.append(rows)
-        self._buffered_rows += rows.num_rows
-        self._write_row_groups(flush=False)
-
-    def _finish(self) -> None:
-        self._write_row_groups(flush=True)
-        if not self.files:
-            self._open_next()
-        if self._file is not None:
-            self._close_current()
-
-    def _write_row_groups(self, *, flush: bool) -> None:
-        """Write buffered rows as row groups of `ROW_GROUP_ROWS` (fewer where a file ends), and the rest too
-        if `flush`. Many small landing files would otherwise give as many tiny row groups, which make the
-        files several times larger and every later scan slower."""
-        while self._buffered_rows:
-            size = min(self.ROW_GROUP_ROWS, self.rows_per_file - self._file_rows)
-            if self._buffered_rows < size and not flush:
-                return
-            size = min(size, self._buffered_rows)
-            buffered = pa.concat_tables(self._buffered)
-            if self._file is None:
-                self._open_next()
-            self._file.write_table(buffered.slice(0, size), row_group_size=size)
-            self._file_rows += size
-            rest = buffered.slice(size)
-            self._buffered, self._buffered_rows = ([rest] if rest.num_rows else []), rest.num_rows
-            if self._file_rows == self.rows_per_file:
-                self._close_current()
-
-    def _open_next(self) -> None:
-        name = f"part-{len(self.files):05d}.parquet"
-        self.files.append(name)
-        self._file = pq.ParquetWriter(self.out_dir / name, _ARROW_CANONICAL_SCHEMA, **_CANONICAL_PARQUET)
-        self._file_rows = 0
-
-    def _close_current(self) -> None:
-        self._file.close()
-        self._file = None
-        self._file_rows = 0
+        self._parts.abort()
 
 
 def _key_hashes(events: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -791,40 +799,25 @@ def _contains(level: tuple[np.ndarray, np.ndarray], h1: np.ndarray, h2: np.ndarr
 
 
 class _QuarantineWriter:
-    """Quarantine rows in one Parquet file, in row groups of at least `ROW_GROUP_ROWS` rows (but the last),
-    however few lines each block rejects."""
+    """Quarantine rows in `part-00000.parquet` of `out_dir`, in row groups of `ROW_GROUP_ROWS` rows."""
 
     ROW_GROUP_ROWS = 65_536
+    SCHEMA = pa.schema([(name, pa.string()) for name in contract.QUARANTINE_SCHEMA]).set(
+        1, pa.field("source_line", pa.int64())
+    )
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, out_dir: Path) -> None:
         self.rows = 0
-        self.schema = pa.schema([(name, pa.string()) for name in contract.QUARANTINE_SCHEMA]).set(
-            1, pa.field("source_line", pa.int64())
-        )
-        self.writer: pq.ParquetWriter | None = None
-        self._buffered: list[pa.Table] = []
-        self._buffered_rows = 0
+        # One file whatever the number of rows: quarantine is small.
+        self._parts = _ParquetParts(out_dir, self.SCHEMA, {"compression": "zstd"}, self.ROW_GROUP_ROWS, 2**62)
 
     def write(self, columns: dict[str, list]) -> None:
-        table = pa.table(columns, schema=self.schema)
-        self._buffered.append(table)
-        self._buffered_rows += table.num_rows
+        table = pa.table(columns, schema=self.SCHEMA)
         self.rows += table.num_rows
-        if self._buffered_rows >= self.ROW_GROUP_ROWS:
-            self._write_buffered()
+        self._parts.append(table)
 
     def close(self) -> None:
-        if self._buffered_rows or self.writer is None:
-            self._write_buffered()
-        self.writer.close()
-
-    def _write_buffered(self) -> None:
-        if self.writer is None:
-            self.writer = pq.ParquetWriter(self.path, self.schema, compression="zstd")
-        rows = pa.concat_tables(self._buffered) if self._buffered else self.schema.empty_table()
-        self.writer.write_table(rows, row_group_size=max(rows.num_rows, 1))
-        self._buffered, self._buffered_rows = [], 0
+        self._parts.close()
 
 
 def _write_json(path: Path, payload: dict) -> None:
