@@ -447,8 +447,7 @@ def _chunk_lines(
     if n_dup:
         src = rng.integers(0, n_events, n_dup)
         at = np.minimum(src + rng.integers(1, 20, n_dup), n_events - 1)
-        keys = np.concatenate([np.arange(n_events) * 2, at * 2 + 1])
-        order = np.concatenate([order, order[src]])[np.argsort(keys, kind="stable")]
+        order = np.concatenate([order, order[src]])[_order_with_inserts(n_events, after=at)]
     events = events.take(order)
     session_prefix = f"s{day:%Y%m%d}-{chunk}-"
     request_prefix = f"r{day:%Y%m%d}-{chunk}-"
@@ -552,10 +551,18 @@ def _mix_in_malformed(rng: np.random.Generator, lines: pl.Series, n_bad: int) ->
     for i, reason in enumerate(reasons):
         for pattern, replacement in MALFORMATIONS[reason]:
             copies[i] = re.sub(pattern, replacement, copies[i], count=1)
-    # Line i of the events goes to key 2i; a malformed line inserted before event line p gets 2p - 1.
-    keys = np.concatenate([np.arange(len(lines)) * 2, rng.integers(0, len(lines) + 1, n_bad) * 2 - 1])
-    mixed = pl.concat([lines, pl.Series(copies, dtype=pl.String)]).gather(np.argsort(keys, kind="stable"))
+    after = rng.integers(-1, len(lines), n_bad)  # -1: before the first line
+    mixed = pl.concat([lines, pl.Series(copies, dtype=pl.String)]).gather(
+        _order_with_inserts(len(lines), after=after)
+    )
     return mixed, reasons
+
+
+def _order_with_inserts(n: int, *, after: np.ndarray) -> np.ndarray:
+    """Indices into `n` items followed by `len(after)` extra ones that put extra j right after item
+    `after[j]` (-1: before the first), extras at the same place in their own order."""
+    keys = np.concatenate([np.arange(n) * 2, after * 2 + 1])
+    return np.argsort(keys, kind="stable")
 
 
 def _write_atomic(path: Path, lines: pl.Series) -> None:
