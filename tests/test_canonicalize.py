@@ -483,37 +483,29 @@ def test_unreadable_landing_file_fails_and_leaves_the_previous_partition(
 
 
 # --------------------------------------------------------------------------------------------------
-# Spilling to disk and ordering
+# Output files and ordering
 
 
-def _sorted_rows(frame: pl.DataFrame) -> list[tuple]:
-    return sorted(frame.select(list(contract.CANONICAL_SCHEMA)).rows(), key=repr)
-
-
-def test_spill_mode_gives_the_same_rows_as_in_memory(
-    layout, write_raw: Callable[..., Path], tmp_path: Path
-) -> None:
+def test_file_size_does_not_change_the_rows(layout, write_raw: Callable[..., Path], tmp_path: Path) -> None:
     _mixed_day(write_raw, layout.raw_root, n=1500, seed=11)
-    memory = run(layout, IngestConfig(), lake_root=tmp_path / "memory")
-    spill = run(layout, IngestConfig(rows_per_file=50), lake_root=tmp_path / "spill")
+    one = run(layout, IngestConfig(), lake_root=tmp_path / "one")
+    many = run(layout, IngestConfig(rows_per_file=50), lake_root=tmp_path / "many")
 
-    spilled_files = sorted(partition_dir(tmp_path / "spill", "canonical_events", DAY).glob("*.parquet"))
-    assert len(spilled_files) > 1
-    in_memory = read(tmp_path / "memory", "canonical_events")
-    spilled = read(tmp_path / "spill", "canonical_events")
-    assert memory.duplicates > 50
-    assert (spill.duplicates, spill.canonical_rows, spill.quarantined) == (
-        memory.duplicates,
-        memory.canonical_rows,
-        memory.quarantined,
+    many_files = sorted(partition_dir(tmp_path / "many", "canonical_events", DAY).glob("*.parquet"))
+    assert len(many_files) > 1
+    assert all(pl.read_parquet(path).height == 50 for path in many_files[:-1])
+    assert one.duplicates > 50
+    assert (many.duplicates, many.canonical_rows, many.quarantined) == (
+        one.duplicates,
+        one.canonical_rows,
+        one.quarantined,
     )
-    assert spilled.height == in_memory.height == memory.canonical_rows
-    assert spilled["event_id"].n_unique() == spilled.height
-    assert _sorted_rows(spilled) == _sorted_rows(in_memory)
-    assert read(tmp_path / "spill", "quarantine").equals(read(tmp_path / "memory", "quarantine"))
-    assert all(pl.read_parquet(path).height == 50 for path in spilled_files[:-1])
-    assert spilled.equals(in_memory)  # the same rows in the same order, whatever the file size
-    assert spill.reconciled
+    rows = read(tmp_path / "many", "canonical_events")
+    assert rows.height == one.canonical_rows
+    assert rows["event_id"].n_unique() == rows.height
+    assert rows.equals(read(tmp_path / "one", "canonical_events"))  # same rows, same order
+    assert read(tmp_path / "many", "quarantine").equals(read(tmp_path / "one", "quarantine"))
+    assert many.reconciled
 
 
 def test_output_is_in_reading_order(layout, write_raw: Callable[..., Path]) -> None:
@@ -546,17 +538,14 @@ def test_many_small_landing_files_give_few_row_groups(
         write_raw(layout.raw_root, DAY, f"f{f:03d}.jsonl", [line(f * 10 + n) for n in range(5)] + [b"{bad"])
     summary = run(layout, IngestConfig(rows_per_file=250))
     assert (summary.canonical_rows, summary.quarantined) == (300, 60)
-    canonical = sorted(partition_dir(layout.lake_root, "canonical_events", DAY).glob("*.parquet"))
-    groups = [
-        [
-            pq.ParquetFile(path).metadata.row_group(i).num_rows
-            for i in range(pq.ParquetFile(path).num_row_groups)
-        ]
-        for path in canonical
-    ]
-    assert groups == [[100, 100, 50], [50]]
-    quarantine = pq.ParquetFile(partition_dir(layout.lake_root, "quarantine", DAY) / "part-00000.parquet")
-    assert [quarantine.metadata.row_group(i).num_rows for i in range(quarantine.num_row_groups)] == [30, 30]
+
+    def row_groups(asset: str) -> list[list[int]]:
+        files = sorted(partition_dir(layout.lake_root, asset, DAY).glob("*.parquet"))
+        metadata = [pq.ParquetFile(path).metadata for path in files]
+        return [[m.row_group(i).num_rows for i in range(m.num_row_groups)] for m in metadata]
+
+    assert row_groups("canonical_events") == [[100, 100, 50], [50]]
+    assert row_groups("quarantine") == [[30, 30]]
     assert read(layout.lake_root, "canonical_events")["item_id"].to_list() == [
         f"i{f * 10 + n}" for f in range(60) for n in range(5)
     ]
