@@ -60,7 +60,7 @@ DEFAULT_REPEATS = 3
 # A measured process whose resident memory exceeds this is stopped (BENCH_MEMORY_LIMIT_MIB overrides).
 DEFAULT_MEMORY_LIMIT_MIB = 8192
 
-# Synthetic traffic shape (see recsys_dagster.generate): Zipf-like popularity over this many items and users.
+# Synthetic traffic shape (see recsys_dagster.ingest.generate): Zipf-like popularity over this many items and users.
 N_USERS = 200_000
 N_ITEMS = 20_000
 COOC_AS_OF = dt.date(2025, 1, 15)

@@ -24,21 +24,22 @@ from pathlib import Path
 import duckdb
 import polars as pl
 
-from recsys_dagster.aggregates import build_daily_aggregate, build_daily_aggregates
-from recsys_dagster.artifacts import (
+from recsys_core.lake import partition_dir
+from recsys_core.settings import Settings, load_settings
+from recsys_dagster.ingest.canonicalize import canonicalize_partition
+from recsys_dagster.ingest.gates import run_gates
+from recsys_dagster.ingest.generate import generate_events
+from recsys_dagster.publishing.release import publish_as_of, write_build_record
+from recsys_dagster.transform.aggregates import build_daily_aggregate, build_daily_aggregates
+from recsys_dagster.transform.artifacts import (
     DAILY_MODELS,
     KINDS,
     build_window_artifacts,
     daily_aggregate_params,
     interest_weights,
 )
-from recsys_dagster.canonicalize import canonicalize_partition, partition_dir
-from recsys_dagster.gates import run_gates
-from recsys_dagster.generate import generate_events
-from recsys_dagster.release import publish_as_of, write_build_record
-from recsys_dagster.settings import Settings, load_settings
 
-# DuckDB's default thread count, which `recsys_dagster.sql.run_sql` uses too (it sets none). Read at
+# DuckDB's default thread count, which `recsys_dagster.transform.sql.run_sql` uses too (it sets none). Read at
 # import, i.e. outside the timed call.
 DUCKDB_THREADS = int(duckdb.connect().execute("SELECT current_setting('threads')").fetchone()[0])
 POLARS_THREADS = pl.thread_pool_size()

@@ -35,7 +35,7 @@ How things are measured:
   start-up and imports excluded); the best of R runs is reported;
 - peak memory is the maximum resident set size of that process (`ru_maxrss`, MiB), interpreter and
   imports included, so both sides of a comparison carry the same fixed overhead;
-- input data is synthetic (`recsys_dagster.generate`), fixed by size and seed, and cached in `bench-data/`.
+- input data is synthetic (`recsys_dagster.ingest.generate`), fixed by size and seed, and cached in `bench-data/`.
 
 The targets are the product's (PRODUCT.md section 7); every row says whether it is met. Each section
 below is rewritten by its benchmark and states the machine, versions and date it was measured on. Do not

@@ -108,9 +108,9 @@ def _raw_day(options: Options, size: int) -> Path:
 
 def _generator_fingerprint() -> str:
     """Hash of the generator's source, so cached data is rebuilt when the generator changes."""
-    spec = importlib.util.find_spec("recsys_dagster.generate")
+    spec = importlib.util.find_spec("recsys_dagster.ingest.generate")
     if spec is None or spec.origin is None:
-        raise BenchmarkError("recsys_dagster.generate is not importable")
+        raise BenchmarkError("recsys_dagster.ingest.generate is not importable")
     return hashlib.sha256(Path(spec.origin).read_bytes()).hexdigest()[:16]
 
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import polars as pl
 
-from recsys_dagster import contract
-from recsys_dagster.canonicalize import canonicalize_partition
-from recsys_dagster.generate import generate_events
-from recsys_dagster.settings import IngestConfig
+from recsys_core.settings import IngestConfig
+from recsys_dagster.ingest import contract
+from recsys_dagster.ingest.canonicalize import canonicalize_partition
+from recsys_dagster.ingest.generate import generate_events
 
 
 def generate(params: dict) -> dict:

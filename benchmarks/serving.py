@@ -135,12 +135,17 @@ def _ensure_data(options: Options) -> Path:
 
 def build_task(params: dict) -> dict:
     """Child-process task: generate, canonicalize, check, aggregate, build and publish (see module doc)."""
-    from recsys_dagster.aggregates import build_daily_aggregate
-    from recsys_dagster.artifacts import DAILY_MODELS, KINDS, build_window_artifacts, daily_aggregate_params
-    from recsys_dagster.canonicalize import canonicalize_partition
-    from recsys_dagster.gates import run_gates
-    from recsys_dagster.generate import generate_events
-    from recsys_dagster.release import publish_as_of, write_build_record
+    from recsys_dagster.ingest.canonicalize import canonicalize_partition
+    from recsys_dagster.ingest.gates import run_gates
+    from recsys_dagster.ingest.generate import generate_events
+    from recsys_dagster.publishing.release import publish_as_of, write_build_record
+    from recsys_dagster.transform.aggregates import build_daily_aggregate
+    from recsys_dagster.transform.artifacts import (
+        DAILY_MODELS,
+        KINDS,
+        build_window_artifacts,
+        daily_aggregate_params,
+    )
 
     home = Path(params["home"])
     settings = _settings(home)
@@ -190,7 +195,7 @@ def build_task(params: dict) -> dict:
     actions = [o.outcome.action for o in outcomes]
     if actions != ["publish"]:
         raise BenchmarkError(f"publishing {AS_OF} did not publish: {[o.outcome.message for o in outcomes]}")
-    from recsys_dagster.manifest import read_current
+    from recsys_core.manifest import read_current
 
     manifest = read_current(settings.artifact_root, TENANT, SURFACE)
     return {
@@ -201,7 +206,7 @@ def build_task(params: dict) -> dict:
 
 
 def _settings(home: Path):
-    from recsys_dagster.settings import load_settings
+    from recsys_core.settings import load_settings
 
     env = {"RECSYS_HOME": str(home), "RECSYS_START_DATE": (AS_OF - dt.timedelta(days=60)).isoformat()}
     return load_settings(env)
@@ -367,7 +372,7 @@ def _request_paths(run_root: Path, seed: int) -> list[str]:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from recsys_dagster.manifest import read_current, resolve_uri
+    from recsys_core.manifest import read_current, resolve_uri
 
     manifest = read_current(run_root, TENANT, SURFACE)
     history_dir = resolve_uri(run_root, TENANT, SURFACE, manifest["current"]["user_history"])
@@ -489,7 +494,7 @@ def run(options: Options) -> Section:
 
 
 def _swap_under_load(wrk: str, api: Server, script: Path, home: Path, run_root: Path) -> SwapResult:
-    from recsys_dagster.publishing import publish, rollback
+    from recsys_dagster.publishing.protocol import publish, rollback
 
     manifest_url = f"{api.url}/v1/manifest?tenant={TENANT}&surface={SURFACE}"
     before = _get_json(manifest_url)["manifest_version"]

@@ -4,6 +4,7 @@ import datetime as dt
 
 import dagster as dg
 
+from recsys_core.settings import load_settings
 from recsys_dagster.defs.aggregates.assets import build_aggregates
 from recsys_dagster.defs.artifacts.assets import build_artifacts
 from recsys_dagster.defs.automation.schedules import build_schedules
@@ -11,7 +12,6 @@ from recsys_dagster.defs.automation.sensors import build_sensors
 from recsys_dagster.defs.ingest.assets import build_ingest
 from recsys_dagster.defs.publishing.assets import build_publishing
 from recsys_dagster.defs.shared import RecsysResource
-from recsys_dagster.settings import load_settings
 
 # The daily schedule runs at 02:00 UTC; a day without a successful materialization warns after 26 hours
 # and fails after 30 (docs/operations.md has the SLO and runbooks).

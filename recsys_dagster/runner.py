@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import dagster as dg
 
-from recsys_dagster.settings import Settings
+from recsys_core.settings import Settings
 
 CLI_JOB = "recsys_cli_run"
 

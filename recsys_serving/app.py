@@ -45,7 +45,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from recsys_dagster.settings import Settings, load_settings
+from recsys_core.settings import Settings, load_settings
 from recsys_serving import ranking
 from recsys_serving.exposures import ExposureWriter
 from recsys_serving.store import ArtifactStore, LoadedTarget

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import orjson
 
+from recsys_core.storage import fsync_dir
+
 log = logging.getLogger(__name__)
 
 IN_PROGRESS_SUFFIX = ".jsonl.inprogress"
@@ -264,7 +266,7 @@ class ExposureWriter:
                 break
             hidden.unlink()
             break
-        _fsync_dir(folder)
+        fsync_dir(folder)
         self.files_published += 1
         return final
 
@@ -315,11 +317,3 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -12,7 +12,7 @@ re-reads every `manifest.json` each poll interval and loads a changed manifest o
 version that fails to load leaves the previous one serving; the failure is kept (and retried after a
 back-off) for /readyz and /metrics.
 
-Reading manifests and resolving URIs goes through `recsys_dagster.manifest`, which imports no Dagster.
+Reading manifests and resolving URIs goes through `recsys_core.manifest`, which imports no Dagster.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from recsys_dagster.manifest import list_targets, read_current, read_meta, resolve_uri, verify_artifact
+from recsys_core.manifest import list_targets, read_current, read_meta, resolve_uri, verify_artifact
 
 log = logging.getLogger(__name__)
 

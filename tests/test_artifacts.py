@@ -21,8 +21,21 @@ import polars as pl
 import pytest
 from shared_data import shared_data_dir
 
-from recsys_dagster.aggregates import DAYS_PER_QUERY, build_daily_aggregate, build_daily_aggregates
-from recsys_dagster.artifacts import (
+from recsys_core.lake import SUMMARY_FILE, content_hash, partition_dir
+from recsys_core.manifest import artifact_version, read_meta, verify_artifact
+from recsys_core.settings import (
+    ArtifactsConfig,
+    CoocConfig,
+    IngestConfig,
+    PipelineConfig,
+    PopularityConfig,
+    UserHistoryConfig,
+)
+from recsys_dagster.ingest.canonicalize import canonicalize_partition
+from recsys_dagster.ingest.contract import CANONICAL_SCHEMA
+from recsys_dagster.ingest.importers import import_file
+from recsys_dagster.transform.aggregates import DAYS_PER_QUERY, build_daily_aggregate, build_daily_aggregates
+from recsys_dagster.transform.artifacts import (
     DAILY_MODELS,
     FILE_OF,
     KINDS,
@@ -32,19 +45,7 @@ from recsys_dagster.artifacts import (
     daily_aggregate_params,
     window_days,
 )
-from recsys_dagster.canonicalize import SUMMARY_FILE, canonicalize_partition, content_hash, partition_dir
-from recsys_dagster.contract import CANONICAL_SCHEMA
-from recsys_dagster.importers import import_file
-from recsys_dagster.manifest import artifact_version, read_meta, verify_artifact
-from recsys_dagster.settings import (
-    ArtifactsConfig,
-    CoocConfig,
-    IngestConfig,
-    PipelineConfig,
-    PopularityConfig,
-    UserHistoryConfig,
-)
-from recsys_dagster.sql import run_sql
+from recsys_dagster.transform.sql import run_sql
 
 D1, D2, D3 = dt.date(2024, 5, 1), dt.date(2024, 5, 2), dt.date(2024, 5, 3)
 WEIGHTS = [

@@ -11,7 +11,7 @@ import dagster as dg
 import pytest
 from dagster._core.definitions.freshness import FreshnessState, FreshnessStateChange
 
-from recsys_dagster.alerts import FileSink, sink_from_spec
+from recsys_dagster.automation.alerts import FileSink, sink_from_spec
 from recsys_dagster.definitions import build_definitions
 from recsys_dagster.defs.automation.sensors import freshness_alerts, freshness_transitions, run_failure_alerts
 from recsys_dagster.defs.shared import RecsysResource

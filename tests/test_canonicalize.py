@@ -16,14 +16,10 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from recsys_dagster import canonicalize, contract
-from recsys_dagster.canonicalize import (
-    RawFileError,
-    canonicalize_partition,
-    partition_dir,
-    read_summary,
-)
-from recsys_dagster.settings import IngestConfig
+from recsys_core.lake import partition_dir, read_summary
+from recsys_core.settings import IngestConfig
+from recsys_dagster.ingest import canonicalize, contract
+from recsys_dagster.ingest.canonicalize import RawFileError, canonicalize_partition
 
 DAY = dt.date(2025, 3, 10)
 BOM = b"\xef\xbb\xbf"

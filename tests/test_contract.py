@@ -17,8 +17,8 @@ import pytest
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
-from recsys_dagster import canonicalize, contract
-from recsys_dagster.settings import DEFAULT_EVENT_TYPES, IngestConfig
+from recsys_core.settings import DEFAULT_EVENT_TYPES, IngestConfig
+from recsys_dagster.ingest import canonicalize, contract
 
 DAY = dt.date(2025, 3, 10)
 UTC = dt.UTC

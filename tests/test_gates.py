@@ -9,8 +9,10 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from recsys_dagster.canonicalize import canonicalize_partition, partition_dir
-from recsys_dagster.gates import (
+from recsys_core.lake import partition_dir
+from recsys_core.settings import ChecksConfig, ConfigError, IngestConfig
+from recsys_dagster.ingest.canonicalize import canonicalize_partition
+from recsys_dagster.ingest.gates import (
     CHECKS_FILE,
     GATE_NAMES,
     GateResult,
@@ -18,7 +20,6 @@ from recsys_dagster.gates import (
     read_gate_record,
     run_gates,
 )
-from recsys_dagster.settings import ChecksConfig, ConfigError, IngestConfig
 
 DAY = dt.date(2025, 3, 10)
 NOON = dt.datetime(2025, 3, 10, 12, tzinfo=dt.UTC)

@@ -11,10 +11,11 @@ import orjson
 import polars as pl
 import pytest
 
-from recsys_dagster import generate
-from recsys_dagster.canonicalize import canonicalize_partition, partition_dir
-from recsys_dagster.generate import GenerateReport, generate_events
-from recsys_dagster.settings import IngestConfig
+from recsys_core.lake import partition_dir
+from recsys_core.settings import IngestConfig
+from recsys_dagster.ingest import generate
+from recsys_dagster.ingest.canonicalize import canonicalize_partition
+from recsys_dagster.ingest.generate import GenerateReport, generate_events
 
 END = dt.date(2024, 3, 10)
 DAYS = 3

@@ -13,8 +13,8 @@ import orjson
 import pytest
 from shared_data import shared_data_dir
 
-from recsys_dagster import importers
-from recsys_dagster.importers import import_file
+from recsys_dagster.ingest import importers
+from recsys_dagster.ingest.importers import import_file
 
 TODAY = dt.date(2030, 1, 15)
 

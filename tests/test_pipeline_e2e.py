@@ -17,9 +17,9 @@ import polars as pl
 import pytest
 from shared_data import shared_data_dir
 
-from recsys_dagster import cli
-from recsys_dagster.canonicalize import partition_dir
-from recsys_dagster.manifest import read_current, read_registry
+from recsys_cli import cli
+from recsys_core.lake import partition_dir
+from recsys_core.manifest import read_current, read_registry
 
 END = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)
 START = END - dt.timedelta(days=2)

@@ -20,9 +20,13 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from recsys_dagster import manifest, publishing
-from recsys_dagster.manifest import ManifestError, UnsafePathError
-from recsys_dagster.publishing import PublishError
+from recsys_core import manifest, storage
+from recsys_core.manifest import ManifestError, UnsafePathError
+from recsys_core.names import NAME_PATTERN
+from recsys_dagster.publishing import protocol as publishing
+from recsys_dagster.publishing.gc import gc
+from recsys_dagster.publishing.protocol import PublishError
+from recsys_dagster.transform.artifact_dir import write_artifact_dir
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 T, S = "demo", "home"
@@ -75,9 +79,7 @@ def build(
             "inputs": {},
             "run_id": "test",
         }
-        _, built[kind] = publishing.write_artifact_dir(
-            target, kind, meta, {FILE_OF[kind]: _frame(kind, items, salt)}
-        )
+        _, built[kind] = write_artifact_dir(target, kind, meta, {FILE_OF[kind]: _frame(kind, items, salt)})
     return built
 
 
@@ -114,14 +116,14 @@ def root(tmp_path: Path) -> Path:
 
 
 def test_name_rule_is_the_event_contract_rule() -> None:
-    from recsys_dagster import contract  # pulls in pandera: imported here, not by the module
+    from recsys_dagster.ingest import contract  # pulls in pandera: imported here, not by the module
 
-    assert f"^{manifest._NAME_RE.pattern}$" == contract.IDENTIFIER_PATTERN
+    assert NAME_PATTERN == contract.IDENTIFIER_PATTERN
 
 
 def test_read_side_imports_neither_dagster_nor_fastapi() -> None:
     script = (
-        "import sys, recsys_dagster.manifest, recsys_dagster.publishing\n"
+        "import sys, recsys_core.manifest, recsys_dagster.publishing\n"
         "bad = sorted({m.split('.')[0] for m in sys.modules} & {'dagster', 'fastapi', 'pandera'})\n"
         "assert not bad, bad\n"
     )
@@ -140,9 +142,7 @@ def test_write_artifact_dir_is_deterministic_and_verifies(root: Path, tmp_path: 
     meta = manifest.read_meta(first)
     stable = {k: v for k, v in meta.items() if k not in ("version", "files", "rows", "format", "kind")}
     other_target = manifest.target_dir(tmp_path / "other", T, S)
-    version, again = publishing.write_artifact_dir(
-        other_target, "popularity", stable, {"items.parquet": chunked}
-    )
+    version, again = write_artifact_dir(other_target, "popularity", stable, {"items.parquet": chunked})
     assert version == first.name
     assert (again / "items.parquet").read_bytes() == (first / "items.parquet").read_bytes()
 
@@ -153,7 +153,7 @@ def test_write_artifact_dir_is_deterministic_and_verifies(root: Path, tmp_path: 
     assert manifest.verify_artifact(first, required_nonempty=True) == []
     assert meta["version"] == first.name == manifest.artifact_version(meta)
     assert meta["rows"] == {"items.parquet": 5} and meta["format"] == 1 and meta["kind"] == "popularity"
-    assert meta["files"]["items.parquet"] == manifest.file_sha256(first / "items.parquet")
+    assert meta["files"]["items.parquet"] == storage.file_sha256(first / "items.parquet")
     # Volatile fields do not change the version; content does.
     assert manifest.artifact_version({**meta, "built_at": "x", "run_id": "y"}) == first.name
     assert build(root, D1, kinds=("popularity",), salt=1)["popularity"] != first
@@ -334,7 +334,7 @@ def test_read_current_rejects_malformed_manifests(root: Path, edit, message: str
 CRASHING_PUBLISHER = r"""
 import datetime as dt, json, os, signal, sys
 from pathlib import Path
-from recsys_dagster import publishing
+from recsys_dagster.publishing import protocol as publishing
 
 point, root, artifacts, day = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4]
 real_replace, real_append, real_write = os.replace, publishing._append_record, os.write
@@ -442,7 +442,7 @@ def test_registry_tolerates_a_torn_last_line_but_not_mid_file_corruption(root: P
 CONCURRENT_PUBLISHER = r"""
 import datetime as dt, json, sys, time
 from pathlib import Path
-from recsys_dagster import publishing
+from recsys_dagster.publishing import protocol as publishing
 
 root, jobs, ready, go = Path(sys.argv[1]), json.loads(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
 ready.touch()
@@ -568,7 +568,7 @@ def test_rollback_to_a_version_whose_artifacts_were_collected_fails_clearly(root
     a = pub(root, D1, build(root, D1)).manifest_version
     pub(root, D2, build(root, D2))
     c = pub(root, D3, build(root, D3)).manifest_version
-    report = publishing.gc(root, keep=1, apply=True, min_age_seconds=0)
+    report = gc(root, keep=1, apply=True, min_age_seconds=0)
     assert len(report.deleted) == 4  # A's and B's two artifacts
     before = (root / T / S / "registry.jsonl").read_bytes()
     with pytest.raises(PublishError, match=r"cannot roll back to .*artifacts are missing"):
@@ -600,7 +600,7 @@ def test_gc_keeps_referenced_and_fresh_versions(root: Path) -> None:
                 set_age(version, 7200)
     snapshot = sorted(str(p) for p in target.rglob("*"))
 
-    dry = publishing.gc(root, keep=2)
+    dry = gc(root, keep=2)
     expected = {published[0]["popularity"], published[0]["cooc"], stray, old_tmp}
     assert {path for path, _ in dry.to_delete} == expected
     assert all(size > 0 for _, size in dry.to_delete) and dry.bytes_to_delete > 0
@@ -608,7 +608,7 @@ def test_gc_keeps_referenced_and_fresh_versions(root: Path) -> None:
     assert dry.kept == 5  # B and C (two kinds each) and the fresh build
     assert sorted(str(p) for p in target.rglob("*")) == snapshot
 
-    applied = publishing.gc(root, keep=2, apply=True)
+    applied = gc(root, keep=2, apply=True)
     assert {path for path, _ in applied.deleted} == expected
     assert not any(path.exists() for path in expected)
     assert fresh.exists() and new_tmp.exists()
@@ -619,10 +619,10 @@ def test_gc_keeps_referenced_and_fresh_versions(root: Path) -> None:
         assert manifest.verify_artifact(manifest.resolve_uri(root, T, S, uri), True) == []
 
     # keep=0 still keeps what the current manifest references.
-    publishing.gc(root, keep=0, apply=True)
+    gc(root, keep=0, apply=True)
     assert not published[1]["popularity"].exists() and published[2]["popularity"].exists()
     with pytest.raises(ValueError, match="keep"):
-        publishing.gc(root, keep=-1)
+        gc(root, keep=-1)
 
 
 # ---------------------------------------------------------------------------------- path safety
@@ -659,7 +659,7 @@ def test_symlinks_and_escaping_uris_are_refused(tmp_path: Path) -> None:
         with pytest.raises(UnsafePathError):
             manifest.read_current(root, tenant, S)
         with pytest.raises(UnsafePathError):
-            publishing.write_artifact_dir(
+            write_artifact_dir(
                 manifest.target_dir(root, tenant, S), "popularity", {}, {"x.parquet": pl.DataFrame()}
             )
     assert list(outside.iterdir()) == []

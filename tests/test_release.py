@@ -6,9 +6,9 @@ from pathlib import Path
 
 import polars as pl
 
-from recsys_dagster.artifacts import SCHEMAS
-from recsys_dagster.publishing import write_artifact_dir
-from recsys_dagster.release import artifact_row_problems
+from recsys_dagster.publishing.release import artifact_row_problems
+from recsys_dagster.transform.artifact_dir import write_artifact_dir
+from recsys_dagster.transform.artifacts import SCHEMAS
 
 
 def cooc_artifact(root: Path, rows: list[tuple]) -> Path:

@@ -31,15 +31,21 @@ import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 
-from recsys_dagster.aggregates import build_daily_aggregate
-from recsys_dagster.artifacts import DAILY_MODELS, KINDS, build_window_artifacts, daily_aggregate_params
-from recsys_dagster.canonicalize import canonicalize_partition, landing_files
-from recsys_dagster.gates import run_gates
-from recsys_dagster.generate import generate_events
-from recsys_dagster.manifest import read_current, resolve_uri
-from recsys_dagster.publishing import publish, rollback, write_artifact_dir
-from recsys_dagster.release import publish_as_of, write_build_record
-from recsys_dagster.settings import Settings, load_settings
+from recsys_core.manifest import read_current, resolve_uri
+from recsys_core.settings import Settings, load_settings
+from recsys_dagster.ingest.canonicalize import canonicalize_partition, landing_files
+from recsys_dagster.ingest.gates import run_gates
+from recsys_dagster.ingest.generate import generate_events
+from recsys_dagster.publishing.protocol import publish, rollback
+from recsys_dagster.publishing.release import publish_as_of, write_build_record
+from recsys_dagster.transform.aggregates import build_daily_aggregate
+from recsys_dagster.transform.artifact_dir import write_artifact_dir
+from recsys_dagster.transform.artifacts import (
+    DAILY_MODELS,
+    KINDS,
+    build_window_artifacts,
+    daily_aggregate_params,
+)
 from recsys_serving import ranking
 from recsys_serving.app import MAX_CONTEXT_ITEMS, MAX_K, create_app
 from recsys_serving.exposures import IN_PROGRESS_SUFFIX, ExposureWriter

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from recsys_dagster.settings import (
+from recsys_core.settings import (
     DEFAULT_EVENT_TYPES,
     ChecksConfig,
     ConfigError,

@@ -7,7 +7,7 @@ from typing import Any
 
 import dagster as dg
 
-from recsys_dagster.settings import Settings, load_settings
+from recsys_core.settings import Settings, load_settings
 
 OWNERS = ["team:data-platform"]
 

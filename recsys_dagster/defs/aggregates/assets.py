@@ -2,8 +2,7 @@
 
 import dagster as dg
 
-from recsys_dagster.aggregates import build_daily_aggregates
-from recsys_dagster.artifacts import daily_aggregate_params
+from recsys_core.settings import Settings
 from recsys_dagster.defs.shared import (
     OWNERS,
     RecsysResource,
@@ -11,8 +10,9 @@ from recsys_dagster.defs.shared import (
     markdown_table,
     partition_days,
 )
-from recsys_dagster.settings import Settings
-from recsys_dagster.sql import params_version, sql_path, sql_version
+from recsys_dagster.transform.aggregates import build_daily_aggregates
+from recsys_dagster.transform.artifacts import daily_aggregate_params
+from recsys_dagster.transform.sql import params_version, sql_path, sql_version
 
 DAILY_MODELS = {
     "item_daily": "Per item and event type: events, distinct sessions and users, last event time.",

@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from recsys_dagster.artifacts import AGGREGATE_OF, KINDS, build_window_artifacts, window_size
+from recsys_core.settings import Settings
 from recsys_dagster.defs.shared import (
     OWNERS,
     RecsysResource,
@@ -10,8 +10,8 @@ from recsys_dagster.defs.shared import (
     markdown_table,
     partition_days,
 )
-from recsys_dagster.release import write_build_record
-from recsys_dagster.settings import Settings
+from recsys_dagster.publishing.release import write_build_record
+from recsys_dagster.transform.artifacts import AGGREGATE_OF, KINDS, build_window_artifacts, window_size
 
 DESCRIPTIONS = {
     "popularity": "Top-N items per tenant/surface by event-type-weighted counts over the trailing window.",

@@ -5,7 +5,7 @@ import json
 import dagster as dg
 from dagster._core.definitions.freshness import FreshnessState  # not re-exported by dagster 1.13
 
-from recsys_dagster.alerts import Alert, sink_from_spec
+from recsys_dagster.automation.alerts import Alert, sink_from_spec
 from recsys_dagster.defs.shared import RecsysResource
 
 STALE = {FreshnessState.WARN.value, FreshnessState.FAIL.value}

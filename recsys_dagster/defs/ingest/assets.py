@@ -2,7 +2,8 @@
 
 import dagster as dg
 
-from recsys_dagster.canonicalize import canonicalize_partition, partition_dir
+from recsys_core.lake import partition_dir
+from recsys_core.settings import Settings
 from recsys_dagster.defs.shared import (
     OWNERS,
     RecsysResource,
@@ -10,8 +11,8 @@ from recsys_dagster.defs.shared import (
     markdown_table,
     partition_days,
 )
-from recsys_dagster.gates import GATE_DESCRIPTIONS, check_warn_only, run_gates
-from recsys_dagster.settings import Settings
+from recsys_dagster.ingest.canonicalize import canonicalize_partition
+from recsys_dagster.ingest.gates import GATE_DESCRIPTIONS, check_warn_only, run_gates
 
 
 def build_ingest(settings: Settings) -> dg.Definitions:

@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from recsys_dagster.artifacts import KINDS
+from recsys_core.settings import Settings
 from recsys_dagster.defs.shared import (
     OWNERS,
     RecsysResource,
@@ -10,8 +10,8 @@ from recsys_dagster.defs.shared import (
     markdown_table,
     partition_days,
 )
-from recsys_dagster.release import publish_as_of
-from recsys_dagster.settings import Settings
+from recsys_dagster.publishing.release import publish_as_of
+from recsys_dagster.transform.artifacts import KINDS
 
 
 class PublishRefusedError(Exception):

@@ -1,4 +1,4 @@
-"""Blocking gates on one canonical_events partition (PRODUCT.md 4.2), as plain functions.
+"""Blocking gates on one canonical_events partition (docs/reference/checks.md), as plain functions.
 
 Each gate returns a `GateResult` with the numbers and a sample of offending rows a person can act on.
 The results of a partition are stored beside its data (`_checks.json`, tied to the data by content
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,12 +18,12 @@ from typing import Any
 import pandera.errors
 import polars as pl
 
-from recsys_dagster import contract
-from recsys_dagster.canonicalize import partition_dir, read_summary
-from recsys_dagster.settings import ChecksConfig, ConfigError, IngestConfig
-from recsys_dagster.sql import run_sql
+from recsys_core.lake import CHECKS_FILE, parquet_files, partition_dir, read_json_record, read_summary
+from recsys_core.settings import ChecksConfig, ConfigError, IngestConfig
+from recsys_core.storage import write_atomic
+from recsys_dagster.ingest import contract
+from recsys_dagster.transform.sql import run_sql
 
-CHECKS_FILE = "_checks.json"
 SAMPLE_ROWS = 10
 
 GATE_DESCRIPTIONS = {
@@ -60,7 +59,7 @@ def run_gates(lake_root: Path, day: dt.date, ingest: IngestConfig, checks: Check
     """Evaluate every gate on the canonical partition of `day` and record the results beside it."""
     check_warn_only(checks)
     folder = partition_dir(lake_root, "canonical_events", day)
-    paths = sorted(str(p) for p in folder.glob("*.parquet"))
+    paths = [str(p) for p in parquet_files(folder)]
     summary = read_summary(lake_root, day)
     if summary is None or not paths:
         raise FileNotFoundError(f"canonical_events partition {day} has not been materialized ({folder})")
@@ -106,15 +105,12 @@ def run_gates(lake_root: Path, day: dt.date, ingest: IngestConfig, checks: Check
         "passed": all(r.passed for r in results if r.blocking),
         "results": [asdict(r) for r in results],
     }
-    tmp = folder / f".{CHECKS_FILE}.tmp"
-    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    os.replace(tmp, folder / CHECKS_FILE)
+    write_atomic(folder / CHECKS_FILE, (json.dumps(record, indent=2, default=str) + "\n").encode())
     return results
 
 
 def read_gate_record(lake_root: Path, day: dt.date) -> dict | None:
-    path = partition_dir(lake_root, "canonical_events", day) / CHECKS_FILE
-    return json.loads(path.read_text()) if path.exists() else None
+    return read_json_record(partition_dir(lake_root, "canonical_events", day) / CHECKS_FILE)
 
 
 def confirm_gates_passed(lake_root: Path, day: dt.date) -> str | None:

@@ -1,13 +1,11 @@
 """Artifacts, manifests and the registry: the shared READ side of `docs/reference/artifacts.md`.
 
 Both the pipeline (which publishes) and the API server (which follows `manifest.json`) import this
-module, so it deliberately depends on nothing but the standard library and pyarrow: the server must not
-pull in Dagster, and the pipeline must not pull in FastAPI. Writing (publish, rollback, gc) lives in
-`recsys_dagster.publishing`; the one write primitive here, `write_atomic`, is shared because artifact
-builders need it too.
+module, so it depends on nothing but the standard library, pyarrow and the rest of `recsys_core`. Writing
+(publish, rollback, gc) lives in `recsys_dagster.publishing`.
 
 Safety rules enforced here, before any byte is read or written:
-- tenant, surface and kind names follow the event-contract identifier rule and are never `.` or `..`;
+- tenant, surface and kind names follow the name rule (`recsys_core.names`);
 - every path is resolved (symlinks included) and must stay inside the artifact root; a tenant or surface
   directory that is itself a symlink is refused outright, so two names can never alias one directory.
 """
@@ -19,12 +17,14 @@ import hashlib
 import json
 import os
 import re
-import uuid
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pyarrow.parquet as pq
+
+from recsys_core.names import UnsafePathError, validate_name
+from recsys_core.storage import file_sha256
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -36,38 +36,11 @@ META_FILE = "meta.json"
 VOLATILE_META_FIELDS = frozenset({"version", "built_at", "run_id"})
 REGISTRY_ACTIONS = frozenset({"publish", "noop", "history_only", "refused", "rollback"})
 
-# Same rule as `contract.IDENTIFIER_PATTERN` (a test holds them together). Not imported from there
-# because `contract` pulls in pandera, which the API server has no use for. Used with `fullmatch`, which
-# also refuses a trailing newline (`^...$` with `re.match` would let "name\n" through).
-_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _HEX64_RE = re.compile(r"[0-9a-f]{64}")
-
-
-class UnsafePathError(ValueError):
-    """A name or path that is invalid or would lead outside the artifact root."""
 
 
 class ManifestError(ValueError):
     """A manifest, meta.json or registry file that is missing required structure or is corrupt."""
-
-
-# --------------------------------------------------------------------------------------------- names
-
-
-def validate_name(kind_of_name: str, value: str) -> str:
-    """Return `value` if it is a safe tenant/surface/kind name, else raise `UnsafePathError`.
-
-    Rule: 1-64 characters of `A-Z a-z 0-9 . _ -`, never `.` or `..` (which would walk the tree).
-    """
-    if not isinstance(value, str):
-        raise UnsafePathError(f"invalid {kind_of_name} name: expected a string, got {type(value).__name__}")
-    if not _NAME_RE.fullmatch(value) or value in (".", ".."):
-        shown = repr(value if len(value) <= 80 else value[:80] + "...")
-        raise UnsafePathError(
-            f"invalid {kind_of_name} name {shown}: must be 1-64 characters of A-Z a-z 0-9 . _ - "
-            "and not '.' or '..'"
-        )
-    return value
 
 
 def is_hex64(value: Any) -> bool:
@@ -121,6 +94,20 @@ def canonical_json(obj: Any) -> bytes:
     )
 
 
+def json_file_bytes(obj: Any) -> bytes:
+    """Human-readable JSON for files people open (manifests, meta.json), keys in the documented order.
+
+    Never hashed as such: versions are computed from `canonical_json`, so the layout here is free.
+    """
+    return (json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode()
+
+
+def utc_timestamp(moment: dt.datetime | None = None) -> str:
+    """`YYYY-MM-DDTHH:MM:SSZ` of `moment` (default: now), the form of every time in this layout."""
+    moment = moment or dt.datetime.now(dt.UTC)
+    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def artifact_version(meta: Mapping[str, Any]) -> str:
     """SHA-256 hex of the canonical JSON of `meta` without its volatile fields (version, built_at, run_id)."""
     stable = {k: v for k, v in meta.items() if k not in VOLATILE_META_FIELDS}
@@ -132,12 +119,6 @@ def manifest_version(tenant: str, surface: str, as_of: dt.date | str, versions: 
     day = as_of.isoformat() if isinstance(as_of, dt.date) else str(as_of)
     payload = {"tenant": tenant, "surface": surface, "as_of": day, "artifacts": dict(versions)}
     return hashlib.sha256(canonical_json(payload)).hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 hex of a file's bytes, streamed (artifact files can be large)."""
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 # -------------------------------------------------------------------------------------- manifests
@@ -373,39 +354,3 @@ def read_registry(artifact_root: Path, tenant: str, surface: str) -> list[dict]:
     except FileNotFoundError:
         return []
     return parse_registry(data, source=str(path))[0]
-
-
-# ------------------------------------------------------------------------------------------ writes
-
-
-def fsync_dir(path: Path) -> None:
-    """fsync a directory so a rename or a new entry in it survives a power loss."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` so readers see the old or the new file, never a partial one.
-
-    Temp file in the same directory (a rename is only atomic within one filesystem), write, fsync,
-    `os.replace`, then fsync the directory so the rename itself is durable.
-    """
-    path = Path(path)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)

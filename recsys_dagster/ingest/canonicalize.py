@@ -17,10 +17,8 @@ Outputs are written to a staging directory and swapped into place only when comp
 
 from __future__ import annotations
 
-import ctypes
 import datetime as dt
 import gzip
-import hashlib
 import json
 import os
 import shutil
@@ -40,12 +38,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from recsys_dagster import contract
-from recsys_dagster.settings import IngestConfig
+from recsys_core.lake import SUMMARY_FILE, content_hash, landing_dir, partition_dir
+from recsys_core.settings import IngestConfig
+from recsys_core.storage import replace_dir, write_atomic
+from recsys_dagster.ingest import contract
 
 BLOCK_BYTES = 16 * 1024 * 1024
 PARALLEL_BLOCKS = 3
-SUMMARY_FILE = "_summary.json"
 UTF8_BOM = b"\xef\xbb\xbf"
 HASHED_FIELDS = (
     "tenant",
@@ -90,13 +89,9 @@ class PartitionSummary:
         return asdict(self) | {"reconciled": self.reconciled}
 
 
-def partition_dir(lake_root: Path, asset: str, day: dt.date) -> Path:
-    return lake_root / asset / f"dt={day.isoformat()}"
-
-
 def landing_files(raw_root: Path, day: dt.date) -> list[Path]:
     """The day's landing files in name order; hidden files (in-flight writes) are not read."""
-    folder = raw_root / f"dt={day.isoformat()}"
+    folder = landing_dir(raw_root, day)
     if not folder.is_dir():
         return []
     return sorted(
@@ -156,20 +151,15 @@ def canonicalize_partition(
             raise AssertionError(f"reconciliation failed for {day}: {summary.to_json()}")
         summary.content_hash = content_hash(canonical_stage)
         summary.seconds = round(time.perf_counter() - started, 3)
-        _write_json(canonical_stage / SUMMARY_FILE, summary.to_json() | {"seconds": None})
-        _swap_into_place(quarantine_stage, partition_dir(lake_root, "quarantine", day))
-        _swap_into_place(canonical_stage, partition_dir(lake_root, "canonical_events", day))
+        write_atomic(canonical_stage / SUMMARY_FILE, _json_bytes(summary.to_json() | {"seconds": None}))
+        replace_dir(quarantine_stage, partition_dir(lake_root, "quarantine", day))
+        replace_dir(canonical_stage, partition_dir(lake_root, "canonical_events", day))
     finally:
         try:
             canonical.shutdown()  # after a failure, a file may still be being written into the staging folder
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return summary
-
-
-def read_summary(lake_root: Path, day: dt.date) -> dict | None:
-    path = partition_dir(lake_root, "canonical_events", day) / SUMMARY_FILE
-    return json.loads(path.read_text()) if path.exists() else None
 
 
 def _read_blocks(path: Path) -> Iterator[bytes]:
@@ -820,45 +810,5 @@ class _QuarantineWriter:
         self._parts.close()
 
 
-def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
-def _swap_into_place(staged: Path, target: Path) -> None:
-    """Replace the `target` directory by `staged` so that readers see the old or the new partition.
-
-    On Linux the two directories are exchanged in one atomic renameat2(RENAME_EXCHANGE); elsewhere the
-    old directory is renamed away first, which leaves a moment with no partition (never a partial one).
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists() and _exchange(staged, target):
-        shutil.rmtree(staged, ignore_errors=True)
-        return
-    old = target.with_name(f".old-{target.name}-{uuid.uuid4().hex[:8]}")
-    if target.exists():
-        os.rename(target, old)
-    os.rename(staged, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
-    renameat2 = getattr(_LIBC, "renameat2", None)
-    if renameat2 is None:
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
-
-
-_LIBC = ctypes.CDLL(None, use_errno=True)
-
-
-def content_hash(folder: Path) -> str:
-    """SHA-256 over the names and bytes of a partition's Parquet files."""
-    digest = hashlib.sha256()
-    for path in sorted(folder.glob("*.parquet")):
-        digest.update(path.name.encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
+def _json_bytes(payload: dict) -> bytes:
+    return (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode()

@@ -9,15 +9,15 @@ one batch writes byte-identical files: every model orders its rows by day first,
 from __future__ import annotations
 
 import datetime as dt
-import os
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
 import polars as pl
 
-from recsys_dagster.canonicalize import partition_dir
-from recsys_dagster.sql import run_sql
+from recsys_core.lake import AGGREGATE_FILE, parquet_files, partition_dir
+from recsys_core.storage import replace_file
+from recsys_dagster.transform.sql import run_sql
 
 DAYS_PER_QUERY = 7
 
@@ -56,7 +56,7 @@ def build_daily_aggregate(model: str, lake_root: Path, day: dt.date, params: dic
 
 def _canonical_files(lake_root: Path, day: dt.date) -> list[str]:
     source = partition_dir(lake_root, "canonical_events", day)
-    paths = sorted(str(p) for p in source.glob("*.parquet"))
+    paths = [str(p) for p in parquet_files(source)]
     if not paths:
         raise FileNotFoundError(f"canonical_events partition {day} has not been materialized ({source})")
     return paths
@@ -65,7 +65,7 @@ def _canonical_files(lake_root: Path, day: dt.date) -> list[str]:
 def _write_partition(frame: pl.DataFrame, lake_root: Path, model: str, day: dt.date) -> dict:
     target = partition_dir(lake_root, model, day)
     target.mkdir(parents=True, exist_ok=True)
-    tmp = target / f".part-00000.parquet.{uuid.uuid4().hex[:8]}.tmp"
+    tmp = target / f".{AGGREGATE_FILE}.{uuid.uuid4().hex[:8]}.tmp"
     frame.write_parquet(tmp, compression="zstd", statistics=True)
-    os.replace(tmp, target / "part-00000.parquet")
-    return {"rows": frame.height, "path": str(target / "part-00000.parquet")}
+    replace_file(tmp, target / AGGREGATE_FILE)
+    return {"rows": frame.height, "path": str(target / AGGREGATE_FILE)}

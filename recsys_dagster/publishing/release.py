@@ -14,15 +14,13 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from recsys_dagster.artifacts import KINDS, ArtifactBuild, window_days, window_size
-from recsys_dagster.canonicalize import partition_dir, read_summary
-from recsys_dagster.gates import confirm_gates_passed
-from recsys_dagster.manifest import write_atomic
-from recsys_dagster.publishing import PublishOutcome, publish
-from recsys_dagster.settings import Settings
-from recsys_dagster.sql import run_sql
-
-BUILDS_FILE = "builds.json"
+from recsys_core.lake import BUILDS_FILE, partition_dir, read_json_record, read_summary
+from recsys_core.settings import Settings
+from recsys_core.storage import write_atomic
+from recsys_dagster.ingest.gates import confirm_gates_passed
+from recsys_dagster.publishing.protocol import PublishOutcome, publish
+from recsys_dagster.transform.artifacts import KINDS, ArtifactBuild, window_days, window_size
+from recsys_dagster.transform.sql import run_sql
 
 
 @dataclass(frozen=True)
@@ -57,8 +55,7 @@ def write_build_record(lake_root: Path, kind: str, as_of: dt.date, builds: list[
 
 
 def read_build_record(lake_root: Path, kind: str, as_of: dt.date) -> dict | None:
-    path = partition_dir(lake_root, kind, as_of) / BUILDS_FILE
-    return json.loads(path.read_text()) if path.exists() else None
+    return read_json_record(partition_dir(lake_root, kind, as_of) / BUILDS_FILE)
 
 
 def gate_problems(settings: Settings, as_of: dt.date) -> tuple[list[str], int]:

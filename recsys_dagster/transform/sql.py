@@ -16,7 +16,9 @@ from typing import Any
 import duckdb
 import polars as pl
 
-SQL_ROOT = Path(__file__).resolve().parent.parent / "dbt_like_sql"
+import dbt_like_sql
+
+SQL_ROOT = Path(dbt_like_sql.__file__).resolve().parent
 
 
 def sql_path(name: str) -> Path:

@@ -1,8 +1,8 @@
-"""Publishing, rollback, history, status and garbage collection of artifact trees: the WRITE side.
+"""The publishing protocol of one tenant and surface: publish, rollback, history and status.
 
 Implements the publishing protocol of `docs/reference/artifacts.md`. The reading side (validation, paths,
-hashing) is `recsys_dagster.manifest`; like it, this module imports no Dagster so the CLI and tests can
-use it directly.
+hashing) is `recsys_core.manifest`; like it, this module imports no Dagster so the CLI and tests can use
+it directly.
 
 Durability model: the registry is the log and its record is the commit point. Under the target's lock a
 publish writes `manifests/<mv>.json`, appends and fsyncs its registry record, and only then swaps
@@ -17,31 +17,22 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import errno
-import fcntl
 import json
 import os
-import shutil
-import time
-import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from recsys_dagster.manifest import (
+from recsys_core.manifest import (
     FORMAT_VERSION,
     LOCK_FILE,
     MANIFEST_FILE,
     MANIFESTS_DIR,
-    META_FILE,
     REGISTRY_FILE,
     ManifestError,
-    UnsafePathError,
-    artifact_version,
-    file_sha256,
-    fsync_dir,
     is_hex64,
+    json_file_bytes,
     list_targets,
     manifest_version,
     parse_registry,
@@ -51,15 +42,11 @@ from recsys_dagster.manifest import (
     read_registry,
     resolve_uri,
     target_dir,
-    validate_name,
+    utc_timestamp,
     verify_artifact,
-    write_atomic,
 )
-
-if TYPE_CHECKING:
-    # Only for annotations: write_artifact_dir calls methods of the frames it is given, so importing
-    # polars (about a second) is left to the builders; rollback, status and gc stay quick from the CLI.
-    import polars as pl
+from recsys_core.names import UnsafePathError, validate_name
+from recsys_core.storage import fsync_dir, locked, write_all, write_atomic
 
 # Registry actions that move `current`; their `manifest_version` is what became current.
 _CURRENT_MOVING = ("publish", "rollback")
@@ -84,21 +71,6 @@ class PublishOutcome:
     problems: tuple[str, ...] = ()
 
 
-@dataclass
-class GcReport:
-    """Result of `gc`: what is (or would be) deleted, with sizes in bytes, and what was kept."""
-
-    to_delete: list[tuple[Path, int]] = field(default_factory=list)
-    deleted: list[tuple[Path, int]] = field(default_factory=list)
-    kept: int = 0
-    errors: list[str] = field(default_factory=list)
-
-    @property
-    def bytes_to_delete(self) -> int:
-        """Total size of everything selected for deletion."""
-        return sum(size for _, size in self.to_delete)
-
-
 # ------------------------------------------------------------------------------------------ helpers
 
 
@@ -106,23 +78,11 @@ def _utc_now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def _iso(moment: dt.datetime) -> str:
-    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def _as_date(as_of: dt.date | str) -> dt.date:
     # datetime is a date subclass, but its isoformat() would put a time into the manifest version.
     if isinstance(as_of, dt.datetime):
         raise TypeError("as_of must be a date, not a datetime")
     return as_of if isinstance(as_of, dt.date) else dt.date.fromisoformat(as_of)
-
-
-def _json_bytes(obj: Any) -> bytes:
-    """Human-readable JSON for files people open (manifests, meta.json), keys in the documented order.
-
-    Never hashed as such: versions are computed from `canonical_json`, so layout here is free.
-    """
-    return (json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode()
 
 
 def _prepare_target(artifact_root: Path, tenant: str, surface: str) -> Path:
@@ -135,17 +95,13 @@ def _prepare_target(artifact_root: Path, tenant: str, surface: str) -> Path:
 
 
 @contextlib.contextmanager
-def _locked(target: Path) -> Iterator[None]:
-    """Exclusive advisory lock on `<target>/.lock`, held for read-current -> write -> append -> swap."""
-    fd = os.open(target / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+def target_lock(target: Path) -> Iterator[None]:
+    """The target's lock (`<target>/.lock`), held for read-current -> write -> append -> swap."""
+    with locked(target / LOCK_FILE):
         yield
-    finally:
-        os.close(fd)  # closing the descriptor releases the flock, also if the process dies
 
 
-def _read_records(target: Path) -> list[dict]:
+def read_records(target: Path) -> list[dict]:
     path = target / REGISTRY_FILE
     try:
         return parse_registry(path.read_bytes(), source=str(path))[0]
@@ -169,11 +125,9 @@ def _append_record(target: Path, fields: Mapping[str, Any]) -> dict:
         records, good_end = parse_registry(data, source=str(path))
         if good_end < len(data):
             os.ftruncate(fd, good_end)
-        record = {"seq": records[-1]["seq"] + 1 if records else 1, "at": _iso(_utc_now()), **fields}
+        record = {"seq": records[-1]["seq"] + 1 if records else 1, "at": utc_timestamp(), **fields}
         line = (json.dumps(record, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
-        view = memoryview(line)
-        while view:
-            view = view[os.write(fd, view) :]
+        write_all(fd, line)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -199,12 +153,12 @@ def _record(action: str, mv: str | None, previous: str | None, as_of: str | None
 
 def _swap(target: Path, manifest: Mapping[str, Any]) -> dict:
     """Make `manifest` current: `updated_at` is the time of the swap, the rename is atomic."""
-    swapped = {**manifest, "updated_at": _iso(_utc_now())}
-    write_atomic(target / MANIFEST_FILE, _json_bytes(swapped))
+    swapped = {**manifest, "updated_at": utc_timestamp()}
+    write_atomic(target / MANIFEST_FILE, json_file_bytes(swapped))
     return swapped
 
 
-def _timeline(records: Sequence[dict]) -> list[str]:
+def current_timeline(records: Sequence[dict]) -> list[str]:
     """Manifest versions in the order they became current (publish and rollback records)."""
     return [r["manifest_version"] for r in records if r.get("action") in _CURRENT_MOVING]
 
@@ -232,7 +186,7 @@ def _load_current(target: Path, tenant: str, surface: str, records: Sequence[dic
         current = None
     except ManifestError as exc:
         current, broken = None, exc
-    timeline = _timeline(records)
+    timeline = current_timeline(records)
     if not timeline or (current is not None and current["manifest_version"] == timeline[-1]):
         if broken is not None:
             raise broken
@@ -319,8 +273,8 @@ def publish(
     target = _prepare_target(artifact_root, tenant, surface)
     versions = {kind: Path(path).name for kind, path in artifacts.items()}
     mv = manifest_version(tenant, surface, day, versions)
-    with _locked(target):
-        records = _read_records(target)
+    with target_lock(target):
+        records = read_records(target)
         current = _load_current(target, tenant, surface, records)
         previous = current["manifest_version"] if current else None
         common = {"actor": actor, "run_id": run_id}
@@ -351,7 +305,7 @@ def publish(
             "tenant": tenant,
             "surface": surface,
             "current": {kind: f"{kind}/{version}" for kind, version in sorted(versions.items())},
-            "updated_at": _iso(_utc_now()),
+            "updated_at": utc_timestamp(),
             "manifest_version": mv,
             "as_of": day,
             "artifacts": {
@@ -376,7 +330,7 @@ def publish(
             # Immutable once written: a re-publish keeps the first file (and its run id).
             manifest = read_manifest(history_file, base=target, tenant=tenant, surface=surface)
         except (FileNotFoundError, ManifestError):
-            write_atomic(history_file, _json_bytes(manifest))
+            write_atomic(history_file, json_file_bytes(manifest))
 
         if not forward:
             _append_record(target, _record("history_only", mv, previous, day, **common))
@@ -411,8 +365,8 @@ def rollback(
     target = target_dir(artifact_root, tenant, surface)
     if not target.is_dir():
         raise PublishError(f"{tenant}/{surface}: nothing published yet, nothing to roll back")
-    with _locked(target):
-        records = _read_records(target)
+    with target_lock(target):
+        records = read_records(target)
         current = _load_current(target, tenant, surface, records)
         if current is None:
             raise PublishError(f"{tenant}/{surface}: nothing published yet, nothing to roll back")
@@ -422,7 +376,7 @@ def rollback(
                 raise PublishError(f"steps must be a positive integer, got {steps!r}")
             rolled = _rolled_back(records)
             candidates: list[str] = []
-            for mv in reversed(_timeline(records)):
+            for mv in reversed(current_timeline(records)):
                 if mv != from_mv and mv not in rolled and mv not in candidates:
                     candidates.append(mv)
             if not candidates:
@@ -514,207 +468,3 @@ def status(artifact_root: Path, *, now: dt.datetime | None = None) -> list[dict]
             )
         entries.append(entry)
     return entries
-
-
-# ------------------------------------------------------------------------------------------------ gc
-
-
-def _size_and_newest(path: Path) -> tuple[int, float]:
-    """Total bytes under `path` and the newest mtime in it (a dir still being filled counts as fresh)."""
-    info = path.lstat()
-    total, newest = info.st_size if not path.is_dir() else 0, info.st_mtime
-    if path.is_dir() and not path.is_symlink():
-        for folder, _dirs, names in os.walk(path):
-            newest = max(newest, os.lstat(folder).st_mtime)
-            for name in names:
-                item = os.lstat(os.path.join(folder, name))
-                total += item.st_size
-                newest = max(newest, item.st_mtime)
-    return total, newest
-
-
-def _kept_refs(target: Path, tenant: str, surface: str, keep: int) -> set[tuple[str, str]]:
-    """(kind, version) pairs referenced by the current manifest and the `keep` most recent current ones."""
-    current = (
-        read_manifest(target / MANIFEST_FILE, base=target, tenant=tenant, surface=surface)
-        if (target / MANIFEST_FILE).exists()
-        else None
-    )
-    recent: list[str] = []
-    for mv in reversed(_timeline(_read_records(target))):
-        if len(recent) >= keep:
-            break
-        if mv not in recent:
-            recent.append(mv)
-    manifests = [current] if current else []
-    for mv in recent:
-        if current and mv == current["manifest_version"]:
-            continue
-        path = target / MANIFESTS_DIR / f"{mv}.json"
-        if not path.exists():
-            raise ManifestError(f"manifest {mv} named in the registry is missing from {MANIFESTS_DIR}/")
-        manifests.append(read_manifest(path, base=target, tenant=tenant, surface=surface))
-    return {(kind, item["version"]) for m in manifests for kind, item in m["artifacts"].items()}
-
-
-def gc(
-    artifact_root: Path,
-    keep: int,
-    *,
-    apply: bool = False,
-    min_age_seconds: int = 3600,
-    now: float | dt.datetime | None = None,
-) -> GcReport:
-    """Select (and with `apply=True` delete) artifact versions no kept manifest references.
-
-    Kept per tenant/surface: everything the current manifest references, everything the `keep` most
-    recently current manifests (registry order of publish/rollback records) reference, and anything
-    modified less than `min_age_seconds` ago (a running build may be about to publish it). Leftover
-    temp entries (dot names) older than `min_age_seconds` go too. manifests/ and the registry are never
-    touched. A target whose manifests cannot be read is skipped and reported in `errors`: deleting
-    without knowing the references could break a kept manifest.
-    """
-    if keep < 0:
-        raise ValueError("keep must be >= 0")
-    if now is None:
-        now_ts = time.time()
-    elif isinstance(now, dt.datetime):
-        now_ts = now.timestamp()
-    else:
-        now_ts = float(now)
-    report = GcReport()
-    for tenant, surface in list_targets(artifact_root):
-        target = target_dir(artifact_root, tenant, surface)
-        # Under the lock so no publish or rollback can start referencing a version while it is deleted.
-        with _locked(target):
-            try:
-                refs = _kept_refs(target, tenant, surface, keep)
-            except (ManifestError, UnsafePathError) as exc:
-                report.errors.append(f"{tenant}/{surface}: {exc}; nothing deleted there")
-                continue
-            selected: list[tuple[Path, int]] = []
-            for entry in sorted(os.scandir(target), key=lambda e: e.name):
-                is_dir = entry.is_dir(follow_symlinks=False)
-                if entry.name.startswith(".") and ".tmp-" in entry.name and not is_dir:
-                    size, newest = _size_and_newest(Path(entry.path))  # torn write_atomic temp file
-                    if now_ts - newest >= min_age_seconds:
-                        selected.append((Path(entry.path), size))
-                    continue
-                if not is_dir or entry.name.startswith(".") or entry.name == MANIFESTS_DIR:
-                    continue
-                for version in sorted(os.scandir(entry.path), key=lambda e: e.name):
-                    path = Path(version.path)
-                    if not version.is_dir(follow_symlinks=False) and not version.name.startswith("."):
-                        continue
-                    size, newest = _size_and_newest(path)
-                    fresh = now_ts - newest < min_age_seconds
-                    if not version.name.startswith(".") and ((entry.name, version.name) in refs or fresh):
-                        report.kept += 1
-                    elif not fresh:
-                        selected.append((path, size))
-            history_dir = target / MANIFESTS_DIR
-            history_entries = (
-                sorted(os.scandir(history_dir), key=lambda e: e.name) if history_dir.is_dir() else []
-            )
-            for entry in history_entries:
-                if (
-                    entry.name.startswith(".")
-                    and ".tmp-" in entry.name
-                    and entry.is_file(follow_symlinks=False)
-                ):
-                    size, newest = _size_and_newest(Path(entry.path))
-                    if now_ts - newest >= min_age_seconds:
-                        selected.append((Path(entry.path), size))
-            report.to_delete.extend(selected)
-            if apply:
-                for path, size in selected:
-                    _remove(path)
-                    report.deleted.append((path, size))
-    return report
-
-
-def _remove(path: Path) -> None:
-    """Delete a file or directory; a version directory is first renamed to a dot name so that a crash
-    mid-delete never leaves a partial directory under a version name (the next gc finishes it)."""
-    if path.is_dir() and not path.is_symlink():
-        if not path.name.startswith("."):
-            doomed = path.parent / f".deleting-{path.name}-{uuid.uuid4().hex[:8]}"
-            os.rename(path, doomed)
-            fsync_dir(path.parent)
-            path = doomed
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
-
-
-# ---------------------------------------------------------------------------------- artifact builds
-
-
-def write_artifact_dir(
-    target_dir: Path, kind: str, meta_without_version: Mapping[str, Any], files: Mapping[str, pl.DataFrame]
-) -> tuple[str, Path]:
-    """Write one artifact version directory `<target>/<kind>/<version>/` and return (version, path).
-
-    Frames are written as Parquet (zstd, statistics) into `<target>/<kind>/.tmp-<uuid>/`, hashed and
-    counted into meta's `files` / `rows`; the version is computed from the meta (see
-    `manifest.artifact_version`), meta.json written, and the temp dir renamed into place. Identical
-    frames give byte-identical files and so the same version; if that directory already exists (and
-    verifies) the new copy is discarded and the existing one touched, so gc's age guard protects it
-    until it is published. `meta_without_version` must be JSON-serialisable.
-    """
-    validate_name("kind", kind)
-    if not files:
-        raise ValueError("an artifact needs at least one file")
-    for name in files:
-        validate_name("file", name)
-        if name.startswith(".") or not name.endswith(".parquet"):
-            raise ValueError(f"file name {name!r} must end with .parquet and not start with '.'")
-    if "version" in meta_without_version:
-        raise ValueError("meta_without_version must not contain 'version': it is computed here")
-    if meta_without_version.get("kind", kind) != kind:
-        raise ValueError(f"meta kind {meta_without_version['kind']!r} does not match {kind!r}")
-    kind_dir = Path(target_dir) / kind
-    if kind_dir.is_symlink():  # the version directory would land wherever the link points
-        raise UnsafePathError(f"{kind_dir.name}/ is a symlink; refused")
-    kind_dir.mkdir(parents=True, exist_ok=True)
-    tmp = kind_dir / f".tmp-{uuid.uuid4().hex}"
-    tmp.mkdir()
-    try:
-        hashes: dict[str, str] = {}
-        rows: dict[str, int] = {}
-        for name in sorted(files):
-            # Chunk layout decides row groups, so identical frames chunked differently would give
-            # different bytes (and versions) without the rechunk.
-            frame = files[name].rechunk()
-            path = tmp / name
-            frame.write_parquet(path, compression="zstd", statistics=True)
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            hashes[name] = file_sha256(path)
-            rows[name] = frame.height
-        meta = {**meta_without_version, "format": FORMAT_VERSION, "kind": kind, "rows": rows, "files": hashes}
-        meta.setdefault("built_at", _iso(_utc_now()))
-        version = artifact_version(meta)
-        meta["version"] = version
-        write_atomic(tmp / META_FILE, _json_bytes(meta))
-        final = kind_dir / version
-        try:
-            os.rename(tmp, final)
-        except OSError as exc:
-            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not final.is_dir():
-                raise
-            if verify_artifact(final, False):
-                # Same name but not whole or not matching: move it aside (gc removes it) and use ours.
-                os.rename(final, kind_dir / f".corrupt-{version[:12]}-{uuid.uuid4().hex[:8]}")
-                os.rename(tmp, final)
-            else:
-                shutil.rmtree(tmp)
-                os.utime(final)
-        fsync_dir(kind_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return version, final

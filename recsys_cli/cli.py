@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from recsys_dagster.settings import ConfigError, Settings, load_settings
+from recsys_core.settings import ConfigError, Settings, load_settings
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -144,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
-    from recsys_dagster.generate import generate_events
+    from recsys_dagster.ingest.generate import generate_events
 
     end = args.end or _yesterday()
     try:
@@ -172,7 +172,7 @@ def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
-    from recsys_dagster.importers import import_file
+    from recsys_dagster.ingest.importers import import_file
 
     for path in args.paths:
         if not path.is_file():
@@ -253,8 +253,8 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def partition_rows(settings: Settings, start: dt.date, end: dt.date) -> list[dict]:
-    from recsys_dagster.canonicalize import read_summary
-    from recsys_dagster.gates import read_gate_record
+    from recsys_core.lake import read_summary
+    from recsys_dagster.ingest.gates import read_gate_record
 
     rows = []
     day = start
@@ -304,7 +304,7 @@ def _print_partition_table(settings: Settings, start: dt.date, end: dt.date) -> 
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    from recsys_dagster.publishing import status
+    from recsys_dagster.publishing.protocol import status
 
     end = args.end or _yesterday()
     start = args.start or end - dt.timedelta(days=max(args.days, 1) - 1)
@@ -357,8 +357,8 @@ def _age(seconds: int | None) -> str:
 
 
 def cmd_history(args: argparse.Namespace, settings: Settings) -> int:
-    from recsys_dagster.manifest import ManifestError, UnsafePathError
-    from recsys_dagster.publishing import history
+    from recsys_core.manifest import ManifestError, UnsafePathError
+    from recsys_dagster.publishing.protocol import history
 
     try:
         records = history(settings.artifact_root, args.tenant, args.surface)
@@ -386,8 +386,8 @@ def cmd_history(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_rollback(args: argparse.Namespace, settings: Settings) -> int:
     import getpass
 
-    from recsys_dagster.manifest import ManifestError, UnsafePathError
-    from recsys_dagster.publishing import PublishError, history, rollback
+    from recsys_core.manifest import ManifestError, UnsafePathError
+    from recsys_dagster.publishing.protocol import PublishError, history, rollback
 
     if args.steps is not None and args.steps < 1:
         raise UsageError("--steps must be >= 1")
@@ -422,7 +422,7 @@ def cmd_rollback(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_gc(args: argparse.Namespace, settings: Settings) -> int:
-    from recsys_dagster.publishing import gc
+    from recsys_dagster.publishing.gc import gc
 
     if args.keep < 1:
         raise UsageError("--keep must be >= 1 (the current manifest is always kept)")
@@ -459,7 +459,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 def example_requests(settings: Settings, base: str) -> list[str]:
     """curl calls that work against what is published now (a real user and item of the first target)."""
-    from recsys_dagster.manifest import ManifestError, list_targets, read_current
+    from recsys_core.manifest import ManifestError, list_targets, read_current
 
     for tenant, surface in list_targets(settings.artifact_root):
         try:
@@ -483,7 +483,7 @@ def example_requests(settings: Settings, base: str) -> list[str]:
 def _first_value(settings: Settings, manifest: dict, kind: str, file: str, column: str) -> str | None:
     import polars as pl
 
-    from recsys_dagster.manifest import resolve_uri
+    from recsys_core.manifest import resolve_uri
 
     uri = manifest["current"].get(kind)
     if uri is None:

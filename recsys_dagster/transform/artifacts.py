@@ -25,11 +25,11 @@ from typing import Any
 
 import polars as pl
 
-from recsys_dagster.canonicalize import partition_dir, read_summary
-from recsys_dagster.manifest import target_dir
-from recsys_dagster.publishing import write_artifact_dir
-from recsys_dagster.settings import COOC_METRICS, PipelineConfig
-from recsys_dagster.sql import run_sql
+from recsys_core.lake import AGGREGATE_FILE, partition_dir, read_summary
+from recsys_core.manifest import target_dir
+from recsys_core.settings import COOC_METRICS, PipelineConfig
+from recsys_dagster.transform.artifact_dir import write_artifact_dir
+from recsys_dagster.transform.sql import run_sql
 
 FORMAT = 1
 KINDS = ("popularity", "cooc", "user_history")
@@ -60,7 +60,6 @@ SCHEMAS: dict[str, dict[str, pl.DataType]] = {
     },
 }
 TOP_ROWS = 10
-AGGREGATE_FILE = "part-00000.parquet"
 
 
 @dataclass(frozen=True)
