@@ -24,20 +24,20 @@ from pathlib import Path
 import duckdb
 import polars as pl
 
+from recsys_core.kinds import KINDS
 from recsys_core.lake import partition_dir
 from recsys_core.settings import Settings, load_settings
 from recsys_dagster.ingest.canonicalize import canonicalize_partition
 from recsys_dagster.ingest.gates import run_gates
 from recsys_dagster.ingest.generate import generate_events
 from recsys_dagster.publishing.release import publish_as_of, write_build_record
-from recsys_dagster.transform.aggregates import build_daily_aggregate, build_daily_aggregates
-from recsys_dagster.transform.artifacts import (
+from recsys_dagster.transform.aggregates import (
     DAILY_MODELS,
-    KINDS,
-    build_window_artifacts,
+    build_daily_aggregate,
+    build_daily_aggregates,
     daily_aggregate_params,
-    interest_weights,
 )
+from recsys_dagster.transform.artifacts import build_window_artifacts
 
 # DuckDB's default thread count, which `recsys_dagster.transform.sql.run_sql` uses too (it sets none). Read at
 # import, i.e. outside the timed call.
@@ -237,7 +237,7 @@ def cooc_baseline(params: dict) -> dict:
         for p in partition_dir(settings.lake_root, "canonical_events", day).glob("*.parquet")
     )
     sql = baseline_sql(
-        paths, list(interest_weights(settings.pipeline)), cooc.min_support, cooc.top_k, params["out"]
+        paths, list(settings.pipeline.interest_weights()), cooc.min_support, cooc.top_k, params["out"]
     )
     con = duckdb.connect(":memory:")
     try:

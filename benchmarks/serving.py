@@ -135,17 +135,17 @@ def _ensure_data(options: Options) -> Path:
 
 def build_task(params: dict) -> dict:
     """Child-process task: generate, canonicalize, check, aggregate, build and publish (see module doc)."""
+    from recsys_core.kinds import KINDS
     from recsys_dagster.ingest.canonicalize import canonicalize_partition
     from recsys_dagster.ingest.gates import run_gates
     from recsys_dagster.ingest.generate import generate_events
     from recsys_dagster.publishing.release import publish_as_of, write_build_record
-    from recsys_dagster.transform.aggregates import build_daily_aggregate
-    from recsys_dagster.transform.artifacts import (
+    from recsys_dagster.transform.aggregates import (
         DAILY_MODELS,
-        KINDS,
-        build_window_artifacts,
+        build_daily_aggregate,
         daily_aggregate_params,
     )
+    from recsys_dagster.transform.artifacts import build_window_artifacts
 
     home = Path(params["home"])
     settings = _settings(home)

@@ -253,14 +253,13 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def partition_rows(settings: Settings, start: dt.date, end: dt.date) -> list[dict]:
-    from recsys_core.lake import read_summary
-    from recsys_dagster.ingest.gates import read_gate_record
+    from recsys_core.lake import read_checks, read_summary
 
     rows = []
     day = start
     while day <= end:
         summary = read_summary(settings.lake_root, day)
-        record = read_gate_record(settings.lake_root, day)
+        record = read_checks(settings.lake_root, day)
         row: dict = {"day": day.isoformat(), "materialized": summary is not None}
         if summary:
             row |= {
@@ -469,8 +468,8 @@ def example_requests(settings: Settings, base: str) -> list[str]:
         if manifest is None:
             continue
         query = f"tenant={tenant}&surface={surface}"
-        user = _first_value(settings, manifest, "user_history", "history.parquet", "user_id")
-        item = _first_value(settings, manifest, "popularity", "items.parquet", "item_id")
+        user = _first_value(settings, manifest, "user_history", "user_id")
+        item = _first_value(settings, manifest, "popularity", "item_id")
         lines = [f"curl '{base}/v1/popular?{query}&k=5'"]
         if user:
             lines.append(f"curl '{base}/v1/recommendations?{query}&user_id={user}&k=5'")
@@ -480,17 +479,20 @@ def example_requests(settings: Settings, base: str) -> list[str]:
     return [f"curl '{base}/readyz'   # nothing is published yet: run the pipeline first"]
 
 
-def _first_value(settings: Settings, manifest: dict, kind: str, file: str, column: str) -> str | None:
-    import polars as pl
+def _first_value(settings: Settings, manifest: dict, kind: str, column: str) -> str | None:
+    import pyarrow.parquet as pq
 
+    from recsys_core.kinds import ARTIFACT_KINDS
     from recsys_core.manifest import resolve_uri
 
     uri = manifest["current"].get(kind)
     if uri is None:
         return None
-    path = resolve_uri(settings.artifact_root, manifest["tenant"], manifest["surface"], uri) / file
-    frame = pl.read_parquet(path, columns=[column], n_rows=1)
-    return frame[column][0] if frame.height else None
+    folder = resolve_uri(settings.artifact_root, manifest["tenant"], manifest["surface"], uri)
+    data = pq.ParquetFile(folder / ARTIFACT_KINDS[kind].table)
+    if not data.metadata.num_rows:
+        return None
+    return data.read_row_group(0, columns=[column]).column(0)[0].as_py()
 
 
 def cmd_ui(args: argparse.Namespace, settings: Settings) -> int:

@@ -20,6 +20,7 @@ import yaml
 
 DEFAULT_START_DATE = dt.date(2025, 1, 1)
 DEFAULT_EVENT_TYPES = ("exposure", "click", "add_to_cart", "purchase", "rating")
+COOC_METRICS = ("cosine", "count", "jaccard", "lift")
 
 
 class ConfigError(ValueError):
@@ -70,6 +71,12 @@ class CoocConfig:
     # When there are more items than this, the most popular are kept (never an alphabetical cut).
     max_items: int = 200_000
 
+    def __post_init__(self) -> None:
+        if self.metric not in COOC_METRICS:
+            raise ConfigError(
+                f"artifacts.cooc.metric: must be one of {', '.join(COOC_METRICS)}, got {self.metric!r}"
+            )
+
 
 @dataclass(frozen=True)
 class UserHistoryConfig:
@@ -82,9 +89,6 @@ class ArtifactsConfig:
     popularity: PopularityConfig = field(default_factory=PopularityConfig)
     cooc: CoocConfig = field(default_factory=CoocConfig)
     user_history: UserHistoryConfig = field(default_factory=UserHistoryConfig)
-
-
-COOC_METRICS = ("cosine", "count", "jaccard", "lift")
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,14 @@ class PipelineConfig:
             "rating": 1.0,
         }
     )
+
+    def interest_weights(self) -> dict[str, float]:
+        """Event types that count as interest (weight > 0) and their weights, sorted by type."""
+        return {name: float(w) for name, w in sorted(self.event_weights.items()) if w > 0}
+
+    def interest_weight_rows(self) -> list[dict[str, Any]]:
+        """`interest_weights` as rows `{event_type, weight}`, the shape the SQL models take."""
+        return [{"event_type": name, "weight": w} for name, w in self.interest_weights().items()]
 
 
 @dataclass(frozen=True)
@@ -159,9 +171,10 @@ def _with_window_override(config: PipelineConfig, value: str | None) -> Pipeline
     return dataclasses.replace(
         config,
         artifacts=ArtifactsConfig(
-            popularity=dataclasses.replace(artifacts.popularity, window_days=days),
-            cooc=dataclasses.replace(artifacts.cooc, window_days=days),
-            user_history=dataclasses.replace(artifacts.user_history, window_days=days),
+            **{
+                kind: dataclasses.replace(getattr(artifacts, kind), window_days=days)
+                for kind in _artifact_sections()
+            }
         ),
     )
 
@@ -226,11 +239,16 @@ def _artifacts_section(values: Any) -> ArtifactsConfig:
         return ArtifactsConfig()
     if not isinstance(values, dict):
         raise ConfigError("artifacts: must be a mapping")
-    kinds = {"popularity": PopularityConfig, "cooc": CoocConfig, "user_history": UserHistoryConfig}
+    kinds = _artifact_sections()
     _reject_unknown("artifacts.", values, set(kinds))
     return ArtifactsConfig(
         **{kind: _section(cls, f"artifacts.{kind}", values.get(kind)) for kind, cls in kinds.items()}
     )
+
+
+def _artifact_sections() -> dict[str, type]:
+    """The per-kind sections of `artifacts:`, by kind name."""
+    return {f.name: f.default_factory for f in dataclasses.fields(ArtifactsConfig)}  # type: ignore[misc]
 
 
 def _reject_unknown(prefix: str, values: dict, known: set[str]) -> None:
@@ -254,13 +272,9 @@ def _validate(config: PipelineConfig) -> None:
     if not ingest.event_types:
         raise ConfigError("ingest.event_types: must list at least one event type")
     artifacts = config.artifacts
-    for kind in ("popularity", "cooc", "user_history"):
+    for kind in _artifact_sections():
         if getattr(artifacts, kind).window_days < 1:
             raise ConfigError(f"artifacts.{kind}.window_days: must be >= 1")
-    if artifacts.cooc.metric not in COOC_METRICS:
-        raise ConfigError(
-            f"artifacts.cooc.metric: must be one of {', '.join(COOC_METRICS)}, got {artifacts.cooc.metric!r}"
-        )
     for key, value in {
         "artifacts.popularity.top_n": artifacts.popularity.top_n,
         "artifacts.cooc.top_k": artifacts.cooc.top_k,

@@ -1,16 +1,17 @@
-"""The Dagster code location: settings from the environment, then one Definitions per domain."""
+"""The Dagster code location: settings from the environment, then one Definitions per domain of `defs/`.
+
+Every package under `defs/` is a domain that exposes `build_defs(settings) -> dg.Definitions`; they are
+found by walking the package, so a new domain adds a folder and touches no central file.
+"""
 
 import datetime as dt
+import importlib
+import pkgutil
 
 import dagster as dg
 
-from recsys_core.settings import load_settings
-from recsys_dagster.defs.aggregates.assets import build_aggregates
-from recsys_dagster.defs.artifacts.assets import build_artifacts
-from recsys_dagster.defs.automation.schedules import build_schedules
-from recsys_dagster.defs.automation.sensors import build_sensors
-from recsys_dagster.defs.ingest.assets import build_ingest
-from recsys_dagster.defs.publishing.assets import build_publishing
+from recsys_core.settings import Settings, load_settings
+from recsys_dagster import defs as domains
 from recsys_dagster.defs.shared import RecsysResource
 
 # The daily schedule runs at 02:00 UTC; a day without a successful materialization warns after 26 hours
@@ -20,16 +21,20 @@ DAILY_FRESHNESS = dg.FreshnessPolicy.time_window(
 )
 
 
+def domain_definitions(settings: Settings) -> list[dg.Definitions]:
+    """`build_defs(settings)` of every domain package under `defs/`, in name order."""
+    found = []
+    for module in sorted(pkgutil.iter_modules(domains.__path__), key=lambda m: m.name):
+        if module.ispkg:
+            domain = importlib.import_module(f"{domains.__name__}.{module.name}")
+            found.append(domain.build_defs(settings))
+    return found
+
+
 def build_definitions() -> dg.Definitions:
     settings = load_settings()
     defs = dg.Definitions.merge(
-        build_ingest(settings),
-        build_aggregates(settings),
-        build_artifacts(settings),
-        build_publishing(settings),
-        build_schedules(),
-        build_sensors(),
-        dg.Definitions(resources={"recsys": RecsysResource()}),
+        *domain_definitions(settings), dg.Definitions(resources={"recsys": RecsysResource()})
     )
     return defs.map_resolved_asset_specs(func=lambda spec: dg.apply_freshness_policy(spec, DAILY_FRESHNESS))
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import dagster as dg
 
 from recsys_core.settings import Settings
+from recsys_dagster.defs.shared import user_error
 
 CLI_JOB = "recsys_cli_run"
 
@@ -91,11 +92,7 @@ def materialize_range(
         if event.event_type == dg.DagsterEventType.STEP_FAILURE:
             outcome.failed_steps.append(event.step_key or "?")
             error = event.event_specific_data.error if event.event_specific_data else None
-            # Dagster wraps the user's exception: report the first error that is not Dagster's own wrapper.
-            while (
-                error is not None and error.cause is not None and (error.cls_name or "").startswith("Dagster")
-            ):
-                error = error.cause
+            error = user_error(error)
             if error is not None:
                 outcome.errors.append(f"{event.step_key}: {error.message.strip()}")
         elif event.event_type == dg.DagsterEventType.STEP_SKIPPED:

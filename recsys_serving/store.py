@@ -32,25 +32,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from recsys_core.kinds import ARTIFACT_KINDS, KINDS, REQUIRED_KINDS, ArtifactKind
 from recsys_core.manifest import list_targets, read_current, read_meta, resolve_uri, verify_artifact
 
 log = logging.getLogger(__name__)
 
-# Kinds the server uses, their data file and the columns it reads. Other kinds in a manifest (a future
-# `als`) are listed as not served rather than refused, so publishing a new kind never breaks serving.
-SERVED_KINDS = ("popularity", "cooc", "user_history")
-REQUIRED_KINDS = frozenset({"popularity"})
-DATA_FILE = {"popularity": "items.parquet", "cooc": "neighbors.parquet", "user_history": "history.parquet"}
-_COLUMNS: dict[str, dict[str, pa.DataType]] = {
-    "popularity": {"rank": pa.int64(), "item_id": pa.large_string(), "score": pa.float64()},
-    "cooc": {
-        "item_id": pa.large_string(),
-        "rank": pa.int64(),
-        "neighbor_id": pa.large_string(),
-        "score": pa.float64(),
-    },
-    "user_history": {"user_id": pa.large_string(), "rank": pa.int64(), "item_id": pa.large_string()},
-}
+# The kinds the server uses are the kinds this version declares (recsys_core.kinds). Other kinds in a
+# manifest (published by a newer pipeline) are listed as not served rather than refused, so publishing a
+# new kind never breaks serving.
+SERVED_KINDS = KINDS
 
 _EMPTY_I32 = np.empty(0, dtype=np.int32)
 _EMPTY_F64 = np.empty(0, dtype=np.float64)
@@ -338,7 +328,7 @@ def load_target(artifact_root: Path, tenant: str, surface: str, manifest: Mappin
     """Verify and load the artifacts `manifest` names into a `LoadedTarget`; `LoadError` if unusable."""
     started = time.perf_counter()
     current: Mapping[str, str] = manifest["current"]
-    missing = sorted(REQUIRED_KINDS - set(current))
+    missing = sorted(set(REQUIRED_KINDS) - set(current))
     if missing:
         raise LoadError(f"manifest {manifest['manifest_version'][:12]} has no {', '.join(missing)} artifact")
     tables: dict[str, pa.Table] = {}
@@ -455,10 +445,10 @@ def _read_artifact(
     expected = manifest["artifacts"][kind]["version"]
     if meta.get("version") != expected:
         raise LoadError(f"{kind} artifact {uri}: meta.json version does not match the manifest's {expected}")
-    name = DATA_FILE[kind]
+    name = ARTIFACT_KINDS[kind].table
     if name not in meta.get("files", {}):
         raise LoadError(f"{kind} artifact {uri}: {name} is not listed in meta.json")
-    columns = _COLUMNS[kind]
+    columns = _served_types(ARTIFACT_KINDS[kind])
     try:
         table = pq.read_table(folder / name, columns=list(columns))
         table = pa.table({col: table[col].cast(dtype) for col, dtype in columns.items()})
@@ -468,6 +458,20 @@ def _read_artifact(
     if nulls:
         raise LoadError(f"{kind} artifact {uri}: {name} has null values in {', '.join(nulls)}")
     return table
+
+
+def _served_types(kind: ArtifactKind) -> dict[str, pa.DataType]:
+    """The served columns of a kind and the types the loader works with (64-bit ints, large strings)."""
+    types = {}
+    for name in kind.served_columns:
+        declared = kind.schema.field(name).type
+        if pa.types.is_integer(declared):
+            types[name] = pa.int64()
+        elif pa.types.is_string(declared):
+            types[name] = pa.large_string()
+        else:
+            types[name] = declared
+    return types
 
 
 def _shared_ints(values: np.ndarray, n: int) -> list[int]:

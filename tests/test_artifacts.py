@@ -21,6 +21,7 @@ import polars as pl
 import pytest
 from shared_data import shared_data_dir
 
+from recsys_core.kinds import ARTIFACT_KINDS, KINDS
 from recsys_core.lake import SUMMARY_FILE, content_hash, partition_dir
 from recsys_core.manifest import artifact_version, read_meta, verify_artifact
 from recsys_core.settings import (
@@ -34,15 +35,17 @@ from recsys_core.settings import (
 from recsys_dagster.ingest.canonicalize import canonicalize_partition
 from recsys_dagster.ingest.contract import CANONICAL_SCHEMA
 from recsys_dagster.ingest.importers import import_file
-from recsys_dagster.transform.aggregates import DAYS_PER_QUERY, build_daily_aggregate, build_daily_aggregates
-from recsys_dagster.transform.artifacts import (
+from recsys_dagster.transform.aggregates import (
     DAILY_MODELS,
-    FILE_OF,
-    KINDS,
-    SCHEMAS,
+    DAYS_PER_QUERY,
+    build_daily_aggregate,
+    build_daily_aggregates,
+    daily_aggregate_params,
+)
+from recsys_dagster.transform.artifacts import (
     build_window_artifacts,
     compute_window,
-    daily_aggregate_params,
+    polars_schema,
     window_days,
 )
 from recsys_dagster.transform.sql import run_sql
@@ -565,7 +568,7 @@ def test_build_window_artifacts_layout_meta_and_determinism(tmp_path: Path) -> N
             }
             (name,) = meta["files"]
             data = pl.read_parquet(build.path / name)
-            assert data.schema == pl.Schema(SCHEMAS[kind])
+            assert data.schema == pl.Schema(polars_schema(ARTIFACT_KINDS[kind]))
             assert meta["rows"] == {name: data.height} and build.rows == data.height
             assert [tuple(r.values()) for r in build.top] == [
                 tuple(v.isoformat() if isinstance(v, dt.datetime) else v for v in row)
@@ -652,7 +655,7 @@ def test_cooc_check_returns_each_violating_row(tmp_path: Path) -> None:
         ("j", 1, "b", 0.5, 2),
         ("j", 2, "a", 0.5, 2),  # tie not broken by neighbor_id
     ]
-    frame = pl.DataFrame(rows, schema=SCHEMAS["cooc"], orient="row")
+    frame = pl.DataFrame(rows, schema=polars_schema(ARTIFACT_KINDS["cooc"]), orient="row")
     found = [
         (p[0], p[1], p[2], p[3]) for p in _check_rows("cooc_invalid_rows", frame, tmp_path, min_support=2)
     ]
@@ -680,7 +683,7 @@ def test_popularity_check_returns_each_violating_row(tmp_path: Path) -> None:
         (6, "f", 2.0, 1),  # scores higher than rank 5
         (7, "g", 1.0, 0),
     ]
-    frame = pl.DataFrame(rows, schema=SCHEMAS["popularity"], orient="row")
+    frame = pl.DataFrame(rows, schema=polars_schema(ARTIFACT_KINDS["popularity"]), orient="row")
     found = [(p[0], p[1], p[2]) for p in _check_rows("popularity_invalid_rows", frame, tmp_path)]
     assert found == [
         ("bad_score", 5, "e"),
@@ -691,7 +694,9 @@ def test_popularity_check_returns_each_violating_row(tmp_path: Path) -> None:
         ("rank_order", 6, "f"),
     ]
     valid = pl.DataFrame(
-        [(1, "b", 2.0, 2), (2, "a", 1.0, 1), (3, "c", 1.0, 1)], schema=SCHEMAS["popularity"], orient="row"
+        [(1, "b", 2.0, 2), (2, "a", 1.0, 1), (3, "c", 1.0, 1)],
+        schema=polars_schema(ARTIFACT_KINDS["popularity"]),
+        orient="row",
     )
     assert _check_rows("popularity_invalid_rows", valid, tmp_path) == []
 
@@ -881,7 +886,7 @@ def _single_build(kind: str, real: RealLake, config: PipelineConfig) -> pl.DataF
     # Rebuilding from the same aggregates (DuckDB runs multi-threaded) gives the same bytes, same version.
     (again,) = build_window_artifacts(kind, real.lake, real.artifacts, real.as_of, config, run_id="again")
     assert again.version == build.version
-    return pl.read_parquet(build.path / FILE_OF[kind])
+    return pl.read_parquet(build.path / ARTIFACT_KINDS[kind].table)
 
 
 def test_movielens_popularity_and_cooc_match_plain_python(movielens: RealLake) -> None:

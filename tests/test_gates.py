@@ -9,7 +9,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from recsys_core.lake import partition_dir
+from recsys_core.lake import partition_dir, read_checks
 from recsys_core.settings import ChecksConfig, ConfigError, IngestConfig
 from recsys_dagster.ingest.canonicalize import canonicalize_partition
 from recsys_dagster.ingest.gates import (
@@ -17,7 +17,6 @@ from recsys_dagster.ingest.gates import (
     GATE_NAMES,
     GateResult,
     confirm_gates_passed,
-    read_gate_record,
     run_gates,
 )
 
@@ -95,7 +94,7 @@ def test_results_are_recorded_beside_the_partition(layout, write_raw: Callable[.
     materialize(layout, write_raw, events(5))
     gates(layout)
     assert (partition_dir(layout.lake_root, "canonical_events", DAY) / CHECKS_FILE).is_file()
-    record = read_gate_record(layout.lake_root, DAY)
+    record = read_checks(layout.lake_root, DAY)
     assert record["day"] == DAY.isoformat() and record["passed"] is True
     assert [r["name"] for r in record["results"]] == list(GATE_NAMES)
 
@@ -282,11 +281,11 @@ def test_warn_only_makes_a_gate_non_blocking(layout, write_raw: Callable[..., Pa
     assert not results["quarantine_rate"].passed
     assert results["quarantine_rate"].blocking is False
     assert all(r.blocking for name, r in results.items() if name != "quarantine_rate")
-    assert read_gate_record(layout.lake_root, DAY)["passed"] is True
+    assert read_checks(layout.lake_root, DAY)["passed"] is True
     assert confirm_gates_passed(layout.lake_root, DAY) is None
 
     gates(layout)
-    assert read_gate_record(layout.lake_root, DAY)["passed"] is False
+    assert read_checks(layout.lake_root, DAY)["passed"] is False
 
 
 def test_unknown_warn_only_check_is_a_config_error(layout, write_raw: Callable[..., Path]) -> None:

@@ -6,13 +6,14 @@ from pathlib import Path
 
 import polars as pl
 
+from recsys_core.kinds import ARTIFACT_KINDS
 from recsys_dagster.publishing.release import artifact_row_problems
 from recsys_dagster.transform.artifact_dir import write_artifact_dir
-from recsys_dagster.transform.artifacts import SCHEMAS
+from recsys_dagster.transform.artifacts import polars_schema
 
 
 def cooc_artifact(root: Path, rows: list[tuple]) -> Path:
-    frame = pl.DataFrame(rows, schema=SCHEMAS["cooc"], orient="row")
+    frame = pl.DataFrame(rows, schema=polars_schema(ARTIFACT_KINDS["cooc"]), orient="row")
     meta = {"tenant": "t", "surface": "s", "as_of": "2025-01-02", "window": {}, "params": {}, "inputs": {}}
     return write_artifact_dir(root, "cooc", meta, {"neighbors.parquet": frame})[1]
 

@@ -31,6 +31,7 @@ import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 
+from recsys_core.kinds import KINDS
 from recsys_core.manifest import read_current, resolve_uri
 from recsys_core.settings import Settings, load_settings
 from recsys_dagster.ingest.canonicalize import canonicalize_partition, landing_files
@@ -38,14 +39,9 @@ from recsys_dagster.ingest.gates import run_gates
 from recsys_dagster.ingest.generate import generate_events
 from recsys_dagster.publishing.protocol import publish, rollback
 from recsys_dagster.publishing.release import publish_as_of, write_build_record
-from recsys_dagster.transform.aggregates import build_daily_aggregate
+from recsys_dagster.transform.aggregates import DAILY_MODELS, build_daily_aggregate, daily_aggregate_params
 from recsys_dagster.transform.artifact_dir import write_artifact_dir
-from recsys_dagster.transform.artifacts import (
-    DAILY_MODELS,
-    KINDS,
-    build_window_artifacts,
-    daily_aggregate_params,
-)
+from recsys_dagster.transform.artifacts import build_window_artifacts
 from recsys_serving import ranking
 from recsys_serving.app import MAX_CONTEXT_ITEMS, MAX_K, create_app
 from recsys_serving.exposures import IN_PROGRESS_SUFFIX, ExposureWriter
@@ -241,20 +237,6 @@ def users_with_cooc(published: Published, minimum: int) -> list[str]:
         for user in sorted(published.history)
         if sum(source == "cooc" for _, _, source in published.expected(user, 10)) >= minimum
     ]
-
-
-# ------------------------------------------------------------------------------------ packaging
-
-
-def test_serving_package_imports_no_dagster() -> None:
-    code = (
-        "import sys; import recsys_serving.app, recsys_serving.server, recsys_serving.store, "
-        "recsys_serving.ranking, recsys_serving.exposures; "
-        "bad = sorted(m for m in sys.modules if m == 'dagster' or m.startswith(('dagster.', 'dagster_'))); "
-        "print(bad); sys.exit(1 if bad else 0)"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stdout + done.stderr
 
 
 # ---------------------------------------------------------------------------------------- store

@@ -6,6 +6,7 @@ from functools import cached_property
 from typing import Any
 
 import dagster as dg
+from dagster_shared.error import SerializableErrorInfo  # the type of Dagster's error records
 
 from recsys_core.settings import Settings, load_settings
 
@@ -27,6 +28,13 @@ def daily_partitions(settings: Settings) -> dg.DailyPartitionsDefinition:
 def partition_days(context: dg.AssetExecutionContext) -> list[dt.date]:
     """The days a (possibly multi-day, single-run backfill) materialization covers, oldest first."""
     return [dt.date.fromisoformat(key) for key in context.partition_keys]
+
+
+def user_error(error: SerializableErrorInfo | None) -> SerializableErrorInfo | None:
+    """The first error in the chain that is not one of Dagster's own wrappers: the user's exception."""
+    while error is not None and error.cause is not None and (error.cls_name or "").startswith("Dagster"):
+        error = error.cause
+    return error
 
 
 def markdown_table(rows: Iterable[dict[str, Any]], columns: list[str]) -> str:

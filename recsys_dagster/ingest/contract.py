@@ -22,11 +22,11 @@ from typing import Any, NamedTuple
 import pandera.polars as pa
 import polars as pl
 
+from recsys_core.names import NAME_PATTERN
+
 CONTRACT_VERSION = 1
 MAX_ID_CHARS = 256
-MAX_NAME_CHARS = 64
 RAW_PREFIX_CHARS = 4096
-IDENTIFIER_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 
 # Parsed-row columns and their types; everything optional in JSON is nullable here.
 STRING_FIELDS = (
@@ -273,7 +273,7 @@ def _rules(
     for name in ("tenant", "surface"):
         # Tenants and surfaces are few: check the distinct values, not every row.
         names = events.get_column(name).drop_nulls().unique()
-        good = names.filter(names.str.contains(IDENTIFIER_PATTERN) & ~names.is_in([".", ".."]))
+        good = names.filter(names.str.contains(NAME_PATTERN) & ~names.is_in([".", ".."]))
         rules.append(
             (
                 ~pl.col(name).is_in(good.implode()),
@@ -329,8 +329,8 @@ def canonical_schema_model() -> pa.DataFrameSchema:
         {
             "event_id": pa.Column(pl.String, required_text),
             "ts": pa.Column(pl.Datetime("us", "UTC")),
-            "tenant": pa.Column(pl.String, pa.Check.str_matches(IDENTIFIER_PATTERN)),
-            "surface": pa.Column(pl.String, pa.Check.str_matches(IDENTIFIER_PATTERN)),
+            "tenant": pa.Column(pl.String, pa.Check.str_matches(NAME_PATTERN)),
+            "surface": pa.Column(pl.String, pa.Check.str_matches(NAME_PATTERN)),
             "session_id": pa.Column(pl.String, required_text),
             "user_id": pa.Column(pl.String, required_text, nullable=True),
             "item_id": pa.Column(pl.String, required_text),

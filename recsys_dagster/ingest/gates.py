@@ -18,7 +18,7 @@ from typing import Any
 import pandera.errors
 import polars as pl
 
-from recsys_core.lake import CHECKS_FILE, parquet_files, partition_dir, read_json_record, read_summary
+from recsys_core.lake import CHECKS_FILE, parquet_files, partition_dir, read_checks, read_summary
 from recsys_core.settings import ChecksConfig, ConfigError, IngestConfig
 from recsys_core.storage import write_atomic
 from recsys_dagster.ingest import contract
@@ -109,13 +109,9 @@ def run_gates(lake_root: Path, day: dt.date, ingest: IngestConfig, checks: Check
     return results
 
 
-def read_gate_record(lake_root: Path, day: dt.date) -> dict | None:
-    return read_json_record(partition_dir(lake_root, "canonical_events", day) / CHECKS_FILE)
-
-
 def confirm_gates_passed(lake_root: Path, day: dt.date) -> str | None:
     """None if the partition's blocking gates passed on its current data, else why not."""
-    record = read_gate_record(lake_root, day)
+    record = read_checks(lake_root, day)
     if record is None:
         return f"canonical_events {day}: no gate results (the partition was never checked)"
     summary = read_summary(lake_root, day)

@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from recsys_core.names import validate_name
+
 __all__ = ["GenerateReport", "generate_events"]
 
 # At most this many lines are simulated and written at once; one chunk becomes one file, which keeps every
@@ -60,7 +62,6 @@ _HOURLY_TRAFFIC = np.array(
 _HOURLY_CDF = np.concatenate([[0.0], np.cumsum(_HOURLY_TRAFFIC) / _HOURLY_TRAFFIC.sum()])
 
 _DAY_MS = 86_400_000
-_IDENTIFIER = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _EVENT_TYPES = ("exposure", "click", "add_to_cart", "purchase")
 _CLICK, _PURCHASE = _EVENT_TYPES.index("click"), _EVENT_TYPES.index("purchase")
 
@@ -183,8 +184,7 @@ def generate_events(
             raise ValueError(f"at least one {kind} is required")
         for name in names:
             # Names are spliced into JSON unescaped, so they must be plain identifiers (contract rule too).
-            if not _IDENTIFIER.fullmatch(name) or name in (".", ".."):
-                raise ValueError(f"invalid {kind} {name!r}: use 1-64 chars of [A-Za-z0-9._-]")
+            validate_name(kind, name)
 
     tables = _build_tables(seed, tuple(tenants), tuple(surfaces), n_users, n_items)
     raw_root = Path(raw_root)

@@ -26,6 +26,8 @@ from typing import IO
 
 import orjson
 
+from recsys_core.names import validate_name
+
 __all__ = ["FORMATS", "ImportReport", "import_file"]
 
 FORMATS = ("auto", "jsonl", "movielens", "otto")
@@ -34,7 +36,6 @@ FORMATS = ("auto", "jsonl", "movielens", "otto")
 FLUSH_LINES = 500_000
 FLUSH_BYTES = 64 * 1024 * 1024
 
-_IDENTIFIER = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # RFC 3339 proper: fromisoformat alone also accepts ISO forms the contract does not (e.g. 20240101T0000Z).
 _RFC3339 = re.compile(
     r"(\d{4}-\d{2}-\d{2})[Tt ](?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d(?:\.\d+)?([Zz]|[+-]\d{2}:\d{2})"
@@ -86,8 +87,8 @@ def import_file(
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
     for kind, value in (("tenant", tenant), ("surface", surface)):
-        if value is not None and (not _IDENTIFIER.fullmatch(value) or value in (".", "..")):
-            raise ValueError(f"invalid {kind} {value!r}: use 1-64 chars of [A-Za-z0-9._-]")
+        if value is not None:
+            validate_name(kind, value)
     inner_name = source.name[:-3] if source.name.lower().endswith(".gz") else source.name
     if fmt == "auto":
         fmt = _detect_format(source, inner_name)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from recsys_core.kinds import REQUIRED_KINDS
 from recsys_core.manifest import (
     FORMAT_VERSION,
     LOCK_FILE,
@@ -253,7 +254,7 @@ def publish(
     as_of: dt.date,
     artifacts: Mapping[str, Path],
     *,
-    required_nonempty: Sequence[str] = ("popularity",),
+    required_nonempty: Sequence[str] = REQUIRED_KINDS,
     gate_problems: Sequence[str] = (),
     checks_summary: Mapping[str, Any] | None = None,
     run_id: str | None = None,

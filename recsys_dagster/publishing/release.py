@@ -14,12 +14,13 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from recsys_core.kinds import ARTIFACT_KINDS, KINDS
 from recsys_core.lake import BUILDS_FILE, partition_dir, read_json_record, read_summary
 from recsys_core.settings import Settings
 from recsys_core.storage import write_atomic
 from recsys_dagster.ingest.gates import confirm_gates_passed
 from recsys_dagster.publishing.protocol import PublishOutcome, publish
-from recsys_dagster.transform.artifacts import KINDS, ArtifactBuild, window_days, window_size
+from recsys_dagster.transform.artifacts import ArtifactBuild, window_days
 from recsys_dagster.transform.sql import run_sql
 
 
@@ -64,7 +65,7 @@ def gate_problems(settings: Settings, as_of: dt.date) -> tuple[list[str], int]:
     Days before RECSYS_START_DATE and days never materialized are not inputs (the artifacts' meta.json lists
     them as missing); every canonical partition that exists must have passed its blocking gates.
     """
-    widest = max(window_size(kind, settings.pipeline) for kind in KINDS)
+    widest = max(kind.window_days(settings.pipeline) for kind in ARTIFACT_KINDS.values())
     problems, checked = [], 0
     for day in window_days(as_of, widest):
         if day < settings.start_date or read_summary(settings.lake_root, day) is None:
@@ -76,25 +77,18 @@ def gate_problems(settings: Settings, as_of: dt.date) -> tuple[list[str], int]:
     return problems, checked
 
 
-# Row-level contract checks of artifact files (dbt_like_sql/checks/), by kind: (query, file, extra params).
-ARTIFACT_ROW_CHECKS = {
-    "popularity": ("checks/popularity_invalid_rows", "items.parquet"),
-    "cooc": ("checks/cooc_invalid_rows", "neighbors.parquet"),
-}
-
-
 def artifact_row_problems(artifacts: dict[str, Path], min_support: int) -> list[str]:
-    """Violations found by the artifact check queries, summarised per kind and problem."""
+    """Violations found by the kinds' row-check queries (dbt_like_sql/checks/), per kind and problem."""
     problems = []
-    for kind, (query, file) in ARTIFACT_ROW_CHECKS.items():
-        path = artifacts.get(kind)
-        if path is None or not (path / file).is_file():
+    for kind in ARTIFACT_KINDS.values():
+        path = artifacts.get(kind.name)
+        if kind.row_check is None or path is None or not (path / kind.table).is_file():
             continue  # a missing artifact or file is reported by publish's own validation
-        violations = run_sql(query, {"paths": [str(path / file)], "min_support": min_support})
+        violations = run_sql(kind.row_check, {"paths": [str(path / kind.table)], "min_support": min_support})
         if violations.height:
             counts = violations.group_by("problem").len().sort("problem").iter_rows()
             problems.append(
-                f"artifact {kind} breaks its contract: " + ", ".join(f"{p} x{n}" for p, n in counts)
+                f"artifact {kind.name} breaks its contract: " + ", ".join(f"{p} x{n}" for p, n in counts)
             )
     return problems
 

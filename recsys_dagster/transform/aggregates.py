@@ -10,16 +10,63 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 
 from recsys_core.lake import AGGREGATE_FILE, parquet_files, partition_dir
+from recsys_core.settings import PipelineConfig
 from recsys_core.storage import replace_file
 from recsys_dagster.transform.sql import run_sql
 
 DAYS_PER_QUERY = 7
+
+
+@dataclass(frozen=True)
+class DailyAggregate:
+    """One daily aggregate: the SQL model `dbt_like_sql/<name>.sql` over a day's canonical events."""
+
+    name: str
+    description: str
+    # The model's parameters besides `paths`, from the configuration.
+    params: Callable[[PipelineConfig], dict[str, Any]]
+
+
+DAILY_AGGREGATES: Mapping[str, DailyAggregate] = {
+    aggregate.name: aggregate
+    for aggregate in (
+        DailyAggregate(
+            "item_daily",
+            "Per item and event type: events, distinct sessions and users, last event time.",
+            lambda config: {},
+        ),
+        DailyAggregate(
+            "pair_daily",
+            "Session co-occurrence pair counts (sessions capped at artifacts.cooc.max_session_items "
+            "distinct items), with per-item and total session counts for normalisation.",
+            lambda config: {
+                "event_types": list(config.interest_weights()),
+                "max_session_items": config.artifacts.cooc.max_session_items,
+            },
+        ),
+        DailyAggregate(
+            "user_item_daily",
+            "Per known user and item: event-type-weighted interactions, event count, last event time.",
+            lambda config: {"weights": config.interest_weight_rows()},
+        ),
+    )
+}
+DAILY_MODELS: tuple[str, ...] = tuple(DAILY_AGGREGATES)
+
+
+def daily_aggregate_params(model: str, config: PipelineConfig) -> dict[str, Any]:
+    """The SQL parameters (besides `paths`) of a daily aggregate model."""
+    if model not in DAILY_AGGREGATES:
+        raise ValueError(f"unknown daily aggregate {model!r}: choose one of {', '.join(DAILY_MODELS)}")
+    return DAILY_AGGREGATES[model].params(config)
 
 
 def build_daily_aggregates(

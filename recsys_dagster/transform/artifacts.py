@@ -1,19 +1,11 @@
 """Window artifacts: the daily aggregates of the trailing window ending at the as-of day -> one versioned
 artifact directory per tenant and surface.
 
-| kind | reads | SQL | file |
-|---|---|---|---|
-| `popularity` | `item_daily` | `dbt_like_sql/popularity.sql` | `items.parquet` |
-| `cooc` | `pair_daily` | `dbt_like_sql/cooc.sql` | `neighbors.parquet` |
-| `user_history` | `user_item_daily` | `dbt_like_sql/user_history.sql` | `history.parquet` |
-
-Each SQL model runs once over the window for every tenant and surface; the result is split per
-(tenant, surface) and written through `publishing.write_artifact_dir`, which names the directory by the
-content version (docs/reference/artifacts.md). A window day whose aggregate partition is missing is skipped
-and listed in `meta.inputs.missing_days`; a window with no aggregate at all is an error.
-
-The aggregates themselves are built by `aggregates.build_daily_aggregates(model, lake_root, days,
-daily_aggregate_params(model, config))`. Nothing here imports Dagster.
+What each kind reads, computes and holds is declared once, in `recsys_core.kinds`. Each kind's SQL model
+runs once over the window for every tenant and surface; the result is split per (tenant, surface) and
+written through `artifact_dir.write_artifact_dir`, which names the directory by the content version
+(docs/reference/artifacts.md). A window day whose aggregate partition is missing is skipped and listed in
+`meta.inputs.missing_days`; a window with no aggregate at all is an error. Nothing here imports Dagster.
 """
 
 from __future__ import annotations
@@ -25,40 +17,14 @@ from typing import Any
 
 import polars as pl
 
+from recsys_core.kinds import ArtifactKind, artifact_kind
 from recsys_core.lake import AGGREGATE_FILE, partition_dir, read_summary
 from recsys_core.manifest import target_dir
-from recsys_core.settings import COOC_METRICS, PipelineConfig
+from recsys_core.settings import PipelineConfig
 from recsys_dagster.transform.artifact_dir import write_artifact_dir
 from recsys_dagster.transform.sql import run_sql
 
 FORMAT = 1
-KINDS = ("popularity", "cooc", "user_history")
-AGGREGATE_OF = {"popularity": "item_daily", "cooc": "pair_daily", "user_history": "user_item_daily"}
-DAILY_MODELS = ("item_daily", "pair_daily", "user_item_daily")
-FILE_OF = {"popularity": "items.parquet", "cooc": "neighbors.parquet", "user_history": "history.parquet"}
-# Column names, types and order exactly as docs/reference/artifacts.md lists them.
-SCHEMAS: dict[str, dict[str, pl.DataType]] = {
-    "popularity": {
-        "rank": pl.Int32(),
-        "item_id": pl.String(),
-        "score": pl.Float64(),
-        "events": pl.Int64(),
-    },
-    "cooc": {
-        "item_id": pl.String(),
-        "rank": pl.Int32(),
-        "neighbor_id": pl.String(),
-        "score": pl.Float64(),
-        "count": pl.Int64(),
-    },
-    "user_history": {
-        "user_id": pl.String(),
-        "rank": pl.Int32(),
-        "item_id": pl.String(),
-        "last_ts": pl.Datetime("us", "UTC"),
-        "weight": pl.Float64(),
-    },
-}
 TOP_ROWS = 10
 
 
@@ -86,115 +52,32 @@ def window_days(as_of: dt.date, days: int) -> list[dt.date]:
     return [as_of - dt.timedelta(days=offset) for offset in range(days - 1, -1, -1)]
 
 
-def interest_weights(config: PipelineConfig) -> dict[str, float]:
-    """Event types that count as interest (weight > 0) and their weights, sorted by type."""
-    return {name: float(w) for name, w in sorted(config.event_weights.items()) if w > 0}
-
-
-def _weights_param(config: PipelineConfig) -> list[dict[str, Any]]:
-    return [{"event_type": name, "weight": w} for name, w in interest_weights(config).items()]
-
-
-def daily_aggregate_params(model: str, config: PipelineConfig) -> dict[str, Any]:
-    """The SQL parameters (besides `paths` and `day`) of a daily aggregate model."""
-    if model == "item_daily":
-        return {}
-    if model == "pair_daily":
-        return {
-            "event_types": list(interest_weights(config)),
-            "max_session_items": config.artifacts.cooc.max_session_items,
-        }
-    if model == "user_item_daily":
-        return {"weights": _weights_param(config)}
-    raise ValueError(f"unknown daily aggregate {model!r}: choose one of {', '.join(DAILY_MODELS)}")
-
-
-def artifact_params(kind: str, config: PipelineConfig) -> dict[str, Any]:
-    """The parameters recorded in `meta.json`: everything that shapes the artifact's content.
-
-    Parameters applied upstream, by the daily aggregate (`max_session_items`, which event types count),
-    are recorded too, as the configuration the aggregates are expected to have been built with.
-    """
-    art = config.artifacts
-    weights = interest_weights(config)
-    if kind == "popularity":
-        return {
-            "window_days": art.popularity.window_days,
-            "top_n": art.popularity.top_n,
-            "half_life_days": art.popularity.half_life_days,
-            "event_weights": weights,
-        }
-    if kind == "cooc":
-        return {
-            "window_days": art.cooc.window_days,
-            "metric": art.cooc.metric,
-            "top_k": art.cooc.top_k,
-            "min_support": art.cooc.min_support,
-            "max_session_items": art.cooc.max_session_items,
-            "max_items": art.cooc.max_items,
-            "event_types": list(weights),
-        }
-    if kind == "user_history":
-        return {
-            "window_days": art.user_history.window_days,
-            "max_items": art.user_history.max_items,
-            "event_weights": weights,
-        }
-    raise ValueError(f"unknown artifact kind {kind!r}: choose one of {', '.join(KINDS)}")
-
-
-def sql_params(kind: str, config: PipelineConfig, as_of: dt.date) -> dict[str, Any]:
-    """The SQL parameters (besides `paths`) of a window artifact model."""
-    art = config.artifacts
-    if kind == "popularity":
-        return {
-            "weights": _weights_param(config),
-            "as_of": as_of.isoformat(),
-            "half_life_days": float(art.popularity.half_life_days),
-            "top_n": art.popularity.top_n,
-        }
-    if kind == "cooc":
-        if art.cooc.metric not in COOC_METRICS:
-            raise ValueError(
-                f"unknown cooc metric {art.cooc.metric!r}: choose one of {', '.join(COOC_METRICS)}"
-            )
-        return {
-            "metric": art.cooc.metric,
-            "min_support": art.cooc.min_support,
-            "top_k": art.cooc.top_k,
-            "max_items": art.cooc.max_items,
-        }
-    if kind == "user_history":
-        return {"max_items": art.user_history.max_items}
-    raise ValueError(f"unknown artifact kind {kind!r}: choose one of {', '.join(KINDS)}")
-
-
-def window_size(kind: str, config: PipelineConfig) -> int:
-    if kind not in KINDS:
-        raise ValueError(f"unknown artifact kind {kind!r}: choose one of {', '.join(KINDS)}")
-    return getattr(config.artifacts, kind).window_days
+def polars_schema(kind: ArtifactKind) -> dict[str, pl.DataType]:
+    """The kind's columns as polars types, in order."""
+    return dict(pl.DataFrame(kind.schema.empty_table()).schema)
 
 
 def compute_window(
-    kind: str, lake_root: Path, as_of: dt.date, config: PipelineConfig
+    name: str, lake_root: Path, as_of: dt.date, config: PipelineConfig
 ) -> tuple[pl.DataFrame, list[dt.date], list[dt.date]]:
     """Run the kind's SQL over the window: (rows for every tenant and surface, days used, days missing)."""
-    days = window_days(as_of, window_size(kind, config))
-    aggregate = AGGREGATE_OF[kind]
+    kind = artifact_kind(name)
+    days = window_days(as_of, kind.window_days(config))
+    aggregate = kind.aggregate
     used = [d for d in days if (partition_dir(lake_root, aggregate, d) / AGGREGATE_FILE).is_file()]
     missing = [d for d in days if d not in used]
     if not used:
         raise FileNotFoundError(
-            f"{kind} as of {as_of}: no {aggregate} partition in the window {days[0]}..{days[-1]} "
+            f"{name} as of {as_of}: no {aggregate} partition in the window {days[0]}..{days[-1]} "
             f"under {lake_root / aggregate}; materialize {aggregate} for these days first"
         )
     paths = [str(partition_dir(lake_root, aggregate, d) / AGGREGATE_FILE) for d in used]
-    frame = run_sql(kind, {"paths": paths} | sql_params(kind, config, as_of))
+    frame = run_sql(kind.sql_model, {"paths": paths} | kind.sql_params(config, as_of))
     return frame, used, missing
 
 
 def build_window_artifacts(
-    kind: str,
+    name: str,
     lake_root: Path,
     artifact_root: Path,
     as_of: dt.date,
@@ -202,7 +85,7 @@ def build_window_artifacts(
     *,
     run_id: str | None = None,
 ) -> list[ArtifactBuild]:
-    """Build the `kind` artifact as of `as_of` for every tenant and surface present in the window.
+    """Build the artifact of kind `name` as of `as_of` for every tenant and surface present in the window.
 
     Every tenant and surface with any event in the window (per `item_daily`, which keeps exposures and
     anonymous events, plus the kind's own aggregate) gets an artifact of every kind, even when no row
@@ -211,11 +94,12 @@ def build_window_artifacts(
     version or missing a kind. Raises FileNotFoundError when no aggregate partition of the window exists.
     """
     lake_root, artifact_root = Path(lake_root), Path(artifact_root)
-    frame, used, missing = compute_window(kind, lake_root, as_of, config)
-    aggregate = AGGREGATE_OF[kind]
-    days = window_days(as_of, window_size(kind, config))
+    kind = artifact_kind(name)
+    frame, used, missing = compute_window(name, lake_root, as_of, config)
+    aggregate = kind.aggregate
+    days = window_days(as_of, kind.window_days(config))
     scopes = _scopes(lake_root, aggregate, used)
-    schema = SCHEMAS[kind]
+    schema = polars_schema(kind)
     groups = _split_by_scope(frame)
     inputs: dict[str, Any] = {
         aggregate: [d.isoformat() for d in used],
@@ -234,24 +118,24 @@ def build_window_artifacts(
         )
         meta = {
             "format": FORMAT,
-            "kind": kind,
+            "kind": name,
             "tenant": tenant,
             "surface": surface,
             "as_of": as_of.isoformat(),
             "window": {"days": len(days), "start": days[0].isoformat(), "end": days[-1].isoformat()},
-            "params": artifact_params(kind, config),
+            "params": kind.params(config),
             "inputs": inputs,
             "built_at": built_at,
             "run_id": run_id,
         }
         version, path = write_artifact_dir(
-            target_dir(artifact_root, tenant, surface), kind, meta, {FILE_OF[kind]: data}
+            target_dir(artifact_root, tenant, surface), name, meta, {kind.table: data}
         )
         builds.append(
             ArtifactBuild(
                 tenant=tenant,
                 surface=surface,
-                kind=kind,
+                kind=name,
                 version=version,
                 path=Path(path),
                 rows=data.height,

@@ -6,7 +6,7 @@ import dagster as dg
 from dagster._core.definitions.freshness import FreshnessState  # not re-exported by dagster 1.13
 
 from recsys_dagster.automation.alerts import Alert, sink_from_spec
-from recsys_dagster.defs.shared import RecsysResource
+from recsys_dagster.defs.shared import RecsysResource, user_error
 
 STALE = {FreshnessState.WARN.value, FreshnessState.FAIL.value}
 
@@ -63,9 +63,7 @@ def run_failure_alerts(context: dg.RunFailureSensorContext, recsys: RecsysResour
     run = context.dagster_run
     steps = {}
     for event in context.get_step_failure_events():
-        error = event.step_failure_data.error
-        while error is not None and error.cause is not None and (error.cls_name or "").startswith("Dagster"):
-            error = error.cause
+        error = user_error(event.step_failure_data.error)
         steps[event.step_key] = error.message.strip().splitlines()[-1] if error else "unknown error"
     partition = run.tags.get("dagster/partition") or "-".join(
         filter(

@@ -11,8 +11,8 @@ from recsys_dagster.defs.shared import (
     markdown_table,
     partition_days,
 )
-from recsys_dagster.ingest.canonicalize import canonicalize_partition
-from recsys_dagster.ingest.gates import GATE_DESCRIPTIONS, check_warn_only, run_gates
+from recsys_dagster.ingest.gates import GATE_DESCRIPTIONS, check_warn_only
+from recsys_dagster.ingest.partitions import IngestReport, ingest_days
 
 
 def build_ingest(settings: Settings) -> dg.Definitions:
@@ -54,105 +54,51 @@ def build_ingest(settings: Settings) -> dg.Definitions:
         """Read the raw landing files of each day, quarantine bad lines, deduplicate, gate."""
         cfg = recsys.settings
         days = partition_days(context)
-        summaries, gate_rows, failures = [], [], {name: [] for name in GATE_DESCRIPTIONS}
-        results_by_gate: dict[str, list] = {name: [] for name in GATE_DESCRIPTIONS}
-        for day in days:
-            summary = canonicalize_partition(
-                cfg.raw_root, cfg.lake_root, day, cfg.pipeline.ingest, context.log.debug
-            )
-            results = run_gates(cfg.lake_root, day, cfg.pipeline.ingest, cfg.pipeline.checks)
-            summaries.append(summary)
-            for result in results:
-                results_by_gate[result.name].append((day, result))
-                if not result.passed:
-                    failures[result.name].append(day.isoformat())
-            failed = [r.name for r in results if not r.passed]
-            gate_rows.append({"day": day.isoformat(), "failed checks": ", ".join(failed) or "none"})
-            context.log.info(
-                f"{day}: {summary.canonical_rows:,} events, {summary.quarantined:,} quarantined, "
-                f"{summary.duplicates:,} duplicates, {summary.blank_lines:,} blank "
-                f"of {summary.lines_read:,} lines; checks: {'failed ' + ', '.join(failed) if failed else 'passed'}"
-            )
-        reasons: dict[str, int] = {}
-        for summary in summaries:
-            for code, count in summary.reasons.items():
-                reasons[code] = reasons.get(code, 0) + count
-        rows = [
-            {
-                "day": s.day,
-                "lines": s.lines_read,
-                "events": s.canonical_rows,
-                "quarantined": s.quarantined,
-                "duplicates": s.duplicates,
-                "blank": s.blank_lines,
-                "reconciled": s.reconciled,
-            }
-            for s in summaries
-        ]
-        totals = {key: sum(getattr(s, attr) for s in summaries) for key, attr in _TOTALS.items()}
-        last = partition_dir(cfg.lake_root, "canonical_events", days[-1])
-        yield dg.MaterializeResult(
-            asset_key="canonical_events",
-            metadata={
-                "dagster/row_count": totals["events"],
-                **{k: dg.MetadataValue.int(v) for k, v in totals.items()},
-                "reconciled": all(s.reconciled for s in summaries),
-                "per_day": dg.MetadataValue.md(markdown_table(rows, list(rows[0]))),
-                "files_read": sum(len(s.files) for s in summaries),
-                "path": dg.MetadataValue.path(str(last)),
-            },
-        )
-        yield dg.MaterializeResult(
-            asset_key="quarantine",
-            metadata={
-                "dagster/row_count": totals["quarantined"],
-                "by_reason": dg.MetadataValue.md(
-                    markdown_table(
-                        [
-                            {"reason": k, "lines": v}
-                            for k, v in sorted(reasons.items(), key=lambda kv: -kv[1])
-                        ],
-                        ["reason", "lines"],
-                    )
-                ),
-                "path": dg.MetadataValue.path(str(partition_dir(cfg.lake_root, "quarantine", days[-1]))),
-            },
-        )
-        for name, per_day in results_by_gate.items():
-            failed_days = failures[name]
-            worst = next((r for _, r in per_day if not r.passed), per_day[-1][1])
-            metadata = {
-                "summary": worst.summary
-                if len(days) == 1
-                else f"{len(failed_days)} of {len(days)} day(s) failed",
-                "failed_days": ", ".join(failed_days) or "none",
-                "details": dg.MetadataValue.md(
-                    markdown_table(
-                        [
-                            {"day": d.isoformat(), "passed": r.passed, "summary": r.summary}
-                            for d, r in per_day
-                        ],
-                        ["day", "passed", "summary"],
-                    )
-                ),
-            }
-            if worst.sample:
-                metadata["sample"] = dg.MetadataValue.md(markdown_table(worst.sample, list(worst.sample[0])))
-            yield dg.AssetCheckResult(
-                asset_key="canonical_events",
-                check_name=name,
-                passed=not failed_days,
-                severity=dg.AssetCheckSeverity.WARN if name in warn_only else dg.AssetCheckSeverity.ERROR,
-                metadata=metadata,
-            )
+        report = ingest_days(cfg, days, progress=context.log.info, detail=context.log.debug)
+        yield from _results(report, cfg, warn_only)
 
     return dg.Definitions(assets=[canonical_events])
 
 
-_TOTALS = {
-    "lines_read": "lines_read",
-    "events": "canonical_rows",
-    "quarantined": "quarantined",
-    "duplicates": "duplicates",
-    "blank_lines": "blank_lines",
-}
+def _results(report: IngestReport, settings: Settings, warn_only: set[str]):
+    """The materializations of both assets and one result per check, from the ingest report."""
+    totals = report.totals()
+    last_day = report.days[-1].day
+    rows = report.per_day_rows()
+    yield dg.MaterializeResult(
+        asset_key="canonical_events",
+        metadata={
+            "dagster/row_count": totals["events"],
+            **{k: dg.MetadataValue.int(v) for k, v in totals.items()},
+            "reconciled": report.reconciled,
+            "per_day": dg.MetadataValue.md(markdown_table(rows, list(rows[0]))),
+            "files_read": report.files_read,
+            "path": dg.MetadataValue.path(
+                str(partition_dir(settings.lake_root, "canonical_events", last_day))
+            ),
+        },
+    )
+    reasons = [{"reason": k, "lines": v} for k, v in report.reasons().items()]
+    yield dg.MaterializeResult(
+        asset_key="quarantine",
+        metadata={
+            "dagster/row_count": totals["quarantined"],
+            "by_reason": dg.MetadataValue.md(markdown_table(reasons, ["reason", "lines"])),
+            "path": dg.MetadataValue.path(str(partition_dir(settings.lake_root, "quarantine", last_day))),
+        },
+    )
+    for gate in report.gate_outcomes():
+        metadata = {
+            "summary": gate.summary,
+            "failed_days": ", ".join(gate.failed_days) or "none",
+            "details": dg.MetadataValue.md(markdown_table(gate.per_day, ["day", "passed", "summary"])),
+        }
+        if gate.sample:
+            metadata["sample"] = dg.MetadataValue.md(markdown_table(gate.sample, list(gate.sample[0])))
+        yield dg.AssetCheckResult(
+            asset_key="canonical_events",
+            check_name=gate.name,
+            passed=gate.passed,
+            severity=dg.AssetCheckSeverity.WARN if gate.name in warn_only else dg.AssetCheckSeverity.ERROR,
+            metadata=metadata,
+        )

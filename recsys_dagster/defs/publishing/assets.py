@@ -2,6 +2,7 @@
 
 import dagster as dg
 
+from recsys_core.kinds import KINDS
 from recsys_core.settings import Settings
 from recsys_dagster.defs.shared import (
     OWNERS,
@@ -11,7 +12,6 @@ from recsys_dagster.defs.shared import (
     partition_days,
 )
 from recsys_dagster.publishing.release import publish_as_of
-from recsys_dagster.transform.artifacts import KINDS
 
 
 class PublishRefusedError(Exception):

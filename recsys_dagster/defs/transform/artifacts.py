@@ -1,7 +1,8 @@
-"""Window artifacts (popularity, cooc, user_history) as of each day, from the trailing daily aggregates."""
+"""Window artifacts as of each day, from the trailing daily aggregates: one asset per kind of recsys_core.kinds."""
 
 import dagster as dg
 
+from recsys_core.kinds import ARTIFACT_KINDS, ArtifactKind
 from recsys_core.settings import Settings
 from recsys_dagster.defs.shared import (
     OWNERS,
@@ -11,23 +12,17 @@ from recsys_dagster.defs.shared import (
     partition_days,
 )
 from recsys_dagster.publishing.release import write_build_record
-from recsys_dagster.transform.artifacts import AGGREGATE_OF, KINDS, build_window_artifacts, window_size
-
-DESCRIPTIONS = {
-    "popularity": "Top-N items per tenant/surface by event-type-weighted counts over the trailing window.",
-    "cooc": "Each item's top-K neighbours by normalised session co-occurrence over the trailing window.",
-    "user_history": "Each user's most recent distinct items in the trailing window (exclude-seen, context).",
-}
+from recsys_dagster.transform.artifacts import build_window_artifacts
 
 
-def build_window_artifact_asset(kind: str, settings: Settings) -> dg.AssetsDefinition:
-    days = window_size(kind, settings.pipeline)
+def build_window_artifact_asset(kind: ArtifactKind, settings: Settings) -> dg.AssetsDefinition:
+    days = kind.window_days(settings.pipeline)
 
     @dg.asset(
-        name=kind,
-        description=f"{DESCRIPTIONS[kind]} Window: {days} days. Format: docs/reference/artifacts.md",
+        name=kind.name,
+        description=f"{kind.description} Window: {days} days. Format: docs/reference/artifacts.md",
         ins={
-            AGGREGATE_OF[kind]: dg.AssetIn(
+            kind.aggregate: dg.AssetIn(
                 partition_mapping=dg.TimeWindowPartitionMapping(start_offset=-(days - 1), end_offset=0),
                 dagster_type=dg.Nothing,
             )
@@ -43,9 +38,9 @@ def build_window_artifact_asset(kind: str, settings: Settings) -> dg.AssetsDefin
         rows, latest = [], []
         for as_of in partition_days(context):
             builds = build_window_artifacts(
-                kind, cfg.lake_root, cfg.artifact_root, as_of, cfg.pipeline, run_id=context.run.run_id
+                kind.name, cfg.lake_root, cfg.artifact_root, as_of, cfg.pipeline, run_id=context.run.run_id
             )
-            write_build_record(cfg.lake_root, kind, as_of, builds)
+            write_build_record(cfg.lake_root, kind.name, as_of, builds)
             for build in builds:
                 rows.append(
                     {
@@ -58,7 +53,7 @@ def build_window_artifact_asset(kind: str, settings: Settings) -> dg.AssetsDefin
                     }
                 )
                 context.log.info(
-                    f"{kind} {as_of} {build.tenant}/{build.surface}: {build.rows:,} rows, version {build.version[:12]}"
+                    f"{kind.name} {as_of} {build.tenant}/{build.surface}: {build.rows:,} rows, version {build.version[:12]}"
                 )
             latest = builds
         metadata = {
@@ -79,4 +74,6 @@ def build_window_artifact_asset(kind: str, settings: Settings) -> dg.AssetsDefin
 
 
 def build_artifacts(settings: Settings) -> dg.Definitions:
-    return dg.Definitions(assets=[build_window_artifact_asset(kind, settings) for kind in KINDS])
+    return dg.Definitions(
+        assets=[build_window_artifact_asset(kind, settings) for kind in ARTIFACT_KINDS.values()]
+    )

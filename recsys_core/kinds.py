@@ -1,0 +1,148 @@
+"""The artifact kinds: one declaration per kind, read by the pipeline, publishing and the API server.
+
+A kind says what it is built from (a daily aggregate over a trailing window), how (a SQL model of
+`dbt_like_sql/`), what it holds (its Parquet file, with columns in the order docs/reference/artifacts.md
+lists them), which configuration shapes it, how its rows are checked before publishing, and whether a
+manifest must have it. Adding a kind is one `ArtifactKind` here plus its builder (a SQL model, or a
+trainer in `recsys_dagster.transform`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from recsys_core.settings import PipelineConfig
+
+
+@dataclass(frozen=True)
+class ArtifactKind:
+    name: str
+    description: str
+    # The daily aggregate whose partitions of the trailing window the artifact is computed from.
+    aggregate: str
+    # The artifact's data file and its columns (names, types, order).
+    table: str
+    schema: pa.Schema
+    # The columns the API server reads from `table`.
+    served_columns: tuple[str, ...]
+    # Required kinds must be in every manifest and have at least one row; the others are optional, so a
+    # manifest published before an optional kind existed still serves.
+    required: bool
+    # The dbt_like_sql model that computes the kind over the window.
+    sql_model: str
+    # What shapes the content, recorded in meta.json (and so part of the version).
+    params: Callable[[PipelineConfig], dict[str, Any]]
+    # The SQL model's parameters besides `paths`.
+    sql_params: Callable[[PipelineConfig, dt.date], dict[str, Any]]
+    # A dbt_like_sql/checks query over `table` that returns the rows breaking the kind's contract.
+    row_check: str | None = None
+
+    def window_days(self, config: PipelineConfig) -> int:
+        """The length of the kind's trailing window (`artifacts.<kind>.window_days`)."""
+        return getattr(config.artifacts, self.name).window_days
+
+
+POPULARITY = ArtifactKind(
+    name="popularity",
+    description="Top-N items per tenant/surface by event-type-weighted counts over the trailing window.",
+    aggregate="item_daily",
+    table="items.parquet",
+    schema=pa.schema(
+        [("rank", pa.int32()), ("item_id", pa.string()), ("score", pa.float64()), ("events", pa.int64())]
+    ),
+    served_columns=("rank", "item_id", "score"),
+    required=True,
+    sql_model="popularity",
+    params=lambda config: {
+        "window_days": config.artifacts.popularity.window_days,
+        "top_n": config.artifacts.popularity.top_n,
+        "half_life_days": config.artifacts.popularity.half_life_days,
+        "event_weights": config.interest_weights(),
+    },
+    sql_params=lambda config, as_of: {
+        "weights": config.interest_weight_rows(),
+        "as_of": as_of.isoformat(),
+        "half_life_days": float(config.artifacts.popularity.half_life_days),
+        "top_n": config.artifacts.popularity.top_n,
+    },
+    row_check="checks/popularity_invalid_rows",
+)
+
+COOC = ArtifactKind(
+    name="cooc",
+    description="Each item's top-K neighbours by normalised session co-occurrence over the trailing window.",
+    aggregate="pair_daily",
+    table="neighbors.parquet",
+    schema=pa.schema(
+        [
+            ("item_id", pa.string()),
+            ("rank", pa.int32()),
+            ("neighbor_id", pa.string()),
+            ("score", pa.float64()),
+            ("count", pa.int64()),
+        ]
+    ),
+    served_columns=("item_id", "rank", "neighbor_id", "score"),
+    required=False,
+    sql_model="cooc",
+    # Parameters applied upstream by pair_daily (max_session_items, the event types that count) are
+    # recorded too, as the configuration the aggregates are expected to have been built with.
+    params=lambda config: {
+        "window_days": config.artifacts.cooc.window_days,
+        "metric": config.artifacts.cooc.metric,
+        "top_k": config.artifacts.cooc.top_k,
+        "min_support": config.artifacts.cooc.min_support,
+        "max_session_items": config.artifacts.cooc.max_session_items,
+        "max_items": config.artifacts.cooc.max_items,
+        "event_types": list(config.interest_weights()),
+    },
+    sql_params=lambda config, as_of: {
+        "metric": config.artifacts.cooc.metric,
+        "min_support": config.artifacts.cooc.min_support,
+        "top_k": config.artifacts.cooc.top_k,
+        "max_items": config.artifacts.cooc.max_items,
+    },
+    row_check="checks/cooc_invalid_rows",
+)
+
+USER_HISTORY = ArtifactKind(
+    name="user_history",
+    description="Each user's most recent distinct items in the trailing window (exclude-seen, context).",
+    aggregate="user_item_daily",
+    table="history.parquet",
+    schema=pa.schema(
+        [
+            ("user_id", pa.string()),
+            ("rank", pa.int32()),
+            ("item_id", pa.string()),
+            ("last_ts", pa.timestamp("us", tz="UTC")),
+            ("weight", pa.float64()),
+        ]
+    ),
+    served_columns=("user_id", "rank", "item_id"),
+    required=False,
+    sql_model="user_history",
+    params=lambda config: {
+        "window_days": config.artifacts.user_history.window_days,
+        "max_items": config.artifacts.user_history.max_items,
+        "event_weights": config.interest_weights(),
+    },
+    sql_params=lambda config, as_of: {"max_items": config.artifacts.user_history.max_items},
+)
+
+ARTIFACT_KINDS: Mapping[str, ArtifactKind] = {kind.name: kind for kind in (POPULARITY, COOC, USER_HISTORY)}
+KINDS: tuple[str, ...] = tuple(ARTIFACT_KINDS)
+REQUIRED_KINDS: tuple[str, ...] = tuple(kind.name for kind in ARTIFACT_KINDS.values() if kind.required)
+
+
+def artifact_kind(name: str) -> ArtifactKind:
+    """The declaration of kind `name`; ValueError naming the known kinds otherwise."""
+    try:
+        return ARTIFACT_KINDS[name]
+    except KeyError:
+        raise ValueError(f"unknown artifact kind {name!r}: choose one of {', '.join(KINDS)}") from None
