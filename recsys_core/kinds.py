@@ -3,8 +3,9 @@
 A kind says what it is built from (a daily aggregate over a trailing window), how (a SQL model of
 `dbt_like_sql/`), what it holds (its Parquet file, with columns in the order docs/reference/artifacts.md
 lists them), which configuration shapes it, how its rows are checked before publishing, and whether a
-manifest must have it. Adding a kind is one `ArtifactKind` here plus its builder (a SQL model, or a
-trainer in `recsys_dagster.transform`).
+manifest must have it. Adding a kind is one `ArtifactKind` here plus its builder: a SQL model whose rows
+are the artifact's table, or a SQL model that prepares the input of a trainer (`recsys_dagster.transform`,
+looked up by the kind's name) that writes the artifact's files.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class ArtifactKind:
     # Required kinds must be in every manifest and have at least one row; the others are optional, so a
     # manifest published before an optional kind existed still serves.
     required: bool
-    # The dbt_like_sql model that computes the kind over the window.
+    # The dbt_like_sql model that computes the kind (or, for a trained kind, its input) over the window.
     sql_model: str
     # What shapes the content, recorded in meta.json (and so part of the version).
     params: Callable[[PipelineConfig], dict[str, Any]]
@@ -41,6 +42,10 @@ class ArtifactKind:
     sql_params: Callable[[PipelineConfig, dt.date], dict[str, Any]]
     # A dbt_like_sql/checks query over `table` that returns the rows breaking the kind's contract.
     row_check: str | None = None
+    # True when a trainer turns the SQL model's rows into the files (`table` and `files`).
+    trained: bool = False
+    # The files a trainer writes besides `table` (e.g. factor arrays).
+    files: tuple[str, ...] = ()
 
     def window_days(self, config: PipelineConfig) -> int:
         """The length of the kind's trailing window (`artifacts.<kind>.window_days`)."""
@@ -124,7 +129,7 @@ USER_HISTORY = ArtifactKind(
             ("weight", pa.float64()),
         ]
     ),
-    served_columns=("user_id", "rank", "item_id"),
+    served_columns=("user_id", "rank", "item_id", "weight"),
     required=False,
     sql_model="user_history",
     params=lambda config: {
@@ -135,7 +140,41 @@ USER_HISTORY = ArtifactKind(
     sql_params=lambda config, as_of: {"max_items": config.artifacts.user_history.max_items},
 )
 
-ARTIFACT_KINDS: Mapping[str, ArtifactKind] = {kind.name: kind for kind in (POPULARITY, COOC, USER_HISTORY)}
+ALS = ArtifactKind(
+    name="als",
+    description=(
+        "Implicit-feedback ALS (the implicit library) on the window's user-item interactions: user and item "
+        "factors with their id maps."
+    ),
+    aggregate="user_item_daily",
+    # Row i of item_factors.npy is the factor of items.parquet's row i; likewise for users.
+    table="items.parquet",
+    schema=pa.schema([("item_id", pa.string())]),
+    served_columns=("item_id",),
+    required=False,
+    sql_model="als_interactions",
+    params=lambda config: {
+        "window_days": config.artifacts.als.window_days,
+        "factors": config.artifacts.als.factors,
+        "regularization": config.artifacts.als.regularization,
+        "alpha": config.artifacts.als.alpha,
+        "iterations": config.artifacts.als.iterations,
+        "random_state": config.artifacts.als.random_state,
+        "half_life_days": config.artifacts.als.half_life_days,
+        "confidence": config.artifacts.als.confidence,
+        "event_weights": config.interest_weights(),
+    },
+    sql_params=lambda config, as_of: {
+        "as_of": as_of.isoformat(),
+        "half_life_days": float(config.artifacts.als.half_life_days),
+    },
+    trained=True,
+    files=("users.parquet", "user_factors.npy", "item_factors.npy"),
+)
+
+ARTIFACT_KINDS: Mapping[str, ArtifactKind] = {
+    kind.name: kind for kind in (POPULARITY, COOC, USER_HISTORY, ALS)
+}
 KINDS: tuple[str, ...] = tuple(ARTIFACT_KINDS)
 REQUIRED_KINDS: tuple[str, ...] = tuple(kind.name for kind in ARTIFACT_KINDS.values() if kind.required)
 

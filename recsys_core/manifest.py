@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import numpy as np
 import pyarrow.parquet as pq
 
 from recsys_core.names import UnsafePathError, validate_name
@@ -261,11 +262,11 @@ def verify_artifact(artifact_dir: Path, required_nonempty: bool) -> list[str]:
             expected = rows[name]
             if not isinstance(expected, int) or isinstance(expected, bool) or expected < 0:
                 problems.append(f"{label}: rows[{name!r}] is not a non-negative integer")
-            elif name.endswith(".parquet"):
+            elif name.endswith((".parquet", ".npy")):
                 try:
-                    actual = pq.ParquetFile(path).metadata.num_rows
-                except Exception as exc:  # any footer error means the file is unusable
-                    problems.append(f"{label}: {name} is not readable Parquet ({exc})")
+                    actual = _row_count(path)
+                except Exception as exc:  # any footer or header error means the file is unusable
+                    problems.append(f"{label}: {name} is not readable ({exc})")
                     continue
                 if actual != expected:
                     problems.append(f"{label}: {name} has {actual} rows, meta.json says {expected}")
@@ -282,6 +283,19 @@ def verify_artifact(artifact_dir: Path, required_nonempty: bool) -> list[str]:
         if total == 0:
             problems.append(f"{label}: required artifact is empty (0 rows)")
     return problems
+
+
+def _row_count(path: Path) -> int:
+    """Rows of a Parquet file (from its footer) or of a `.npy` array (its first dimension, from its header)."""
+    if path.name.endswith(".npy"):
+        with open(path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            if version == (1, 0):
+                shape, _, _ = np.lib.format.read_array_header_1_0(handle)
+            else:
+                shape, _, _ = np.lib.format.read_array_header_2_0(handle)
+        return int(shape[0]) if shape else 1
+    return pq.ParquetFile(path).metadata.num_rows
 
 
 # ------------------------------------------------------------------------------------ listing, log

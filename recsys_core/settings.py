@@ -84,11 +84,37 @@ class UserHistoryConfig:
     max_items: int = 50
 
 
+ALS_CONFIDENCE = ("linear", "log")
+
+
+@dataclass(frozen=True)
+class AlsConfig:
+    window_days: int = 30
+    factors: int = 64
+    regularization: float = 0.05
+    # implicit's confidence scaling of the interaction weights.
+    alpha: float = 2.0
+    iterations: int = 15
+    random_state: int = 42
+    # 0 disables decay; otherwise a day's weight halves every `half_life_days` before the as-of day.
+    half_life_days: float = 0.0
+    # How a user-item weight becomes the matrix value: as is ("linear"), or log(1 + weight) ("log"),
+    # which keeps a few heavy interactions from drowning the rest.
+    confidence: str = "linear"
+
+    def __post_init__(self) -> None:
+        if self.confidence not in ALS_CONFIDENCE:
+            raise ConfigError(
+                f"artifacts.als.confidence: must be one of {', '.join(ALS_CONFIDENCE)}, got {self.confidence!r}"
+            )
+
+
 @dataclass(frozen=True)
 class ArtifactsConfig:
     popularity: PopularityConfig = field(default_factory=PopularityConfig)
     cooc: CoocConfig = field(default_factory=CoocConfig)
     user_history: UserHistoryConfig = field(default_factory=UserHistoryConfig)
+    als: AlsConfig = field(default_factory=AlsConfig)
 
 
 @dataclass(frozen=True)
@@ -282,11 +308,17 @@ def _validate(config: PipelineConfig) -> None:
         "artifacts.cooc.max_session_items": artifacts.cooc.max_session_items,
         "artifacts.cooc.max_items": artifacts.cooc.max_items,
         "artifacts.user_history.max_items": artifacts.user_history.max_items,
+        "artifacts.als.factors": artifacts.als.factors,
+        "artifacts.als.iterations": artifacts.als.iterations,
     }.items():
         if value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
-    if artifacts.popularity.half_life_days < 0:
-        raise ConfigError("artifacts.popularity.half_life_days: must be >= 0 (0 = no decay)")
+    for kind in ("popularity", "als"):
+        if not getattr(artifacts, kind).half_life_days >= 0:
+            raise ConfigError(f"artifacts.{kind}.half_life_days: must be >= 0 (0 = no decay)")
+    for key in ("regularization", "alpha"):
+        if not getattr(artifacts.als, key) > 0:
+            raise ConfigError(f"artifacts.als.{key}: must be > 0, got {getattr(artifacts.als, key)!r}")
     for key in ("max_quarantine_rate", "max_duplicate_rate"):
         if not 0.0 <= getattr(checks, key) <= 1.0:
             raise ConfigError(f"checks.{key}: must be between 0 and 1")

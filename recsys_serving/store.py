@@ -51,6 +51,50 @@ class LoadError(RuntimeError):
 
 
 @dataclass(frozen=True, slots=True, eq=False)
+class AlsModel:
+    """The `als` artifact of a target, its item factors aligned with the target's item vocabulary.
+
+    Items the model never saw have zero factors (`known_items` False). `fold_in` computes the factors of a
+    user the model does not know from their items, exactly as implicit's `recalculate_user` does.
+    """
+
+    user_index: dict[str, int]
+    user_factors: np.ndarray  # float32, one row per user of user_index
+    item_factors: np.ndarray  # float32, one row per item of the target's vocabulary
+    known_items: np.ndarray  # bool, per item of the vocabulary
+    gram: np.ndarray  # item_factors.T @ item_factors (float64): YtY of the fold-in
+    regularization: float
+    alpha: float
+    confidence: str
+
+    def user_vector(self, user_id: str) -> np.ndarray | None:
+        row = self.user_index.get(user_id)
+        return None if row is None else self.user_factors[row]
+
+    def fold_in(self, items: list[int], weights: list[float]) -> np.ndarray:
+        """Least-squares user factors given the items (vocabulary indexes) and their interaction weights.
+
+        x = (YtY + reg I + Yt (C - I) Y)^-1 Yt C 1, C = alpha * confidence(weight), over the known items.
+        """
+        known = [
+            (item, weight) for item, weight in zip(items, weights, strict=True) if self.known_items[item]
+        ]
+        factors = self.item_factors.shape[1]
+        if not known:
+            return np.zeros(factors, dtype=np.float32)
+        rows = self.item_factors[[item for item, _ in known]].astype(np.float64)
+        values = np.array([weight for _, weight in known], dtype=np.float64)
+        confidence = self.alpha * (np.log1p(values) if self.confidence == "log" else values)
+        a = self.gram + self.regularization * np.eye(factors) + (rows.T * (confidence - 1.0)) @ rows
+        b = rows.T @ confidence
+        return np.linalg.solve(a, b).astype(np.float32)
+
+    def scores(self, vector: np.ndarray) -> np.ndarray:
+        """The model's score of every item of the vocabulary for a user vector (float32)."""
+        return self.item_factors @ vector
+
+
+@dataclass(frozen=True, slots=True, eq=False)
 class LoadedTarget:
     """Everything one published manifest of one tenant and surface serves, immutable once built.
 
@@ -83,6 +127,9 @@ class LoadedTarget:
     user_index: dict[str, int]
     history_indptr: np.ndarray
     history_items: np.ndarray
+    # The weight (summed event weights in the window) of each history item, aligned with history_items.
+    history_weights: np.ndarray
+    als: AlsModel | None
     # Python-list copies of what the plain-Python ranking reads element by element (about 40 bytes per
     # co-occurrence row: a pointer to a shared int object, a pointer to a float object and the float).
     cooc_ptr: list[int]
@@ -105,6 +152,14 @@ class LoadedTarget:
         if row is None:
             return None
         return self.history_items[self.history_indptr[row] : self.history_indptr[row + 1]].tolist()
+
+    def history_with_weights(self, user_id: str) -> tuple[list[int], list[float]] | None:
+        """The user's items (most recent first) and their interaction weights; None for an unknown user."""
+        row = self.user_index.get(user_id)
+        if row is None:
+            return None
+        span = slice(self.history_indptr[row], self.history_indptr[row + 1])
+        return self.history_items[span].tolist(), self.history_weights[span].tolist()
 
     def neighbors(self, item: int) -> tuple[np.ndarray, np.ndarray]:
         """Co-occurrence neighbours (indexes) and scores of one item, best first."""
@@ -339,11 +394,14 @@ def load_target(artifact_root: Path, tenant: str, surface: str, manifest: Mappin
     popularity = tables["popularity"]
     cooc = tables.get("cooc")
     history = tables.get("user_history")
+    als = tables.get("als")
     id_columns = [popularity["item_id"]]
     if cooc is not None:
         id_columns += [cooc["item_id"], cooc["neighbor_id"]]
     if history is not None:
         id_columns.append(history["item_id"])
+    if als is not None:
+        id_columns.append(als["item_id"])
     vocab = pc.unique(
         pa.chunked_array([chunk for col in id_columns for chunk in col.chunks], pa.large_string())
     )
@@ -395,10 +453,18 @@ def load_target(artifact_root: Path, tenant: str, surface: str, manifest: Mappin
         user_ids: list[str] = encoded.dictionary.to_pylist()
         order = np.lexsort((_ints(history["rank"]), user_codes))
         history_items = codes(history["item_id"])[order].astype(np.int32)
+        history_weights = _floats(history["weight"])[order]
         history_indptr = _indptr(user_codes[order], len(user_ids))
         user_index = {user: i for i, user in enumerate(user_ids)}
     else:
         history_items, history_indptr, user_index = _EMPTY_I32, np.zeros(1, dtype=np.int64), {}
+        history_weights = _EMPTY_F64
+
+    als_model = (
+        _als_model(artifact_root, tenant, surface, manifest, codes(als["item_id"]), n_items)
+        if als is not None
+        else None
+    )
 
     updated_at = str(manifest.get("updated_at", ""))
     return LoadedTarget(
@@ -423,6 +489,8 @@ def load_target(artifact_root: Path, tenant: str, surface: str, manifest: Mappin
         user_index=user_index,
         history_indptr=history_indptr,
         history_items=history_items,
+        history_weights=history_weights,
+        als=als_model,
         cooc_keys=cooc_neighbors.astype(np.int64) << 32,
         cooc_ptr=cooc_indptr.tolist(),
         cooc_neighbor_list=_shared_ints(cooc_neighbors, n_items),
@@ -458,6 +526,49 @@ def _read_artifact(
     if nulls:
         raise LoadError(f"{kind} artifact {uri}: {name} has null values in {', '.join(nulls)}")
     return table
+
+
+def _als_model(
+    artifact_root: Path,
+    tenant: str,
+    surface: str,
+    manifest: Mapping[str, Any],
+    item_codes: np.ndarray,
+    n_items: int,
+) -> AlsModel:
+    """The factor arrays of a verified `als` artifact, item factors re-indexed to the vocabulary."""
+    folder = resolve_uri(artifact_root, tenant, surface, manifest["current"]["als"])
+    params = read_meta(folder).get("params", {})
+    try:
+        users = pq.read_table(folder / "users.parquet", columns=["user_id"]).column(0).to_pylist()
+        user_factors = np.load(folder / "user_factors.npy", allow_pickle=False)
+        item_factors = np.load(folder / "item_factors.npy", allow_pickle=False)
+        regularization, alpha = float(params["regularization"]), float(params["alpha"])
+        confidence = str(params.get("confidence", "linear"))
+    except (OSError, ValueError, KeyError, TypeError, pa.ArrowException) as exc:
+        raise LoadError(f"als artifact {folder.name[:12]}: unreadable ({exc})") from exc
+    if (
+        user_factors.ndim != 2
+        or item_factors.ndim != 2
+        or user_factors.shape != (len(users), item_factors.shape[1])
+        or item_factors.shape[0] != len(item_codes)
+        or not (np.isfinite(user_factors).all() and np.isfinite(item_factors).all())
+    ):
+        raise LoadError(f"als artifact {folder.name[:12]}: factor arrays do not match their id tables")
+    aligned = np.zeros((n_items, item_factors.shape[1]), dtype=np.float32)
+    aligned[item_codes] = item_factors
+    known = np.zeros(n_items, dtype=bool)
+    known[item_codes] = True
+    return AlsModel(
+        user_index={user: i for i, user in enumerate(users)},
+        user_factors=np.ascontiguousarray(user_factors, dtype=np.float32),
+        item_factors=aligned,
+        known_items=known,
+        gram=aligned.T.astype(np.float64) @ aligned.astype(np.float64),
+        regularization=regularization,
+        alpha=alpha,
+        confidence=confidence,
+    )
 
 
 def _served_types(kind: ArtifactKind) -> dict[str, pa.DataType]:

@@ -25,6 +25,7 @@ from recsys_core.kinds import ARTIFACT_KINDS, KINDS
 from recsys_core.lake import SUMMARY_FILE, content_hash, partition_dir
 from recsys_core.manifest import artifact_version, read_meta, verify_artifact
 from recsys_core.settings import (
+    AlsConfig,
     ArtifactsConfig,
     CoocConfig,
     IngestConfig,
@@ -537,6 +538,7 @@ def test_build_window_artifacts_layout_meta_and_determinism(tmp_path: Path) -> N
         popularity=PopularityConfig(window_days=3, top_n=10),
         cooc=CoocConfig(window_days=3, top_k=5, min_support=1),
         user_history=UserHistoryConfig(window_days=3, max_items=5),
+        als=AlsConfig(window_days=3, factors=4, iterations=2),
     )
     _two_tenant_lake(lake, config)
     for kind in KINDS:
@@ -560,16 +562,16 @@ def test_build_window_artifacts_layout_meta_and_determinism(tmp_path: Path) -> N
             )
             assert meta["as_of"] == "2024-05-03" and meta["run_id"] == "run-1"
             assert meta["window"] == {"days": 3, "start": "2024-05-01", "end": "2024-05-03"}
-            aggregate = {"popularity": "item_daily", "cooc": "pair_daily", "user_history": "user_item_daily"}
-            assert meta["inputs"][aggregate[kind]] == ["2024-05-01", "2024-05-03"]
+            assert meta["inputs"][ARTIFACT_KINDS[kind].aggregate] == ["2024-05-01", "2024-05-03"]
             assert meta["inputs"]["missing_days"] == ["2024-05-02"] and build.missing_days == ("2024-05-02",)
             assert meta["inputs"]["canonical_events"] == {
                 d.isoformat(): content_hash(partition_dir(lake, "canonical_events", d)) for d in (D1, D3)
             }
-            (name,) = meta["files"]
+            name = ARTIFACT_KINDS[kind].table
+            assert sorted(meta["files"]) == sorted([name, *ARTIFACT_KINDS[kind].files])
             data = pl.read_parquet(build.path / name)
             assert data.schema == pl.Schema(polars_schema(ARTIFACT_KINDS[kind]))
-            assert meta["rows"] == {name: data.height} and build.rows == data.height
+            assert meta["rows"][name] == data.height and build.rows == data.height
             assert [tuple(r.values()) for r in build.top] == [
                 tuple(v.isoformat() if isinstance(v, dt.datetime) else v for v in row)
                 for row in data.head(10).rows()
@@ -620,7 +622,7 @@ def test_build_window_artifacts_without_any_aggregate(tmp_path: Path) -> None:
     ):
         build_window_artifacts("popularity", tmp_path, tmp_path / "artifacts", D3, config)
     with pytest.raises(ValueError, match="unknown artifact kind"):
-        build_window_artifacts("als", tmp_path, tmp_path / "artifacts", D3, config)
+        build_window_artifacts("no_such_kind", tmp_path, tmp_path / "artifacts", D3, config)
 
 
 # --------------------------------------------------------------------------------------------- checks

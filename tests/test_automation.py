@@ -43,6 +43,7 @@ def test_asset_graph_reads_as_the_pipeline_story(defs: dg.Definitions) -> None:
         "popularity": "artifacts",
         "cooc": "artifacts",
         "user_history": "artifacts",
+        "als": "artifacts",
         "published_manifest": "publishing",
     }
     for node in graph.asset_nodes:
@@ -57,7 +58,8 @@ def test_asset_graph_reads_as_the_pipeline_story(defs: dg.Definitions) -> None:
     }
     assert upstream["item_daily"] == ["canonical_events"]
     assert upstream["cooc"] == ["pair_daily"]
-    assert upstream["published_manifest"] == ["cooc", "popularity", "user_history"]
+    assert upstream["als"] == ["user_item_daily"]
+    assert upstream["published_manifest"] == ["als", "cooc", "popularity", "user_history"]
     checks = {key.name for key in graph.asset_check_keys}
     assert checks == {
         "schema",

@@ -83,7 +83,7 @@ def test_generate_run_publish_and_rerun_is_idempotent(home: Path, capsys: pytest
     assert "succeeded" in out
     manifest = read_current(home / "artifacts", "demo", "home")
     assert manifest is not None and manifest["v"] == 1 and manifest["as_of"] == END.isoformat()
-    assert set(manifest["current"]) == {"popularity", "cooc", "user_history"}
+    assert set(manifest["current"]) == {"popularity", "cooc", "user_history", "als"}
     first_bytes = {day: canonical_bytes(home, day) for day in (START, END)}
     first_version = manifest["manifest_version"]
 

@@ -399,6 +399,7 @@ def test_manifest_health_readiness_and_metrics(api: httpx.Client, published: Pub
     assert [t["manifest_version"] for t in ready.json()["targets"]] == [body["manifest_version"]]
 
     api.get(recs_url(user_id="u00001"))
+    api.get(recs_url(user_id="no-such-user"))  # a fallback, whatever ran before on this server
     api.get("/v1/popular?tenant=nope&surface=home")
     metrics = api.get("/metrics")
     assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")

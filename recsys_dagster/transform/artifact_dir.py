@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from recsys_core.manifest import (
@@ -24,11 +25,15 @@ from recsys_core.storage import commit_dir, file_sha256, fsync_dir, fsync_file, 
 
 
 def write_artifact_dir(
-    target_dir: Path, kind: str, meta_without_version: Mapping[str, Any], files: Mapping[str, pl.DataFrame]
+    target_dir: Path,
+    kind: str,
+    meta_without_version: Mapping[str, Any],
+    files: Mapping[str, pl.DataFrame | np.ndarray],
 ) -> tuple[str, Path]:
     """Write one artifact version directory `<target>/<kind>/<version>/` and return (version, path).
 
-    Frames are written as Parquet (zstd, statistics) into `<target>/<kind>/.tmp-<uuid>/`, hashed and
+    Frames are written as Parquet (zstd, statistics) and arrays as `.npy` (whose bytes depend only on the
+    array's dtype, shape and values) into `<target>/<kind>/.tmp-<uuid>/`, hashed and
     counted into meta's `files` / `rows`; the version is computed from the meta (see
     `manifest.artifact_version`), meta.json written, and the temp dir renamed into place. Identical
     frames give byte-identical files and so the same version; if that directory already exists (and
@@ -38,10 +43,11 @@ def write_artifact_dir(
     validate_name("kind", kind)
     if not files:
         raise ValueError("an artifact needs at least one file")
-    for name in files:
+    for name, data in files.items():
         validate_name("file", name)
-        if name.startswith(".") or not name.endswith(".parquet"):
-            raise ValueError(f"file name {name!r} must end with .parquet and not start with '.'")
+        suffix = ".npy" if isinstance(data, np.ndarray) else ".parquet"
+        if name.startswith(".") or not name.endswith(suffix):
+            raise ValueError(f"file name {name!r} must end with {suffix} and not start with '.'")
     if "version" in meta_without_version:
         raise ValueError("meta_without_version must not contain 'version': it is computed here")
     if meta_without_version.get("kind", kind) != kind:
@@ -56,14 +62,10 @@ def write_artifact_dir(
         hashes: dict[str, str] = {}
         rows: dict[str, int] = {}
         for name in sorted(files):
-            # Chunk layout decides row groups, so identical frames chunked differently would give
-            # different bytes (and versions) without the rechunk.
-            frame = files[name].rechunk()
             path = tmp / name
-            frame.write_parquet(path, compression="zstd", statistics=True)
+            rows[name] = _write_file(path, files[name])
             fsync_file(path)
             hashes[name] = file_sha256(path)
-            rows[name] = frame.height
         meta = {**meta_without_version, "format": FORMAT_VERSION, "kind": kind, "rows": rows, "files": hashes}
         meta.setdefault("built_at", utc_timestamp())
         version = artifact_version(meta)
@@ -83,3 +85,16 @@ def write_artifact_dir(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return version, final
+
+
+def _write_file(path: Path, data: pl.DataFrame | np.ndarray) -> int:
+    """Write one artifact file; returns its row count (an array's first dimension)."""
+    if isinstance(data, np.ndarray):
+        with open(path, "wb") as handle:
+            np.save(handle, np.ascontiguousarray(data), allow_pickle=False)
+        return int(data.shape[0])
+    # Chunk layout decides row groups, so identical frames chunked differently would give different bytes
+    # (and versions) without the rechunk.
+    frame = data.rechunk()
+    frame.write_parquet(path, compression="zstd", statistics=True)
+    return frame.height

@@ -11,20 +11,26 @@ written through `artifact_dir.write_artifact_dir`, which names the directory by 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from recsys_core.kinds import ArtifactKind, artifact_kind
 from recsys_core.lake import AGGREGATE_FILE, partition_dir, read_summary
 from recsys_core.manifest import target_dir
 from recsys_core.settings import PipelineConfig
+from recsys_dagster.transform.als import train_als
 from recsys_dagster.transform.artifact_dir import write_artifact_dir
 from recsys_dagster.transform.sql import run_sql
 
 FORMAT = 1
+# The trainers of trained kinds (`ArtifactKind.trained`): SQL rows of one tenant and surface + the kind's
+# config section -> the artifact's files.
+TRAINERS: dict[str, Callable[[pl.DataFrame, Any], dict[str, pl.DataFrame | np.ndarray]]] = {"als": train_als}
 TOP_ROWS = 10
 
 
@@ -110,12 +116,17 @@ def build_window_artifacts(
     builds = []
     for tenant, surface in sorted(scopes | set(groups)):
         part = groups.get((tenant, surface))
-        # Rows stay in the order of the SQL's ORDER BY (tenant, surface, then the kind's keys).
-        data = (
-            pl.DataFrame(schema=schema)
-            if part is None
-            else part.select([pl.col(name).cast(dtype) for name, dtype in schema.items()])
-        )
+        if kind.trained:
+            rows = frame.clear() if part is None else part
+            files = TRAINERS[name](rows, getattr(config.artifacts, name))
+        else:
+            # Rows stay in the order of the SQL's ORDER BY (tenant, surface, then the kind's keys).
+            files = {
+                kind.table: pl.DataFrame(schema=schema)
+                if part is None
+                else part.select([pl.col(column).cast(dtype) for column, dtype in schema.items()])
+            }
+        data = files[kind.table]
         meta = {
             "format": FORMAT,
             "kind": name,
@@ -128,9 +139,7 @@ def build_window_artifacts(
             "built_at": built_at,
             "run_id": run_id,
         }
-        version, path = write_artifact_dir(
-            target_dir(artifact_root, tenant, surface), name, meta, {kind.table: data}
-        )
+        version, path = write_artifact_dir(target_dir(artifact_root, tenant, surface), name, meta, files)
         builds.append(
             ArtifactBuild(
                 tenant=tenant,
