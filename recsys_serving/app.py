@@ -46,7 +46,7 @@ from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from recsys_core.settings import Settings, load_settings
-from recsys_serving import ranking
+from recsys_serving import ranking, recommender
 from recsys_serving.exposures import ExposureWriter
 from recsys_serving.store import ArtifactStore, LoadedTarget
 
@@ -79,14 +79,8 @@ Endpoint = Callable[[Request], Awaitable[Response]]
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
-WARNING_CODES = (
-    "unknown_user_popularity_fallback",
-    "anonymous_popularity_fallback",
-    "context_items_unknown",
-    "no_cooc_candidates_popularity_fallback",
-    "fewer_items_than_requested",
-    "no_neighbors",
-)
+# The warning of GET /v1/items/{item_id}/similar (the others come from the recommender).
+NO_NEIGHBORS = "no_neighbors"
 
 
 # -------------------------------------------------------------------------------------- problems
@@ -377,7 +371,7 @@ class ProblemDetail(BaseModel):
 
 
 class ResponseWarning(BaseModel):
-    code: str = Field(description=", ".join(WARNING_CODES))
+    code: str = Field(description=", ".join((*recommender.WARNING_CODES, NO_NEIGHBORS)))
     message: str
     items: list[str] | None = Field(None, description="context_items_unknown: the ignored ids")
 
@@ -811,86 +805,41 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             f"surface {surface!r} is not served for tenant {tenant!r} (served: {', '.join(surfaces)})",
         )
 
-    def items_of(
-        target: LoadedTarget, items: list[int], scores: list[float], sources: list[str]
-    ) -> list[dict]:
-        ids = target.item_ids
+    def scored_items(item_ids: list[str], scores: list[float], sources: list[str]) -> list[dict]:
         return [
-            {"item_id": ids[i], "score": score, "source": source}
-            for i, score, source in zip(items, scores, sources, strict=True)
+            {"item_id": item_id, "score": score, "source": source}
+            for item_id, score, source in zip(item_ids, scores, sources, strict=True)
         ]
+
+    def ranked_items(target: LoadedTarget, items: list[int], scores: list[float], source: str) -> list[dict]:
+        """Vocabulary indexes from one source as response items."""
+        ids = target.item_ids
+        return scored_items([ids[i] for i in items], scores, [source] * len(items))
 
     def respond(target: LoadedTarget, body: dict[str, Any]) -> Response:
         return EncodedJSONResponse(orjson.dumps(body), manifest_version=target.manifest_version)
 
     def recommend(scope: Scope, args: dict[str, Any]) -> Response:
-        tenant, surface, user_id = args["tenant"], args["surface"], args["user_id"]
-        context_items, k = args["context_items"], args["k"]
+        tenant, surface, user_id, k = args["tenant"], args["surface"], args["user_id"], args["k"]
         target = resolve(tenant, surface)
         request_id = scope["state"]["request_id"]
-        warnings: list[dict[str, Any]] = []
-        history = target.history(user_id) if user_id else None
-        seeds: list[int] | None = None
-        if context_items:
-            index = target.item_index
-            known: dict[int, None] = {}
-            unknown = []
-            for item in context_items:
-                position = index.get(item)
-                if position is None:
-                    unknown.append(item)
-                else:
-                    known[position] = None
-            if unknown:
-                warnings.append(
-                    {
-                        "code": "context_items_unknown",
-                        "message": f"{len(unknown)} context item(s) are not in the served catalog and were "
-                        "ignored",
-                        "items": unknown,
-                    }
-                )
-            if known:
-                seeds = list(known)
-        if seeds is None and history:
-            seeds = history[: ranking.MAX_HISTORY_SEEDS]
-        if seeds is None:
-            if user_id and history is None:
-                code, message = "unknown_user_popularity_fallback", "unknown user: popular items"
-            else:
-                code, message = (
-                    "anonymous_popularity_fallback",
-                    "no known user or context item: popular items",
-                )
-            warnings.append({"code": code, "message": message})
-            seeds = []
-        exclude = seeds + history if args["exclude_seen"] and history else seeds
-        result = ranking.recommend(target, seeds, k, exclude)
-        if seeds and result.n_cooc == 0:
-            warnings.append(
-                {
-                    "code": "no_cooc_candidates_popularity_fallback",
-                    "message": "the seed items have no co-occurrence neighbours left: popular items",
-                }
-            )
-        if len(result) < k:
-            warnings.append(
-                {
-                    "code": "fewer_items_than_requested",
-                    "message": f"only {len(result)} items left to recommend",
-                }
-            )
-        for warning in warnings:
+        result = recommender.recommend(
+            target,
+            user_id=user_id,
+            context_items=args["context_items"],
+            k=k,
+            exclude_seen=args["exclude_seen"],
+        )
+        for warning in result.warnings:
             metrics.fallback(tenant, surface, warning["code"])
-        items = items_of(target, result.items, result.scores, result.sources())
-        if exposures is not None and items:
+        if exposures is not None and result.item_ids:
             exposures.record(
                 tenant=tenant,
                 surface=surface,
                 session_id=args["session_id"] or request_id,
                 user_id=user_id,
                 request_id=request_id,
-                item_ids=[item["item_id"] for item in items],
+                item_ids=result.item_ids,
             )
         return respond(
             target,
@@ -902,8 +851,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "manifest_version": target.manifest_version,
                 "as_of": target.as_of,
                 "request_id": request_id,
-                "items": items,
-                "warnings": warnings,
+                "items": scored_items(result.item_ids, result.scores, result.sources),
+                "warnings": result.warnings,
             },
         )
 
@@ -1015,7 +964,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         items, scores = ranking.similar(target, index, args["k"])
         warnings = []
         if not items:
-            warnings.append({"code": "no_neighbors", "message": "the item has no co-occurrence neighbours"})
+            warnings.append({"code": NO_NEIGHBORS, "message": "the item has no co-occurrence neighbours"})
         return respond(
             target,
             {
@@ -1025,7 +974,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "manifest_version": target.manifest_version,
                 "as_of": target.as_of,
                 "request_id": scope["state"]["request_id"],
-                "items": items_of(target, items, scores, [ranking.SOURCE_COOC] * len(items)),
+                "items": ranked_items(target, items, scores, ranking.SOURCE_COOC),
                 "warnings": warnings,
             },
         )
@@ -1052,7 +1001,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "manifest_version": target.manifest_version,
                 "as_of": target.as_of,
                 "request_id": scope["state"]["request_id"],
-                "items": items_of(target, items, scores, [ranking.SOURCE_POPULARITY] * len(items)),
+                "items": ranked_items(target, items, scores, ranking.SOURCE_POPULARITY),
                 "warnings": [],
             },
         )
