@@ -43,8 +43,9 @@ from recsys_dagster.transform.aggregates import DAILY_MODELS, build_daily_aggreg
 from recsys_dagster.transform.artifact_dir import write_artifact_dir
 from recsys_dagster.transform.artifacts import build_window_artifacts
 from recsys_serving import ranking
-from recsys_serving.app import MAX_CONTEXT_ITEMS, MAX_K, create_app
+from recsys_serving.app import create_app
 from recsys_serving.exposures import IN_PROGRESS_SUFFIX, ExposureWriter
+from recsys_serving.params import MAX_CONTEXT_ITEMS, MAX_K
 from recsys_serving.server import serve
 from recsys_serving.store import ArtifactStore, load_target
 

@@ -19,7 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_serving import SURFACE, TENANT, Published, build_published_home, read_published, settings_for
 
-from recsys_serving.app import MAX_K, create_app
+from recsys_serving.app import create_app
+from recsys_serving.params import MAX_K
 
 EXAMPLES = settings(
     max_examples=150,

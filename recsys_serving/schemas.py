@@ -1,0 +1,107 @@
+"""OpenAPI-only models: they document the responses, which are built as dicts and encoded with orjson.
+
+Nothing validates or serializes through them at run time; `routes.py` names them in `responses=`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from recsys_serving.problems import PROBLEM_JSON
+from recsys_serving.recommender import WARNING_CODES
+
+# The warning of GET /v1/items/{item_id}/similar (the others come from the recommender).
+NO_NEIGHBORS = "no_neighbors"
+
+
+class ProblemDetail(BaseModel):
+    type: str = Field(description="urn:recsys:problem:<code>")
+    title: str
+    status: int
+    detail: str
+    code: str = Field(description="Stable error code, e.g. unknown_tenant, unknown_item, invalid_k")
+    instance: str = Field(description="The request path")
+    request_id: str
+    manifest_version: str | None = Field(None, description="When the tenant and surface were resolved")
+    errors: list[dict[str, str]] | None = Field(
+        None, description="422 only: field, in (query/body/path), code and message of each invalid parameter"
+    )
+
+
+class ResponseWarning(BaseModel):
+    code: str = Field(description=", ".join((*WARNING_CODES, NO_NEIGHBORS)))
+    message: str
+    items: list[str] | None = Field(None, description="context_items_unknown: the ignored ids")
+
+
+class ScoredItem(BaseModel):
+    item_id: str
+    score: float = Field(
+        description="cooc: summed recency-weighted co-occurrence score; popularity: the popularity score"
+    )
+    source: str = Field(description="cooc or popularity")
+
+
+class ItemsResponse(BaseModel):
+    tenant: str
+    surface: str
+    manifest_version: str
+    as_of: str
+    request_id: str
+    items: list[ScoredItem]
+    warnings: list[ResponseWarning]
+
+
+class RecommendationsResponse(ItemsResponse):
+    user_id: str | None
+    k: int
+
+
+class SimilarResponse(ItemsResponse):
+    item_id: str
+
+
+class ArtifactDescription(BaseModel):
+    version: str | None
+    rows: int | None
+    window: dict[str, Any] | None
+    served: bool
+
+
+class ManifestResponse(BaseModel):
+    tenant: str
+    surface: str
+    manifest_version: str
+    as_of: str
+    updated_at: str = Field(description="When the manifest was published (or rolled back to)")
+    loaded_at: str = Field(description="When this server process started serving it")
+    age_seconds: float = Field(description="Seconds since updated_at")
+    load_seconds: float
+    artifacts: dict[str, ArtifactDescription]
+    items: int
+    users: int
+    run_id: str | None
+    request_id: str
+    load_failure: dict[str, Any] | None = Field(
+        None, description="A newer manifest that failed to load (the version above keeps serving)"
+    )
+
+
+class ReadyResponse(BaseModel):
+    status: str
+    targets: list[dict[str, Any]]
+    failures: list[dict[str, Any]] = Field(description="Targets whose current manifest failed to load")
+    request_id: str
+
+
+# `responses=` entries of the endpoints: every error is problem+json.
+PROBLEM_RESPONSE = {"model": ProblemDetail, "content": {PROBLEM_JSON: {}}}
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    404: {**PROBLEM_RESPONSE, "description": "Unknown tenant, surface or item (code unknown_*)"},
+    422: {
+        **PROBLEM_RESPONSE,
+        "description": "Invalid parameters (code invalid_*, missing_*, too_many_context_items)",
+    },
+}

@@ -1,0 +1,146 @@
+"""The recommender module without HTTP: seeds, exclusions and warnings over a target loaded from the
+artifacts that the real pipeline steps published (`test_serving`'s fixture data)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from test_serving import (
+    SURFACE,
+    TENANT,
+    Published,
+    assert_same_ranking,
+    build_published_home,
+    read_published,
+    users_with_cooc,
+)
+
+from recsys_core.manifest import read_current
+from recsys_serving import recommender
+from recsys_serving.ranking import MAX_HISTORY_SEEDS, SOURCE_COOC, SOURCE_POPULARITY
+from recsys_serving.recommender import Recommendation, recommend
+from recsys_serving.store import LoadedTarget, load_target
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_published_home(tmp_path_factory.mktemp("serving"))
+
+
+@pytest.fixture(scope="module")
+def published(home: Path) -> Published:
+    return read_published(home / "artifacts")
+
+
+@pytest.fixture(scope="module")
+def target(home: Path) -> LoadedTarget:
+    root = home / "artifacts"
+    return load_target(root, TENANT, SURFACE, read_current(root, TENANT, SURFACE))
+
+
+def as_tuples(result: Recommendation) -> list[tuple[str, float, str]]:
+    assert len(result.item_ids) == len(result.scores) == len(result.sources)
+    return list(zip(result.item_ids, result.scores, result.sources, strict=True))
+
+
+def codes(result: Recommendation) -> list[str]:
+    return [warning["code"] for warning in result.warnings]
+
+
+def test_a_known_user_gets_cooc_neighbours_of_their_recent_items(
+    target: LoadedTarget, published: Published
+) -> None:
+    users = users_with_cooc(published, 2)
+    assert len(users) >= 5
+    for user in users[:10]:
+        history = published.history[user]
+        result = recommend(target, user_id=user, k=10, exclude_seen=True)
+        assert_same_ranking(as_tuples(result), published.expected(user, 10))
+        cooc = [
+            item
+            for item, source in zip(result.item_ids, result.sources, strict=True)
+            if source == SOURCE_COOC
+        ]
+        assert len(cooc) >= 2 and result.sources[: len(cooc)] == [SOURCE_COOC] * len(cooc)
+        seeds = history[:MAX_HISTORY_SEEDS]
+        neighbours = {n for seed in seeds for n, _ in published.neighbors.get(seed, [])}
+        assert set(cooc) <= neighbours
+        assert not set(result.item_ids) & set(history)
+        assert result.warnings == []
+
+
+def test_context_items_replace_the_history_as_seeds(target: LoadedTarget, published: Published) -> None:
+    user = users_with_cooc(published, 2)[0]
+    from_history = recommend(target, user_id=user, k=10, exclude_seen=True)
+    context = next(
+        item
+        for item in sorted(published.neighbors, key=lambda i: -len(published.neighbors[i]))
+        if item not in published.history[user]
+    )
+    result = recommend(target, user_id=user, context_items=[context], k=10, exclude_seen=True)
+    assert_same_ranking(as_tuples(result), published.expected(user, 10, context=[context]))
+    cooc = [
+        item for item, source in zip(result.item_ids, result.sources, strict=True) if source == SOURCE_COOC
+    ]
+    assert cooc and set(cooc) <= {n for n, _ in published.neighbors[context]}
+    assert context not in result.item_ids
+    assert result.item_ids != from_history.item_ids
+    assert result.warnings == []
+
+
+def test_unknown_context_items_are_reported_and_the_known_ones_still_seed(
+    target: LoadedTarget, published: Published
+) -> None:
+    context = max(sorted(published.neighbors), key=lambda i: len(published.neighbors[i]))
+    result = recommend(target, context_items=["no-such-item", context], k=5, exclude_seen=True)
+    assert result.sources[0] == SOURCE_COOC
+    assert result.warnings == [
+        {
+            "code": recommender.CONTEXT_ITEMS_UNKNOWN,
+            "message": "1 context item(s) are not in the served catalog and were ignored",
+            "items": ["no-such-item"],
+        }
+    ]
+
+
+def test_an_unknown_user_gets_popular_items_and_a_warning(target: LoadedTarget, published: Published) -> None:
+    top = [(item, score, SOURCE_POPULARITY) for item, score in published.popular[:7]]
+    unknown = recommend(target, user_id="never-seen-user", k=7, exclude_seen=True)
+    assert as_tuples(unknown) == top
+    assert codes(unknown) == [recommender.UNKNOWN_USER]
+    anonymous = recommend(target, k=7, exclude_seen=True)
+    assert as_tuples(anonymous) == top
+    assert codes(anonymous) == [recommender.ANONYMOUS]
+
+
+def test_exclude_seen_decides_whether_history_items_come_back(
+    target: LoadedTarget, published: Published
+) -> None:
+    # Context items are the seeds, so the history is left out only by exclude_seen.
+    context = max(sorted(published.neighbors), key=lambda i: len(published.neighbors[i]))
+    came_back = 0
+    for user in sorted(published.history)[:40]:
+        history = set(published.history[user]) - {context}
+        kept_out = recommend(target, user_id=user, context_items=[context], k=50, exclude_seen=True)
+        assert not set(kept_out.item_ids) & history
+        allowed = recommend(target, user_id=user, context_items=[context], k=50, exclude_seen=False)
+        assert context not in allowed.item_ids
+        came_back += bool(set(allowed.item_ids) & history)
+    assert came_back > 0, "with exclude_seen=False some users should get history items back"
+
+
+def test_a_short_list_says_how_many_items_were_left(target: LoadedTarget, published: Published) -> None:
+    user = max(sorted(published.history), key=lambda u: len(published.history[u]))
+    left = len(recommend(target, user_id=user, k=target.n_items, exclude_seen=True))
+    assert 0 < left < target.n_items
+    one_short = recommend(target, user_id=user, k=left + 1, exclude_seen=True)
+    assert len(one_short) == left
+    assert not set(one_short.item_ids) & set(published.history[user])
+    assert one_short.warnings[-1] == {
+        "code": recommender.FEWER_ITEMS,
+        "message": f"only {left} items left to recommend",
+    }
+    exactly = recommend(target, user_id=user, k=left, exclude_seen=True)
+    assert exactly.item_ids == one_short.item_ids
+    assert recommender.FEWER_ITEMS not in codes(exactly)
