@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -118,10 +119,20 @@ class ArtifactsConfig:
 
 
 @dataclass(frozen=True)
+class BlendWeights:
+    """Weights of the served blend's sources (each source's scores are first scaled to [0, 1])."""
+
+    als: float = 1.0
+    cooc: float = 0.3
+    popularity: float = 0.05
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     checks: ChecksConfig = field(default_factory=ChecksConfig)
     artifacts: ArtifactsConfig = field(default_factory=ArtifactsConfig)
+    blend: BlendWeights = field(default_factory=BlendWeights)
     event_weights: Mapping[str, float] = field(
         default_factory=lambda: {
             "exposure": 0.0,
@@ -217,7 +228,7 @@ def load_pipeline_config(path: Path | None) -> PipelineConfig:
         raise ConfigError(f"RECSYS_CONFIG: {path} is not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"RECSYS_CONFIG: {path} must hold a mapping at the top level")
-    known = {"ingest", "checks", "event_weights", "artifacts"}
+    known = {"ingest", "checks", "event_weights", "artifacts", "blend"}
     _reject_unknown("", raw, known)
     weights = dict(PipelineConfig().event_weights)
     given_weights = raw.get("event_weights") or {}
@@ -232,6 +243,7 @@ def load_pipeline_config(path: Path | None) -> PipelineConfig:
         checks=_section(ChecksConfig, "checks", raw.get("checks")),
         artifacts=_artifacts_section(raw.get("artifacts")),
         event_weights=weights,
+        blend=_section(BlendWeights, "blend", raw.get("blend")),
     )
     _validate(config)
     return config
@@ -319,6 +331,9 @@ def _validate(config: PipelineConfig) -> None:
     for key in ("regularization", "alpha"):
         if not getattr(artifacts.als, key) > 0:
             raise ConfigError(f"artifacts.als.{key}: must be > 0, got {getattr(artifacts.als, key)!r}")
+    blend = dataclasses.asdict(config.blend)
+    if not all(math.isfinite(w) and w >= 0 for w in blend.values()) or not any(blend.values()):
+        raise ConfigError(f"blend: weights must be finite numbers >= 0, not all 0; got {blend}")
     for key in ("max_quarantine_rate", "max_duplicate_rate"):
         if not 0.0 <= getattr(checks, key) <= 1.0:
             raise ConfigError(f"checks.{key}: must be between 0 and 1")

@@ -70,7 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.store = store
     app.state.exposures = exposures
     app.state.metrics = metrics
-    fast_routes = include_routes(app, Endpoints(store, exposures, metrics))
+    fast_routes = include_routes(app, Endpoints(store, exposures, metrics, settings.pipeline.blend))
     app.add_middleware(RequestContextMiddleware, metrics=metrics, fast_routes=fast_routes)
     return app
 

@@ -82,14 +82,8 @@ def recommend(
     excluding seen items). `vectorized` forces one implementation (tests); by default the number of
     votes decides.
     """
-    ptr = target.cooc_ptr
-    spans = [(ptr[seed], ptr[seed + 1]) for seed in seeds]
-    votes = sum(end - start for start, end in spans)
     excluded = set(exclude)
-    if vectorized if vectorized is not None else votes >= VECTOR_THRESHOLD:
-        items, scores = _cooc_top_numpy(target, spans, votes, k, excluded)
-    else:
-        items, scores = _cooc_top_python(target, spans, k, excluded)
+    items, scores = cooc_top(target, seeds, k, excluded, vectorized=vectorized)
     n_cooc = len(items)
     if n_cooc < k:
         excluded.update(items)
@@ -97,6 +91,23 @@ def recommend(
         items += fill
         scores += fill_scores
     return Ranking(items, scores, n_cooc)
+
+
+def cooc_top(
+    target: LoadedTarget,
+    seeds: Sequence[int],
+    k: int,
+    excluded: set[int],
+    *,
+    vectorized: bool | None = None,
+) -> tuple[list[int], list[float]]:
+    """The `k` best co-occurrence candidates of `seeds` (recency-weighted summed votes), none in `excluded`."""
+    ptr = target.cooc_ptr
+    spans = [(ptr[seed], ptr[seed + 1]) for seed in seeds]
+    votes = sum(end - start for start, end in spans)
+    if vectorized if vectorized is not None else votes >= VECTOR_THRESHOLD:
+        return _cooc_top_numpy(target, spans, votes, k, excluded)
+    return _cooc_top_python(target, spans, k, excluded)
 
 
 def _cooc_top_python(

@@ -1,10 +1,12 @@
-"""What a recommendation request gets: seeds, exclusions and fallbacks around the ranking blend.
+"""What a recommendation request gets: seeds, the user's model factors, exclusions and fallbacks around
+the calibrated blend (`blend`).
 
 `recommend` chooses the seeds (the context items when any is known, else the user's most recent items),
-what to leave out (the seeds, plus the user's whole history with `exclude_seen`), runs
-`ranking.recommend` (co-occurrence, then popularity to fill) and says in warnings where it fell back.
-It is pure: no HTTP, no metrics, no exposure logging (the route does those with its result), so further
-candidate sources, business rules and diversity plug in here and are testable without a server.
+the user's ALS factors (the model's own for a user it knows, else folded in from the seed items), what to
+leave out (the seeds, plus every item of the user's window history with `exclude_seen`), runs the blend and
+says in warnings where it fell back. It is pure: no HTTP, no metrics, no exposure logging (the route does
+those with its result), so the offline evaluation calls exactly this, and business rules and diversity
+plug in here.
 """
 
 from __future__ import annotations
@@ -13,8 +15,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NotRequired, TypedDict
 
+from recsys_core.settings import BlendWeights
 from recsys_serving import ranking
+from recsys_serving.blend import SOURCE_POPULARITY, blend
 from recsys_serving.store import LoadedTarget
+
+DEFAULT_WEIGHTS = BlendWeights()
 
 # Warning codes, stable parts of the API (docs/reference/http-api.md lists them).
 UNKNOWN_USER = "unknown_user_popularity_fallback"
@@ -36,11 +42,12 @@ class RecommendationWarning(TypedDict):
 # Not frozen: a frozen dataclass's __init__ costs about 0.35 us more, on every request.
 @dataclass(slots=True)
 class Recommendation:
-    """Ranked items, best first: parallel lists of ids, scores and sources (`ranking.SOURCE_*`)."""
+    """Ranked items, best first: parallel lists of ids, scores, main sources and per-source contributions."""
 
     item_ids: list[str]
     scores: list[float]
     sources: list[str]
+    contributions: list[dict[str, float]]
     warnings: list[RecommendationWarning]
 
     def __len__(self) -> int:
@@ -54,18 +61,21 @@ def recommend(
     context_items: Sequence[str] | None = None,
     k: int,
     exclude_seen: bool,
+    weights: BlendWeights = DEFAULT_WEIGHTS,
 ) -> Recommendation:
     """The top `k` items for a user and/or context items from `target`, with warnings where it degraded.
 
     Seeds: the known `context_items` (in the order given, duplicates once; unknown ones are reported and
-    ignored), else the user's `ranking.MAX_HISTORY_SEEDS` most recent items, else none (popular items).
-    Seeds are never returned; with `exclude_seen`, neither is anything in the user's history.
-    `context_items` are expected validated (at most `ranking.MAX_CONTEXT_ITEMS` trimmed ids, as the API
-    accepts them).
+    ignored), else the user's `ranking.MAX_HISTORY_SEEDS` most recent items, else none. ALS factors: the
+    model's for a user it knows, else folded in from the seeds (the user's items with their weights, or the
+    context items with weight 1). Seeds are never returned; with `exclude_seen`, neither is anything in
+    the user's window history. `context_items` are expected validated (at most `ranking.MAX_CONTEXT_ITEMS`
+    trimmed ids, as the API accepts them).
     """
     warnings: list[RecommendationWarning] = []
-    history = target.history(user_id) if user_id else None
-    seeds: list[int] | None = None
+    history = target.history_with_weights(user_id) if user_id else None
+    seeds: list[int] = []
+    seed_weights: list[float] = []
     if context_items:
         index = target.item_index
         known: dict[int, None] = {}
@@ -85,26 +95,37 @@ def recommend(
                     "items": unknown,
                 }
             )
-        if known:
-            seeds = list(known)
-    if seeds is None and history:
-        seeds = history[: ranking.MAX_HISTORY_SEEDS]
-    if seeds is None:
-        if user_id and history is None:
+        seeds, seed_weights = list(known), [1.0] * len(known)
+    if not seeds and history:
+        seeds = history[0][: ranking.MAX_HISTORY_SEEDS]
+        seed_weights = history[1][: ranking.MAX_HISTORY_SEEDS]
+    user_vector = None
+    if target.als is not None:
+        user_vector = target.als.user_vector(user_id) if user_id else None
+        if user_vector is None and seeds:
+            user_vector = target.als.fold_in(seeds, seed_weights)
+    excluded = set(seeds)
+    if exclude_seen and history:
+        excluded.update(history[0])
+    blended = blend(target, user_vector=user_vector, seeds=seeds, excluded=excluded, k=k, weights=weights)
+    personal = blended.sources_used - {SOURCE_POPULARITY}
+    if not personal:
+        if seeds:
+            warnings.append(
+                {
+                    "code": NO_COOC_CANDIDATES,
+                    "message": "the seed items have no co-occurrence neighbours or model factors: popular items",
+                }
+            )
+        elif user_id and history is None and user_vector is None:
             warnings.append({"code": UNKNOWN_USER, "message": "unknown user: popular items"})
         else:
             warnings.append({"code": ANONYMOUS, "message": "no known user or context item: popular items"})
-        seeds = []
-    exclude = seeds + history if exclude_seen and history else seeds
-    ranked = ranking.recommend(target, seeds, k, exclude)
-    if seeds and ranked.n_cooc == 0:
+    if len(blended.items) < k:
         warnings.append(
-            {
-                "code": NO_COOC_CANDIDATES,
-                "message": "the seed items have no co-occurrence neighbours left: popular items",
-            }
+            {"code": FEWER_ITEMS, "message": f"only {len(blended.items)} items left to recommend"}
         )
-    if len(ranked) < k:
-        warnings.append({"code": FEWER_ITEMS, "message": f"only {len(ranked)} items left to recommend"})
     ids = target.item_ids
-    return Recommendation([ids[i] for i in ranked.items], ranked.scores, ranked.sources(), warnings)
+    return Recommendation(
+        [ids[i] for i in blended.items], blended.scores, blended.sources(), blended.contributions, warnings
+    )

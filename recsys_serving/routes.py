@@ -25,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.routing import Route
 from starlette.types import Scope
 
+from recsys_core.settings import BlendWeights
 from recsys_serving import ranking, recommender
 from recsys_serving.exposures import ExposureWriter
 from recsys_serving.metrics import ServingMetrics
@@ -133,11 +134,16 @@ class Endpoints:
     """The API's endpoints over one app's store, exposure writer (None: no exposure log) and metrics."""
 
     def __init__(
-        self, store: ArtifactStore, exposures: ExposureWriter | None, metrics: ServingMetrics
+        self,
+        store: ArtifactStore,
+        exposures: ExposureWriter | None,
+        metrics: ServingMetrics,
+        weights: BlendWeights,
     ) -> None:
         self.store = store
         self.exposures = exposures
         self.metrics = metrics
+        self.weights = weights
 
     def _resolve(self, tenant: str, surface: str) -> LoadedTarget:
         snapshot = self.store.snapshot
@@ -164,6 +170,7 @@ class Endpoints:
             context_items=args["context_items"],
             k=k,
             exclude_seen=args["exclude_seen"],
+            weights=self.weights,
         )
         for warning in result.warnings:
             self.metrics.fallback(tenant, surface, warning["code"])
@@ -186,7 +193,12 @@ class Endpoints:
                 "manifest_version": target.manifest_version,
                 "as_of": target.as_of,
                 "request_id": request_id,
-                "items": _scored_items(result.item_ids, result.scores, result.sources),
+                "items": [
+                    {"item_id": item_id, "score": score, "source": source, "sources": contribution}
+                    for item_id, score, source, contribution in zip(
+                        result.item_ids, result.scores, result.sources, result.contributions, strict=True
+                    )
+                ],
                 "warnings": result.warnings,
             },
         )

@@ -39,9 +39,16 @@ class ResponseWarning(BaseModel):
 class ScoredItem(BaseModel):
     item_id: str
     score: float = Field(
-        description="cooc: summed recency-weighted co-occurrence score; popularity: the popularity score"
+        description="recommendations: the blended score (sum of `sources`); similar: the co-occurrence "
+        "score; popular: the popularity score"
     )
-    source: str = Field(description="cooc or popularity")
+    source: str = Field(description="als, cooc or popularity: the source that contributed most")
+
+
+class BlendedItem(ScoredItem):
+    sources: dict[str, float] = Field(
+        description="Each contributing source (als, cooc, popularity) and its weighted share of `score`"
+    )
 
 
 class ItemsResponse(BaseModel):
@@ -57,6 +64,7 @@ class ItemsResponse(BaseModel):
 class RecommendationsResponse(ItemsResponse):
     user_id: str | None
     k: int
+    items: list[BlendedItem]  # type: ignore[assignment]  # a ScoredItem with its sources
 
 
 class SimilarResponse(ItemsResponse):

@@ -60,7 +60,9 @@ class AlsModel:
 
     user_index: dict[str, int]
     user_factors: np.ndarray  # float32, one row per user of user_index
-    item_factors: np.ndarray  # float32, one row per item of the target's vocabulary
+    # float64 (scores then do not depend on the BLAS kernel's blocking in their last bits), one row per
+    # item of the target's vocabulary.
+    item_factors: np.ndarray
     known_items: np.ndarray  # bool, per item of the vocabulary
     gram: np.ndarray  # item_factors.T @ item_factors (float64): YtY of the fold-in
     regularization: float
@@ -69,7 +71,7 @@ class AlsModel:
 
     def user_vector(self, user_id: str) -> np.ndarray | None:
         row = self.user_index.get(user_id)
-        return None if row is None else self.user_factors[row]
+        return None if row is None else self.user_factors[row].astype(np.float64)
 
     def fold_in(self, items: list[int], weights: list[float]) -> np.ndarray:
         """Least-squares user factors given the items (vocabulary indexes) and their interaction weights.
@@ -81,16 +83,16 @@ class AlsModel:
         ]
         factors = self.item_factors.shape[1]
         if not known:
-            return np.zeros(factors, dtype=np.float32)
-        rows = self.item_factors[[item for item, _ in known]].astype(np.float64)
+            return np.zeros(factors)
+        rows = self.item_factors[[item for item, _ in known]]
         values = np.array([weight for _, weight in known], dtype=np.float64)
         confidence = self.alpha * (np.log1p(values) if self.confidence == "log" else values)
         a = self.gram + self.regularization * np.eye(factors) + (rows.T * (confidence - 1.0)) @ rows
         b = rows.T @ confidence
-        return np.linalg.solve(a, b).astype(np.float32)
+        return np.linalg.solve(a, b)
 
     def scores(self, vector: np.ndarray) -> np.ndarray:
-        """The model's score of every item of the vocabulary for a user vector (float32)."""
+        """The model's score of every item of the vocabulary for a user vector (float64)."""
         return self.item_factors @ vector
 
 
@@ -119,6 +121,9 @@ class LoadedTarget:
     item_index: dict[str, int]
     popular_items: np.ndarray
     popular_scores: np.ndarray
+    # Every vocabulary item's popularity score (0 outside the published top N) and the largest one.
+    popularity_prior: np.ndarray
+    popularity_prior_max: float
     cooc_indptr: np.ndarray
     cooc_neighbors: np.ndarray
     cooc_scores: np.ndarray
@@ -423,6 +428,8 @@ def load_target(artifact_root: Path, tenant: str, surface: str, manifest: Mappin
     _, first = np.unique(pop_items, return_index=True)
     first.sort()
     pop_items, pop_scores = pop_items[first], pop_scores[first]
+    prior = np.zeros(n_items, dtype=np.float64)
+    prior[pop_items] = np.maximum(pop_scores, 0.0)
 
     if cooc is not None and cooc.num_rows:
         src = codes(cooc["item_id"])
@@ -483,6 +490,8 @@ def load_target(artifact_root: Path, tenant: str, surface: str, manifest: Mappin
         item_index=item_index,
         popular_items=pop_items,
         popular_scores=pop_scores,
+        popularity_prior=prior,
+        popularity_prior_max=float(prior.max()) if n_items else 0.0,
         cooc_indptr=cooc_indptr,
         cooc_neighbors=cooc_neighbors,
         cooc_scores=cooc_scores,
@@ -555,7 +564,7 @@ def _als_model(
         or not (np.isfinite(user_factors).all() and np.isfinite(item_factors).all())
     ):
         raise LoadError(f"als artifact {folder.name[:12]}: factor arrays do not match their id tables")
-    aligned = np.zeros((n_items, item_factors.shape[1]), dtype=np.float32)
+    aligned = np.zeros((n_items, item_factors.shape[1]), dtype=np.float64)
     aligned[item_codes] = item_factors
     known = np.zeros(n_items, dtype=bool)
     known[item_codes] = True
@@ -564,7 +573,7 @@ def _als_model(
         user_factors=np.ascontiguousarray(user_factors, dtype=np.float32),
         item_factors=aligned,
         known_items=known,
-        gram=aligned.T.astype(np.float64) @ aligned.astype(np.float64),
+        gram=aligned.T @ aligned,
         regularization=regularization,
         alpha=alpha,
         confidence=confidence,

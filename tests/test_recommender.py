@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from test_serving import (
     SURFACE,
@@ -17,8 +18,10 @@ from test_serving import (
 )
 
 from recsys_core.manifest import read_current
+from recsys_core.settings import BlendWeights
 from recsys_serving import recommender
-from recsys_serving.ranking import MAX_HISTORY_SEEDS, SOURCE_COOC, SOURCE_POPULARITY
+from recsys_serving.blend import SOURCE_ALS
+from recsys_serving.ranking import SOURCE_COOC, SOURCE_POPULARITY
 from recsys_serving.recommender import Recommendation, recommend
 from recsys_serving.store import LoadedTarget, load_target
 
@@ -48,26 +51,56 @@ def codes(result: Recommendation) -> list[str]:
     return [warning["code"] for warning in result.warnings]
 
 
-def test_a_known_user_gets_cooc_neighbours_of_their_recent_items(
+def test_a_known_user_gets_the_blend_of_their_model_factors_and_recent_items(
     target: LoadedTarget, published: Published
 ) -> None:
-    users = users_with_cooc(published, 2)
+    users = [u for u in users_with_cooc(published, 2) if u in published.als_users]
     assert len(users) >= 5
     for user in users[:10]:
-        history = published.history[user]
         result = recommend(target, user_id=user, k=10, exclude_seen=True)
         assert_same_ranking(as_tuples(result), published.expected(user, 10))
-        cooc = [
-            item
-            for item, source in zip(result.item_ids, result.sources, strict=True)
-            if source == SOURCE_COOC
-        ]
-        assert len(cooc) >= 2 and result.sources[: len(cooc)] == [SOURCE_COOC] * len(cooc)
-        seeds = history[:MAX_HISTORY_SEEDS]
-        neighbours = {n for seed in seeds for n, _ in published.neighbors.get(seed, [])}
-        assert set(cooc) <= neighbours
-        assert not set(result.item_ids) & set(history)
+        assert any(SOURCE_ALS in contribution for contribution in result.contributions)
+        assert not set(result.item_ids) & set(published.history[user])
         assert result.warnings == []
+    # The model alone ranks by the user's factors: the top item is the best-scoring unseen item.
+    user = users[0]
+    als_only = recommend(target, user_id=user, k=3, exclude_seen=True, weights=BlendWeights(1.0, 0.0, 0.0))
+    scores = published.item_factors.astype("float64") @ published.user_factors[published.als_users[user]]
+    unseen = [
+        i for i in np.argsort(-scores, kind="stable") if published.als_items[i] not in published.history[user]
+    ]
+    assert als_only.item_ids[0] == published.als_items[unseen[0]]
+    assert set(als_only.sources) == {SOURCE_ALS}
+
+
+def test_a_user_unknown_to_the_model_is_folded_in_from_the_context_items(
+    target: LoadedTarget, published: Published
+) -> None:
+    context = sorted(published.neighbors, key=lambda i: -len(published.neighbors[i]))[:3]
+    result = recommend(target, user_id="not-in-the-model", context_items=context, k=10, exclude_seen=True)
+    folded = target.als.fold_in([target.item_index[i] for i in context], [1.0] * len(context))
+    assert_same_ranking(as_tuples(result), published.expected(None, 10, context=context, folded=folded))
+    assert any(SOURCE_ALS in contribution for contribution in result.contributions)
+    assert result.warnings == []
+
+
+def test_fold_in_agrees_with_implicits_recalculate_user(target: LoadedTarget, published: Published) -> None:
+    import scipy.sparse as sp
+    from implicit.cpu.als import AlternatingLeastSquares
+
+    als = target.als
+    params = published.manifest["artifacts"]["als"]
+    assert params["version"]
+    model = AlternatingLeastSquares(
+        factors=als.item_factors.shape[1], regularization=als.regularization, alpha=als.alpha
+    )
+    model.item_factors = als.item_factors.astype(np.float32)
+    model.user_factors = np.zeros((1, als.item_factors.shape[1]), dtype=np.float32)
+    items = [target.item_index[i] for i in published.history[sorted(published.history)[0]][:8]]
+    weights = [1.0 + (n % 3) for n in range(len(items))]
+    row = sp.csr_matrix((weights, ([0] * len(items), items)), shape=(1, target.n_items), dtype=np.float32)
+    expected = model.recalculate_user(0, row)
+    assert np.allclose(als.fold_in(items, weights), expected, rtol=1e-3, atol=1e-4)
 
 
 def test_context_items_replace_the_history_as_seeds(target: LoadedTarget, published: Published) -> None:
@@ -105,9 +138,10 @@ def test_unknown_context_items_are_reported_and_the_known_ones_still_seed(
 
 
 def test_an_unknown_user_gets_popular_items_and_a_warning(target: LoadedTarget, published: Published) -> None:
-    top = [(item, score, SOURCE_POPULARITY) for item, score in published.popular[:7]]
+    top = published.expected(None, 7)
+    assert [item for item, _, _ in top] == [item for item, _ in published.popular[:7]]
     unknown = recommend(target, user_id="never-seen-user", k=7, exclude_seen=True)
-    assert as_tuples(unknown) == top
+    assert as_tuples(unknown) == top and set(unknown.sources) == {SOURCE_POPULARITY}
     assert codes(unknown) == [recommender.UNKNOWN_USER]
     anonymous = recommend(target, k=7, exclude_seen=True)
     assert as_tuples(anonymous) == top

@@ -17,10 +17,20 @@ import pytest
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_serving import SURFACE, TENANT, Published, build_published_home, read_published, settings_for
+from test_serving import (
+    SURFACE,
+    TENANT,
+    Published,
+    assert_same_ranking,
+    build_published_home,
+    read_published,
+    settings_for,
+)
 
+from recsys_core.manifest import read_current
 from recsys_serving.app import create_app
 from recsys_serving.params import MAX_K
+from recsys_serving.store import LoadedTarget, load_target
 
 EXAMPLES = settings(
     max_examples=150,
@@ -61,6 +71,12 @@ def client(published_home: Path) -> Iterator[TestClient]:
 @pytest.fixture(scope="module")
 def published(published_home: Path) -> Published:
     return read_published(published_home / "artifacts")
+
+
+@pytest.fixture(scope="module")
+def target(published_home: Path) -> LoadedTarget:
+    root = published_home / "artifacts"
+    return load_target(root, TENANT, SURFACE, read_current(root, TENANT, SURFACE))
 
 
 def assert_sound(response: httpx.Response) -> None:
@@ -139,7 +155,7 @@ def test_request_ids_are_echoed_only_when_valid(client: TestClient, request_id: 
 @EXAMPLES
 @given(data=st.data())
 def test_valid_requests_give_sound_deterministic_rankings(
-    client: TestClient, published: Published, data: st.DataObject
+    client: TestClient, published: Published, target: LoadedTarget, data: st.DataObject
 ) -> None:
     users = sorted(published.history)
     catalog = sorted(published.catalog)
@@ -154,7 +170,12 @@ def test_valid_requests_give_sound_deterministic_rankings(
     assert first.status_code == 200, first.text
     body = first.json()
     items = [(i["item_id"], i["score"], i["source"]) for i in body["items"]]
-    assert items == published.expected(user, k, exclude_seen=exclude_seen, context=context)
+    known_context = list(dict.fromkeys(i for i in context if i in target.item_index))
+    folded = None
+    if user not in published.als_users and known_context:  # fold-in is checked against implicit elsewhere
+        folded = target.als.fold_in([target.item_index[i] for i in known_context], [1.0] * len(known_context))
+    expected = published.expected(user, k, exclude_seen=exclude_seen, context=context, folded=folded)
+    assert_same_ranking(items, expected)
     ids = [i for i, _, _ in items]
     assert len(ids) == len(set(ids)) and len(ids) <= k
     history = published.history.get(user, []) if user else []
