@@ -1,11 +1,11 @@
 -- pair_daily: per tenant and surface, how many of the day's sessions contain each pair of items.
 -- Input to the `cooc` window artifact, which sums these rows over its window.
 --
--- Parameters:
---   $paths             the Parquet files of one or more canonical_events partitions (their `dt=` directory
+-- Parameters (SET VARIABLE each one first):
+--   paths             the Parquet files of one or more canonical_events partitions (their `dt=` directory
 --                      names the day: DuckDB reads it as a hive partition column)
---   $event_types       the event types that signal interest (those with weight > 0); other events are ignored
---   $max_session_items (>= 1) each session keeps only its first $max_session_items distinct items, ordered by
+--   event_types       the event types that signal interest (those with weight > 0); other events are ignored
+--   max_session_items (>= 1) each session keeps only its first max_session_items distinct items, ordered by
 --                      their first interest event (ts, then item_id), so one huge session cannot dominate
 --
 -- Rows per day (day, tenant, surface, item_a, item_b, sessions):
@@ -20,10 +20,10 @@
 -- counted from the capped items and the totals from the per-session item counts the cap needs anyway.
 WITH interest AS (
     SELECT dt AS day, tenant, surface, session_id, item_id, min(ts) AS first_ts
-    FROM read_parquet($paths, hive_partitioning = true, hive_types = {'dt': DATE})
+    FROM read_parquet(getvariable('paths'), hive_partitioning = true, hive_types = {'dt': DATE})
     -- An IN subquery, not list_contains: DuckDB turns the set into a filter inside the Parquet scan, which
     -- then decodes the other columns only for interest events.
-    WHERE event_type IN (SELECT unnest($event_types::VARCHAR[]))
+    WHERE event_type IN (SELECT unnest(getvariable('event_types')::VARCHAR[]))
     GROUP BY ALL
 ),
 session_sizes AS (
@@ -32,7 +32,7 @@ session_sizes AS (
     GROUP BY ALL
 ),
 over_cap AS (
-    SELECT day, tenant, surface, session_id FROM session_sizes WHERE items > $max_session_items
+    SELECT day, tenant, surface, session_id FROM session_sizes WHERE items > getvariable('max_session_items')
 ),
 over_cap_kept AS MATERIALIZED (
     -- Materialized: `capped` is read three times, the window should run once.
@@ -40,7 +40,7 @@ over_cap_kept AS MATERIALIZED (
     FROM interest SEMI JOIN over_cap USING (day, tenant, surface, session_id)
     QUALIFY row_number() OVER (
         PARTITION BY day, tenant, surface, session_id ORDER BY first_ts, item_id
-    ) <= $max_session_items
+    ) <= getvariable('max_session_items')
 ),
 capped AS NOT MATERIALIZED (
     -- Not materialized: filtering `interest` again on each read is cheaper than storing a copy of it.
@@ -63,11 +63,11 @@ diagonal AS (
     GROUP BY ALL
 ),
 totals AS (
-    -- Capping never drops a whole session ($max_session_items >= 1): count them before it.
+    -- Capping never drops a whole session (max_session_items >= 1): count them before it.
     SELECT day, tenant, surface, NULL::VARCHAR AS item_a, NULL::VARCHAR AS item_b, count(*) AS sessions
     FROM session_sizes
     GROUP BY ALL
 )
 SELECT day, tenant, surface, item_a, item_b, sessions::BIGINT AS sessions
 FROM (SELECT * FROM pairs UNION ALL SELECT * FROM diagonal UNION ALL SELECT * FROM totals)
-ORDER BY day, tenant, surface, item_a NULLS FIRST, item_b NULLS FIRST
+ORDER BY day, tenant, surface, item_a NULLS FIRST, item_b NULLS FIRST;

@@ -1,9 +1,9 @@
--- user_history: per tenant, surface and user, the $max_items most recent distinct items of the window.
+-- user_history: per tenant, surface and user, its most recent distinct items of the window (up to max_items).
 -- Reads the user_item_daily partitions of the window (weighted interest events of known users only).
 --
--- Parameters:
---   $paths      the user_item_daily Parquet files of the window's days
---   $max_items  items kept per user
+-- Parameters (SET VARIABLE each one first):
+--   paths      the user_item_daily Parquet files of the window's days
+--   max_items  items kept per user
 --
 -- last_ts = the item's latest interest event in the window; weight = the sum of its event weights.
 -- Ranked by last_ts desc, then item_id asc (rank 1 = most recent).
@@ -12,7 +12,7 @@ WITH items AS (
            max(last_ts) AS last_ts,
            -- Summed as fixed-point decimals: exact, so the result does not depend on summation order.
            sum(weight::DECIMAL(18, 6))::DOUBLE AS weight
-    FROM read_parquet($paths)
+    FROM read_parquet(getvariable('paths'))
     GROUP BY tenant, surface, user_id, item_id
 )
 SELECT
@@ -24,5 +24,5 @@ SELECT
     last_ts,
     weight
 FROM items
-QUALIFY rank <= $max_items
-ORDER BY tenant, surface, user_id, rank
+QUALIFY rank <= getvariable('max_items')
+ORDER BY tenant, surface, user_id, rank;

@@ -1,5 +1,5 @@
 -- Rows of one popularity artifact (items.parquet) that break its contract; every row returned is a violation.
--- Parameters: $paths (the artifact's items.parquet).
+-- Parameters (SET VARIABLE each one first): paths (the artifact's items.parquet).
 -- Problems: null_field, duplicate_item, rank_not_sequential (ranks are not exactly 1..n),
 -- bad_score (negative, NaN or infinite), non_positive_events, rank_order (a rank scores higher than the
 -- rank before it, or a tie is not broken by item_id).
@@ -9,7 +9,7 @@ WITH items AS (
            count(*) OVER (PARTITION BY item_id) AS copies,
            lag(score) OVER (ORDER BY rank, item_id) AS prev_score,
            lag(item_id) OVER (ORDER BY rank, item_id) AS prev_item
-    FROM read_parquet($paths)
+    FROM read_parquet(getvariable('paths'))
 ),
 problems AS (
     SELECT *, CASE
@@ -26,4 +26,4 @@ problems AS (
 SELECT problem, rank, item_id, score, events
 FROM problems
 WHERE problem IS NOT NULL
-ORDER BY problem, rank, item_id
+ORDER BY problem, rank, item_id;
