@@ -44,6 +44,7 @@ ui: install
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/sqlfluff lint dbt_like_sql
 
 fmt: install
 	$(VENV)/bin/ruff format .

@@ -12,9 +12,10 @@
 -- Ranked by score desc, then item_id asc; only items with a positive score are listed.
 WITH weights AS (
     SELECT w.event_type, w.weight
-    FROM (SELECT unnest(getvariable('weights')::STRUCT(event_type VARCHAR, weight DOUBLE)[]) AS w)
+    FROM (SELECT unnest(getvariable('weights')::STRUCT(event_type VARCHAR, weight DOUBLE)[]) AS w) AS listed
     WHERE w.weight > 0
 ),
+
 terms AS (
     SELECT
         d.tenant,
@@ -25,24 +26,31 @@ terms AS (
         d.events,
         d.events * w.weight * CASE
             WHEN getvariable('half_life_days')::DOUBLE > 0
-                THEN pow(0.5, (getvariable('as_of')::DATE - d.day)::DOUBLE / getvariable('half_life_days')::DOUBLE)
+                THEN
+                    pow(
+                        0.5,
+                        (getvariable('as_of')::DATE - d.day)::DOUBLE / getvariable('half_life_days')::DOUBLE
+                    )
             ELSE 1.0
         END AS score
     FROM read_parquet(getvariable('paths')) AS d
-    JOIN weights AS w ON d.event_type = w.event_type
+    INNER JOIN weights AS w ON d.event_type = w.event_type
 ),
+
 items AS (
     -- Summed in a fixed order (day, event type) so that equal inputs give bit-identical scores.
-    SELECT tenant, surface, item_id,
-           list_sum(list(score ORDER BY day, event_type))::DOUBLE AS score,
-           sum(events)::BIGINT AS events
+    SELECT
+        tenant, surface, item_id,
+        list_sum(list(score ORDER BY day, event_type))::DOUBLE AS score,
+        sum(events)::BIGINT AS events
     FROM terms
     GROUP BY tenant, surface, item_id
 )
+
 SELECT
     tenant,
     surface,
-    row_number() OVER (PARTITION BY tenant, surface ORDER BY score DESC, item_id)::INTEGER AS rank,
+    row_number() OVER (PARTITION BY tenant, surface ORDER BY score DESC, item_id ASC)::INTEGER AS rank,
     item_id,
     score,
     events

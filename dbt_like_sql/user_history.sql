@@ -1,4 +1,5 @@
--- user_history: per tenant, surface and user, its most recent distinct items of the window (up to max_items).
+-- user_history: per tenant, surface and user, the user's most recent distinct items of the window (up to
+-- max_items).
 -- Reads the user_item_daily partitions of the window (weighted interest events of known users only).
 --
 -- Parameters (SET VARIABLE each one first):
@@ -8,18 +9,22 @@
 -- last_ts = the item's latest interest event in the window; weight = the sum of its event weights.
 -- Ranked by last_ts desc, then item_id asc (rank 1 = most recent).
 WITH items AS (
-    SELECT tenant, surface, user_id, item_id,
-           max(last_ts) AS last_ts,
-           -- Summed as fixed-point decimals: exact, so the result does not depend on summation order.
-           sum(weight::DECIMAL(18, 6))::DOUBLE AS weight
+    SELECT
+        tenant, surface, user_id, item_id,
+        max(last_ts) AS last_ts,
+        -- Summed as fixed-point decimals: exact, so the result does not depend on summation order.
+        sum(weight::DECIMAL(18, 6))::DOUBLE AS weight
     FROM read_parquet(getvariable('paths'))
     GROUP BY tenant, surface, user_id, item_id
 )
+
 SELECT
     tenant,
     surface,
     user_id,
-    row_number() OVER (PARTITION BY tenant, surface, user_id ORDER BY last_ts DESC, item_id)::INTEGER AS rank,
+    row_number() OVER (
+        PARTITION BY tenant, surface, user_id ORDER BY last_ts DESC, item_id ASC
+    )::INTEGER AS rank,
     item_id,
     last_ts,
     weight

@@ -3,5 +3,5 @@
 SELECT tenant, surface, session_id, count(DISTINCT item_id) AS items, count(*) AS events
 FROM read_parquet(getvariable('paths'))
 GROUP BY ALL
-ORDER BY items DESC, session_id
+ORDER BY items DESC, session_id ASC
 LIMIT getvariable('max_rows');
