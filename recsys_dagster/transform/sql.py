@@ -2,7 +2,8 @@
 
 Each file is one SELECT that reads its parameters as DuckDB variables, `getvariable('name')`, so the same
 text runs here and in the DuckDB CLI, pasted after one `SET VARIABLE name = value;` statement per parameter
-(docs/index.md shows one). Prepared statement parameters (`$name`) would not do: the CLI cannot supply them.
+(`paste_script` writes them; `recsys sql` prints them with the pipeline's values). Prepared statement
+parameters (`$name`) would not do: the DuckDB CLI cannot supply them to a pasted query.
 
 Here each variable is set from a prepared parameter, so values are never spliced into SQL text. A fresh
 in-memory connection per call keeps concurrent runs and backfills from contending for a database file, and
@@ -50,16 +51,16 @@ def params_version(params: dict[str, Any]) -> str:
 
 
 def sql_variables(name: str, params: dict[str, Any]) -> dict[str, Any]:
-    """The entries of `params` the file reads, in the order it first reads them.
+    """The entries of `params` that the file reads (others are ignored, as several files share one set).
 
     An unset DuckDB variable reads as NULL, which would quietly empty a result (`rank <= NULL`) rather
     than fail, so a parameter the file reads but `params` lacks is an error here.
     """
-    names = list(dict.fromkeys(_VARIABLE.findall(sql_text(name))))
-    missing = [key for key in names if key not in params]
+    names = set(_VARIABLE.findall(sql_text(name)))
+    missing = sorted(names - params.keys())
     if missing:
         raise ValueError(f"SQL model {name!r} reads variable(s) {missing} that were not given")
-    return {key: params[key] for key in names}
+    return {key: value for key, value in params.items() if key in names}
 
 
 def run_sql(name: str, params: dict[str, Any], threads: int | None = None) -> pl.DataFrame:
@@ -78,3 +79,34 @@ def run_sql(name: str, params: dict[str, Any], threads: int | None = None) -> pl
         return con.sql(sql_text(name)).pl()
     finally:
         con.close()
+
+
+def sql_literal(value: Any) -> str:
+    """`value` as a DuckDB literal of the type that binding it as a prepared parameter gives (see run_sql)."""
+    if isinstance(value, str):
+        return "'" + value.replace("'", "''") + "'"
+    if isinstance(value, bool | int):
+        return str(value).lower()
+    if isinstance(value, float):
+        # A bare 0.1 is a DECIMAL; a cast from the shortest text that round-trips is exactly this double.
+        return f"'{value!r}'::DOUBLE"
+    if isinstance(value, list):
+        return "[" + ", ".join(sql_literal(item) for item in value) + "]"
+    if isinstance(value, dict):
+        return (
+            "{" + ", ".join(f"{sql_literal(key)}: {sql_literal(item)}" for key, item in value.items()) + "}"
+        )
+    raise TypeError(f"no DuckDB literal for {type(value).__name__} {value!r}")
+
+
+def paste_script(name: str, params: dict[str, Any]) -> str:
+    """Statements to paste into the DuckDB CLI that run one SQL file with `params` as `run_sql` does."""
+    # run_sql's time zone: it decides how timestamps are shown, and what casting one to a date gives.
+    lines = ["SET TimeZone = 'UTC';"]
+    for key, value in sql_variables(name, params).items():
+        literal = sql_literal(value)
+        if isinstance(value, list) and len(literal) > 80:
+            # One item per line: the 30 Parquet files of a window on one line are unreadable.
+            literal = "[\n" + ",\n".join(f"    {sql_literal(item)}" for item in value) + "\n]"
+        lines.append(f"SET VARIABLE {key} = {literal};")
+    return "\n".join(lines) + "\n" + sql_text(name)
