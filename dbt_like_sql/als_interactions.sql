@@ -2,10 +2,10 @@
 -- input matrix of the `als` artifact.
 -- Reads the user_item_daily partitions of the window (weighted interest events of known users only).
 --
--- Parameters:
---   $paths           the user_item_daily Parquet files of the window's days
---   $as_of           the window's last day
---   $half_life_days  0 = no decay; else a day's weight is multiplied by 0.5 ^ (($as_of - day) / $half_life_days)
+-- Parameters (SET VARIABLE each one first):
+--   paths           the user_item_daily Parquet files of the window's days
+--   as_of           the window's last day
+--   half_life_days  0 = no decay; else a day's weight is multiplied by 0.5 ^ ((as_of - day) / half_life_days)
 --
 -- weight = the sum over the window of each day's event-type-weighted interactions, decayed.
 -- Ordered by tenant, surface, user_id, item_id (the trainer relies on it for stable ids).
@@ -17,12 +17,15 @@ SELECT
     -- Summed in day order so that equal inputs give bit-identical weights.
     list_sum(list(
         weight * CASE
-            WHEN $half_life_days::DOUBLE > 0
-                THEN pow(0.5, ($as_of::DATE - day)::DOUBLE / $half_life_days::DOUBLE)
+            WHEN getvariable('half_life_days')::DOUBLE > 0
+                THEN pow(
+                    0.5,
+                    (getvariable('as_of')::DATE - day)::DOUBLE / getvariable('half_life_days')::DOUBLE
+                )
             ELSE 1.0
         END
-        ORDER BY day
+        ORDER BY day ASC
     ))::DOUBLE AS weight
-FROM read_parquet($paths)
+FROM read_parquet(getvariable('paths'))
 GROUP BY tenant, surface, user_id, item_id
-ORDER BY tenant, surface, user_id, item_id
+ORDER BY tenant, surface, user_id, item_id;

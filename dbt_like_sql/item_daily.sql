@@ -1,6 +1,6 @@
 -- item_daily: per tenant, surface, item and event type, the day's event count and reach.
--- Parameters: $paths, the Parquet files of one or more canonical_events partitions (their `dt=` directory
--- names the day: DuckDB reads it as a hive partition column).
+-- Parameters (SET VARIABLE each one first): paths, the Parquet files of one or more canonical_events
+-- partitions (their `dt=` directory names the day: DuckDB reads it as a hive partition column).
 SELECT
     dt AS day,
     tenant,
@@ -11,6 +11,6 @@ SELECT
     count(DISTINCT session_id) AS sessions,
     count(DISTINCT user_id) AS users,
     max(ts) AS last_ts
-FROM read_parquet($paths, hive_partitioning = true, hive_types = {'dt': DATE})
+FROM read_parquet(getvariable('paths'), hive_partitioning = TRUE, hive_types = {'dt': 'DATE'})
 GROUP BY ALL
-ORDER BY day, tenant, surface, item_id, event_type
+ORDER BY day, tenant, surface, item_id, event_type;

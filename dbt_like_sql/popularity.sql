@@ -1,20 +1,21 @@
--- popularity: per tenant and surface, the top $top_n items of the window by weighted event count.
+-- popularity: per tenant and surface, the top items (up to top_n) of the window by weighted event count.
 -- Reads the item_daily partitions of the window (one row per day, item and event type).
 --
--- Parameters:
---   $paths           the item_daily Parquet files of the window's days
---   $weights         list of {event_type, weight}; types with weight <= 0 (exposures by default) are ignored
---   $as_of           the window's last day
---   $half_life_days  0 = no decay; else a day's events weigh 0.5 ^ (($as_of - day) / $half_life_days)
---   $top_n           items kept per tenant and surface
+-- Parameters (SET VARIABLE each one first):
+--   paths           the item_daily Parquet files of the window's days
+--   weights         list of {event_type, weight}; types with weight <= 0 (exposures by default) are ignored
+--   as_of           the window's last day
+--   half_life_days  0 = no decay; else a day's events weigh 0.5 ^ ((as_of - day) / half_life_days)
+--   top_n           items kept per tenant and surface
 --
 -- score = sum of events * weight * decay; events = the undecayed count of those (weighted) events.
 -- Ranked by score desc, then item_id asc; only items with a positive score are listed.
 WITH weights AS (
     SELECT w.event_type, w.weight
-    FROM (SELECT unnest($weights::STRUCT(event_type VARCHAR, weight DOUBLE)[]) AS w)
+    FROM (SELECT unnest(getvariable('weights')::STRUCT(event_type VARCHAR, weight DOUBLE)[]) AS w) AS listed
     WHERE w.weight > 0
 ),
+
 terms AS (
     SELECT
         d.tenant,
@@ -24,29 +25,36 @@ terms AS (
         d.event_type,
         d.events,
         d.events * w.weight * CASE
-            WHEN $half_life_days::DOUBLE > 0
-                THEN pow(0.5, ($as_of::DATE - d.day)::DOUBLE / $half_life_days::DOUBLE)
+            WHEN getvariable('half_life_days')::DOUBLE > 0
+                THEN
+                    pow(
+                        0.5,
+                        (getvariable('as_of')::DATE - d.day)::DOUBLE / getvariable('half_life_days')::DOUBLE
+                    )
             ELSE 1.0
         END AS score
-    FROM read_parquet($paths) AS d
-    JOIN weights AS w ON d.event_type = w.event_type
+    FROM read_parquet(getvariable('paths')) AS d
+    INNER JOIN weights AS w ON d.event_type = w.event_type
 ),
+
 items AS (
     -- Summed in a fixed order (day, event type) so that equal inputs give bit-identical scores.
-    SELECT tenant, surface, item_id,
-           list_sum(list(score ORDER BY day, event_type))::DOUBLE AS score,
-           sum(events)::BIGINT AS events
+    SELECT
+        tenant, surface, item_id,
+        list_sum(list(score ORDER BY day, event_type))::DOUBLE AS score,
+        sum(events)::BIGINT AS events
     FROM terms
     GROUP BY tenant, surface, item_id
 )
+
 SELECT
     tenant,
     surface,
-    row_number() OVER (PARTITION BY tenant, surface ORDER BY score DESC, item_id)::INTEGER AS rank,
+    row_number() OVER (PARTITION BY tenant, surface ORDER BY score DESC, item_id ASC)::INTEGER AS rank,
     item_id,
     score,
     events
 FROM items
 WHERE score > 0
-QUALIFY rank <= $top_n
-ORDER BY tenant, surface, rank
+QUALIFY rank <= getvariable('top_n')
+ORDER BY tenant, surface, rank;

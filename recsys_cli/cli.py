@@ -118,6 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
     ui = sub.add_parser("ui", help="start the Dagster UI (webserver + daemon) on the same RECSYS_HOME")
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=3000)
+
+    sql = sub.add_parser(
+        "sql", help="print a SQL file of dbt_like_sql/ with the pipeline's parameters, to paste into DuckDB"
+    )
+    sql.add_argument("model", help="the file without .sql, e.g. pair_daily, cooc, checks/canonical_null_keys")
+    day = sql.add_mutually_exclusive_group()
+    day.add_argument("--day", type=_date, help="partition of a daily aggregate or canonical check")
+    day.add_argument("--as-of", type=_date, help="as-of day of a window artifact")
+    sql.add_argument("--lake-root", type=Path, help="lake to read (default: the configured one)")
     return parser
 
 
@@ -136,6 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "gc": cmd_gc,
             "serve": cmd_serve,
             "ui": cmd_ui,
+            "sql": cmd_sql,
         }
         return handler[args.command](args, settings)
     except (UsageError, ConfigError) as exc:
@@ -521,6 +531,71 @@ def cmd_ui(args: argparse.Namespace, settings: Settings) -> int:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     os.execv(sys.executable, command)
     return EXIT_OK
+
+
+def cmd_sql(args: argparse.Namespace, settings: Settings) -> int:
+    from recsys_dagster.transform.sql import paste_script, sql_path
+
+    try:
+        sql_path(args.model)
+    except FileNotFoundError as exc:
+        raise UsageError(str(exc)) from None
+    print(paste_script(args.model, _sql_params(args, settings)), end="")
+    return EXIT_OK
+
+
+def _sql_params(args: argparse.Namespace, settings: Settings) -> dict:
+    """The parameters the pipeline runs `args.model` with for the day asked (default: yesterday).
+
+    Only the ones the file reads are printed, so the canonical checks share one set.
+    """
+    import dataclasses
+
+    from recsys_core.kinds import ARTIFACT_KINDS
+    from recsys_core.lake import AGGREGATE_FILE, parquet_files, partition_dir
+    from recsys_dagster.ingest.gates import SAMPLE_ROWS
+    from recsys_dagster.transform.aggregates import DAILY_MODELS, daily_aggregate_params
+    from recsys_dagster.transform.artifacts import window_days
+
+    config, lake_root, model = (
+        settings.pipeline,
+        (args.lake_root or settings.lake_root).absolute(),
+        args.model,
+    )
+    kind = next((k for k in ARTIFACT_KINDS.values() if k.sql_model == model), None)
+    if kind is not None:
+        if args.day:
+            raise UsageError(f"{model} is built over a window: give --as-of, not --day")
+        # compute_window's inputs: the window's aggregate partitions that exist.
+        as_of = args.as_of or _yesterday()
+        aggregate = kind.aggregate
+        days = window_days(as_of, kind.window_days(config))
+        files = [partition_dir(lake_root, aggregate, day) / AGGREGATE_FILE for day in days]
+        paths = [str(file) for file in files if file.is_file()]
+        if not paths:
+            raise UsageError(
+                f"no {aggregate} partition in the window {days[0]}..{days[-1]} under {lake_root}"
+            )
+        return {"paths": paths} | kind.sql_params(config, as_of)
+    if model not in DAILY_MODELS and not model.startswith("checks/canonical_"):
+        raise UsageError(f"{model} checks one artifact file, not a partition: set its variables by hand")
+    if args.as_of:
+        raise UsageError(f"{model} reads one canonical_events partition: give --day, not --as-of")
+    day = args.day or _yesterday()
+    folder = partition_dir(lake_root, "canonical_events", day)
+    paths = [str(path) for path in parquet_files(folder)]
+    if not paths:
+        raise UsageError(f"canonical_events partition {day} has not been materialized ({folder})")
+    if model in DAILY_MODELS:
+        return {"paths": paths} | daily_aggregate_params(model, config)
+    # run_gates' arrival window; the resource limits are the checks settings of the same names.
+    midnight = dt.datetime.combine(day, dt.time(), dt.UTC)
+    ingest = config.ingest
+    window = {
+        "window_start": (midnight - dt.timedelta(days=ingest.max_lateness_days)).isoformat(),
+        "window_end": (midnight + dt.timedelta(days=1, hours=ingest.max_clock_skew_hours)).isoformat(),
+    }
+    return {"paths": paths, "max_rows": SAMPLE_ROWS} | window | dataclasses.asdict(config.checks)
 
 
 if __name__ == "__main__":

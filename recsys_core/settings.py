@@ -82,7 +82,8 @@ class CoocConfig:
 @dataclass(frozen=True)
 class UserHistoryConfig:
     window_days: int = 30
-    max_items: int = 50
+    # 0 keeps every item of the window, so that exclude-seen leaves out all the user interacted with.
+    max_items: int = 0
 
 
 ALS_CONFIDENCE = ("linear", "log")
@@ -319,12 +320,15 @@ def _validate(config: PipelineConfig) -> None:
         "artifacts.cooc.min_support": artifacts.cooc.min_support,
         "artifacts.cooc.max_session_items": artifacts.cooc.max_session_items,
         "artifacts.cooc.max_items": artifacts.cooc.max_items,
-        "artifacts.user_history.max_items": artifacts.user_history.max_items,
         "artifacts.als.factors": artifacts.als.factors,
         "artifacts.als.iterations": artifacts.als.iterations,
     }.items():
         if value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
+    if artifacts.user_history.max_items < 0:
+        raise ConfigError(
+            f"artifacts.user_history.max_items: must be >= 0 (0 = all), got {artifacts.user_history.max_items}"
+        )
     for kind in ("popularity", "als"):
         if not getattr(artifacts, kind).half_life_days >= 0:
             raise ConfigError(f"artifacts.{kind}.half_life_days: must be >= 0 (0 = no decay)")

@@ -1,7 +1,7 @@
 -- The sessions with the most distinct items in one canonical_events partition (context for limits).
--- Parameters: $paths, $max_rows.
+-- Parameters (SET VARIABLE each one first): paths, max_rows.
 SELECT tenant, surface, session_id, count(DISTINCT item_id) AS items, count(*) AS events
-FROM read_parquet($paths)
+FROM read_parquet(getvariable('paths'))
 GROUP BY ALL
-ORDER BY items DESC, session_id
-LIMIT $max_rows
+ORDER BY items DESC, session_id ASC
+LIMIT getvariable('max_rows');
