@@ -202,27 +202,32 @@ def load_pipeline_config(path: Path | None) -> PipelineConfig:
             raise ConfigError(f"event_weights.{name}: must be a number >= 0, got {weight!r}")
         weights[str(name)] = float(weight)
     config = PipelineConfig(
-        ingest=_section(IngestConfig, "ingest", raw.get("ingest")),
-        checks=_section(ChecksConfig, "checks", raw.get("checks")),
-        artifacts=_artifacts_section(raw.get("artifacts")),
+        ingest=_section(IngestConfig(), "ingest", raw.get("ingest")),
+        checks=_section(ChecksConfig(), "checks", raw.get("checks")),
+        artifacts=_section(ArtifactsConfig(), "artifacts", raw.get("artifacts")),
         event_weights=weights,
     )
     _validate(config)
     return config
 
 
-def _section(cls: type, name: str, values: Any) -> Any:
+def _section(default: Any, name: str, values: Any) -> Any:
+    """The dataclass `default` with the keys of the YAML mapping `values` replaced, each type-checked.
+
+    A key whose default is itself a dataclass is a nested section (`artifacts.cooc`), read the same way.
+    """
     if values is None:
-        return cls()
+        return default
     if not isinstance(values, dict):
         raise ConfigError(f"{name}: must be a mapping")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    _reject_unknown(f"{name}.", values, set(fields))
-    default = cls()
+    _reject_unknown(f"{name}.", values, {f.name for f in dataclasses.fields(default)})
     kwargs = {}
     for key, value in values.items():
-        expected = type(getattr(default, key))
-        if expected is tuple:
+        current = getattr(default, key)
+        expected = type(current)
+        if dataclasses.is_dataclass(current):
+            value = _section(current, f"{name}.{key}", value)
+        elif expected is tuple:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ConfigError(f"{name}.{key}: must be a list of strings")
             value = tuple(value)
@@ -231,19 +236,7 @@ def _section(cls: type, name: str, values: Any) -> Any:
         elif not isinstance(value, expected) or isinstance(value, bool):
             raise ConfigError(f"{name}.{key}: must be {expected.__name__}, got {value!r}")
         kwargs[key] = value
-    return cls(**kwargs)
-
-
-def _artifacts_section(values: Any) -> ArtifactsConfig:
-    if values is None:
-        return ArtifactsConfig()
-    if not isinstance(values, dict):
-        raise ConfigError("artifacts: must be a mapping")
-    kinds = _artifact_sections()
-    _reject_unknown("artifacts.", values, set(kinds))
-    return ArtifactsConfig(
-        **{kind: _section(cls, f"artifacts.{kind}", values.get(kind)) for kind, cls in kinds.items()}
-    )
+    return dataclasses.replace(default, **kwargs)
 
 
 def _artifact_sections() -> dict[str, type]:
