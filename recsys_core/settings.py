@@ -21,6 +21,9 @@ import yaml
 DEFAULT_START_DATE = dt.date(2025, 1, 1)
 DEFAULT_EVENT_TYPES = ("exposure", "click", "add_to_cart", "purchase", "rating")
 COOC_METRICS = ("cosine", "count", "jaccard", "lift")
+# The per-user ranking metrics of the offline evaluation (recsys_dagster.evaluation.metrics), by the names
+# `guardrails.metric` takes.
+RANKING_METRICS = ("precision", "recall", "ndcg", "map", "hit_rate")
 
 
 class ConfigError(ValueError):
