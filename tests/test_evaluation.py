@@ -1,4 +1,4 @@
-"""Offline evaluation: the ranking metrics.
+"""Offline evaluation: the ranking metrics and the holdouts.
 
 Every metric is checked against small examples worked out by hand in the comments; D(i) = 1 / log2(i + 1)
 is the discount of position i (D(1) = 1, D(2) = 0.6309, D(3) = 0.5).
@@ -6,13 +6,16 @@ is the discount of position i (D(1) = 1, D(2) = 0.6309, D(3) = 0.5).
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 import time
 
 import numpy as np
+import polars as pl
 import pytest
 
 from recsys_core.settings import RANKING_METRICS
+from recsys_dagster.evaluation.holdout import item_popularity, random_holdout, temporal_holdout
 from recsys_dagster.evaluation.metrics import (
     catalog_coverage,
     curve_ranks,
@@ -156,3 +159,127 @@ def test_metrics_of_100000_users_take_well_under_a_second() -> None:
     scores.lists.long_tail_share(frozenset(items[:1000]))
     # About 0.5 s of CPU measured on a loaded 2-core machine; the bound only catches a slower algorithm.
     assert time.process_time() - started < 2.0
+
+
+# --------------------------------------------------------------------------------------------- holdout
+T, S = "shop", "web"
+DAY1, DAY2, DAY3 = dt.date(2025, 3, 1), dt.date(2025, 3, 2), dt.date(2025, 3, 3)
+
+
+def interactions(rows: list[tuple[dt.date, str, str, float]]) -> pl.DataFrame:
+    """user_item_daily rows (day, user, item, weight) of one tenant and surface."""
+    return pl.DataFrame(
+        {
+            "day": [r[0] for r in rows],
+            "tenant": T,
+            "surface": S,
+            "user_id": [r[1] for r in rows],
+            "item_id": [r[2] for r in rows],
+            "weight": [r[3] for r in rows],
+            "events": 1,
+            "last_ts": [dt.datetime.combine(r[0], dt.time(12), dt.UTC) for r in rows],
+        },
+        schema_overrides={"events": pl.Int64},
+    )
+
+
+# Day 3 is held out (holdout_days = 1):
+#   u1: trained on a, b (day 1), c (day 2); on day 3 d (new: held out) and a (seen: dropped). 3 items: cold start
+#   u2: trained on a, b, c, d; on day 3 e (in the catalog through u3): held out. 4 items: active
+#   u3: trained on e, nothing on day 3: not evaluated
+#   u4: only on day 3: no training, not evaluated
+#   u5: trained on a; on day 3 only zzz, which no training row has: not evaluated
+#   u6: a weight-0 row on day 2 (no interest), then c: no training, not evaluated
+WINDOW = interactions(
+    [
+        (DAY1, "u1", "a", 1.0),
+        (DAY1, "u1", "b", 3.0),
+        (DAY2, "u1", "c", 1.0),
+        (DAY3, "u1", "d", 1.0),
+        (DAY3, "u1", "a", 5.0),
+        *[(DAY1, "u2", item, 1.0) for item in "abcd"],
+        (DAY3, "u2", "e", 1.0),
+        (DAY2, "u3", "e", 1.0),
+        (DAY3, "u4", "a", 1.0),
+        (DAY1, "u5", "a", 1.0),
+        (DAY3, "u5", "zzz", 1.0),
+        (DAY2, "u6", "b", 0.0),
+        (DAY3, "u6", "c", 1.0),
+    ]
+)
+
+
+def test_temporal_holdout_by_hand() -> None:
+    holdout = temporal_holdout(WINDOW)
+    assert holdout.held_out == {"u1": {"d"}, "u2": {"e"}}
+    assert list(holdout.held_out) == ["u1", "u2"]
+    assert holdout.segments == {"all": {"u1", "u2"}, "cold_start": {"u1"}, "active": {"u2"}}
+    # Training: every interest row before day 3 (u6's weight-0 row is no interaction).
+    expected = WINDOW.filter((pl.col("day") < DAY3) & (pl.col("weight") > 0))
+    assert holdout.training.equals(expected)
+    assert item_popularity(holdout.training) == {"a": 3, "b": 2, "c": 2, "d": 1, "e": 1}
+
+
+def test_temporal_holdout_of_two_days() -> None:
+    # Training = day 1 only: u1 {a, b}, u2 {a, b, c, d}, u5 {a}. Held out, days 2-3: u1 c and d (a is
+    # seen); u2's e and u5's zzz are not in the day-1 catalog; u3, u4, u6 have no training.
+    holdout = temporal_holdout(WINDOW, holdout_days=2)
+    assert holdout.held_out == {"u1": {"c", "d"}}
+    assert holdout.segments["cold_start"] == {"u1"}
+
+
+def test_cold_start_threshold_and_as_of() -> None:
+    assert temporal_holdout(WINDOW, cold_start_max_interactions=4).segments["cold_start"] == {"u1", "u2"}
+    assert temporal_holdout(WINDOW, cold_start_max_interactions=0).segments["cold_start"] == frozenset()
+    # As of day 4, day 4 (no rows) is held out: nobody to evaluate, all three days train.
+    later = temporal_holdout(WINDOW, as_of=DAY3 + dt.timedelta(days=1))
+    assert later.held_out == {} and later.segments["all"] == frozenset()
+    assert later.training.height == WINDOW.filter(pl.col("weight") > 0).height
+    with pytest.raises(ValueError, match="after the as-of day"):
+        temporal_holdout(WINDOW, as_of=DAY2)
+
+
+def test_holdout_refuses_mixed_scopes_missing_columns_and_bad_parameters() -> None:
+    other = WINDOW.head(1).with_columns(pl.lit("app").alias("surface"))
+    with pytest.raises(ValueError, match="several tenants and surfaces"):
+        temporal_holdout(pl.concat([WINDOW, other]))
+    with pytest.raises(ValueError, match="weight"):
+        temporal_holdout(WINDOW.drop("weight"))
+    with pytest.raises(ValueError, match="holdout_days"):
+        temporal_holdout(WINDOW, holdout_days=0)
+    with pytest.raises(ValueError, match="no interactions"):
+        temporal_holdout(WINDOW.clear())
+    with pytest.raises(ValueError, match="test_fraction"):
+        random_holdout(WINDOW, test_fraction=1.0)
+
+
+def test_random_holdout_per_user_is_deterministic_and_excludes_training_items() -> None:
+    # u1..u8: 8 distinct items each (i0..i7 over two days, i0 twice), so 2 held out each (floor of 25%).
+    rows = [
+        (DAY1 if n % 2 else DAY2, f"u{user}", f"i{(n + user) % 8}", 1.0)
+        for user in range(8)
+        for n in range(8)
+    ]
+    rows += [(DAY3, f"u{user}", f"i{user % 8}", 2.0) for user in range(8)]
+    frame = interactions(rows)
+    holdout = random_holdout(frame, 0.25, seed=7)
+    assert set(holdout.held_out) == {f"u{user}" for user in range(8)}
+    assert all(len(items) == 2 for items in holdout.held_out.values())
+    training = holdout.training
+    for user, items in holdout.held_out.items():
+        # Every row of a held-out pair left training, on every day.
+        assert training.filter((pl.col("user_id") == user) & pl.col("item_id").is_in(list(items))).height == 0
+        assert training.filter(pl.col("user_id") == user)["item_id"].n_unique() == 6
+    assert (
+        training.height
+        + sum(
+            frame.filter((pl.col("user_id") == user) & pl.col("item_id").is_in(list(items))).height
+            for user, items in holdout.held_out.items()
+        )
+        == frame.height
+    )
+    # The same pairs in another order, same seed: same split; another seed: another split.
+    assert random_holdout(frame.reverse(), 0.25, seed=7).held_out == holdout.held_out
+    assert random_holdout(frame, 0.25, seed=8).held_out != holdout.held_out
+    # Users with fewer than 4 items keep them all (floor(3 * 0.25) = 0): only u1 and u2 have 4 or more.
+    assert set(random_holdout(WINDOW, 0.25).held_out) <= {"u1", "u2"}
