@@ -1,4 +1,4 @@
-"""Offline evaluation: metrics, holdouts and evaluate_models.
+"""Offline evaluation: metrics, holdouts, evaluate_models, guardrails and their config section.
 
 Every metric is checked against small examples worked out by hand in the comments; D(i) = 1 / log2(i + 1)
 is the discount of position i (D(1) = 1, D(2) = 0.6309, D(3) = 0.5). The last test runs a popularity and
@@ -10,14 +10,23 @@ from __future__ import annotations
 import datetime as dt
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
 from shared_data import shared_data_dir
 
-from recsys_core.settings import RANKING_METRICS
-from recsys_dagster.evaluation.evaluate import METRICS, EvaluationResult, evaluate_models
+from recsys_core.settings import (
+    RANKING_METRICS,
+    ConfigError,
+    GuardrailsConfig,
+    ModelLifts,
+    PipelineConfig,
+    load_pipeline_config,
+)
+from recsys_dagster.evaluation.evaluate import METRICS, EvaluationResult, LongTailCurve, evaluate_models
+from recsys_dagster.evaluation.guardrails import Violation, check_guardrails
 from recsys_dagster.evaluation.holdout import (
     Holdout,
     item_popularity,
@@ -332,6 +341,220 @@ def test_evaluate_models_scores_every_model_and_segment() -> None:
     again = evaluate_models(models, small_holdout(), 2, 3, popularity)
     assert again.to_json() == result.to_json()
     assert EvaluationResult.from_json(result.to_json()) == result
+
+
+# ------------------------------------------------------------------------------------------ guardrails
+def result_of(ndcg: dict[str, dict[str, float]], coverage: dict[str, float], k: int = 10) -> EvaluationResult:
+    """A result with the given nDCG per model and segment and coverage per model (all users)."""
+    metrics = {
+        model: {
+            segment: dict.fromkeys(METRICS, 0.0)
+            | {"ndcg": value, "coverage": coverage[model] if segment == "all" else 0.0}
+            for segment, value in segments.items()
+        }
+        for model, segments in ndcg.items()
+    }
+    return EvaluationResult(
+        k=k,
+        catalog_size=1000,
+        head_share=0.8,
+        head_size=100,
+        users={"all": 500, "cold_start": 100, "active": 400},
+        metrics=metrics,
+        long_tail=LongTailCurve((1,), (0.0,), {model: (0.0,) for model in ndcg}),
+    )
+
+
+HEALTHY = result_of(
+    {
+        "popularity": {"all": 0.050, "cold_start": 0.040},
+        "blend": {"all": 0.055, "cold_start": 0.038},
+        "als": {"all": 0.080, "cold_start": 0.020},
+    },
+    {"popularity": 0.01, "blend": 0.10, "als": 0.08},
+)
+
+
+def test_healthy_result_passes_the_default_guardrails() -> None:
+    assert check_guardrails(HEALTHY, None, GuardrailsConfig()) == []
+    assert check_guardrails(HEALTHY, HEALTHY, GuardrailsConfig()) == []
+
+
+def test_a_blend_below_popularity_is_blocked_with_a_message_naming_everything() -> None:
+    crippled = result_of(
+        {"popularity": {"all": 0.050}, "blend": {"all": 0.031}}, {"popularity": 0.01, "blend": 0.10}
+    )
+    config = GuardrailsConfig(min_lift_over_popularity=ModelLifts(als=-0.5, blend=0.0))
+    assert check_guardrails(crippled, None, config) == [
+        Violation(
+            rule="min_lift_over_popularity.blend",
+            model="blend",
+            segment="all",
+            metric="ndcg",
+            value=0.031,
+            threshold=0.0,
+            message="blend ndcg@10 (all users) 0.031 is 38% below popularity's 0.050; "
+            "guardrails.min_lift_over_popularity.blend = 0.0",
+        )
+    ]
+    # The default lets the blend be up to 25% below popularity: 0.031 is 38% below.
+    assert [v.rule for v in check_guardrails(crippled, None, GuardrailsConfig())] == [
+        "min_lift_over_popularity.blend"
+    ]
+
+
+def test_each_guardrail_names_its_metric_segment_value_and_key() -> None:
+    crippled = result_of(
+        {
+            "popularity": {"all": 0.050, "cold_start": 0.040},
+            # 0.036 is 28% below popularity (floor 0.75 * 0.050 = 0.0375) and 35% below the published
+            # 0.055 (floor 0.8 * 0.055 = 0.044); cold start 0.020 is 50% below 0.040 (floor 0.6 * 0.040).
+            "blend": {"all": 0.036, "cold_start": 0.020},
+            # ALS: 0.020 is 60% below popularity (floor 0.5 * 0.050) and 75% below the published 0.080
+            # (floor 0.064); its cold-start floor is 0 * 0.040; coverage 0.005 is half popularity's.
+            "als": {"all": 0.020, "cold_start": 0.0},
+        },
+        {"popularity": 0.01, "blend": 0.10, "als": 0.005},
+    )
+    messages = [v.message for v in check_guardrails(crippled, HEALTHY, GuardrailsConfig())]
+    assert messages == [
+        "als ndcg@10 (all users) 0.020 is 60% below popularity's 0.050; "
+        "guardrails.min_lift_over_popularity.als = -0.5",
+        "als ndcg@10 (all users) 0.020 is 75% below the published version's 0.080; "
+        "guardrails.max_relative_drop = 0.2",
+        "als coverage@10 (all users) 0.005 is 50% below popularity's 0.010; "
+        "guardrails.min_coverage_vs_popularity = 1.0",
+        "blend ndcg@10 (all users) 0.036 is 28% below popularity's 0.050; "
+        "guardrails.min_lift_over_popularity.blend = -0.25",
+        "blend ndcg@10 (cold-start users) 0.020 is 50% below popularity's 0.040; "
+        "guardrails.min_cold_start_lift_over_popularity.blend = -0.4",
+        "blend ndcg@10 (all users) 0.036 is 35% below the published version's 0.055; "
+        "guardrails.max_relative_drop = 0.2",
+    ]
+
+
+def test_a_positive_lift_is_required_when_configured() -> None:
+    config = GuardrailsConfig(min_lift_over_popularity=ModelLifts(als=0.7, blend=0.0))
+    (violation,) = check_guardrails(HEALTHY, None, config)
+    assert violation.message == (
+        "als ndcg@10 (all users) 0.080 is 60% above popularity's 0.050; "
+        "guardrails.min_lift_over_popularity.als = 0.7"
+    )
+
+
+def test_guardrails_skip_what_cannot_be_compared() -> None:
+    only_popularity = result_of({"popularity": {"all": 0.05}}, {"popularity": 0.01})
+    assert check_guardrails(only_popularity, HEALTHY, GuardrailsConfig()) == []
+    collapsed = result_of(
+        {"popularity": {"all": 0.05}, "blend": {"all": 0.01}}, {"popularity": 0.01, "blend": 0.0}
+    )
+    assert check_guardrails(collapsed, None, GuardrailsConfig(enabled=False)) == []
+    # A published result at another k is not compared with.
+    dropped = result_of(
+        {"popularity": {"all": 0.05}, "blend": {"all": 0.05}}, {"popularity": 0.01, "blend": 0.1}
+    )
+    published_at_20 = result_of(
+        {"popularity": {"all": 0.5}, "blend": {"all": 0.5}}, {"popularity": 0.01, "blend": 0.1}, k=20
+    )
+    assert check_guardrails(dropped, published_at_20, GuardrailsConfig()) == []
+    with pytest.raises(ValueError, match="no 'popularity' baseline"):
+        check_guardrails(result_of({"blend": {"all": 0.05}}, {"blend": 0.1}), None, GuardrailsConfig())
+
+
+# ---------------------------------------------------------------------------------- guardrails config
+def config_from(tmp_path: Path, text: str) -> PipelineConfig:
+    path = tmp_path / "recsys.yaml"
+    path.write_text(text, encoding="utf-8")
+    return load_pipeline_config(path)
+
+
+def test_guardrails_defaults() -> None:
+    guardrails = PipelineConfig().guardrails
+    assert guardrails == GuardrailsConfig()
+    assert (guardrails.enabled, guardrails.k, guardrails.holdout_days) == (True, 10, 1)
+    assert (guardrails.cold_start_max_interactions, guardrails.metric) == (3, "ndcg")
+    assert guardrails.min_lift_over_popularity == ModelLifts(als=-0.5, blend=-0.25)
+    assert guardrails.min_cold_start_lift_over_popularity == ModelLifts(als=-1.0, blend=-0.4)
+    assert (guardrails.max_relative_drop, guardrails.min_coverage_vs_popularity) == (0.2, 1.0)
+
+
+def test_guardrails_section_is_read(tmp_path: Path) -> None:
+    config = config_from(
+        tmp_path,
+        """
+guardrails:
+  enabled: false
+  k: 20
+  holdout_days: 2
+  cold_start_max_interactions: 5
+  metric: recall
+  min_lift_over_popularity:
+    blend: 0
+  min_cold_start_lift_over_popularity:
+    als: -0.9
+    blend: -0.3
+  max_relative_drop: 0.3
+  min_coverage_vs_popularity: 2
+""",
+    )
+    assert config.guardrails == GuardrailsConfig(
+        enabled=False,
+        k=20,
+        holdout_days=2,
+        cold_start_max_interactions=5,
+        metric="recall",
+        min_lift_over_popularity=ModelLifts(als=-0.5, blend=0.0),
+        min_cold_start_lift_over_popularity=ModelLifts(als=-0.9, blend=-0.3),
+        max_relative_drop=0.3,
+        min_coverage_vs_popularity=2.0,
+    )
+    assert config_from(tmp_path, "guardrails:\n").guardrails == GuardrailsConfig()
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("guardrails:\n  k: 0\n", "guardrails.k"),
+        ("guardrails:\n  k: 1.5\n", "guardrails.k"),
+        ("guardrails:\n  k: true\n", "guardrails.k"),
+        ("guardrails:\n  holdout_days: 0\n", "guardrails.holdout_days"),
+        ("guardrails:\n  cold_start_max_interactions: -1\n", "guardrails.cold_start_max_interactions"),
+        ("guardrails:\n  enabled: 'yes'\n", "guardrails.enabled"),
+        ("guardrails:\n  enabled: 1\n", "guardrails.enabled"),
+        ("guardrails:\n  metric: auc\n", "guardrails.metric"),
+        ("guardrails:\n  max_relative_drop: 1.5\n", "guardrails.max_relative_drop"),
+        ("guardrails:\n  max_relative_drop: -0.1\n", "guardrails.max_relative_drop"),
+        ("guardrails:\n  min_coverage_vs_popularity: -1\n", "guardrails.min_coverage_vs_popularity"),
+        ("guardrails:\n  min_lift_over_popularity: 0.1\n", "guardrails.min_lift_over_popularity"),
+        (
+            "guardrails:\n  min_lift_over_popularity:\n    blend: -2\n",
+            "guardrails.min_lift_over_popularity.blend",
+        ),
+        (
+            "guardrails:\n  min_cold_start_lift_over_popularity:\n    als: high\n",
+            "guardrails.min_cold_start_lift_over_popularity.als",
+        ),
+        ("guardrails: [k]\n", "guardrails"),
+    ],
+)
+def test_bad_guardrail_values_are_refused_with_the_key(tmp_path: Path, text: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"(?<![\w.]){key}(?![\w.])"):
+        config_from(tmp_path, text)
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("guardrails:\n  min_coverage: 0.1\n", "guardrails.min_coverage"),
+        (
+            "guardrails:\n  min_lift_over_popularity:\n    cooc: 0\n",
+            "guardrails.min_lift_over_popularity.cooc",
+        ),
+    ],
+)
+def test_unknown_guardrail_keys_are_refused(tmp_path: Path, text: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"unknown config key\(s\): {key}$"):
+        config_from(tmp_path, text)
 
 
 # ------------------------------------------------------------------------------------------- real data
