@@ -1,4 +1,4 @@
-"""Offline evaluation: metrics, holdouts, evaluate_models, guardrails and their config section.
+"""Offline evaluation: metrics, holdouts, evaluate_models, guardrails (and their config section), report.
 
 Every metric is checked against small examples worked out by hand in the comments; D(i) = 1 / log2(i + 1)
 is the discount of position i (D(1) = 1, D(2) = 0.6309, D(3) = 0.5). The last test runs a popularity and
@@ -11,6 +11,7 @@ import datetime as dt
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -47,6 +48,7 @@ from recsys_dagster.evaluation.metrics import (
     score_users,
     training_share_by_rank,
 )
+from recsys_dagster.evaluation.report import REPORT_FILE, write_report
 
 
 def discount(position: int) -> float:
@@ -555,6 +557,35 @@ def test_bad_guardrail_values_are_refused_with_the_key(tmp_path: Path, text: str
 def test_unknown_guardrail_keys_are_refused(tmp_path: Path, text: str, key: str) -> None:
     with pytest.raises(ConfigError, match=rf"unknown config key\(s\): {key}$"):
         config_from(tmp_path, text)
+
+
+# ---------------------------------------------------------------------------------------------- report
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_files_links_and_identical_bytes(tmp_path: Path) -> None:
+    context: dict[str, Any] = {"tenant": T, "surface": S, "as of": "2025-03-03", "note": "a | b"}
+    out = tmp_path / "report"
+    path = write_report(HEALTHY, out, "Evaluation shop/web", context)
+    assert path == out / REPORT_FILE
+    markdown = path.read_text(encoding="utf-8")
+    assert markdown.startswith("# Evaluation shop/web\n")
+    assert "| note | a \\| b |" in markdown
+    assert "| blend | 0.0000 | 0.0000 | 0.0550 |" in markdown
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == sorted(
+        [f"metric-{metric}.png" for metric in METRICS]
+        + ["segment-all.png", "segment-cold_start.png", "segment-active.png", "long-tail.png"]
+    )
+    for name in pngs:
+        assert (out / name).read_bytes().startswith(PNG_SIGNATURE)
+        assert f"]({name})" in markdown
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    # Written again over the first: the same bytes, and nothing left beside the report directory.
+    write_report(HEALTHY, out, "Evaluation shop/web", context)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == first
+    assert [p.name for p in tmp_path.iterdir()] == ["report"]
 
 
 # ------------------------------------------------------------------------------------------- real data
