@@ -22,6 +22,9 @@ import yaml
 DEFAULT_START_DATE = dt.date(2025, 1, 1)
 DEFAULT_EVENT_TYPES = ("exposure", "click", "add_to_cart", "purchase", "rating")
 COOC_METRICS = ("cosine", "count", "jaccard", "lift")
+# The per-user ranking metrics of the offline evaluation (recsys_dagster.evaluation.metrics), by the names
+# `guardrails.metric` takes.
+RANKING_METRICS = ("precision", "recall", "ndcg", "map", "hit_rate")
 
 
 class ConfigError(ValueError):
@@ -129,11 +132,50 @@ class BlendWeights:
 
 
 @dataclass(frozen=True)
+class ModelLifts:
+    """A minimum relative lift over the popularity baseline for each guarded model.
+
+    lift = (model's metric - popularity's) / popularity's: 0.0 = at least as good as popularity, -0.5 = at
+    least half as good; -1 never blocks (no metric is negative).
+    """
+
+    als: float
+    blend: float
+
+
+@dataclass(frozen=True)
+class GuardrailsConfig:
+    """The offline evaluation and the quality gates on its result.
+
+    The defaults, and the measurements that chose them, are in docs/reference/configuration.md.
+    """
+
+    enabled: bool = True
+    k: int = 10
+    holdout_days: int = 1
+    cold_start_max_interactions: int = 3
+    metric: str = "ndcg"
+    min_lift_over_popularity: ModelLifts = field(default_factory=lambda: ModelLifts(als=-0.5, blend=-0.25))
+    min_cold_start_lift_over_popularity: ModelLifts = field(
+        default_factory=lambda: ModelLifts(als=-1.0, blend=-0.4)
+    )
+    max_relative_drop: float = 0.2
+    min_coverage_vs_popularity: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.metric not in RANKING_METRICS:
+            raise ConfigError(
+                f"guardrails.metric: must be one of {', '.join(RANKING_METRICS)}, got {self.metric!r}"
+            )
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     checks: ChecksConfig = field(default_factory=ChecksConfig)
     artifacts: ArtifactsConfig = field(default_factory=ArtifactsConfig)
     blend: BlendWeights = field(default_factory=BlendWeights)
+    guardrails: GuardrailsConfig = field(default_factory=GuardrailsConfig)
     event_weights: Mapping[str, float] = field(
         default_factory=lambda: {
             "exposure": 0.0,
@@ -229,7 +271,7 @@ def load_pipeline_config(path: Path | None) -> PipelineConfig:
         raise ConfigError(f"RECSYS_CONFIG: {path} is not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"RECSYS_CONFIG: {path} must hold a mapping at the top level")
-    known = {"ingest", "checks", "event_weights", "artifacts", "blend"}
+    known = {"ingest", "checks", "event_weights", "artifacts", "blend", "guardrails"}
     _reject_unknown("", raw, known)
     weights = dict(PipelineConfig().event_weights)
     given_weights = raw.get("event_weights") or {}
@@ -240,54 +282,49 @@ def load_pipeline_config(path: Path | None) -> PipelineConfig:
             raise ConfigError(f"event_weights.{name}: must be a number >= 0, got {weight!r}")
         weights[str(name)] = float(weight)
     config = PipelineConfig(
-        ingest=_section(IngestConfig, "ingest", raw.get("ingest")),
-        checks=_section(ChecksConfig, "checks", raw.get("checks")),
-        artifacts=_artifacts_section(raw.get("artifacts")),
+        ingest=_section(IngestConfig(), "ingest", raw.get("ingest")),
+        checks=_section(ChecksConfig(), "checks", raw.get("checks")),
+        artifacts=_section(ArtifactsConfig(), "artifacts", raw.get("artifacts")),
+        guardrails=_section(GuardrailsConfig(), "guardrails", raw.get("guardrails")),
         event_weights=weights,
-        blend=_section(BlendWeights, "blend", raw.get("blend")),
+        blend=_section(BlendWeights(), "blend", raw.get("blend")),
     )
     _validate(config)
     return config
 
 
-def _section(cls: type, name: str, values: Any) -> Any:
+def _section(default: Any, name: str, values: Any) -> Any:
+    """The dataclass `default` with the keys of the YAML mapping `values` replaced, each type-checked.
+
+    A key whose default is itself a dataclass is a nested section (`artifacts.cooc`), read the same way.
+    """
     if values is None:
-        return cls()
+        return default
     if not isinstance(values, dict):
         raise ConfigError(f"{name}: must be a mapping")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    _reject_unknown(f"{name}.", values, set(fields))
-    default = cls()
+    _reject_unknown(f"{name}.", values, {f.name for f in dataclasses.fields(default)})
     kwargs = {}
     for key, value in values.items():
-        expected = type(getattr(default, key))
-        if expected is tuple:
+        current = getattr(default, key)
+        expected = type(current)
+        if dataclasses.is_dataclass(current):
+            value = _section(current, f"{name}.{key}", value)
+        elif expected is tuple:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ConfigError(f"{name}.{key}: must be a list of strings")
             value = tuple(value)
         elif expected is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        elif not isinstance(value, expected) or isinstance(value, bool):
+        # bool is a subclass of int: `true` is refused where a number is expected, and only there.
+        elif not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
             raise ConfigError(f"{name}.{key}: must be {expected.__name__}, got {value!r}")
         kwargs[key] = value
-    return cls(**kwargs)
+    return dataclasses.replace(default, **kwargs)
 
 
-def _artifacts_section(values: Any) -> ArtifactsConfig:
-    if values is None:
-        return ArtifactsConfig()
-    if not isinstance(values, dict):
-        raise ConfigError("artifacts: must be a mapping")
-    kinds = _artifact_sections()
-    _reject_unknown("artifacts.", values, set(kinds))
-    return ArtifactsConfig(
-        **{kind: _section(cls, f"artifacts.{kind}", values.get(kind)) for kind, cls in kinds.items()}
-    )
-
-
-def _artifact_sections() -> dict[str, type]:
-    """The per-kind sections of `artifacts:`, by kind name."""
-    return {f.name: f.default_factory for f in dataclasses.fields(ArtifactsConfig)}  # type: ignore[misc]
+def _artifact_sections() -> list[str]:
+    """The per-kind sections of `artifacts:` (one per artifact kind)."""
+    return [f.name for f in dataclasses.fields(ArtifactsConfig)]
 
 
 def _reject_unknown(prefix: str, values: dict, known: set[str]) -> None:
@@ -341,6 +378,29 @@ def _validate(config: PipelineConfig) -> None:
     for key in ("max_quarantine_rate", "max_duplicate_rate"):
         if not 0.0 <= getattr(checks, key) <= 1.0:
             raise ConfigError(f"checks.{key}: must be between 0 and 1")
+    _validate_guardrails(config.guardrails)
+
+
+def _validate_guardrails(guardrails: GuardrailsConfig) -> None:
+    lifts = {
+        f"{section}.{model}": lift
+        for section in ("min_lift_over_popularity", "min_cold_start_lift_over_popularity")
+        for model, lift in dataclasses.asdict(getattr(guardrails, section)).items()
+    }
+    # key: (value, lowest allowed, highest allowed)
+    bounds: dict[str, tuple[float, float, float]] = {
+        "k": (guardrails.k, 1, math.inf),
+        "holdout_days": (guardrails.holdout_days, 1, math.inf),
+        "cold_start_max_interactions": (guardrails.cold_start_max_interactions, 0, math.inf),
+        "max_relative_drop": (guardrails.max_relative_drop, 0.0, 1.0),
+        "min_coverage_vs_popularity": (guardrails.min_coverage_vs_popularity, 0.0, math.inf),
+        # No metric is below 0, so a lift of -1 already never blocks.
+        **{key: (lift, -1.0, math.inf) for key, lift in lifts.items()},
+    }
+    for key, (value, lowest, highest) in bounds.items():
+        if not lowest <= value <= highest:
+            limits = f">= {lowest}" if highest == math.inf else f"between {lowest} and {highest}"
+            raise ConfigError(f"guardrails.{key}: must be {limits}, got {value}")
 
 
 def _parse_alert_sink(value: str) -> str:
