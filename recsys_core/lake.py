@@ -52,6 +52,11 @@ def read_summary(lake_root: Path, day: dt.date) -> dict[str, Any] | None:
     return read_json_record(partition_dir(lake_root, "canonical_events", day) / SUMMARY_FILE)
 
 
+def read_builds(lake_root: Path, kind: str, as_of: dt.date) -> dict[str, Any] | None:
+    """The `builds.json` of an artifact kind as of a day: the versions built per tenant and surface."""
+    return read_json_record(partition_dir(lake_root, kind, as_of) / BUILDS_FILE)
+
+
 def read_checks(lake_root: Path, day: dt.date) -> dict[str, Any] | None:
     """The `_checks.json` (gate results) of a canonical_events partition; None if it was never checked."""
     return read_json_record(partition_dir(lake_root, "canonical_events", day) / CHECKS_FILE)

@@ -95,10 +95,12 @@ ALS_CONFIDENCE = ("linear", "log")
 @dataclass(frozen=True)
 class AlsConfig:
     window_days: int = 30
-    factors: int = 64
-    regularization: float = 0.05
+    # Small and strongly regularised: measured best of the settings tried on the sample data (docs/quality.md);
+    # `recsys tune` finds better ones for a given data set.
+    factors: int = 16
+    regularization: float = 20.0
     # implicit's confidence scaling of the interaction weights.
-    alpha: float = 2.0
+    alpha: float = 10.0
     iterations: int = 15
     random_state: int = 42
     # 0 disables decay; otherwise a day's weight halves every `half_life_days` before the as-of day.
@@ -161,6 +163,9 @@ class GuardrailsConfig:
     )
     max_relative_drop: float = 0.2
     min_coverage_vs_popularity: float = 1.0
+    # With fewer days of training data the evaluation is reported but does not block (a model trained on
+    # one or two days says little about the model the full window gives).
+    min_training_days: int = 3
 
     def __post_init__(self) -> None:
         if self.metric not in RANKING_METRICS:
@@ -391,6 +396,7 @@ def _validate_guardrails(guardrails: GuardrailsConfig) -> None:
     bounds: dict[str, tuple[float, float, float]] = {
         "k": (guardrails.k, 1, math.inf),
         "holdout_days": (guardrails.holdout_days, 1, math.inf),
+        "min_training_days": (guardrails.min_training_days, 1, math.inf),
         "cold_start_max_interactions": (guardrails.cold_start_max_interactions, 0, math.inf),
         "max_relative_drop": (guardrails.max_relative_drop, 0.0, 1.0),
         "min_coverage_vs_popularity": (guardrails.min_coverage_vs_popularity, 0.0, math.inf),

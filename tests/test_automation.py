@@ -44,6 +44,7 @@ def test_asset_graph_reads_as_the_pipeline_story(defs: dg.Definitions) -> None:
         "cooc": "artifacts",
         "user_history": "artifacts",
         "als": "artifacts",
+        "evaluation": "evaluation",
         "published_manifest": "publishing",
     }
     for node in graph.asset_nodes:
@@ -59,7 +60,8 @@ def test_asset_graph_reads_as_the_pipeline_story(defs: dg.Definitions) -> None:
     assert upstream["item_daily"] == ["canonical_events"]
     assert upstream["cooc"] == ["pair_daily"]
     assert upstream["als"] == ["user_item_daily"]
-    assert upstream["published_manifest"] == ["als", "cooc", "popularity", "user_history"]
+    assert upstream["evaluation"] == ["als", "cooc", "popularity", "user_history"]
+    assert upstream["published_manifest"] == ["als", "cooc", "evaluation", "popularity", "user_history"]
     checks = {key.name for key in graph.asset_check_keys}
     assert checks == {
         "schema",

@@ -114,7 +114,9 @@ def test_context_items_replace_the_history_as_seeds(target: LoadedTarget, publis
     result = recommend(target, user_id=user, context_items=[context], k=10, exclude_seen=True)
     assert_same_ranking(as_tuples(result), published.expected(user, 10, context=[context]))
     cooc = [
-        item for item, source in zip(result.item_ids, result.sources, strict=True) if source == SOURCE_COOC
+        item
+        for item, contribution in zip(result.item_ids, result.contributions, strict=True)
+        if SOURCE_COOC in contribution
     ]
     assert cooc and set(cooc) <= {n for n, _ in published.neighbors[context]}
     assert context not in result.item_ids
@@ -127,7 +129,7 @@ def test_unknown_context_items_are_reported_and_the_known_ones_still_seed(
 ) -> None:
     context = max(sorted(published.neighbors), key=lambda i: len(published.neighbors[i]))
     result = recommend(target, context_items=["no-such-item", context], k=5, exclude_seen=True)
-    assert result.sources[0] == SOURCE_COOC
+    assert SOURCE_COOC in result.contributions[0]
     assert result.warnings == [
         {
             "code": recommender.CONTEXT_ITEMS_UNKNOWN,

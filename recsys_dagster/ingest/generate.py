@@ -4,7 +4,7 @@ Writes realistic raw events (JSON lines) into the landing layout ``<raw root>/dt
 pipeline can be exercised at any scale without real data. The traffic model is deliberately simple but has
 the shapes that matter downstream: Zipf-like item popularity, heavy and light users coming back over days,
 sessions of varying length, ranked requests of 10 exposures followed by a funnel of clicks, add-to-carts
-and purchases, anonymous sessions, client-retry duplicates and late arrivals; optionally, malformed lines of
+and purchases, users whose clicks follow a taste (a group of items they prefer), anonymous sessions, client-retry duplicates and late arrivals; optionally, malformed lines of
 the kinds real producers send, mixed in (each breaks one contract rule, so its quarantine reason is known).
 
 Everything is generated in vectorised numpy chunks and rendered to text with polars string kernels, so
@@ -38,6 +38,13 @@ CHUNK_LINES = 500_000
 EXPOSURES_PER_REQUEST = 10
 # Position bias: the first slots get clicked far more often than the last ones.
 CLICK_RATE_BY_RANK = 0.10 / (1.0 + 0.35 * np.arange(EXPOSURES_PER_REQUEST))
+# Tastes: every user and every item belongs to one of TASTES groups; a known user clicks an exposed item of
+# their own group TASTE_AFFINITY times as often as the rank alone says, an item of another group a fraction
+# of that (the two keep the overall click rate about the same). Without this, what a user clicks would
+# depend on nothing but popularity and rank, and no personalised model could beat the popular list.
+TASTES = 12
+TASTE_AFFINITY = 8.0
+_OTHER_TASTE_AFFINITY = (TASTES - TASTE_AFFINITY) / (TASTES - 1)
 CART_RATE_GIVEN_CLICK = 0.12
 PURCHASE_RATE_GIVEN_CART = 0.35
 ANONYMOUS_SESSION_RATE = 0.03
@@ -327,7 +334,13 @@ def _simulate_batch(
     exp_rank = np.tile(slot.astype(np.int8), n_requests)
     exp_ts = req_ts[exp_req]
 
-    clicked = rng.random(n_requests * k) < CLICK_RATE_BY_RANK[exp_rank]
+    viewer = sessions.user[req_session[exp_req]]
+    affinity = np.where(
+        viewer < 0,
+        1.0,
+        np.where(viewer % TASTES == exp_item % TASTES, TASTE_AFFINITY, _OTHER_TASTE_AFFINITY),
+    )
+    clicked = rng.random(n_requests * k) < CLICK_RATE_BY_RANK[exp_rank] * affinity
     clk_req, clk_item, clk_rank = exp_req[clicked], exp_item[clicked], exp_rank[clicked]
     clk_ts = exp_ts[clicked] + 1_000 + rng.exponential(8_000, len(clk_req)).astype(np.int64)
 

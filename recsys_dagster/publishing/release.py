@@ -13,11 +13,13 @@ import json
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from recsys_core.kinds import ARTIFACT_KINDS, KINDS
-from recsys_core.lake import BUILDS_FILE, partition_dir, read_json_record, read_summary
+from recsys_core.lake import BUILDS_FILE, partition_dir, read_builds, read_summary
 from recsys_core.settings import Settings
 from recsys_core.storage import write_atomic
+from recsys_dagster.evaluation.offline import read_evaluation
 from recsys_dagster.ingest.gates import confirm_gates_passed
 from recsys_dagster.publishing.protocol import PublishOutcome, publish
 from recsys_dagster.transform.artifacts import ArtifactBuild, window_days
@@ -55,10 +57,6 @@ def write_build_record(lake_root: Path, kind: str, as_of: dt.date, builds: list[
     return path
 
 
-def read_build_record(lake_root: Path, kind: str, as_of: dt.date) -> dict | None:
-    return read_json_record(partition_dir(lake_root, kind, as_of) / BUILDS_FILE)
-
-
 def gate_problems(settings: Settings, as_of: dt.date) -> tuple[list[str], int]:
     """Reasons the canonical inputs of the widest window ending at `as_of` may not be published.
 
@@ -93,21 +91,48 @@ def artifact_row_problems(artifacts: dict[str, Path], min_support: int) -> list[
     return problems
 
 
+def evaluation_problems(
+    settings: Settings, as_of: dt.date, tenant: str, surface: str
+) -> tuple[list[str], dict[str, Any]]:
+    """Why the offline evaluation of `as_of` forbids publishing (its guardrail violations), and its summary
+    for the manifest. With `guardrails.enabled: false` nothing is required."""
+    guardrails = settings.pipeline.guardrails
+    if not guardrails.enabled:
+        return [], {"enabled": False}
+    record = read_evaluation(settings.lake_root, as_of, tenant, surface)
+    if record is None:
+        return [
+            f"evaluation {as_of} {tenant}/{surface}: not evaluated; materialize evaluation for {as_of}"
+        ], {}
+    summary: dict[str, Any] = {"passed": record["passed"], "note": record["note"] or None}
+    result = record.get("result")
+    if result is not None:
+        metric = f"{guardrails.metric}@{result['k']}"
+        summary[metric] = {
+            model: values["all"][guardrails.metric]
+            for model, values in result["metrics"].items()
+            if "all" in values
+        }
+        summary["users"] = result["users"].get("all", 0)
+    return [f"quality gate: {message}" for message in record["violations"]], summary
+
+
 def publish_as_of(settings: Settings, as_of: dt.date, *, run_id: str | None = None) -> list[TargetOutcome]:
     """Publish every tenant and surface that has artifacts built for `as_of`."""
-    missing = [kind for kind in KINDS if read_build_record(settings.lake_root, kind, as_of) is None]
+    missing = [kind for kind in KINDS if read_builds(settings.lake_root, kind, as_of) is None]
     if missing:
         raise FileNotFoundError(
             f"no artifacts built as of {as_of} for: {', '.join(missing)}; materialize them before publishing"
         )
     per_target: dict[tuple[str, str], dict[str, Path]] = defaultdict(dict)
     for kind in KINDS:
-        for entry in read_build_record(settings.lake_root, kind, as_of)["artifacts"]:
+        for entry in read_builds(settings.lake_root, kind, as_of)["artifacts"]:
             per_target[(entry["tenant"], entry["surface"])][kind] = Path(entry["path"])
     problems, checked = gate_problems(settings, as_of)
     outcomes = []
     for (tenant, surface), artifacts in sorted(per_target.items()):
         absent = [kind for kind in KINDS if kind not in artifacts]
+        quality, evaluation = evaluation_problems(settings, as_of, tenant, surface)
         outcome = publish(
             settings.artifact_root,
             tenant,
@@ -116,8 +141,12 @@ def publish_as_of(settings: Settings, as_of: dt.date, *, run_id: str | None = No
             artifacts,
             gate_problems=problems
             + [f"artifact {kind} was not built for this tenant/surface" for kind in absent]
-            + artifact_row_problems(artifacts, settings.pipeline.artifacts.cooc.min_support),
-            checks_summary={"canonical_events": {"days": checked, "passed": not problems}},
+            + artifact_row_problems(artifacts, settings.pipeline.artifacts.cooc.min_support)
+            + quality,
+            checks_summary={
+                "canonical_events": {"days": checked, "passed": not problems},
+                "evaluation": evaluation,
+            },
             run_id=run_id,
         )
         outcomes.append(TargetOutcome(tenant, surface, outcome))

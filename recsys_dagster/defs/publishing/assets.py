@@ -26,7 +26,7 @@ def build_publishing(settings: Settings) -> dg.Definitions:
             "gates of every canonical partition in the window, appends to the registry, then swaps manifest.json "
             "(forward-only in as-of). Format: docs/reference/artifacts.md"
         ),
-        deps=list(KINDS),
+        deps=[*KINDS, "evaluation"],
         partitions_def=daily_partitions(settings),
         backfill_policy=dg.BackfillPolicy.single_run(),
         kinds={"json"},
