@@ -69,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--tenant", help="tenant for formats without one (MovieLens, OTTO)")
     imp.add_argument("--surface", help="surface for formats without one (MovieLens, OTTO)")
 
+    evaluate = sub.add_parser(
+        "evaluate", help="run the offline evaluation of a date range and show each day's metrics and verdict"
+    )
+    evaluate.add_argument("--start", type=_date, default=None, help="first day (default: yesterday, UTC)")
+    evaluate.add_argument("--end", type=_date, default=None, help="last day, inclusive (default: --start)")
+    evaluate.add_argument("--quiet", action="store_true", help="only print the summary")
+
     run = sub.add_parser("run", help="materialize a date range in-process (same definitions as the UI)")
     run.add_argument("--start", type=_date, default=None, help="first day (default: yesterday, UTC)")
     run.add_argument("--end", type=_date, default=None, help="last day, inclusive (default: --start)")
@@ -139,6 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "generate": cmd_generate,
             "import": cmd_import,
             "run": cmd_run,
+            "evaluate": cmd_evaluate,
             "status": cmd_status,
             "history": cmd_history,
             "rollback": cmd_rollback,
@@ -221,6 +229,38 @@ def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
             )
         print(f"next: recsys run --start {first} --end {last}")
     return EXIT_OK
+
+
+def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
+    """`recsys run --select key:evaluation` over the range, then each day's evaluation per target."""
+    from recsys_core.manifest import list_targets
+    from recsys_dagster.evaluation.offline import read_evaluation
+
+    args.select = "key:evaluation"
+    status = cmd_run(args, settings)
+    metric = settings.pipeline.guardrails.metric
+    print()
+    print(f"{'day':<10}  {'target':<24}  {'users':>6}  {metric + ' by model':<52}  verdict")
+    start = args.start or _yesterday()
+    day = start
+    while day <= (args.end or start):
+        for tenant, surface in list_targets(settings.artifact_root) or []:
+            record = read_evaluation(settings.lake_root, day, tenant, surface)
+            if record is None:
+                continue
+            result = record.get("result") or {}
+            values = ", ".join(
+                f"{model} {segments['all'][metric]:.4f}"
+                for model, segments in result.get("metrics", {}).items()
+                if "all" in segments
+            )
+            verdict = "passed" if record["passed"] else "FAILED: " + "; ".join(record["violations"])
+            if record.get("note"):
+                verdict += f" ({record['note']})"
+            users = result.get("users", {}).get("all", 0)
+            print(f"{day.isoformat():<10}  {tenant + '/' + surface:<24}  {users:>6}  {values:<52}  {verdict}")
+        day += dt.timedelta(days=1)
+    return status
 
 
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
@@ -337,6 +377,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
             continue
         if not entry.get("manifest_version"):
             print(f"  {label}: nothing published")
+            _print_refusal(entry)
             continue
         print(
             f"  {label}: manifest {entry['manifest_version'][:12]}  as of {entry['as_of']}  "
@@ -349,10 +390,30 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
                 if rows is not None
                 else f"    {kind}"
             )
+        evaluation = entry.get("evaluation")
+        if evaluation:
+            figures = ", ".join(
+                f"{metric} " + ", ".join(f"{model} {value:.4f}" for model, value in values.items())
+                for metric, values in evaluation.items()
+                if isinstance(values, dict)
+            )
+            verdict = "passed" if evaluation.get("passed") else "not passed"
+            print(
+                f"    evaluation    {verdict}; {figures}"
+                + (f" ({evaluation['note']})" if evaluation.get("note") else "")
+            )
+        _print_refusal(entry)
     print()
     print("Canonical partitions")
     _print_partition_table(settings, start, end)
     return EXIT_OK
+
+
+def _print_refusal(entry: dict) -> None:
+    """The newest refused publish of a target, when nothing was published or rolled back since."""
+    refused = entry.get("refused")
+    if refused:
+        print(f"    NOT PUBLISHED: as of {refused['as_of']} at {refused['at']}: {refused['reason']}")
 
 
 def _age(seconds: int | None) -> str:

@@ -466,6 +466,18 @@ def status(artifact_root: Path, *, now: dt.datetime | None = None) -> list[dict]
                     kind: {"version": item["version"], "rows": item.get("rows")}
                     for kind, item in current["artifacts"].items()
                 },
+                evaluation=(current.get("checks") or {}).get("evaluation"),
             )
+        # A refusal after the last publish or rollback is what an operator must see first: the reason
+        # the current manifest is not newer.
+        records = read_registry(artifact_root, tenant, surface)
+        moved = max((r["seq"] for r in records if r.get("action") in _CURRENT_MOVING), default=0)
+        refusals = [r for r in records if r.get("action") == "refused" and r["seq"] > moved]
+        if refusals:
+            entry["refused"] = {
+                "as_of": refusals[-1].get("as_of"),
+                "at": refusals[-1].get("at"),
+                "reason": refusals[-1].get("reason"),
+            }
         entries.append(entry)
     return entries
