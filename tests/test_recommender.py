@@ -139,6 +139,16 @@ def test_unknown_context_items_are_reported_and_the_known_ones_still_seed(
     ]
 
 
+def test_seeds_without_neighbours_fall_back_to_popular_items(
+    target: LoadedTarget, published: Published
+) -> None:
+    lonely = next(item for item, _ in published.popular if item not in published.neighbors)
+    result = recommend(target, context_items=[lonely], k=5, exclude_seen=True)
+    expected = [(item, score, SOURCE_POPULARITY) for item, score in published.popular if item != lonely][:5]
+    assert as_tuples(result) == expected
+    assert codes(result) == [recommender.NO_COOC_CANDIDATES]
+
+
 def test_an_unknown_user_gets_popular_items_and_a_warning(target: LoadedTarget, published: Published) -> None:
     top = published.expected(None, 7)
     assert [item for item, _, _ in top] == [item for item, _ in published.popular[:7]]
