@@ -14,8 +14,12 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from recsys_core.settings import ConfigError, Settings, load_settings
+
+if TYPE_CHECKING:
+    from recsys_core.manifest import Manifest
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -489,7 +493,7 @@ def example_requests(settings: Settings, base: str) -> list[str]:
     return [f"curl '{base}/readyz'   # nothing is published yet: run the pipeline first"]
 
 
-def _first_value(settings: Settings, manifest: dict, kind: str, column: str) -> str | None:
+def _first_value(settings: Settings, manifest: Manifest, kind: str, column: str) -> str | None:
     import pyarrow.parquet as pq
 
     from recsys_core.kinds import ARTIFACT_KINDS

@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from recsys_core.kinds import ARTIFACT_KINDS, KINDS, REQUIRED_KINDS, ArtifactKind
-from recsys_core.manifest import list_targets, read_current, read_meta, resolve_uri, verify_artifact
+from recsys_core.manifest import Manifest, list_targets, read_current, read_meta, resolve_uri, verify_artifact
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class LoadedTarget:
 
     tenant: str
     surface: str
-    manifest: dict[str, Any]
+    manifest: Manifest
     manifest_version: str
     as_of: str
     updated_at: str
@@ -384,7 +384,7 @@ class ArtifactStore:
 # ------------------------------------------------------------------------------------------ loading
 
 
-def load_target(artifact_root: Path, tenant: str, surface: str, manifest: Mapping[str, Any]) -> LoadedTarget:
+def load_target(artifact_root: Path, tenant: str, surface: str, manifest: Manifest) -> LoadedTarget:
     """Verify and load the artifacts `manifest` names into a `LoadedTarget`; `LoadError` if unusable."""
     started = time.perf_counter()
     current: Mapping[str, str] = manifest["current"]
@@ -477,7 +477,7 @@ def load_target(artifact_root: Path, tenant: str, surface: str, manifest: Mappin
     return LoadedTarget(
         tenant=tenant,
         surface=surface,
-        manifest=dict(manifest),
+        manifest=manifest.copy(),
         manifest_version=manifest["manifest_version"],
         as_of=manifest["as_of"],
         updated_at=updated_at,
@@ -509,9 +509,7 @@ def load_target(artifact_root: Path, tenant: str, surface: str, manifest: Mappin
     )
 
 
-def _read_artifact(
-    artifact_root: Path, tenant: str, surface: str, manifest: Mapping[str, Any], kind: str
-) -> pa.Table:
+def _read_artifact(artifact_root: Path, tenant: str, surface: str, manifest: Manifest, kind: str) -> pa.Table:
     """One verified artifact's data file, with the columns the server reads cast to known types."""
     uri = manifest["current"][kind]
     folder = resolve_uri(artifact_root, tenant, surface, uri)
@@ -541,7 +539,7 @@ def _als_model(
     artifact_root: Path,
     tenant: str,
     surface: str,
-    manifest: Mapping[str, Any],
+    manifest: Manifest,
     item_codes: np.ndarray,
     n_items: int,
 ) -> AlsModel:

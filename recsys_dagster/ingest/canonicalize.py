@@ -28,7 +28,7 @@ import zlib
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from recsys_core.lake import SUMMARY_FILE, content_hash, landing_dir, partition_dir
+from recsys_core.lake import SUMMARY_FILE, SummaryRecord, content_hash, landing_dir, partition_dir
 from recsys_core.settings import IngestConfig
 from recsys_core.storage import replace_dir, write_atomic
 from recsys_dagster.ingest import contract
@@ -85,8 +85,23 @@ class PartitionSummary:
     def reconciled(self) -> bool:
         return self.lines_read == self.canonical_rows + self.quarantined + self.duplicates + self.blank_lines
 
-    def to_json(self) -> dict:
-        return asdict(self) | {"reconciled": self.reconciled}
+    def to_json(self) -> SummaryRecord:
+        """The summary as `_summary.json` holds it (the file has `seconds` null)."""
+        return {
+            "day": self.day,
+            "files": list(self.files),
+            "bytes_read": self.bytes_read,
+            "lines_read": self.lines_read,
+            "canonical_rows": self.canonical_rows,
+            "quarantined": self.quarantined,
+            "duplicates": self.duplicates,
+            "blank_lines": self.blank_lines,
+            "reasons": dict(self.reasons),
+            "output_files": list(self.output_files),
+            "content_hash": self.content_hash,
+            "seconds": self.seconds,
+            "reconciled": self.reconciled,
+        }
 
 
 def landing_files(raw_root: Path, day: dt.date) -> list[Path]:
@@ -810,5 +825,5 @@ class _QuarantineWriter:
         self._parts.close()
 
 
-def _json_bytes(payload: dict) -> bytes:
+def _json_bytes(payload: SummaryRecord) -> bytes:
     return (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode()

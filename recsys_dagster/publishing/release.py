@@ -13,9 +13,10 @@ import json
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from recsys_core.kinds import ARTIFACT_KINDS, KINDS
-from recsys_core.lake import BUILDS_FILE, partition_dir, read_json_record, read_summary
+from recsys_core.lake import BUILDS_FILE, BuildRecord, partition_dir, read_json_record, read_summary
 from recsys_core.settings import Settings
 from recsys_core.storage import write_atomic
 from recsys_dagster.ingest.gates import confirm_gates_passed
@@ -33,7 +34,7 @@ class TargetOutcome:
 
 def write_build_record(lake_root: Path, kind: str, as_of: dt.date, builds: list[ArtifactBuild]) -> Path:
     """Record the artifact versions built for `as_of` (the partition of the window-artifact asset)."""
-    record = {
+    record: BuildRecord = {
         "kind": kind,
         "as_of": as_of.isoformat(),
         "artifacts": [
@@ -55,8 +56,8 @@ def write_build_record(lake_root: Path, kind: str, as_of: dt.date, builds: list[
     return path
 
 
-def read_build_record(lake_root: Path, kind: str, as_of: dt.date) -> dict | None:
-    return read_json_record(partition_dir(lake_root, kind, as_of) / BUILDS_FILE)
+def read_build_record(lake_root: Path, kind: str, as_of: dt.date) -> BuildRecord | None:
+    return cast(BuildRecord | None, read_json_record(partition_dir(lake_root, kind, as_of) / BUILDS_FILE))
 
 
 def gate_problems(settings: Settings, as_of: dt.date) -> tuple[list[str], int]:
@@ -95,14 +96,16 @@ def artifact_row_problems(artifacts: dict[str, Path], min_support: int) -> list[
 
 def publish_as_of(settings: Settings, as_of: dt.date, *, run_id: str | None = None) -> list[TargetOutcome]:
     """Publish every tenant and surface that has artifacts built for `as_of`."""
-    missing = [kind for kind in KINDS if read_build_record(settings.lake_root, kind, as_of) is None]
+    records = {kind: read_build_record(settings.lake_root, kind, as_of) for kind in KINDS}
+    built = {kind: record for kind, record in records.items() if record is not None}
+    missing = [kind for kind in KINDS if kind not in built]
     if missing:
         raise FileNotFoundError(
             f"no artifacts built as of {as_of} for: {', '.join(missing)}; materialize them before publishing"
         )
     per_target: dict[tuple[str, str], dict[str, Path]] = defaultdict(dict)
-    for kind in KINDS:
-        for entry in read_build_record(settings.lake_root, kind, as_of)["artifacts"]:
+    for kind, record in built.items():
+        for entry in record["artifacts"]:
             per_target[(entry["tenant"], entry["surface"])][kind] = Path(entry["path"])
     problems, checked = gate_problems(settings, as_of)
     outcomes = []
