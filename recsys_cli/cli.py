@@ -370,7 +370,8 @@ def _age(seconds: int | None) -> str:
 
 
 def cmd_history(args: argparse.Namespace, settings: Settings) -> int:
-    from recsys_core.manifest import ManifestError, UnsafePathError
+    from recsys_core.manifest import ManifestError
+    from recsys_core.names import UnsafePathError
     from recsys_dagster.publishing.protocol import history
 
     try:
@@ -399,7 +400,8 @@ def cmd_history(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_rollback(args: argparse.Namespace, settings: Settings) -> int:
     import getpass
 
-    from recsys_core.manifest import ManifestError, UnsafePathError
+    from recsys_core.manifest import ManifestError
+    from recsys_core.names import UnsafePathError
     from recsys_dagster.publishing.protocol import PublishError, history, rollback
 
     if args.steps is not None and args.steps < 1:

@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal, NotRequired, TypedDict, TypeGuard, cast, get_args
 
@@ -248,7 +248,7 @@ def read_manifest(
         if expected is not None and value != expected:
             raise bad(f"{field} is {value!r}, expected {expected!r}")
     try:
-        dt.datetime.fromisoformat(manifest.get("updated_at"))
+        _iso_text(dt.datetime.fromisoformat, manifest.get("updated_at"))
     except (TypeError, ValueError) as exc:
         raise bad(f"updated_at {manifest.get('updated_at')!r} is not an ISO timestamp") from exc
     current = manifest.get("current")
@@ -272,16 +272,24 @@ def read_manifest(
         versions[kind] = entry["version"]
     as_of = manifest.get("as_of")
     try:
-        dt.date.fromisoformat(as_of)
+        day = _iso_text(dt.date.fromisoformat, as_of)
     except (TypeError, ValueError) as exc:
         raise bad(f"as_of {as_of!r} is not an ISO date") from exc
     mv = manifest.get("manifest_version")
     if not is_hex64(mv):
         raise bad("manifest_version missing or not 64 hex characters")
     # Recomputing the version catches a hand-edited or mixed-up manifest, not just a truncated one.
-    if mv != manifest_version(manifest["tenant"], manifest["surface"], as_of, versions):
+    if mv != manifest_version(manifest["tenant"], manifest["surface"], day, versions):
         raise bad("manifest_version does not match its tenant/surface/as_of/artifact versions")
     return cast(Manifest, manifest)  # validated above: what the readers rely on is there
+
+
+def _iso_text(parse: Callable[[str], object], value: object) -> str:
+    """`value`, a string that `parse` (a `fromisoformat`) accepts; TypeError or ValueError otherwise."""
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {type(value).__name__}")
+    parse(value)
+    return value
 
 
 def read_current(artifact_root: Path, tenant: str, surface: str) -> Manifest | None:
@@ -387,7 +395,8 @@ def _row_count(path: Path) -> int:
             else:
                 shape, _, _ = np.lib.format.read_array_header_2_0(handle)
         return int(shape[0]) if shape else 1
-    return pq.ParquetFile(path).metadata.num_rows
+    rows: int = pq.ParquetFile(path).metadata.num_rows
+    return rows
 
 
 # ------------------------------------------------------------------------------------ listing, log

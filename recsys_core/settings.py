@@ -287,10 +287,11 @@ def _artifacts_section(values: Any) -> ArtifactsConfig:
 
 def _artifact_sections() -> dict[str, type]:
     """The per-kind sections of `artifacts:`, by kind name."""
-    return {f.name: f.default_factory for f in dataclasses.fields(ArtifactsConfig)}  # type: ignore[misc]
+    default = ArtifactsConfig()
+    return {f.name: type(getattr(default, f.name)) for f in dataclasses.fields(ArtifactsConfig)}
 
 
-def _reject_unknown(prefix: str, values: dict, known: set[str]) -> None:
+def _reject_unknown(prefix: str, values: dict[str, Any], known: set[str]) -> None:
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"unknown config key(s): {', '.join(prefix + k for k in unknown)}")
