@@ -93,7 +93,8 @@ class AlsModel:
 
     def scores(self, vector: np.ndarray) -> np.ndarray:
         """The model's score of every item of the vocabulary for a user vector (float64)."""
-        return self.item_factors @ vector
+        scores: np.ndarray = self.item_factors @ vector
+        return scores
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -156,7 +157,9 @@ class LoadedTarget:
         row = self.user_index.get(user_id)
         if row is None:
             return None
-        return self.history_items[self.history_indptr[row] : self.history_indptr[row + 1]].tolist()
+        span = slice(self.history_indptr[row], self.history_indptr[row + 1])
+        items: list[int] = self.history_items[span].tolist()
+        return items
 
     def history_with_weights(self, user_id: str) -> tuple[list[int], list[float]] | None:
         """The user's items (most recent first) and their interaction weights; None for an unknown user."""
@@ -417,7 +420,8 @@ def load_target(artifact_root: Path, tenant: str, surface: str, manifest: Manife
 
     def codes(column: pa.ChunkedArray) -> np.ndarray:
         # Every id is in the vocabulary and none is null (checked on read), so no code is missing.
-        return pc.index_in(column, value_set=vocab).to_numpy(zero_copy_only=False).astype(np.int32)
+        found: np.ndarray = pc.index_in(column, value_set=vocab).to_numpy(zero_copy_only=False)
+        return found.astype(np.int32)
 
     # Popularity: published rank order; an item listed twice keeps its best rank.
     order = np.argsort(_ints(popularity["rank"]), kind="stable")
@@ -599,11 +603,13 @@ def _shared_ints(values: np.ndarray, n: int) -> list[int]:
 
 
 def _ints(column: pa.ChunkedArray) -> np.ndarray:
-    return column.to_numpy().astype(np.int64, copy=False)
+    values: np.ndarray = column.to_numpy()
+    return values.astype(np.int64, copy=False)
 
 
 def _floats(column: pa.ChunkedArray) -> np.ndarray:
-    return column.to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
+    values: np.ndarray = column.to_numpy(zero_copy_only=False)
+    return values.astype(np.float64, copy=False)
 
 
 def _indptr(sorted_rows: np.ndarray, n_rows: int) -> np.ndarray:
