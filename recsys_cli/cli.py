@@ -213,7 +213,7 @@ def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
                 else ""
             )
         )
-        if report.first_day:
+        if report.first_day and report.last_day:
             first_days.append(report.first_day)
             last_days.append(report.last_day)
     if first_days:

@@ -316,7 +316,7 @@ def _parse_block(lines: _LineIndex, max_line_bytes: int) -> tuple[pl.DataFrame, 
 
     fast_index = np.flatnonzero(~careful)
     frames = []
-    slow_index = list(np.flatnonzero(careful))
+    slow_index: list[int | np.integer] = list(np.flatnonzero(careful))
     if len(fast_index):
         source = block if len(fast_index) == lines.count else _mask_lines(block, lines, careful)
         parsed, failed = _read_ndjson_bisect(source, lines, 0, lines.count, careful)
@@ -655,19 +655,19 @@ class _ParquetParts:
                 return
             size = min(size, self._buffered_rows)
             buffered = pa.concat_tables(self._buffered)
-            if self._file is None:
-                self._open_next()
-            self._file.write_table(buffered.slice(0, size), row_group_size=size)
+            writer = self._file if self._file is not None else self._open_next()
+            writer.write_table(buffered.slice(0, size), row_group_size=size)
             self._file_rows += size
             rest = buffered.slice(size)
             self._buffered, self._buffered_rows = ([rest] if rest.num_rows else []), rest.num_rows
             if self._file_rows == self.rows_per_file:
                 self.abort()
 
-    def _open_next(self) -> None:
+    def _open_next(self) -> pq.ParquetWriter:
         name = f"part-{len(self.files):05d}.parquet"
         self.files.append(name)
         self._file = pq.ParquetWriter(self.out_dir / name, self.schema, **self.options)
+        return self._file
 
 
 class _CanonicalWriter:

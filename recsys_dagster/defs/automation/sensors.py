@@ -39,6 +39,8 @@ def freshness_transitions(previous: dict[str, str], current: dict[str, str]) -> 
     description="Sends an alert when an asset's freshness policy goes WARN/FAIL, and when it recovers.",
 )
 def freshness_alerts(context: dg.SensorEvaluationContext, recsys: RecsysResource) -> dg.SkipReason:
+    if context.repository_def is None:  # Dagster always passes it when it evaluates the sensor
+        raise dg.DagsterInvariantViolationError("freshness_alerts needs the definitions it belongs to")
     graph = context.repository_def.asset_graph
     keys = [node.key for node in graph.asset_nodes if node.freshness_policy_or_from_metadata is not None]
     records = context.instance.get_freshness_state_records(keys)
