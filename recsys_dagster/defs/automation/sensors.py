@@ -61,7 +61,7 @@ def freshness_alerts(context: dg.SensorEvaluationContext, recsys: RecsysResource
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Sends an alert for every failed run, naming the failed steps and their errors.",
 )
-def run_failure_alerts(context: dg.RunFailureSensorContext, recsys: RecsysResource) -> Alert:
+def run_failure_alerts(context: dg.RunFailureSensorContext, recsys: RecsysResource) -> None:
     run = context.dagster_run
     steps = {}
     for event in context.get_step_failure_events():
@@ -85,7 +85,6 @@ def run_failure_alerts(context: dg.RunFailureSensorContext, recsys: RecsysResour
         {"run_id": run.run_id, "partition": partition, "failed_steps": steps},
     )
     sink_from_spec(recsys.settings.alert_sink, recsys.settings.home).send(alert)
-    return alert
 
 
 def build_sensors() -> dg.Definitions:
