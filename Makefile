@@ -46,6 +46,7 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports --no-cache
 	$(VENV)/bin/sqlfluff lint dbt_like_sql
+	$(VENV)/bin/mypy
 
 fmt: install
 	$(VENV)/bin/ruff format .
@@ -59,4 +60,4 @@ bench: install
 	$(VENV)/bin/python -m benchmarks.run
 
 clean:
-	rm -rf $(VENV) $(TOOLS) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(TOOLS) .pytest_cache .ruff_cache .mypy_cache

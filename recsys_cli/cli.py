@@ -14,8 +14,12 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from recsys_core.settings import ConfigError, Settings, load_settings
+
+if TYPE_CHECKING:
+    from recsys_core.manifest import Manifest
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -217,7 +221,7 @@ def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
                 else ""
             )
         )
-        if report.first_day:
+        if report.first_day and report.last_day:
             first_days.append(report.first_day)
             last_days.append(report.last_day)
     if first_days:
@@ -427,7 +431,8 @@ def _age(seconds: int | None) -> str:
 
 
 def cmd_history(args: argparse.Namespace, settings: Settings) -> int:
-    from recsys_core.manifest import ManifestError, UnsafePathError
+    from recsys_core.manifest import ManifestError
+    from recsys_core.names import UnsafePathError
     from recsys_dagster.publishing.protocol import history
 
     try:
@@ -456,7 +461,8 @@ def cmd_history(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_rollback(args: argparse.Namespace, settings: Settings) -> int:
     import getpass
 
-    from recsys_core.manifest import ManifestError, UnsafePathError
+    from recsys_core.manifest import ManifestError
+    from recsys_core.names import UnsafePathError
     from recsys_dagster.publishing.protocol import PublishError, history, rollback
 
     if args.steps is not None and args.steps < 1:
@@ -550,7 +556,7 @@ def example_requests(settings: Settings, base: str) -> list[str]:
     return [f"curl '{base}/readyz'   # nothing is published yet: run the pipeline first"]
 
 
-def _first_value(settings: Settings, manifest: dict, kind: str, column: str) -> str | None:
+def _first_value(settings: Settings, manifest: Manifest, kind: str, column: str) -> str | None:
     import pyarrow.parquet as pq
 
     from recsys_core.kinds import ARTIFACT_KINDS

@@ -49,7 +49,8 @@ class ArtifactKind:
 
     def window_days(self, config: PipelineConfig) -> int:
         """The length of the kind's trailing window (`artifacts.<kind>.window_days`)."""
-        return getattr(config.artifacts, self.name).window_days
+        days: int = getattr(config.artifacts, self.name).window_days
+        return days
 
 
 POPULARITY = ArtifactKind(

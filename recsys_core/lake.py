@@ -15,13 +15,81 @@ import datetime as dt
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, cast
 
 SUMMARY_FILE = "_summary.json"
 CHECKS_FILE = "_checks.json"
 BUILDS_FILE = "builds.json"
 # The one file of a daily aggregate partition.
 AGGREGATE_FILE = "part-00000.parquet"
+
+
+# ------------------------------------------------------------------------------------------ records
+# The record files as the pipeline writes them; the types describe the files, they do not shape them.
+
+
+class SummaryRecord(TypedDict):
+    """`_summary.json`: what canonicalization did with every line of a day (docs/reference/event-contract.md)."""
+
+    day: str
+    files: list[str]
+    bytes_read: int
+    lines_read: int
+    canonical_rows: int
+    quarantined: int
+    duplicates: int
+    blank_lines: int
+    reasons: dict[str, int]
+    output_files: list[str]
+    content_hash: str
+    seconds: float | None  # null in the file, so that identical input gives an identical file
+    reconciled: bool
+
+
+class GateRecord(TypedDict):
+    """One gate's result in `_checks.json`."""
+
+    name: str
+    passed: bool
+    blocking: bool
+    summary: str
+    metadata: dict[str, Any]
+    sample: list[dict[str, Any]]
+
+
+class ChecksRecord(TypedDict):
+    """`_checks.json`: the gate results of a canonical_events partition (docs/reference/checks.md)."""
+
+    day: str
+    content_hash: str  # the `_summary.json` content hash of the data checked
+    checked_at: str
+    passed: bool  # every blocking gate passed
+    results: list[GateRecord]
+
+
+class BuildWindow(TypedDict):
+    start: str
+    end: str
+
+
+class BuiltArtifact(TypedDict):
+    """One artifact directory of a build record."""
+
+    tenant: str
+    surface: str
+    version: str
+    path: str
+    rows: int
+    window: BuildWindow
+    missing_days: list[str]
+
+
+class BuildRecord(TypedDict):
+    """`builds.json`: the artifact versions of one kind built as of a day, per tenant and surface."""
+
+    kind: str
+    as_of: str
+    artifacts: list[BuiltArtifact]
 
 
 def day_folder(day: dt.date) -> str:
@@ -43,23 +111,28 @@ def parquet_files(folder: Path) -> list[Path]:
 
 
 def read_json_record(path: Path) -> dict[str, Any] | None:
-    """A JSON record file of the lake (summary, checks, builds); None if it does not exist."""
+    """A JSON record file of the lake (summary, checks, builds); None if it does not exist.
+
+    The records are written by the pipeline only, and read back as written, without validation.
+    """
     return json.loads(Path(path).read_text()) if Path(path).exists() else None
 
 
-def read_summary(lake_root: Path, day: dt.date) -> dict[str, Any] | None:
+def read_summary(lake_root: Path, day: dt.date) -> SummaryRecord | None:
     """The `_summary.json` of a canonical_events partition; None if it was never materialized."""
-    return read_json_record(partition_dir(lake_root, "canonical_events", day) / SUMMARY_FILE)
+    record = read_json_record(partition_dir(lake_root, "canonical_events", day) / SUMMARY_FILE)
+    return cast(SummaryRecord | None, record)
 
 
-def read_builds(lake_root: Path, kind: str, as_of: dt.date) -> dict[str, Any] | None:
+def read_builds(lake_root: Path, kind: str, as_of: dt.date) -> BuildRecord | None:
     """The `builds.json` of an artifact kind as of a day: the versions built per tenant and surface."""
-    return read_json_record(partition_dir(lake_root, kind, as_of) / BUILDS_FILE)
+    return cast(BuildRecord | None, read_json_record(partition_dir(lake_root, kind, as_of) / BUILDS_FILE))
 
 
-def read_checks(lake_root: Path, day: dt.date) -> dict[str, Any] | None:
+def read_checks(lake_root: Path, day: dt.date) -> ChecksRecord | None:
     """The `_checks.json` (gate results) of a canonical_events partition; None if it was never checked."""
-    return read_json_record(partition_dir(lake_root, "canonical_events", day) / CHECKS_FILE)
+    record = read_json_record(partition_dir(lake_root, "canonical_events", day) / CHECKS_FILE)
+    return cast(ChecksRecord | None, record)
 
 
 def content_hash(folder: Path) -> str:

@@ -17,9 +17,9 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Literal, NotRequired, TypedDict, TypeGuard, cast, get_args
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -35,7 +35,8 @@ LOCK_FILE = ".lock"
 META_FILE = "meta.json"
 # Fields of meta.json that do not take part in the version (they change on every rebuild).
 VOLATILE_META_FIELDS = frozenset({"version", "built_at", "run_id"})
-REGISTRY_ACTIONS = frozenset({"publish", "noop", "history_only", "refused", "rollback"})
+RegistryAction = Literal["publish", "noop", "history_only", "refused", "rollback"]
+REGISTRY_ACTIONS: frozenset[str] = frozenset(get_args(RegistryAction))
 
 _HEX64_RE = re.compile(r"[0-9a-f]{64}")
 
@@ -44,7 +45,95 @@ class ManifestError(ValueError):
     """A manifest, meta.json or registry file that is missing required structure or is corrupt."""
 
 
-def is_hex64(value: Any) -> bool:
+# ------------------------------------------------------------------------------------------ records
+# The JSON files of docs/reference/artifacts.md as the pipeline writes them. The types describe the
+# files, they do not shape them: the writers decide the keys and their order.
+
+
+class ArtifactWindow(TypedDict):
+    """The trailing window an artifact was computed over."""
+
+    days: int
+    start: str
+    end: str
+
+
+class ArtifactMeta(TypedDict):
+    """An artifact directory's `meta.json`.
+
+    `write_artifact_dir` adds format, kind, rows, files, built_at and version to the fields its caller
+    gives; the pipeline's builders give the others, which publishing checks only when they are present.
+    """
+
+    format: int
+    kind: str
+    version: str
+    tenant: NotRequired[str]
+    surface: NotRequired[str]
+    as_of: NotRequired[str]
+    window: NotRequired[ArtifactWindow]
+    params: NotRequired[dict[str, Any]]
+    rows: dict[str, int]
+    files: dict[str, str]
+    # The aggregate's days used, the content hash of each canonical day, the days missing.
+    inputs: NotRequired[dict[str, list[str] | dict[str, str]]]
+    built_at: str
+    run_id: NotRequired[str | None]
+
+
+class ManifestArtifact(TypedDict):
+    """One kind in a manifest's `artifacts`; `window` is null when the artifact's meta.json has none."""
+
+    version: str
+    uri: str
+    rows: int
+    window: ArtifactWindow | None
+
+
+class Manifest(TypedDict):
+    """`manifest.json` and every file under `manifests/`."""
+
+    v: int
+    tenant: str
+    surface: str
+    current: dict[str, str]  # kind -> uri, relative to the directory of manifest.json
+    updated_at: str
+    manifest_version: str
+    as_of: str
+    artifacts: dict[str, ManifestArtifact]
+    checks: dict[str, Any]  # per family of checks, what publishing confirmed
+    run_id: str | None
+    published_by: str
+
+
+# The fields of a registry record that follow its `seq` and `at`, in the order they are written (`from`
+# is a keyword, hence the functional form). `previous` is null for the first publish; `actor`, `reason`
+# and `run_id` are null when they do not apply.
+RegistryFields = TypedDict(
+    "RegistryFields",
+    {
+        "action": RegistryAction,
+        "manifest_version": str,
+        "previous": str | None,
+        "as_of": str,
+        "actor": str | None,
+        "reason": str | None,
+        "run_id": str | None,
+        # Rollback records: the manifest versions current before and after.
+        "from": NotRequired[str],
+        "to": NotRequired[str],
+    },
+)
+
+
+class RegistryRecord(RegistryFields):
+    """One line of `registry.jsonl`: its sequence number and UTC time, then the fields."""
+
+    seq: int
+    at: str
+
+
+def is_hex64(value: object) -> TypeGuard[str]:
     """True for a lowercase SHA-256 hex digest, the form of every version in this layout."""
     return isinstance(value, str) and _HEX64_RE.fullmatch(value) is not None
 
@@ -127,7 +216,7 @@ def manifest_version(tenant: str, surface: str, as_of: dt.date | str, versions: 
 
 def read_manifest(
     path: Path, *, base: Path | None = None, tenant: str | None = None, surface: str | None = None
-) -> dict:
+) -> Manifest:
     """Read and validate one manifest file; raise `ManifestError` with the reason if it is malformed.
 
     `base` is the directory the `current` URIs are relative to: the directory holding `manifest.json`
@@ -159,7 +248,7 @@ def read_manifest(
         if expected is not None and value != expected:
             raise bad(f"{field} is {value!r}, expected {expected!r}")
     try:
-        dt.datetime.fromisoformat(manifest.get("updated_at"))
+        _iso_text(dt.datetime.fromisoformat, manifest.get("updated_at"))
     except (TypeError, ValueError) as exc:
         raise bad(f"updated_at {manifest.get('updated_at')!r} is not an ISO timestamp") from exc
     current = manifest.get("current")
@@ -183,19 +272,27 @@ def read_manifest(
         versions[kind] = entry["version"]
     as_of = manifest.get("as_of")
     try:
-        dt.date.fromisoformat(as_of)
+        day = _iso_text(dt.date.fromisoformat, as_of)
     except (TypeError, ValueError) as exc:
         raise bad(f"as_of {as_of!r} is not an ISO date") from exc
     mv = manifest.get("manifest_version")
     if not is_hex64(mv):
         raise bad("manifest_version missing or not 64 hex characters")
     # Recomputing the version catches a hand-edited or mixed-up manifest, not just a truncated one.
-    if mv != manifest_version(manifest["tenant"], manifest["surface"], as_of, versions):
+    if mv != manifest_version(manifest["tenant"], manifest["surface"], day, versions):
         raise bad("manifest_version does not match its tenant/surface/as_of/artifact versions")
-    return manifest
+    return cast(Manifest, manifest)  # validated above: what the readers rely on is there
 
 
-def read_current(artifact_root: Path, tenant: str, surface: str) -> dict | None:
+def _iso_text(parse: Callable[[str], object], value: object) -> str:
+    """`value`, a string that `parse` (a `fromisoformat`) accepts; TypeError or ValueError otherwise."""
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {type(value).__name__}")
+    parse(value)
+    return value
+
+
+def read_current(artifact_root: Path, tenant: str, surface: str) -> Manifest | None:
     """The current manifest of a tenant and surface, validated; None if nothing was published yet."""
     folder = target_dir(artifact_root, tenant, surface)
     try:
@@ -207,8 +304,11 @@ def read_current(artifact_root: Path, tenant: str, surface: str) -> dict | None:
 # -------------------------------------------------------------------------------------- artifacts
 
 
-def read_meta(artifact_dir: Path) -> dict:
-    """An artifact directory's `meta.json` as a dict; `ManifestError` if missing or not a JSON object."""
+def read_meta(artifact_dir: Path) -> ArtifactMeta:
+    """An artifact directory's `meta.json`; `ManifestError` if missing or not a JSON object.
+
+    Only its being an object is checked here; `verify_artifact` checks the rest.
+    """
     path = Path(artifact_dir) / META_FILE
     try:
         meta = json.loads(path.read_bytes())
@@ -218,7 +318,7 @@ def read_meta(artifact_dir: Path) -> dict:
         raise ManifestError(f"{path}: not readable JSON ({exc})") from exc
     if not isinstance(meta, dict):
         raise ManifestError(f"{path}: not a JSON object")
-    return meta
+    return cast(ArtifactMeta, meta)
 
 
 def verify_artifact(artifact_dir: Path, required_nonempty: bool) -> list[str]:
@@ -295,7 +395,8 @@ def _row_count(path: Path) -> int:
             else:
                 shape, _, _ = np.lib.format.read_array_header_2_0(handle)
         return int(shape[0]) if shape else 1
-    return pq.ParquetFile(path).metadata.num_rows
+    rows: int = pq.ParquetFile(path).metadata.num_rows
+    return rows
 
 
 # ------------------------------------------------------------------------------------ listing, log
@@ -325,14 +426,14 @@ def list_targets(artifact_root: Path) -> list[tuple[str, str]]:
     return found
 
 
-def parse_registry(data: bytes, *, source: str = REGISTRY_FILE) -> tuple[list[dict], int]:
+def parse_registry(data: bytes, *, source: str = REGISTRY_FILE) -> tuple[list[RegistryRecord], int]:
     """Parse registry bytes into records plus the byte offset where the last good record ends.
 
     A crash while appending can leave the final line torn (partial, or zero-filled after power loss):
     that line is ignored, and the offset tells the next appender where to cut it off. An unparseable
     line anywhere else means the log is corrupt, and `ManifestError` says which line.
     """
-    records: list[dict] = []
+    records: list[RegistryRecord] = []
     good_end = 0
     offset = 0
     lines = data.split(b"\n")
@@ -354,13 +455,13 @@ def parse_registry(data: bytes, *, source: str = REGISTRY_FILE) -> tuple[list[di
                 if is_last:
                     break
                 raise ManifestError(f"{source}: line {number} is corrupt ({exc})") from exc
-            records.append(record)
+            records.append(cast(RegistryRecord, record))  # a known action and an integer seq
         good_end = end
         offset = end
     return records, good_end
 
 
-def read_registry(artifact_root: Path, tenant: str, surface: str) -> list[dict]:
+def read_registry(artifact_root: Path, tenant: str, surface: str) -> list[RegistryRecord]:
     """Registry records of a tenant and surface, oldest first ([] if none); tolerates a torn last line."""
     path = target_dir(artifact_root, tenant, surface) / REGISTRY_FILE
     try:

@@ -332,7 +332,7 @@ def _artifact_sections() -> list[str]:
     return [f.name for f in dataclasses.fields(ArtifactsConfig)]
 
 
-def _reject_unknown(prefix: str, values: dict, known: set[str]) -> None:
+def _reject_unknown(prefix: str, values: dict[str, Any], known: set[str]) -> None:
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"unknown config key(s): {', '.join(prefix + k for k in unknown)}")

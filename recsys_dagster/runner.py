@@ -91,7 +91,7 @@ def materialize_range(
     for event in result.all_events:
         if event.event_type == dg.DagsterEventType.STEP_FAILURE:
             outcome.failed_steps.append(event.step_key or "?")
-            error = event.event_specific_data.error if event.event_specific_data else None
+            error = event.step_failure_data.error if event.event_specific_data else None
             error = user_error(error)
             if error is not None:
                 outcome.errors.append(f"{event.step_key}: {error.message.strip()}")

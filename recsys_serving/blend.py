@@ -43,7 +43,11 @@ class Blended:
     def sources(self) -> list[str]:
         """The main source of each item: the one that contributed most (ties: als, cooc, popularity)."""
         order = (SOURCE_ALS, SOURCE_COOC, SOURCE_POPULARITY)
-        return [max(order, key=lambda s, c=c: (c.get(s, 0.0), -order.index(s))) for c in self.contributions]
+
+        def main_source(contribution: dict[str, float]) -> str:
+            return max(order, key=lambda s: (contribution.get(s, 0.0), -order.index(s)))
+
+        return [main_source(c) for c in self.contributions]
 
 
 def blend(

@@ -4,6 +4,7 @@ of the served manifests and of the exposure log (read from their owners at scrap
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import (
@@ -13,7 +14,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from recsys_serving.exposures import ExposureWriter
 from recsys_serving.store import ArtifactStore
@@ -27,7 +28,7 @@ class ServingMetrics:
     def __init__(self, store: ArtifactStore, exposures: ExposureWriter | None) -> None:
         # `*_created` series double the size of /metrics and no dashboard here uses them (a process-wide
         # switch of prometheus_client).
-        disable_created_metrics()
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus_client leaves it unannotated
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "recsys_http_requests",
@@ -81,10 +82,10 @@ class _StateCollector:
         self.store = store
         self.exposures = exposures
 
-    def describe(self) -> list:
+    def describe(self) -> list[Metric]:
         return []
 
-    def collect(self) -> Any:
+    def collect(self) -> Iterator[Metric]:
         now = time.time()
         labels = ["tenant", "surface"]
         info = GaugeMetricFamily(

@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from recsys_core.kinds import ARTIFACT_KINDS, KINDS, REQUIRED_KINDS, ArtifactKind
-from recsys_core.manifest import list_targets, read_current, read_meta, resolve_uri, verify_artifact
+from recsys_core.manifest import Manifest, list_targets, read_current, read_meta, resolve_uri, verify_artifact
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,8 @@ class AlsModel:
 
     def scores(self, vector: np.ndarray) -> np.ndarray:
         """The model's score of every item of the vocabulary for a user vector (float64)."""
-        return self.item_factors @ vector
+        scores: np.ndarray = self.item_factors @ vector
+        return scores
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -108,7 +109,7 @@ class LoadedTarget:
 
     tenant: str
     surface: str
-    manifest: dict[str, Any]
+    manifest: Manifest
     manifest_version: str
     as_of: str
     updated_at: str
@@ -156,7 +157,9 @@ class LoadedTarget:
         row = self.user_index.get(user_id)
         if row is None:
             return None
-        return self.history_items[self.history_indptr[row] : self.history_indptr[row + 1]].tolist()
+        span = slice(self.history_indptr[row], self.history_indptr[row + 1])
+        items: list[int] = self.history_items[span].tolist()
+        return items
 
     def history_with_weights(self, user_id: str) -> tuple[list[int], list[float]] | None:
         """The user's items (most recent first) and their interaction weights; None for an unknown user."""
@@ -384,7 +387,7 @@ class ArtifactStore:
 # ------------------------------------------------------------------------------------------ loading
 
 
-def load_target(artifact_root: Path, tenant: str, surface: str, manifest: Mapping[str, Any]) -> LoadedTarget:
+def load_target(artifact_root: Path, tenant: str, surface: str, manifest: Manifest) -> LoadedTarget:
     """Verify and load the artifacts `manifest` names into a `LoadedTarget`; `LoadError` if unusable."""
     started = time.perf_counter()
     current: Mapping[str, str] = manifest["current"]
@@ -417,7 +420,8 @@ def load_target(artifact_root: Path, tenant: str, surface: str, manifest: Mappin
 
     def codes(column: pa.ChunkedArray) -> np.ndarray:
         # Every id is in the vocabulary and none is null (checked on read), so no code is missing.
-        return pc.index_in(column, value_set=vocab).to_numpy(zero_copy_only=False).astype(np.int32)
+        found: np.ndarray = pc.index_in(column, value_set=vocab).to_numpy(zero_copy_only=False)
+        return found.astype(np.int32)
 
     # Popularity: published rank order; an item listed twice keeps its best rank.
     order = np.argsort(_ints(popularity["rank"]), kind="stable")
@@ -477,7 +481,7 @@ def load_target(artifact_root: Path, tenant: str, surface: str, manifest: Mappin
     return LoadedTarget(
         tenant=tenant,
         surface=surface,
-        manifest=dict(manifest),
+        manifest=manifest.copy(),
         manifest_version=manifest["manifest_version"],
         as_of=manifest["as_of"],
         updated_at=updated_at,
@@ -509,9 +513,7 @@ def load_target(artifact_root: Path, tenant: str, surface: str, manifest: Mappin
     )
 
 
-def _read_artifact(
-    artifact_root: Path, tenant: str, surface: str, manifest: Mapping[str, Any], kind: str
-) -> pa.Table:
+def _read_artifact(artifact_root: Path, tenant: str, surface: str, manifest: Manifest, kind: str) -> pa.Table:
     """One verified artifact's data file, with the columns the server reads cast to known types."""
     uri = manifest["current"][kind]
     folder = resolve_uri(artifact_root, tenant, surface, uri)
@@ -541,7 +543,7 @@ def _als_model(
     artifact_root: Path,
     tenant: str,
     surface: str,
-    manifest: Mapping[str, Any],
+    manifest: Manifest,
     item_codes: np.ndarray,
     n_items: int,
 ) -> AlsModel:
@@ -601,11 +603,13 @@ def _shared_ints(values: np.ndarray, n: int) -> list[int]:
 
 
 def _ints(column: pa.ChunkedArray) -> np.ndarray:
-    return column.to_numpy().astype(np.int64, copy=False)
+    values: np.ndarray = column.to_numpy()
+    return values.astype(np.int64, copy=False)
 
 
 def _floats(column: pa.ChunkedArray) -> np.ndarray:
-    return column.to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
+    values: np.ndarray = column.to_numpy(zero_copy_only=False)
+    return values.astype(np.float64, copy=False)
 
 
 def _indptr(sorted_rows: np.ndarray, n_rows: int) -> np.ndarray:

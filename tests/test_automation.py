@@ -137,25 +137,30 @@ def test_run_failure_sensor_names_the_failed_step(defs: dg.Definitions, tmp_path
     raw = tmp_path / "home" / "raw" / "dt=2025-03-01"
     raw.mkdir(parents=True)
     (raw / "bad.jsonl.gz").write_bytes(b"not gzip at all")
-    job = dg.Definitions.merge(
+    with_job = dg.Definitions.merge(
         defs,
         dg.Definitions(
             jobs=[dg.define_asset_job("ingest_only", selection="key:canonical_events or key:quarantine")]
         ),
-    ).resolve_job_def("ingest_only")
+    )
+    job = with_job.resolve_job_def("ingest_only")
+    resources, repository = {"recsys": RecsysResource()}, with_job.get_repository_def()
     with dg.instance_for_test() as instance:
+        # As the daemon evaluates it: the first tick only sets the cursor, the next one sees the failure.
+        first = dg.build_sensor_context(instance, resources=resources, repository_def=repository)
+        run_failure_alerts.evaluate_tick(first)
         result = job.execute_in_process(instance=instance, partition_key="2025-03-01", raise_on_error=False)
         assert not result.success
-        context = dg.build_run_status_sensor_context(
-            sensor_name="run_failure_alerts",
-            dagster_instance=instance,
-            dagster_run=result.dagster_run,
-            dagster_event=result.get_run_failure_event(),
-            resources={"recsys": RecsysResource()},
+        tick = run_failure_alerts.evaluate_tick(
+            dg.build_sensor_context(
+                instance, cursor=first.cursor, resources=resources, repository_def=repository
+            )
         )
-        alert = run_failure_alerts(context)
-    assert "canonical_events" in alert.message and "bad.jsonl.gz" in alert.message
+    # One reaction, for the failed run, and without an error: the sensor itself ran cleanly.
+    reactions = tick.dagster_run_reactions or []
+    assert [(r.dagster_run.run_id, r.error) for r in reactions if r.dagster_run] == [(result.run_id, None)]
     written = alerts_written(tmp_path)
+    assert "canonical_events" in written[-1]["message"] and "bad.jsonl.gz" in written[-1]["message"]
     assert written[-1]["kind"] == "run_failure" and written[-1]["details"]["partition"] == "2025-03-01"
 
 

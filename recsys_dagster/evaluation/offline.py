@@ -26,7 +26,14 @@ import polars as pl
 
 from recsys_core.kinds import ARTIFACT_KINDS, KINDS
 from recsys_core.lake import AGGREGATE_FILE, partition_dir, read_builds, read_json_record
-from recsys_core.manifest import FORMAT_VERSION, manifest_version, read_current, target_dir, utc_timestamp
+from recsys_core.manifest import (
+    FORMAT_VERSION,
+    Manifest,
+    manifest_version,
+    read_current,
+    target_dir,
+    utc_timestamp,
+)
 from recsys_core.settings import BlendWeights, Settings
 from recsys_core.storage import write_atomic
 from recsys_dagster.evaluation.evaluate import EvaluationResult, Ranker, evaluate_models
@@ -95,17 +102,21 @@ def load_built(
 ) -> LoadedTarget:
     """A target loaded from artifact directories that were built but not published (an in-memory manifest)."""
     versions = {kind: path.name for kind, path in paths.items()}
-    manifest = {
+    manifest: Manifest = {
         "v": FORMAT_VERSION,
         "tenant": tenant,
         "surface": surface,
         "current": {kind: f"{kind}/{version}" for kind, version in versions.items()},
-        "artifacts": {
-            kind: {"version": version, "uri": f"{kind}/{version}"} for kind, version in versions.items()
-        },
+        "updated_at": utc_timestamp(),
         "manifest_version": manifest_version(tenant, surface, as_of, versions),
         "as_of": as_of.isoformat(),
-        "updated_at": utc_timestamp(),
+        "artifacts": {
+            kind: {"version": version, "uri": f"{kind}/{version}", "rows": 0, "window": None}
+            for kind, version in versions.items()
+        },
+        "checks": {},
+        "run_id": None,
+        "published_by": "evaluation",
     }
     return load_target(artifact_root, tenant, surface, manifest)
 
@@ -130,8 +141,9 @@ def evaluate_day(settings: Settings, as_of: dt.date) -> list[TargetEvaluation]:
     outcomes = []
     # Every target with artifacts as of the day gets a record, also one with nothing before the held-out
     # days to learn from (its first days): publishing looks for it.
-    for build in (read_builds(lake_root, "popularity", as_of) or {"artifacts": []})["artifacts"]:
-        built.setdefault((build["tenant"], build["surface"]), {})
+    record = read_builds(lake_root, "popularity", as_of)
+    for entry in record["artifacts"] if record else []:
+        built.setdefault((entry["tenant"], entry["surface"]), {})
     for (tenant, surface), paths in sorted(built.items()):
         rows = interactions.filter((pl.col("tenant") == tenant) & (pl.col("surface") == surface))
         outcomes.append(_evaluate_target(settings, tenant, surface, as_of, scratch, paths, rows))
@@ -170,7 +182,9 @@ def _evaluate_target(
     guardrails = settings.pipeline.guardrails
     folder = evaluation_dir(settings.lake_root, as_of, tenant, surface)
     folder.mkdir(parents=True, exist_ok=True)
-    result, violations, note = None, (), ""
+    result: EvaluationResult | None = None
+    violations: tuple[str, ...] = ()
+    note = ""
     if "popularity" not in paths:
         note = "no data before the held-out day(s) to train on: nothing to evaluate yet"
     else:
@@ -202,7 +216,7 @@ def _evaluate_target(
                 )
             else:
                 violations = tuple(v.message for v in found)
-    record = {
+    record: dict[str, Any] = {
         "tenant": tenant,
         "surface": surface,
         "as_of": as_of.isoformat(),

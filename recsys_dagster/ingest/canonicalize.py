@@ -28,7 +28,7 @@ import zlib
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from recsys_core.lake import SUMMARY_FILE, content_hash, landing_dir, partition_dir
+from recsys_core.lake import SUMMARY_FILE, SummaryRecord, content_hash, landing_dir, partition_dir
 from recsys_core.settings import IngestConfig
 from recsys_core.storage import replace_dir, write_atomic
 from recsys_dagster.ingest import contract
@@ -85,8 +85,23 @@ class PartitionSummary:
     def reconciled(self) -> bool:
         return self.lines_read == self.canonical_rows + self.quarantined + self.duplicates + self.blank_lines
 
-    def to_json(self) -> dict:
-        return asdict(self) | {"reconciled": self.reconciled}
+    def to_json(self) -> SummaryRecord:
+        """The summary as `_summary.json` holds it (the file has `seconds` null)."""
+        return {
+            "day": self.day,
+            "files": list(self.files),
+            "bytes_read": self.bytes_read,
+            "lines_read": self.lines_read,
+            "canonical_rows": self.canonical_rows,
+            "quarantined": self.quarantined,
+            "duplicates": self.duplicates,
+            "blank_lines": self.blank_lines,
+            "reasons": dict(self.reasons),
+            "output_files": list(self.output_files),
+            "content_hash": self.content_hash,
+            "seconds": self.seconds,
+            "reconciled": self.reconciled,
+        }
 
 
 def landing_files(raw_root: Path, day: dt.date) -> list[Path]:
@@ -301,7 +316,7 @@ def _parse_block(lines: _LineIndex, max_line_bytes: int) -> tuple[pl.DataFrame, 
 
     fast_index = np.flatnonzero(~careful)
     frames = []
-    slow_index = list(np.flatnonzero(careful))
+    slow_index: list[int | np.integer] = list(np.flatnonzero(careful))
     if len(fast_index):
         source = block if len(fast_index) == lines.count else _mask_lines(block, lines, careful)
         parsed, failed = _read_ndjson_bisect(source, lines, 0, lines.count, careful)
@@ -640,19 +655,19 @@ class _ParquetParts:
                 return
             size = min(size, self._buffered_rows)
             buffered = pa.concat_tables(self._buffered)
-            if self._file is None:
-                self._open_next()
-            self._file.write_table(buffered.slice(0, size), row_group_size=size)
+            writer = self._file if self._file is not None else self._open_next()
+            writer.write_table(buffered.slice(0, size), row_group_size=size)
             self._file_rows += size
             rest = buffered.slice(size)
             self._buffered, self._buffered_rows = ([rest] if rest.num_rows else []), rest.num_rows
             if self._file_rows == self.rows_per_file:
                 self.abort()
 
-    def _open_next(self) -> None:
+    def _open_next(self) -> pq.ParquetWriter:
         name = f"part-{len(self.files):05d}.parquet"
         self.files.append(name)
         self._file = pq.ParquetWriter(self.out_dir / name, self.schema, **self.options)
+        return self._file
 
 
 class _CanonicalWriter:
@@ -810,5 +825,5 @@ class _QuarantineWriter:
         self._parts.close()
 
 
-def _json_bytes(payload: dict) -> bytes:
+def _json_bytes(payload: SummaryRecord) -> bytes:
     return (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode()

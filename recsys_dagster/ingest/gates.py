@@ -11,14 +11,23 @@ from __future__ import annotations
 import datetime as dt
 import json
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandera.errors
 import polars as pl
 
-from recsys_core.lake import CHECKS_FILE, parquet_files, partition_dir, read_checks, read_summary
+from recsys_core.lake import (
+    CHECKS_FILE,
+    ChecksRecord,
+    GateRecord,
+    SummaryRecord,
+    parquet_files,
+    partition_dir,
+    read_checks,
+    read_summary,
+)
 from recsys_core.settings import ChecksConfig, ConfigError, IngestConfig
 from recsys_core.storage import write_atomic
 from recsys_dagster.ingest import contract
@@ -47,6 +56,17 @@ class GateResult:
     summary: str
     metadata: dict[str, Any] = field(default_factory=dict)
     sample: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_record(self) -> GateRecord:
+        """The result as stored in `_checks.json`."""
+        return {
+            "name": self.name,
+            "passed": self.passed,
+            "blocking": self.blocking,
+            "summary": self.summary,
+            "metadata": self.metadata,
+            "sample": self.sample,
+        }
 
 
 def check_warn_only(checks: ChecksConfig) -> None:
@@ -98,12 +118,12 @@ def run_gates(lake_root: Path, day: dt.date, ingest: IngestConfig, checks: Check
     ]
     for result in results:
         result.blocking = result.name not in checks.warn_only
-    record = {
+    record: ChecksRecord = {
         "day": day.isoformat(),
         "content_hash": summary["content_hash"],
         "checked_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "passed": all(r.passed for r in results if r.blocking),
-        "results": [asdict(r) for r in results],
+        "results": [r.to_record() for r in results],
     }
     write_atomic(folder / CHECKS_FILE, (json.dumps(record, indent=2, default=str) + "\n").encode())
     return results
@@ -158,7 +178,7 @@ def _rows_gate(name: str, violations: pl.DataFrame, what: str) -> GateResult:
     return GateResult(name, count == 0, True, summary, {"violations": count}, _sample(violations))
 
 
-def _rate_gate(name: str, count: int, summary: dict, limit: float, breakdown: dict) -> GateResult:
+def _rate_gate(name: str, count: int, summary: SummaryRecord, limit: float, breakdown: dict) -> GateResult:
     considered = summary["lines_read"] - summary["blank_lines"]
     rate = count / considered if considered else 0.0
     return GateResult(

@@ -19,10 +19,11 @@ import math
 import os
 import re
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from io import BufferedIOBase
 from pathlib import Path
-from typing import IO
+from typing import TypeGuard
 
 import orjson
 
@@ -205,7 +206,7 @@ class _DaySplitter:
         self._buffers.clear()
 
 
-def _open(source: Path) -> IO[bytes]:
+def _open(source: Path) -> BufferedIOBase:
     """Open for binary reading, decompressing gzip (recognised by its magic bytes, not its name)."""
     with open(source, "rb") as probe:
         magic = probe.read(2)
@@ -246,7 +247,7 @@ def _detect_format(source: Path, inner_name: str) -> str:
     raise ValueError(f"cannot detect the format of {source.name}: pass one of {', '.join(FORMATS[1:])}")
 
 
-def _lines(stream: IO[bytes], stats: _Stats) -> Iterator[bytes]:
+def _lines(stream: Iterable[bytes], stats: _Stats) -> Iterator[bytes]:
     """Yield non-blank lines without their line feed (a CR stays: lines are copied verbatim)."""
     for raw in stream:
         stats.lines += 1
@@ -295,7 +296,7 @@ def _is_date(text: str) -> bool:
 
 
 def _convert_jsonl(
-    stream: IO[bytes], stats: _Stats, tenant: str | None, surface: str | None
+    stream: Iterable[bytes], stats: _Stats, tenant: str | None, surface: str | None
 ) -> Iterator[tuple[str | None, bytes]]:
     cache: dict[int, str | None] = {}
     utc_dates: dict[str, bool] = {}
@@ -321,7 +322,7 @@ def _convert_jsonl(
 
 
 def _convert_movielens(
-    stream: IO[bytes], stats: _Stats, tenant: str | None, surface: str | None
+    stream: Iterable[bytes], stats: _Stats, tenant: str | None, surface: str | None
 ) -> Iterator[tuple[str | None, bytes]]:
     cache: dict[int, str | None] = {}
     compact: dict[str, str] = {}
@@ -357,7 +358,7 @@ def _convert_movielens(
 
 
 def _convert_otto(
-    stream: IO[bytes], stats: _Stats, tenant: str | None, surface: str | None
+    stream: Iterable[bytes], stats: _Stats, tenant: str | None, surface: str | None
 ) -> Iterator[tuple[str | None, bytes]]:
     cache: dict[int, str | None] = {}
     scope = f'"tenant":{orjson.dumps(tenant).decode()},"surface":{orjson.dumps(surface).decode()}'
@@ -402,5 +403,5 @@ def _otto_events(line: bytes, cache: dict[int, str | None]) -> list[tuple[str, i
     return out
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)

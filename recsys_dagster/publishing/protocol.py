@@ -31,7 +31,12 @@ from recsys_core.manifest import (
     MANIFEST_FILE,
     MANIFESTS_DIR,
     REGISTRY_FILE,
+    ArtifactMeta,
+    Manifest,
     ManifestError,
+    RegistryAction,
+    RegistryFields,
+    RegistryRecord,
     is_hex64,
     json_file_bytes,
     list_targets,
@@ -102,7 +107,7 @@ def target_lock(target: Path) -> Iterator[None]:
         yield
 
 
-def read_records(target: Path) -> list[dict]:
+def read_records(target: Path) -> list[RegistryRecord]:
     path = target / REGISTRY_FILE
     try:
         return parse_registry(path.read_bytes(), source=str(path))[0]
@@ -110,7 +115,7 @@ def read_records(target: Path) -> list[dict]:
         return []
 
 
-def _append_record(target: Path, fields: Mapping[str, Any]) -> dict:
+def _append_record(target: Path, fields: RegistryFields) -> RegistryRecord:
     """Append one registry record with the next `seq`, fsynced. Caller holds the lock.
 
     A torn tail left by a crashed appender is cut off first: otherwise it would end up in the middle of
@@ -126,7 +131,11 @@ def _append_record(target: Path, fields: Mapping[str, Any]) -> dict:
         records, good_end = parse_registry(data, source=str(path))
         if good_end < len(data):
             os.ftruncate(fd, good_end)
-        record = {"seq": records[-1]["seq"] + 1 if records else 1, "at": utc_timestamp(), **fields}
+        record: RegistryRecord = {
+            "seq": records[-1]["seq"] + 1 if records else 1,
+            "at": utc_timestamp(),
+            **fields,
+        }
         line = (json.dumps(record, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
         write_all(fd, line)
         os.fsync(fd)
@@ -137,44 +146,55 @@ def _append_record(target: Path, fields: Mapping[str, Any]) -> dict:
     return record
 
 
-def _record(action: str, mv: str | None, previous: str | None, as_of: str | None, **extra: Any) -> dict:
+def _record(
+    action: RegistryAction,
+    mv: str,
+    previous: str | None,
+    as_of: str,
+    *,
+    actor: str | None = None,
+    reason: str | None = None,
+    run_id: str | None = None,
+) -> RegistryFields:
     """Registry fields in a fixed order, every documented key present (null when not applicable)."""
-    fields = {
+    return {
         "action": action,
         "manifest_version": mv,
         "previous": previous,
         "as_of": as_of,
-        "actor": extra.pop("actor", None),
-        "reason": extra.pop("reason", None),
-        "run_id": extra.pop("run_id", None),
+        "actor": actor,
+        "reason": reason,
+        "run_id": run_id,
     }
-    fields.update(extra)
-    return fields
 
 
-def _swap(target: Path, manifest: Mapping[str, Any]) -> dict:
+def _swap(target: Path, manifest: Manifest) -> Manifest:
     """Make `manifest` current: `updated_at` is the time of the swap, the rename is atomic."""
-    swapped = {**manifest, "updated_at": utc_timestamp()}
+    swapped: Manifest = {**manifest, "updated_at": utc_timestamp()}
     write_atomic(target / MANIFEST_FILE, json_file_bytes(swapped))
     return swapped
 
 
-def current_timeline(records: Sequence[dict]) -> list[str]:
+def current_timeline(records: Sequence[RegistryRecord]) -> list[str]:
     """Manifest versions in the order they became current (publish and rollback records)."""
     return [r["manifest_version"] for r in records if r.get("action") in _CURRENT_MOVING]
 
 
-def _rolled_back(records: Sequence[dict]) -> dict[str, dict]:
+def _rolled_back(records: Sequence[RegistryRecord]) -> dict[str, RegistryRecord]:
     """Manifest versions rolled back away from and not since re-instated by a rollback, with the record."""
-    marks: dict[str, dict] = {}
+    marks: dict[str, RegistryRecord] = {}
     for record in records:
         if record.get("action") == "rollback":
-            marks[record.get("from")] = record
-            marks.pop(record.get("to"), None)
+            if "from" in record:
+                marks[record["from"]] = record
+            if "to" in record:
+                marks.pop(record["to"], None)
     return marks
 
 
-def _load_current(target: Path, tenant: str, surface: str, records: Sequence[dict]) -> dict | None:
+def _load_current(
+    target: Path, tenant: str, surface: str, records: Sequence[RegistryRecord]
+) -> Manifest | None:
     """The current manifest, after finishing a swap that a crashed publish/rollback left undone.
 
     Caller holds the lock. The newest publish/rollback record is the committed state; if manifest.json
@@ -214,10 +234,10 @@ def _check_inputs(
     day: str,
     artifacts: Mapping[str, Path],
     required_nonempty: Sequence[str],
-) -> tuple[list[str], dict[str, dict]]:
+) -> tuple[list[str], dict[str, ArtifactMeta]]:
     """Validate every artifact directory (protocol step 2); return problems and the metas read."""
     problems: list[str] = []
-    metas: dict[str, dict] = {}
+    metas: dict[str, ArtifactMeta] = {}
     if not artifacts:
         problems.append("no artifacts given")
     for kind in required_nonempty:
@@ -235,10 +255,11 @@ def _check_inputs(
             problems.extend(found)
             continue
         meta = read_meta(folder)
+        fields: Mapping[str, object] = meta  # by name: a meta.json need not have these three
         for key, expected in (("tenant", tenant), ("surface", surface), ("as_of", day)):
-            if key in meta and meta[key] != expected:
+            if key in fields and fields[key] != expected:
                 problems.append(
-                    f"{kind}/{folder.name}: meta.json {key} is {meta[key]!r}, expected {expected!r}"
+                    f"{kind}/{folder.name}: meta.json {key} is {fields[key]!r}, expected {expected!r}"
                 )
         metas[kind] = meta
     return problems, metas
@@ -291,7 +312,8 @@ def publish(
             _append_record(target, _record("noop", mv, previous, day, **common))
             return PublishOutcome("noop", mv, previous, f"manifest {mv[:12]} is already current")
 
-        forward = current is None or day >= current["as_of"]
+        current_as_of = current["as_of"] if current else None
+        forward = current_as_of is None or day >= current_as_of
         rolled = _rolled_back(records).get(mv)
         if forward and rolled is not None:
             why = (
@@ -301,7 +323,7 @@ def publish(
             _append_record(target, _record("refused", mv, previous, day, **common, reason=why))
             return PublishOutcome("refused", mv, previous, why, (why,))
 
-        manifest = {
+        manifest: Manifest = {
             "v": FORMAT_VERSION,
             "tenant": tenant,
             "surface": surface,
@@ -336,7 +358,7 @@ def publish(
         if not forward:
             _append_record(target, _record("history_only", mv, previous, day, **common))
             return PublishOutcome(
-                "history_only", mv, previous, f"{day} is older than current {current['as_of']}: history only"
+                "history_only", mv, previous, f"{day} is older than current {current_as_of}: history only"
             )
         _append_record(target, _record("publish", mv, previous, day, **common))
         _swap(target, manifest)
@@ -390,9 +412,9 @@ def rollback(
                 )
             to_mv = candidates[steps - 1]
         else:
+            if not is_hex64(to_version):
+                raise PublishError(f"unknown manifest version {to_version!r} (expected 64 hex characters)")
             to_mv = to_version
-            if not is_hex64(to_mv):
-                raise PublishError(f"unknown manifest version {to_mv!r} (expected 64 hex characters)")
         if to_mv == from_mv:
             raise PublishError(f"manifest {to_mv} is already current; nothing to roll back")
         try:
@@ -415,15 +437,8 @@ def rollback(
             )
         _append_record(
             target,
-            _record(
-                "rollback",
-                to_mv,
-                from_mv,
-                manifest["as_of"],
-                actor=actor,
-                reason=reason,
-                **{"from": from_mv, "to": to_mv},
-            ),
+            _record("rollback", to_mv, from_mv, manifest["as_of"], actor=actor, reason=reason)
+            | {"from": from_mv, "to": to_mv},
         )
         _swap(target, manifest)
     return PublishOutcome(
@@ -434,7 +449,7 @@ def rollback(
 # -------------------------------------------------------------------------------- history, status
 
 
-def history(artifact_root: Path, tenant: str, surface: str) -> list[dict]:
+def history(artifact_root: Path, tenant: str, surface: str) -> list[RegistryRecord]:
     """Registry records of a tenant and surface, newest last."""
     return read_registry(artifact_root, tenant, surface)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from recsys_core.kinds import ARTIFACT_KINDS, KINDS
-from recsys_core.lake import BUILDS_FILE, partition_dir, read_builds, read_summary
+from recsys_core.lake import BUILDS_FILE, BuildRecord, partition_dir, read_builds, read_summary
 from recsys_core.settings import Settings
 from recsys_core.storage import write_atomic
 from recsys_dagster.evaluation.offline import read_evaluation
@@ -35,7 +35,7 @@ class TargetOutcome:
 
 def write_build_record(lake_root: Path, kind: str, as_of: dt.date, builds: list[ArtifactBuild]) -> Path:
     """Record the artifact versions built for `as_of` (the partition of the window-artifact asset)."""
-    record = {
+    record: BuildRecord = {
         "kind": kind,
         "as_of": as_of.isoformat(),
         "artifacts": [
@@ -119,14 +119,16 @@ def evaluation_problems(
 
 def publish_as_of(settings: Settings, as_of: dt.date, *, run_id: str | None = None) -> list[TargetOutcome]:
     """Publish every tenant and surface that has artifacts built for `as_of`."""
-    missing = [kind for kind in KINDS if read_builds(settings.lake_root, kind, as_of) is None]
+    records = {kind: read_builds(settings.lake_root, kind, as_of) for kind in KINDS}
+    built = {kind: record for kind, record in records.items() if record is not None}
+    missing = [kind for kind in KINDS if kind not in built]
     if missing:
         raise FileNotFoundError(
             f"no artifacts built as of {as_of} for: {', '.join(missing)}; materialize them before publishing"
         )
     per_target: dict[tuple[str, str], dict[str, Path]] = defaultdict(dict)
-    for kind in KINDS:
-        for entry in read_builds(settings.lake_root, kind, as_of)["artifacts"]:
+    for kind, record in built.items():
+        for entry in record["artifacts"]:
             per_target[(entry["tenant"], entry["surface"])][kind] = Path(entry["path"])
     problems, checked = gate_problems(settings, as_of)
     outcomes = []

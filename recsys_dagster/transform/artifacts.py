@@ -140,6 +140,8 @@ def build_window_artifacts(
             "run_id": run_id,
         }
         version, path = write_artifact_dir(target_dir(artifact_root, tenant, surface), name, meta, files)
+        if not isinstance(data, pl.DataFrame):  # not reached: write_artifact_dir took it as a .parquet file
+            raise TypeError(f"{name}: {kind.table} is an array, not a table")
         builds.append(
             ArtifactBuild(
                 tenant=tenant,

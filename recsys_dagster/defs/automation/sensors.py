@@ -39,6 +39,8 @@ def freshness_transitions(previous: dict[str, str], current: dict[str, str]) -> 
     description="Sends an alert when an asset's freshness policy goes WARN/FAIL, and when it recovers.",
 )
 def freshness_alerts(context: dg.SensorEvaluationContext, recsys: RecsysResource) -> dg.SkipReason:
+    if context.repository_def is None:  # Dagster always passes it when it evaluates the sensor
+        raise dg.DagsterInvariantViolationError("freshness_alerts needs the definitions it belongs to")
     graph = context.repository_def.asset_graph
     keys = [node.key for node in graph.asset_nodes if node.freshness_policy_or_from_metadata is not None]
     records = context.instance.get_freshness_state_records(keys)
@@ -59,7 +61,7 @@ def freshness_alerts(context: dg.SensorEvaluationContext, recsys: RecsysResource
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Sends an alert for every failed run, naming the failed steps and their errors.",
 )
-def run_failure_alerts(context: dg.RunFailureSensorContext, recsys: RecsysResource) -> Alert:
+def run_failure_alerts(context: dg.RunFailureSensorContext, recsys: RecsysResource) -> None:
     run = context.dagster_run
     steps = {}
     for event in context.get_step_failure_events():
@@ -83,7 +85,6 @@ def run_failure_alerts(context: dg.RunFailureSensorContext, recsys: RecsysResour
         {"run_id": run.run_id, "partition": partition, "failed_steps": steps},
     )
     sink_from_spec(recsys.settings.alert_sink, recsys.settings.home).send(alert)
-    return alert
 
 
 def build_sensors() -> dg.Definitions:

@@ -1,5 +1,7 @@
 """evaluation: every model of the day scored on a temporal holdout through the served ranking code."""
 
+from typing import Any
+
 import dagster as dg
 
 from recsys_core.kinds import KINDS
@@ -36,14 +38,15 @@ def build_evaluation(settings: Settings) -> dg.Definitions:
     )
     def evaluation(context: dg.AssetExecutionContext, recsys: RecsysResource) -> dg.MaterializeResult:
         cfg = recsys.settings
-        rows, metadata = [], {}
+        rows: list[dict[str, Any]] = []
+        metadata: dict[str, Any] = {}
         for as_of in partition_days(context):
             for outcome in evaluate_day(cfg, as_of):
                 verdict = "passed" if outcome.passed else "FAILED: " + "; ".join(outcome.violations)
                 context.log.info(
                     f"evaluation {as_of} {outcome.tenant}/{outcome.surface}: {outcome.note or verdict}"
                 )
-                row = {
+                row: dict[str, Any] = {
                     "as_of": as_of.isoformat(),
                     "target": f"{outcome.tenant}/{outcome.surface}",
                     "verdict": verdict,

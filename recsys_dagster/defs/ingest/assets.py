@@ -88,7 +88,7 @@ def _results(report: IngestReport, settings: Settings, warn_only: set[str]):
         },
     )
     for gate in report.gate_outcomes():
-        metadata = {
+        metadata: dict[str, dg.MetadataValue | str] = {
             "summary": gate.summary,
             "failed_days": ", ".join(gate.failed_days) or "none",
             "details": dg.MetadataValue.md(markdown_table(gate.per_day, ["day", "passed", "summary"])),

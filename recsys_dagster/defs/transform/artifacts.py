@@ -1,5 +1,7 @@
 """Window artifacts as of each day, from the trailing daily aggregates: one asset per kind of recsys_core.kinds."""
 
+from typing import Any
+
 import dagster as dg
 
 from recsys_core.kinds import ARTIFACT_KINDS, ArtifactKind
@@ -35,7 +37,8 @@ def build_window_artifact_asset(kind: ArtifactKind, settings: Settings) -> dg.As
     )
     def window_artifact(context: dg.AssetExecutionContext, recsys: RecsysResource) -> dg.MaterializeResult:
         cfg = recsys.settings
-        rows, latest = [], []
+        rows: list[dict[str, Any]] = []
+        latest = []
         for as_of in partition_days(context):
             builds = build_window_artifacts(
                 kind.name, cfg.lake_root, cfg.artifact_root, as_of, cfg.pipeline, run_id=context.run.run_id
@@ -56,7 +59,7 @@ def build_window_artifact_asset(kind: ArtifactKind, settings: Settings) -> dg.As
                     f"{kind.name} {as_of} {build.tenant}/{build.surface}: {build.rows:,} rows, version {build.version[:12]}"
                 )
             latest = builds
-        metadata = {
+        metadata: dict[str, dg.MetadataValue | str | int] = {
             "dagster/row_count": sum(r["rows"] for r in rows),
             "builds": dg.MetadataValue.md(markdown_table(rows, list(rows[0]) if rows else ["as_of"])),
             "window_days": days,
