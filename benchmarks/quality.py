@@ -29,6 +29,7 @@ import polars as pl
 import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
+from benchmarks.harness import Benchmark, BenchmarkError, Options, Section
 from recsys_core.kinds import ARTIFACT_KINDS
 from recsys_core.manifest import target_dir
 from recsys_core.settings import AlsConfig, BlendWeights, PipelineConfig
@@ -361,12 +362,22 @@ def main(argv: list[str] | None = None) -> int:
     if ratings_path is None:
         print("MovieLens ratings.csv not found: pass --ratings", file=sys.stderr)
         return 2
+    text = report(ratings_path, args.seed)
+    print(text)
+    if not args.no_record:
+        DOC_PATH.write_text(text)
+        print(f"\nwritten to {DOC_PATH.relative_to(REPO_ROOT)}")
+    return 0
+
+
+def report(ratings_path: Path, seed: int) -> str:
+    """docs/quality.md's text: every figure measured on `ratings_path` (random split seeded by `seed`)."""
     started = time.perf_counter()
     rows = load_ratings(ratings_path)
     temporal = temporal_holdout(rows, holdout_days=TEMPORAL_HOLDOUT_DAYS)
     temporal_validation = temporal_holdout(temporal.training, holdout_days=TEMPORAL_HOLDOUT_DAYS)
-    random = random_holdout(rows, test_fraction=TEST_FRACTION, seed=args.seed)
-    random_validation = random_holdout(random.training, test_fraction=TEST_FRACTION, seed=args.seed + 1)
+    random = random_holdout(rows, test_fraction=TEST_FRACTION, seed=seed)
+    random_validation = random_holdout(random.training, test_fraction=TEST_FRACTION, seed=seed + 1)
     last = rows["day"].max()
     first_test = last - dt.timedelta(days=TEMPORAL_HOLDOUT_DAYS - 1)
     first_validation = first_test - dt.timedelta(days=TEMPORAL_HOLDOUT_DAYS)
@@ -388,9 +399,9 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "random": (
             f"**Per-user stratified random split** (`holdout.random_holdout(rows, test_fraction={TEST_FRACTION}, "
-            f"seed={args.seed})`): per user, floor(25%) of the user's distinct items, drawn at random, are the "
+            f"seed={seed})`): per user, floor(25%) of the user's distinct items, drawn at random, are the "
             "test set and the rest is training; training items are excluded from every list (exclude-seen). "
-            f"ALS validation: `random_holdout(training, test_fraction={TEST_FRACTION}, seed={args.seed + 1})` "
+            f"ALS validation: `random_holdout(training, test_fraction={TEST_FRACTION}, seed={seed + 1})` "
             "inside the training data; the test set is never used to choose settings.",
         ),
     }
@@ -400,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
             "",
             "What the served models find on MovieLens latest-small (100,836 ratings, 610 users, 9,742 movies), "
             "next to bare baselines, scored by the product's own offline evaluation. Produced by "
-            f"`python -m benchmarks.quality --seed {args.seed}` on {dt.date.today().isoformat()} "
+            f"`python -m benchmarks.quality --seed {seed}` on {dt.date.today().isoformat()} "
             f"(run time {seconds:.0f} s on a shared 2-core machine).",
             "",
             "## How the figures are made",
@@ -434,11 +445,27 @@ def main(argv: list[str] | None = None) -> int:
             *section("Random 75/25 split", protocols["random"][0], outcomes["random"]),
         ]
     )
-    print(text)
-    if not args.no_record:
+    return text
+
+
+def run_benchmark(options: Options) -> Section:
+    """`python -m benchmarks.run --only quality`: the same report (seeded by --seed) into docs/quality.md."""
+    ratings_path = find_ratings()
+    if ratings_path is None:
+        raise BenchmarkError("MovieLens ratings.csv not found (set RECSYS_SHARED_DATA)")
+    text = report(ratings_path, options.seed)
+    if options.record:
         DOC_PATH.write_text(text)
-        print(f"\nwritten to {DOC_PATH.relative_to(REPO_ROOT)}")
-    return 0
+    pointer = (
+        "Offline quality (precision, recall, nDCG, MAP, hit rate, coverage, long-tail share on MovieLens): "
+        "see [quality.md](quality.md)."
+    )
+    return Section(text=text, markdown=pointer)
+
+
+BENCHMARK = Benchmark(
+    "quality", "offline quality of the served models on MovieLens (docs/quality.md)", run_benchmark
+)
 
 
 def find_ratings() -> Path | None:
