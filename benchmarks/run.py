@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import artifacts, ingest, serving
+from benchmarks import artifacts, ingest, quality, serving
 from benchmarks.harness import DEFAULT_WORKDIR, DOC_PATH, REPO_ROOT, Benchmark, Options, record_section
 
 # Extension point: co-occurrence, daily-run cost and HTTP API benchmarks are appended here.
@@ -21,6 +21,7 @@ BENCHMARKS: list[Benchmark] = [
     ingest.BENCHMARK,
     serving.BENCHMARK,
     *artifacts.BENCHMARKS,
+    quality.BENCHMARK,
 ]
 
 DEFAULT_SIZES = (1_000_000, 10_000_000)
