@@ -95,8 +95,8 @@ ALS_CONFIDENCE = ("linear", "log")
 @dataclass(frozen=True)
 class AlsConfig:
     window_days: int = 30
-    # Small and strongly regularised: measured best of the settings tried on the sample data (docs/quality.md);
-    # `recsys tune` finds better ones for a given data set.
+    # Small and strongly regularised: the best of the settings tried on the `make run` sample data. Other
+    # data sets want their own (docs/quality.md: on MovieLens 32 factors and regularization 50 did better).
     factors: int = 16
     regularization: float = 20.0
     # implicit's confidence scaling of the interaction weights.
