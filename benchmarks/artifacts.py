@@ -30,7 +30,6 @@ stopped and reported as stopped (no time), rather than left to the kernel's OOM 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import math
 import os
@@ -40,7 +39,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.harness import (
-    REPO_ROOT,
     Benchmark,
     BenchmarkError,
     Measurement,
@@ -50,6 +48,7 @@ from benchmarks.harness import (
     machine_description,
     markdown_table,
     measure,
+    source_fingerprint,
     text_table,
 )
 
@@ -70,18 +69,16 @@ DAILY_DAY = dt.date(2025, 3, 15)
 COOC_RATIO_TARGET = 1.2
 HISTORY_RATIO_TARGET = 1.3
 
-GENERATOR_SOURCES = ("recsys_dagster/generate.py",)
+# What shapes the cached data (see `harness.source_fingerprint`: a directory covers every module under it,
+# and a path that no longer exists is an error). The cached lakes hold canonical events, gate results and
+# daily aggregates; window artifacts are always built by the measured run.
+GENERATOR_SOURCES = ("recsys_dagster/ingest/generate.py",)
 PIPELINE_SOURCES = (
-    "recsys_dagster/contract.py",
-    "recsys_dagster/canonicalize.py",
-    "recsys_dagster/gates.py",
-    "recsys_dagster/aggregates.py",
-    "recsys_dagster/artifacts.py",
-    "recsys_dagster/publishing.py",
-    "recsys_dagster/manifest.py",
-    "recsys_dagster/release.py",
-    "recsys_dagster/settings.py",
-    "recsys_dagster/sql.py",
+    "recsys_core",
+    "recsys_dagster/ingest",
+    "recsys_dagster/transform/aggregates.py",
+    "recsys_dagster/transform/sql.py",
+    "dbt_like_sql",
 )
 
 
@@ -106,18 +103,6 @@ def _repeats(options: Options) -> int:
 
 
 # ------------------------------------------------------------------------------------ cached data
-
-
-def _fingerprint(sources: tuple[str, ...], *, sql: bool = False) -> str:
-    """Hash of the named sources (and of every SQL model if `sql`): the key that invalidates a cache."""
-    digest = hashlib.sha256()
-    paths = [REPO_ROOT / s for s in sources]
-    if sql:
-        paths += sorted((REPO_ROOT / "dbt_like_sql").rglob("*.sql"))
-    for path in paths:
-        digest.update(path.relative_to(REPO_ROOT).as_posix().encode())
-        digest.update(path.read_bytes() if path.exists() else b"<missing>")
-    return digest.hexdigest()[:16]
 
 
 def _shown(path: Path, options: Options) -> str:
@@ -152,7 +137,7 @@ def _raw(name: str, options: Options, end_day: dt.date, days: int, events_per_da
         "seed": options.seed,
         "users": N_USERS,
         "items": N_ITEMS,
-        "generator": _fingerprint(GENERATOR_SOURCES),
+        "generator": source_fingerprint(*GENERATOR_SOURCES),
     }
     folder = options.workdir / name / f"raw-e{events_per_day}-d{days}-seed{options.seed}"
 
@@ -337,7 +322,7 @@ def run_cooc(options: Options) -> Section:
     days = _window(COOC_AS_OF, n_days)
     raw_root, raw_key = _raw(COOC, options, COOC_AS_OF, n_days, per_day)
 
-    lake_key = raw_key | {"pipeline": _fingerprint(PIPELINE_SOURCES, sql=True), "window_days": n_days}
+    lake_key = raw_key | {"pipeline": source_fingerprint(*PIPELINE_SOURCES), "window_days": n_days}
     home = options.workdir / COOC / f"home-e{per_day}-d{n_days}-seed{options.seed}"
     env = _env(home, raw_root, days[0], n_days)
 
@@ -621,7 +606,7 @@ def run_daily(options: Options) -> Section:
     raw_root, raw_key = _raw(DAILY, options, DAILY_DAY, history, per_day)
 
     history_key = raw_key | {
-        "pipeline": _fingerprint(PIPELINE_SOURCES, sql=True),
+        "pipeline": source_fingerprint(*PIPELINE_SOURCES),
         "window_days": history,
         "history": ["canonical_events", "gates", *HISTORY_MODELS],
     }

@@ -8,6 +8,7 @@ A benchmark is a `Benchmark(name, description, run)`; `run(options)` does its me
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import os
 import platform
@@ -120,6 +121,31 @@ def measure(task: str, params: dict, *, env: dict[str, str] | None = None) -> Me
         idle_rss_mib=result["idle_rss_kb"] / 1024,
         output=result["output"],
     )
+
+
+def source_fingerprint(*sources: str) -> str:
+    """Hash of the named sources, the key that invalidates a cache of data they produced.
+
+    Each source is a file or a directory relative to the repository root; a directory stands for every
+    `.py` and `.sql` file under it, so a module added to a package is covered without being listed. A
+    source that does not exist is an error: a stale path would otherwise hash as nothing and leave a cache
+    valid whatever the code does.
+    """
+    digest = hashlib.sha256()
+    for source in sources:
+        path = REPO_ROOT / source
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.suffix in (".py", ".sql") and p.is_file())
+            if not files:
+                raise BenchmarkError(f"cache fingerprint: no .py or .sql file under {source}")
+        elif path.is_file():
+            files = [path]
+        else:
+            raise BenchmarkError(f"cache fingerprint: {source} does not exist (moved? update the list)")
+        for file in files:
+            digest.update(file.relative_to(REPO_ROOT).as_posix().encode())
+            digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def machine_description() -> str:

@@ -11,8 +11,6 @@ peak RSS of those runs are reported.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import importlib.util
 import json
 import shutil
 from dataclasses import dataclass
@@ -28,12 +26,15 @@ from benchmarks.harness import (
     machine_description,
     markdown_table,
     measure,
+    source_fingerprint,
     text_table,
 )
 
 NAME = "ingest"
 TASKS = "benchmarks.ingest_tasks"
 DAY = dt.date(2025, 1, 15)
+# The cached raw data is regenerated when this source changes (a missing path is an error).
+GENERATOR_SOURCE = "recsys_dagster/ingest/generate.py"
 
 # Thresholds this benchmark judges (the targets are listed in docs/benchmarks.md#targets).
 EVENTS_PER_SECOND_TARGET = 1_000_000
@@ -85,7 +86,12 @@ def _raw_day(options: Options, size: int) -> Path:
     """The raw landing root holding one day of `size` events; generated unless cached."""
     raw_root = options.workdir / NAME / f"raw-n{size}-seed{options.seed}"
     marker = raw_root / "_generated.json"
-    key = {"size": size, "seed": options.seed, "day": DAY.isoformat(), "generator": _generator_fingerprint()}
+    key = {
+        "size": size,
+        "seed": options.seed,
+        "day": DAY.isoformat(),
+        "generator": source_fingerprint(GENERATOR_SOURCE),
+    }
     if marker.exists() and json.loads(marker.read_text()) == key and _day_files(raw_root):
         print(f"[{NAME}] {events(size)}: using cached raw data in {_shown(raw_root, options)}", flush=True)
         return raw_root
@@ -104,14 +110,6 @@ def _raw_day(options: Options, size: int) -> Path:
     )
     marker.write_text(json.dumps(key))
     return raw_root
-
-
-def _generator_fingerprint() -> str:
-    """Hash of the generator's source, so cached data is rebuilt when the generator changes."""
-    spec = importlib.util.find_spec("recsys_dagster.ingest.generate")
-    if spec is None or spec.origin is None:
-        raise BenchmarkError("recsys_dagster.ingest.generate is not importable")
-    return hashlib.sha256(Path(spec.origin).read_bytes()).hexdigest()[:16]
 
 
 def _day_files(raw_root: Path) -> list[Path]:

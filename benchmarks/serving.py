@@ -20,7 +20,6 @@ orjson body, ignoring the query string):
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import os
 import re
@@ -45,6 +44,7 @@ from benchmarks.harness import (
     machine_description,
     markdown_table,
     measure,
+    source_fingerprint,
     text_table,
 )
 
@@ -76,22 +76,15 @@ THROUGHPUT_RATIO_TARGET = 0.60
 # ------------------------------------------------------------------------------------- data build
 
 
-def _fingerprint() -> str:
-    """Hash of everything that shapes the cached data: generator, pipeline steps and SQL models."""
-    digest = hashlib.sha256()
-    sources = [
-        "recsys_dagster/generate.py",
-        "recsys_dagster/canonicalize.py",
-        "recsys_dagster/aggregates.py",
-        "recsys_dagster/artifacts.py",
-        "recsys_dagster/publishing.py",
-        "recsys_dagster/manifest.py",
-    ]
-    paths = [REPO_ROOT / s for s in sources] + sorted((REPO_ROOT / "dbt_like_sql").rglob("*.sql"))
-    for path in paths:
-        digest.update(path.relative_to(REPO_ROOT).as_posix().encode())
-        digest.update(path.read_bytes() if path.exists() else b"<missing>")
-    return digest.hexdigest()[:16]
+# What shapes the cached data: generator, every pipeline step up to the published manifest, the SQL models
+# (see `harness.source_fingerprint`: a directory covers every module under it; a missing path is an error).
+DATA_SOURCES = (
+    "recsys_core",
+    "recsys_dagster/ingest",
+    "recsys_dagster/transform",
+    "recsys_dagster/publishing",
+    "dbt_like_sql",
+)
 
 
 def _home(options: Options) -> Path:
@@ -109,7 +102,7 @@ def _ensure_data(options: Options) -> Path:
         "days": HISTORY_DAYS + 1,
         "as_of": AS_OF.isoformat(),
         "seed": options.seed,
-        "sources": _fingerprint(),
+        "sources": source_fingerprint(*DATA_SOURCES),
     }
     if marker.exists() and json.loads(marker.read_text()).get("key") == key:
         print(f"[{NAME}] using cached data in {_shown(home, options)}", flush=True)

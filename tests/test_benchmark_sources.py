@@ -1,0 +1,27 @@
+"""The benchmarks' cache keys hash sources that exist: a module that moves must fail here, in `make test`,
+rather than hash as nothing and leave cached benchmark data valid whatever the code does."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import artifacts, ingest, serving
+from benchmarks.harness import BenchmarkError, source_fingerprint
+
+
+@pytest.mark.parametrize(
+    "sources",
+    [
+        artifacts.GENERATOR_SOURCES,
+        artifacts.PIPELINE_SOURCES,
+        serving.DATA_SOURCES,
+        (ingest.GENERATOR_SOURCE,),
+    ],
+)
+def test_every_fingerprinted_source_exists(sources: tuple[str, ...]) -> None:
+    assert len(source_fingerprint(*sources)) == 16
+
+
+def test_a_missing_source_is_an_error() -> None:
+    with pytest.raises(BenchmarkError, match="does not exist"):
+        source_fingerprint("recsys_dagster/generate.py")
