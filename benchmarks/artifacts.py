@@ -65,9 +65,11 @@ N_ITEMS = 20_000
 COOC_AS_OF = dt.date(2025, 1, 15)
 DAILY_DAY = dt.date(2025, 3, 15)
 
-# Thresholds this benchmark judges (the targets are listed in docs/benchmarks.md#targets).
-COOC_RATIO_TARGET = 1.2
-HISTORY_RATIO_TARGET = 1.3
+# Thresholds these benchmarks judge (the targets are listed in docs/benchmarks.md#targets), as multiples
+# of a measurement of the same run: the bare DuckDB statement (cooc), the run with one day of history.
+COOC_STEADY_RATIO_TARGET = 1.0
+COOC_REBUILD_RATIO_TARGET = 2.0
+HISTORY_RATIO_TARGET = 1.5
 
 # What shapes the cached data (see `harness.source_fingerprint`: a directory covers every module under it,
 # and a path that no longer exists is an error). The cached lakes hold canonical events, gate results and
@@ -281,6 +283,20 @@ def _met(ok: bool) -> str:
     return "met" if ok else "NOT MET"
 
 
+def _baseline_verdict(runs: Runs, baseline: Runs, limit: float, what: str) -> str:
+    """Whether the best of `runs` took at most `limit` x the best of the bare-library `baseline`."""
+    if not baseline.ok:
+        return f"not judged: the baseline {_not_done(baseline)}"
+    if not runs.ok:
+        return f"NOT MET: the {what} {_not_done(runs)}"
+    ours, base = runs.best().seconds, baseline.best().seconds
+    return f"{_met(ours / base <= limit)} ({ours / base:.2f}x: {ours:.2f} s vs {base:.2f} s)"
+
+
+def _not_done(runs: Runs) -> str:
+    return runs.stopped.describe() if runs.stopped is not None else "did not run"
+
+
 def _threads(runs: list[Measurement]) -> str:
     seen = {(m.output["duckdb_threads"], m.output["polars_threads"]) for m in runs}
     return ", ".join(f"DuckDB {d} / polars {p}" for d, p in sorted(seen)) or "unknown"
@@ -301,14 +317,6 @@ class CoocResult:
     full: Runs
     steady: Runs
     agreement: dict
-
-    @property
-    def ok(self) -> bool:
-        return self.baseline.ok and self.full.ok
-
-    @property
-    def ratio(self) -> float:
-        return self.full.best().seconds / self.baseline.best().seconds
 
     def best_step(self, runs: Runs, step: str) -> float:
         return min(m.output["steps"][step] for m in runs.runs)
@@ -461,15 +469,17 @@ def _render_cooc(r: CoocResult, machine: str) -> Section:
         _recsys_row(f"full rebuild: pair_daily of {n_days} days + cooc window", r.full, r.baseline),
         _recsys_row("steady state: pair_daily of the new day + cooc window", r.steady, r.baseline),
     ]
-    if r.ok:
-        base_s = r.baseline.best().seconds
-        verdict = f"{_met(r.ratio <= COOC_RATIO_TARGET)} ({r.ratio:.2f}x: {r.full.best().seconds:.2f} s vs {base_s:.2f} s)"
-    elif not r.baseline.ok:
-        verdict = f"not judged: the baseline {r.baseline.stopped.describe()}"
-    else:
-        verdict = f"NOT MET: the recsys full rebuild did not finish ({r.full.stopped.describe()})"
     target_headers = ["target", "result"]
-    target_rows = [[f"co-occurrence within {COOC_RATIO_TARGET}x of the bare DuckDB query", verdict]]
+    target_rows = [
+        [
+            f"daily steady state <= {COOC_STEADY_RATIO_TARGET:.1f}x the bare DuckDB statement",
+            _baseline_verdict(r.steady, r.baseline, COOC_STEADY_RATIO_TARGET, "steady state"),
+        ],
+        [
+            f"full rebuild <= {COOC_REBUILD_RATIO_TARGET:.1f}x the bare DuckDB statement",
+            _baseline_verdict(r.full, r.baseline, COOC_REBUILD_RATIO_TARGET, "full rebuild"),
+        ],
+    ]
 
     measured = r.baseline.runs + r.full.runs + r.steady.runs
     notes = [
@@ -499,8 +509,9 @@ def _render_cooc(r: CoocResult, machine: str) -> Section:
             "`max_session_items` distinct items."
         )
     notes.append(
-        "The target is judged on the full rebuild, the like-for-like comparison: recsys keeps a per-day "
-        "intermediate (pair_daily) so that the steady state, what a daily run pays, costs one day plus a merge."
+        "Both recsys cases are judged: the steady state, what a daily run pays, and the full rebuild, the "
+        "like-for-like comparison; recsys keeps a per-day intermediate (pair_daily) so that the steady state "
+        "costs one day plus a merge."
     )
     notes.append(
         "Every measured process runs under a memory guard (`BENCH_MEMORY_LIMIT_MIB`, default "

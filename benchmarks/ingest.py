@@ -36,11 +36,12 @@ DAY = dt.date(2025, 1, 15)
 # The cached raw data is regenerated when this source changes (a missing path is an error).
 GENERATOR_SOURCE = "recsys_dagster/ingest/generate.py"
 
-# Thresholds this benchmark judges (the targets are listed in docs/benchmarks.md#targets).
-EVENTS_PER_SECOND_TARGET = 1_000_000
-BASELINE_RATIO_TARGET = 1.5
-# "Peak memory bounded independent of partition size": the peak at the largest size may be at most this
-# many times the peak at the smallest size measured. A partition held whole in memory grows about in
+# Thresholds this benchmark judges (the targets are listed in docs/benchmarks.md#targets): canonicalization
+# of one day of TARGET_SIZE events at most BASELINE_RATIO_TARGET x the bare polars parse-and-write.
+TARGET_SIZE = 10_000_000
+BASELINE_RATIO_TARGET = 2.0
+# "Bounded peak memory": the peak at the largest size may be at most this many times the peak at the
+# smallest size measured. A partition held whole in memory grows about in
 # proportion to its events (the baseline shows it); canonicalization streams blocks of lines to its output
 # files and keeps only 16 bytes of hashes per distinct event, so it should hardly grow.
 MEMORY_GROWTH_LIMIT = 2.0
@@ -176,6 +177,32 @@ def _met(ok: bool) -> str:
     return "met" if ok else "NOT MET"
 
 
+def _ratio_verdict(results: list[SizeResult]) -> str:
+    judged = [r for r in results if r.size == TARGET_SIZE]
+    if not judged:
+        return f"not judged: {TARGET_SIZE:,} events not measured (add it to --sizes)"
+    r = judged[0]
+    base, ours = SizeResult.best(r.baseline), SizeResult.best(r.recsys)
+    return (
+        f"{_met(r.ratio <= BASELINE_RATIO_TARGET)} ({r.ratio:.2f}x: {ours.seconds:.2f} s vs "
+        f"{base.seconds:.2f} s)"
+    )
+
+
+def _memory_verdict(results: list[SizeResult]) -> str:
+    """The recsys peak at the largest size measured against its peak at the smallest."""
+    if len(results) == 1:
+        return "not judged: needs two sizes"
+    reference, largest = results[0], results[-1]
+    growth = SizeResult.peak(largest.recsys) / SizeResult.peak(reference.recsys)
+    base_growth = SizeResult.peak(largest.baseline) / SizeResult.peak(reference.baseline)
+    return (
+        f"{_met(growth <= MEMORY_GROWTH_LIMIT)} ({growth:.2f}x the {events(reference.size)} peak for "
+        f"{largest.size / reference.size:g}x the events: {SizeResult.peak(largest.recsys):,.0f} vs "
+        f"{SizeResult.peak(reference.recsys):,.0f} MiB; baseline {base_growth:.2f}x)"
+    )
+
+
 def _render(results: list[SizeResult], machine: str) -> Section:
     headers = [
         "events",
@@ -213,29 +240,15 @@ def _render(results: list[SizeResult], machine: str) -> Section:
             ]
         )
 
-    target_headers = [
-        "events",
-        f">= {EVENTS_PER_SECOND_TARGET:,} events/s",
-        f"<= {BASELINE_RATIO_TARGET}x baseline",
-        "peak memory bounded",
+    target_headers = ["target", "result"]
+    target_rows = [
+        [
+            f"canonicalization of {TARGET_SIZE:,} events <= {BASELINE_RATIO_TARGET:.1f}x the bare polars "
+            "parse-and-write",
+            _ratio_verdict(results),
+        ],
+        ["peak memory bounded", _memory_verdict(results)],
     ]
-    target_rows = []
-    reference = results[0]
-    for r in results:
-        throughput = f"{_met(r.recsys_rate >= EVENTS_PER_SECOND_TARGET)} ({r.recsys_rate:,.0f} ev/s)"
-        ratio = f"{_met(r.ratio <= BASELINE_RATIO_TARGET)} ({r.ratio:.2f}x)"
-        if len(results) == 1:
-            memory = "not judged: needs two sizes"
-        elif r is reference:
-            memory = f"reference size ({SizeResult.peak(r.recsys):,.0f} MiB)"
-        else:
-            growth = SizeResult.peak(r.recsys) / SizeResult.peak(reference.recsys)
-            base_growth = SizeResult.peak(r.baseline) / SizeResult.peak(reference.baseline)
-            memory = (
-                f"{_met(growth <= MEMORY_GROWTH_LIMIT)} ({growth:.2f}x the {events(reference.size)} peak "
-                f"for {r.size / reference.size:g}x the events; baseline {base_growth:.2f}x)"
-            )
-        target_rows.append([f"{r.size:,}", throughput, ratio, memory])
 
     idle = min(m.idle_rss_mib for r in results for m in r.baseline + r.recsys)
     notes = [
@@ -244,10 +257,12 @@ def _render(results: list[SizeResult], machine: str) -> Section:
         "measured call; that is included in both peaks.",
         "Every input line is accounted for as a row out, quarantined, a duplicate or a blank line (recsys "
         "reconciles this; the run fails otherwise); duplicates are the generator's client-retry lines.",
-        f"Memory target: the recsys peak at each size may be at most {MEMORY_GROWTH_LIMIT:g}x its peak at "
-        "the smallest size measured (a partition held whole in memory grows with its events, as the "
+        f"Memory target: the recsys peak at the largest size may be at most {MEMORY_GROWTH_LIMIT:g}x its "
+        "peak at the smallest size measured (a partition held whole in memory grows with its events, as the "
         "baseline does; recsys streams blocks of lines to its files and keeps 16 bytes of hashes per "
         "distinct event).",
+        "Not measured here: the target for a whole `recsys run` of the day (at most 1.3x the "
+        "canonicalization alone).",
     ]
     text = "\n".join(
         [
