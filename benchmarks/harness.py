@@ -56,10 +56,15 @@ Every target compares two measurements taken in the same run:
 - **History**: a daily run with 30 days of history takes at most 1.5x the same run with one day.
 - **Co-occurrence**: the daily steady state takes at most 1.0x the bare DuckDB statement, a full rebuild
   at most 2.0x.
-- **ALS**: an ALS fit within 1.2x of a bare `implicit` fit (the ALS artifact is not built yet).
+- **ALS**: building the `als` artifact (the SQL over the window, the matrix, the fit, the files) takes at
+  most 1.2x a bare `implicit` fit on the same matrix.
 - **HTTP API**: at 32 connections, at least 60% of a bare FastAPI hello-world's throughput and a p99 at
   most 2x its p99; zero failed requests across a manifest swap.
 """
+
+
+# The columns of every section's targets table.
+TARGET_HEADERS = ("target", "result")
 
 
 class BenchmarkError(RuntimeError):
@@ -200,6 +205,33 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---:" for _ in headers) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def render_section(
+    *,
+    title: str,
+    heading: str,
+    machine: str,
+    description: str,
+    tables: Sequence[tuple[Sequence[str], Sequence[Sequence[str]]]],
+    targets: Sequence[Sequence[str]],
+    notes: Sequence[str],
+    doc_notes: Sequence[str] = (),
+) -> Section:
+    """A section laid out as usual: the tables, a (target, result) table, then the notes.
+
+    The text (stdout) starts with `title`; the Markdown with `## heading`, `machine` and `description`, and
+    ends with `doc_notes` after the notes. Markdown bold in a table cell is dropped from the text.
+    """
+    text = [title]
+    markdown = [f"## {heading}", "", machine, "", description, ""]
+    for headers, rows in tables:
+        text += [text_table(headers, [[cell.replace("**", "") for cell in row] for row in rows]), ""]
+        markdown += [markdown_table(headers, rows), ""]
+    text += ["Targets (docs/benchmarks.md#targets)", text_table(TARGET_HEADERS, targets), "", *notes]
+    markdown += ["Targets (see [Targets](#targets)):", "", markdown_table(TARGET_HEADERS, targets), ""]
+    markdown += [f"- {note}" for note in (*notes, *doc_notes)]
+    return Section(text="\n".join(text), markdown="\n".join(markdown))
 
 
 def record_section(name: str, markdown: str, path: Path = DOC_PATH) -> None:
