@@ -568,6 +568,7 @@ STEPS = (
     ("popularity", "popularity as of D (reads the window's item_daily)"),
     ("cooc", "cooc as of D (reads the window's pair_daily)"),
     ("user_history", "user_history as of D (reads the window's user_item_daily)"),
+    ("als", "als as of D (trains on the window's user_item_daily)"),
     ("publish", "publish D (re-confirms the window's gates)"),
 )
 
@@ -755,8 +756,8 @@ def _render_daily(r: DailyResult, machine: str) -> Section:
         machine=machine,
         description="One day D's incremental run, the plain-Python pipeline steps in order: "
         "`canonicalize_partition`, `run_gates`, `build_daily_aggregate` (item_daily, pair_daily, "
-        "user_item_daily), `build_window_artifacts` + `write_build_record` (popularity, cooc, user_history) "
-        f"and `publish_as_of`, with 1 day vs {h} days of history in the window.",
+        "user_item_daily), `build_window_artifacts` + `write_build_record` (popularity, cooc, user_history, "
+        f"als) and `publish_as_of`, with 1 day vs {h} days of history in the window.",
         tables=[(headers, rows)],
         targets=target_rows,
         notes=notes,
