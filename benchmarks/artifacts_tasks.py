@@ -1,7 +1,7 @@
 """Child-process side of the co-occurrence and daily-run benchmarks (see `benchmarks.child`).
 
-Every task imports the same modules (polars, DuckDB and the pipeline), so the peak RSS of every measured
-process carries the same fixed overhead. Settings come from the `env` dict of the parameters, never from
+Every task imports the same modules (polars, DuckDB, implicit and the pipeline), so the peak RSS of every
+measured process carries the same fixed overhead. Settings come from the `env` dict of the parameters, never from
 the process environment, so a developer's RECSYS_* variables cannot leak into a measurement.
 
 Measured tasks are `@guarded`: given `memory_limit_mib` and `guard_file`, a watchdog thread stops the
@@ -14,15 +14,20 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import hashlib
 import json
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import polars as pl
+from implicit.cpu.als import AlternatingLeastSquares  # the als trainer's import, here so it is not timed
+from threadpoolctl import threadpool_limits
 
 from recsys_core.kinds import KINDS
 from recsys_core.lake import partition_dir
@@ -31,13 +36,17 @@ from recsys_dagster.ingest.canonicalize import canonicalize_partition
 from recsys_dagster.ingest.gates import run_gates
 from recsys_dagster.ingest.generate import generate_events
 from recsys_dagster.publishing.release import publish_as_of, write_build_record
+from recsys_dagster.transform import als as als_trainer
+from recsys_dagster.transform import artifact_dir
+from recsys_dagster.transform import artifacts as window_artifacts
 from recsys_dagster.transform.aggregates import (
     DAILY_MODELS,
     build_daily_aggregate,
     build_daily_aggregates,
     daily_aggregate_params,
 )
-from recsys_dagster.transform.artifacts import build_window_artifacts
+from recsys_dagster.transform.als import interaction_matrix
+from recsys_dagster.transform.artifacts import build_window_artifacts, compute_window
 
 # DuckDB's default thread count, which `recsys_dagster.transform.sql.run_sql` uses too (it sets none). Read at
 # import, i.e. outside the timed call.
@@ -135,13 +144,22 @@ def generate(params: dict) -> dict:
 
 
 def prepare_days(params: dict) -> dict:
-    """Canonicalize each day (and run its gates if asked), then build the listed daily aggregates of them all."""
+    """Canonicalize each day (and run its gates if asked), then build the listed daily aggregates of them all.
+
+    With `generate` (the sizes and seed of `generate_events`), each day's landing files are generated first
+    and removed once canonicalized, so that many days of events never sit on disk as JSON at once.
+    """
     settings = _settings(params)
+    generating = params.get("generate")
     rows = 0
     for day in _days(params):
+        if generating:
+            generate_events(settings.raw_root, end_date=day, days=1, **generating)
         summary = canonicalize_partition(settings.raw_root, settings.lake_root, day, settings.pipeline.ingest)
         if not summary.reconciled:
             raise RuntimeError(f"{day}: canonicalization did not reconcile: {summary.to_json()}")
+        if generating:
+            shutil.rmtree(settings.raw_root / f"dt={day.isoformat()}")
         rows += summary.canonical_rows
         if params["gates"]:
             results = run_gates(settings.lake_root, day, settings.pipeline.ingest, settings.pipeline.checks)
@@ -315,4 +333,107 @@ def daily_run(params: dict) -> dict:
         "failed_gates": [r.name for r in results if r.blocking and not r.passed],
         "artifacts": artifacts,
         "publish": [o.outcome.action for o in outcomes],
+    } | _threads()
+
+
+# ------------------------------------------------------------------------------------------ ALS tasks
+
+
+def _array_sha256(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array, dtype=np.float32).tobytes()).hexdigest()
+
+
+@guarded
+def als_baseline(params: dict) -> dict:
+    """A bare `implicit` fit on the matrix the als artifact trains on.
+
+    Untimed (`fit_seconds` and `cpu_seconds`, the CPU time of all its threads, cover the fit only): the window's SQL rows (`compute_window`, the artifact's own
+    query) and their CSR matrix (`interaction_matrix`). Timed: the model and its fit, with the artifact's
+    parameters and BLAS held to one thread, as the trainer does.
+    """
+    settings = _settings(params)
+    config = settings.pipeline.artifacts.als
+    frame, _, _ = compute_window(
+        "als", settings.lake_root, dt.date.fromisoformat(params["as_of"]), settings.pipeline
+    )
+    if frame.select("tenant", "surface").unique().height != 1:
+        raise RuntimeError("the als benchmark expects one tenant and surface")
+    _, _, matrix = interaction_matrix(frame, config.confidence)
+    # The library called directly, as the trainer (`als.fit_factors`) calls it: no recsys code is timed here.
+    started, cpu_started = time.perf_counter(), time.process_time()
+    with threadpool_limits(1, "blas"):
+        model = AlternatingLeastSquares(
+            factors=config.factors,
+            regularization=config.regularization,
+            alpha=config.alpha,
+            iterations=config.iterations,
+            random_state=config.random_state,
+            calculate_training_loss=False,
+            num_threads=0,
+        )
+        model.fit(matrix, show_progress=False)
+    fit_seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+    return {
+        "fit_seconds": fit_seconds,
+        "cpu_seconds": cpu_seconds,
+        "users": matrix.shape[0],
+        "items": matrix.shape[1],
+        "nnz": int(matrix.nnz),
+        "factors_sha256": {
+            "user_factors.npy": _array_sha256(model.user_factors),
+            "item_factors.npy": _array_sha256(model.item_factors),
+        },
+    } | _threads()
+
+
+# Where the als build spends its time: the module-level functions it calls, replaced by timed wrappers
+# (each is looked up by name when called, so the wrapper is what runs). Whatever is not listed is "other".
+ALS_STEPS = (
+    (window_artifacts, "run_sql", "sql"),
+    (window_artifacts, "_scopes", "scopes"),
+    (window_artifacts, "_split_by_scope", "split"),
+    (als_trainer, "interaction_matrix", "matrix"),
+    (als_trainer, "fit_factors", "fit"),
+    (artifact_dir, "_write_file", "write"),
+    (artifact_dir, "fsync_file", "fsync"),
+    (artifact_dir, "file_sha256", "hash"),
+)
+
+
+def _timed(function: Callable, step: str, spent: dict[str, float]) -> Callable:
+    @functools.wraps(function)
+    def run(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            spent[step] = spent.get(step, 0.0) + time.perf_counter() - started
+
+    return run
+
+
+@guarded
+def als_recsys(params: dict) -> dict:
+    """`build_window_artifacts("als", ...)` as of `as_of` into an empty artifact root, its steps timed."""
+    settings = _settings(params)
+    spent: dict[str, float] = {}
+    for module, name, step in ALS_STEPS:
+        setattr(module, name, _timed(getattr(module, name), step, spent))
+    started, cpu_started = time.perf_counter(), time.process_time()
+    builds = build_window_artifacts(
+        "als",
+        settings.lake_root,
+        settings.artifact_root,
+        dt.date.fromisoformat(params["as_of"]),
+        settings.pipeline,
+    )
+    cpu_seconds = time.process_time() - cpu_started
+    spent["other"] = time.perf_counter() - started - sum(spent.values())
+    (build,) = builds
+    return {
+        "steps": spent,
+        "cpu_seconds": cpu_seconds,
+        "version": build.version,
+        "path": str(build.path),
+        "missing_days": list(build.missing_days),
     } | _threads()

@@ -8,6 +8,7 @@ A benchmark is a `Benchmark(name, description, run)`; `run(options)` does its me
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import os
 import platform
@@ -55,10 +56,15 @@ Every target compares two measurements taken in the same run:
 - **History**: a daily run with 30 days of history takes at most 1.5x the same run with one day.
 - **Co-occurrence**: the daily steady state takes at most 1.0x the bare DuckDB statement, a full rebuild
   at most 2.0x.
-- **ALS**: an ALS fit within 1.2x of a bare `implicit` fit (the ALS artifact is not built yet).
+- **ALS**: building the `als` artifact (the SQL over the window, the matrix, the fit, the files) takes at
+  most 1.2x a bare `implicit` fit on the same matrix.
 - **HTTP API**: at 32 connections, at least 60% of a bare FastAPI hello-world's throughput and a p99 at
   most 2x its p99; zero failed requests across a manifest swap.
 """
+
+
+# The columns of every section's targets table.
+TARGET_HEADERS = ("target", "result")
 
 
 class BenchmarkError(RuntimeError):
@@ -122,6 +128,31 @@ def measure(task: str, params: dict, *, env: dict[str, str] | None = None) -> Me
     )
 
 
+def source_fingerprint(*sources: str) -> str:
+    """Hash of the named sources, the key that invalidates a cache of data they produced.
+
+    Each source is a file or a directory relative to the repository root; a directory stands for every
+    `.py` and `.sql` file under it, so a module added to a package is covered without being listed. A
+    source that does not exist is an error: a stale path would otherwise hash as nothing and leave a cache
+    valid whatever the code does.
+    """
+    digest = hashlib.sha256()
+    for source in sources:
+        path = REPO_ROOT / source
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.suffix in (".py", ".sql") and p.is_file())
+            if not files:
+                raise BenchmarkError(f"cache fingerprint: no .py or .sql file under {source}")
+        elif path.is_file():
+            files = [path]
+        else:
+            raise BenchmarkError(f"cache fingerprint: {source} does not exist (moved? update the list)")
+        for file in files:
+            digest.update(file.relative_to(REPO_ROOT).as_posix().encode())
+            digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def machine_description() -> str:
     """One Markdown paragraph: where and when the figures were measured."""
     import duckdb
@@ -174,6 +205,33 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---:" for _ in headers) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def render_section(
+    *,
+    title: str,
+    heading: str,
+    machine: str,
+    description: str,
+    tables: Sequence[tuple[Sequence[str], Sequence[Sequence[str]]]],
+    targets: Sequence[Sequence[str]],
+    notes: Sequence[str],
+    doc_notes: Sequence[str] = (),
+) -> Section:
+    """A section laid out as usual: the tables, a (target, result) table, then the notes.
+
+    The text (stdout) starts with `title`; the Markdown with `## heading`, `machine` and `description`, and
+    ends with `doc_notes` after the notes. Markdown bold in a table cell is dropped from the text.
+    """
+    text = [title]
+    markdown = [f"## {heading}", "", machine, "", description, ""]
+    for headers, rows in tables:
+        text += [text_table(headers, [[cell.replace("**", "") for cell in row] for row in rows]), ""]
+        markdown += [markdown_table(headers, rows), ""]
+    text += ["Targets (docs/benchmarks.md#targets)", text_table(TARGET_HEADERS, targets), "", *notes]
+    markdown += ["Targets (see [Targets](#targets)):", "", markdown_table(TARGET_HEADERS, targets), ""]
+    markdown += [f"- {note}" for note in (*notes, *doc_notes)]
+    return Section(text="\n".join(text), markdown="\n".join(markdown))
 
 
 def record_section(name: str, markdown: str, path: Path = DOC_PATH) -> None:

@@ -11,8 +11,6 @@ peak RSS of those runs are reported.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import importlib.util
 import json
 import shutil
 from dataclasses import dataclass
@@ -28,18 +26,22 @@ from benchmarks.harness import (
     machine_description,
     markdown_table,
     measure,
+    source_fingerprint,
     text_table,
 )
 
 NAME = "ingest"
 TASKS = "benchmarks.ingest_tasks"
 DAY = dt.date(2025, 1, 15)
+# The cached raw data is regenerated when this source changes (a missing path is an error).
+GENERATOR_SOURCE = "recsys_dagster/ingest/generate.py"
 
-# Thresholds this benchmark judges (the targets are listed in docs/benchmarks.md#targets).
-EVENTS_PER_SECOND_TARGET = 1_000_000
-BASELINE_RATIO_TARGET = 1.5
-# "Peak memory bounded independent of partition size": the peak at the largest size may be at most this
-# many times the peak at the smallest size measured. A partition held whole in memory grows about in
+# Thresholds this benchmark judges (the targets are listed in docs/benchmarks.md#targets): canonicalization
+# of one day of TARGET_SIZE events at most BASELINE_RATIO_TARGET x the bare polars parse-and-write.
+TARGET_SIZE = 10_000_000
+BASELINE_RATIO_TARGET = 2.0
+# "Bounded peak memory": the peak at the largest size may be at most this many times the peak at the
+# smallest size measured. A partition held whole in memory grows about in
 # proportion to its events (the baseline shows it); canonicalization streams blocks of lines to its output
 # files and keeps only 16 bytes of hashes per distinct event, so it should hardly grow.
 MEMORY_GROWTH_LIMIT = 2.0
@@ -85,7 +87,12 @@ def _raw_day(options: Options, size: int) -> Path:
     """The raw landing root holding one day of `size` events; generated unless cached."""
     raw_root = options.workdir / NAME / f"raw-n{size}-seed{options.seed}"
     marker = raw_root / "_generated.json"
-    key = {"size": size, "seed": options.seed, "day": DAY.isoformat(), "generator": _generator_fingerprint()}
+    key = {
+        "size": size,
+        "seed": options.seed,
+        "day": DAY.isoformat(),
+        "generator": source_fingerprint(GENERATOR_SOURCE),
+    }
     if marker.exists() and json.loads(marker.read_text()) == key and _day_files(raw_root):
         print(f"[{NAME}] {events(size)}: using cached raw data in {_shown(raw_root, options)}", flush=True)
         return raw_root
@@ -104,14 +111,6 @@ def _raw_day(options: Options, size: int) -> Path:
     )
     marker.write_text(json.dumps(key))
     return raw_root
-
-
-def _generator_fingerprint() -> str:
-    """Hash of the generator's source, so cached data is rebuilt when the generator changes."""
-    spec = importlib.util.find_spec("recsys_dagster.ingest.generate")
-    if spec is None or spec.origin is None:
-        raise BenchmarkError("recsys_dagster.ingest.generate is not importable")
-    return hashlib.sha256(Path(spec.origin).read_bytes()).hexdigest()[:16]
 
 
 def _day_files(raw_root: Path) -> list[Path]:
@@ -178,6 +177,32 @@ def _met(ok: bool) -> str:
     return "met" if ok else "NOT MET"
 
 
+def _ratio_verdict(results: list[SizeResult]) -> str:
+    judged = [r for r in results if r.size == TARGET_SIZE]
+    if not judged:
+        return f"not judged: {TARGET_SIZE:,} events not measured (add it to --sizes)"
+    r = judged[0]
+    base, ours = SizeResult.best(r.baseline), SizeResult.best(r.recsys)
+    return (
+        f"{_met(r.ratio <= BASELINE_RATIO_TARGET)} ({r.ratio:.2f}x: {ours.seconds:.2f} s vs "
+        f"{base.seconds:.2f} s)"
+    )
+
+
+def _memory_verdict(results: list[SizeResult]) -> str:
+    """The recsys peak at the largest size measured against its peak at the smallest."""
+    if len(results) == 1:
+        return "not judged: needs two sizes"
+    reference, largest = results[0], results[-1]
+    growth = SizeResult.peak(largest.recsys) / SizeResult.peak(reference.recsys)
+    base_growth = SizeResult.peak(largest.baseline) / SizeResult.peak(reference.baseline)
+    return (
+        f"{_met(growth <= MEMORY_GROWTH_LIMIT)} ({growth:.2f}x the {events(reference.size)} peak for "
+        f"{largest.size / reference.size:g}x the events: {SizeResult.peak(largest.recsys):,.0f} vs "
+        f"{SizeResult.peak(reference.recsys):,.0f} MiB; baseline {base_growth:.2f}x)"
+    )
+
+
 def _render(results: list[SizeResult], machine: str) -> Section:
     headers = [
         "events",
@@ -215,29 +240,15 @@ def _render(results: list[SizeResult], machine: str) -> Section:
             ]
         )
 
-    target_headers = [
-        "events",
-        f">= {EVENTS_PER_SECOND_TARGET:,} events/s",
-        f"<= {BASELINE_RATIO_TARGET}x baseline",
-        "peak memory bounded",
+    target_headers = ["target", "result"]
+    target_rows = [
+        [
+            f"canonicalization of {TARGET_SIZE:,} events <= {BASELINE_RATIO_TARGET:.1f}x the bare polars "
+            "parse-and-write",
+            _ratio_verdict(results),
+        ],
+        ["peak memory bounded", _memory_verdict(results)],
     ]
-    target_rows = []
-    reference = results[0]
-    for r in results:
-        throughput = f"{_met(r.recsys_rate >= EVENTS_PER_SECOND_TARGET)} ({r.recsys_rate:,.0f} ev/s)"
-        ratio = f"{_met(r.ratio <= BASELINE_RATIO_TARGET)} ({r.ratio:.2f}x)"
-        if len(results) == 1:
-            memory = "not judged: needs two sizes"
-        elif r is reference:
-            memory = f"reference size ({SizeResult.peak(r.recsys):,.0f} MiB)"
-        else:
-            growth = SizeResult.peak(r.recsys) / SizeResult.peak(reference.recsys)
-            base_growth = SizeResult.peak(r.baseline) / SizeResult.peak(reference.baseline)
-            memory = (
-                f"{_met(growth <= MEMORY_GROWTH_LIMIT)} ({growth:.2f}x the {events(reference.size)} peak "
-                f"for {r.size / reference.size:g}x the events; baseline {base_growth:.2f}x)"
-            )
-        target_rows.append([f"{r.size:,}", throughput, ratio, memory])
 
     idle = min(m.idle_rss_mib for r in results for m in r.baseline + r.recsys)
     notes = [
@@ -246,10 +257,12 @@ def _render(results: list[SizeResult], machine: str) -> Section:
         "measured call; that is included in both peaks.",
         "Every input line is accounted for as a row out, quarantined, a duplicate or a blank line (recsys "
         "reconciles this; the run fails otherwise); duplicates are the generator's client-retry lines.",
-        f"Memory target: the recsys peak at each size may be at most {MEMORY_GROWTH_LIMIT:g}x its peak at "
-        "the smallest size measured (a partition held whole in memory grows with its events, as the "
+        f"Memory target: the recsys peak at the largest size may be at most {MEMORY_GROWTH_LIMIT:g}x its "
+        "peak at the smallest size measured (a partition held whole in memory grows with its events, as the "
         "baseline does; recsys streams blocks of lines to its files and keeps 16 bytes of hashes per "
         "distinct event).",
+        "Not measured here: the target for a whole `recsys run` of the day (at most 1.3x the "
+        "canonicalization alone).",
     ]
     text = "\n".join(
         [

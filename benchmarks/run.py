@@ -16,7 +16,7 @@ from pathlib import Path
 from benchmarks import artifacts, ingest, quality, serving
 from benchmarks.harness import DEFAULT_WORKDIR, DOC_PATH, REPO_ROOT, Benchmark, Options, record_section
 
-# Extension point: co-occurrence, daily-run cost and HTTP API benchmarks are appended here.
+# Extension point: every benchmark is listed here (`artifacts.BENCHMARKS`: co-occurrence, daily-run, als).
 BENCHMARKS: list[Benchmark] = [
     ingest.BENCHMARK,
     serving.BENCHMARK,

@@ -20,7 +20,6 @@ orjson body, ignoring the query string):
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import os
 import re
@@ -45,6 +44,7 @@ from benchmarks.harness import (
     machine_description,
     markdown_table,
     measure,
+    source_fingerprint,
     text_table,
 )
 
@@ -68,30 +68,24 @@ POLL_SECONDS = 0.5
 DEFAULT_RUNS = 3
 REQUEST_PATHS = 2_000
 
-# Thresholds this benchmark judges (the targets are listed in docs/benchmarks.md#targets).
-P99_TARGET_MS = 10.0
+# Thresholds this benchmark judges (the targets are listed in docs/benchmarks.md#targets), against the
+# hello-world measured in the same run: its throughput and its p99.
 THROUGHPUT_RATIO_TARGET = 0.60
+P99_RATIO_TARGET = 2.0
 
 
 # ------------------------------------------------------------------------------------- data build
 
 
-def _fingerprint() -> str:
-    """Hash of everything that shapes the cached data: generator, pipeline steps and SQL models."""
-    digest = hashlib.sha256()
-    sources = [
-        "recsys_dagster/generate.py",
-        "recsys_dagster/canonicalize.py",
-        "recsys_dagster/aggregates.py",
-        "recsys_dagster/artifacts.py",
-        "recsys_dagster/publishing.py",
-        "recsys_dagster/manifest.py",
-    ]
-    paths = [REPO_ROOT / s for s in sources] + sorted((REPO_ROOT / "dbt_like_sql").rglob("*.sql"))
-    for path in paths:
-        digest.update(path.relative_to(REPO_ROOT).as_posix().encode())
-        digest.update(path.read_bytes() if path.exists() else b"<missing>")
-    return digest.hexdigest()[:16]
+# What shapes the cached data: generator, every pipeline step up to the published manifest, the SQL models
+# (see `harness.source_fingerprint`: a directory covers every module under it; a missing path is an error).
+DATA_SOURCES = (
+    "recsys_core",
+    "recsys_dagster/ingest",
+    "recsys_dagster/transform",
+    "recsys_dagster/publishing",
+    "dbt_like_sql",
+)
 
 
 def _home(options: Options) -> Path:
@@ -109,7 +103,7 @@ def _ensure_data(options: Options) -> Path:
         "days": HISTORY_DAYS + 1,
         "as_of": AS_OF.isoformat(),
         "seed": options.seed,
-        "sources": _fingerprint(),
+        "sources": source_fingerprint(*DATA_SOURCES),
     }
     if marker.exists() and json.loads(marker.read_text()).get("key") == key:
         print(f"[{NAME}] using cached data in {_shown(home, options)}", flush=True)
@@ -610,14 +604,16 @@ def _render(
         ]
     ]
     target_headers = ["target", "result"]
+    p99_ratio = ours.p99_ms / base.p99_ms
     target_rows = [
         [
-            f"p99 <= {P99_TARGET_MS:g} ms at {CONNECTIONS} connections",
-            f"{_met(ours.p99_ms <= P99_TARGET_MS)} ({ours.p99_ms:.2f} ms)",
+            f">= {THROUGHPUT_RATIO_TARGET:.0%} of hello-world throughput at {CONNECTIONS} connections",
+            f"{_met(ratio >= THROUGHPUT_RATIO_TARGET)} ({ratio:.0%}: {ours.rps:,.0f} vs {base.rps:,.0f} req/s)",
         ],
         [
-            f">= {THROUGHPUT_RATIO_TARGET:.0%} of hello-world throughput",
-            f"{_met(ratio >= THROUGHPUT_RATIO_TARGET)} ({ratio:.0%}: {ours.rps:,.0f} vs {base.rps:,.0f} req/s)",
+            f"p99 <= {P99_RATIO_TARGET:.1f}x hello-world p99 at {CONNECTIONS} connections",
+            f"{_met(p99_ratio <= P99_RATIO_TARGET)} ({p99_ratio:.2f}x: {ours.p99_ms:.2f} ms vs "
+            f"{base.p99_ms:.2f} ms)",
         ],
         [
             "zero failed requests across a manifest swap",
@@ -641,6 +637,7 @@ def _render(
         f"server serves it the manifest is rolled back; the server polls every {POLL_SECONDS:g} s. "
         "Failed = non-2xx responses + socket errors (connect, read, write, timeout).",
         f"All runs: {all_runs}.",
+        "Throughput and p99 targets are judged on the rows above: the best run (by req/s) of each server.",
     ]
     title = "HTTP API: GET /v1/recommendations vs a bare FastAPI hello-world"
     text = "\n".join(
