@@ -32,6 +32,7 @@ from threadpoolctl import threadpool_limits
 from recsys_core.kinds import KINDS
 from recsys_core.lake import partition_dir
 from recsys_core.settings import Settings, load_settings
+from recsys_dagster.evaluation.offline import evaluate_day
 from recsys_dagster.ingest.canonicalize import canonicalize_partition
 from recsys_dagster.ingest.gates import run_gates
 from recsys_dagster.ingest.generate import generate_events
@@ -326,6 +327,7 @@ def daily_run(params: dict) -> dict:
             "rows": sum(b.rows for b in builds),
             "days_used": params["window_days"] - len(builds[0].missing_days) if builds else 0,
         }
+    _step("evaluation", lambda: evaluate_day(settings, day))
     outcomes = _step("publish", lambda: publish_as_of(settings, day))
     return {
         "steps": dict(_progress["done"]),

@@ -130,6 +130,7 @@ def _ensure_data(options: Options) -> Path:
 def build_task(params: dict) -> dict:
     """Child-process task: generate, canonicalize, check, aggregate, build and publish (see module doc)."""
     from recsys_core.kinds import KINDS
+    from recsys_dagster.evaluation.offline import evaluate_day
     from recsys_dagster.ingest.canonicalize import canonicalize_partition
     from recsys_dagster.ingest.gates import run_gates
     from recsys_dagster.ingest.generate import generate_events
@@ -185,6 +186,7 @@ def build_task(params: dict) -> dict:
                 kind, settings.lake_root, settings.artifact_root, as_of, settings.pipeline
             )
             write_build_record(settings.lake_root, kind, as_of, builds)
+    evaluate_day(settings, AS_OF)
     outcomes = publish_as_of(settings, AS_OF)
     actions = [o.outcome.action for o in outcomes]
     if actions != ["publish"]:
