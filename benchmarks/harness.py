@@ -42,9 +42,10 @@ The targets are listed under [Targets](#targets); every row of a section's targe
 is met. Each section below is rewritten by its benchmark and states the machine, versions and date it was
 measured on. Do not edit between the markers by hand.
 
-Re-run everything with `make bench` (sizes 1M and 10M events, a few minutes on 2 cores), or one benchmark
-at one size with `.venv/bin/python -m benchmarks.run --only ingest --sizes 1000000`; `--no-record` prints
-the tables without touching this file.
+Re-run everything with `make bench` (ingest at 1M and 10M events; about ten minutes on 2 cores once the
+generated data is cached in `bench-data/`, which the first run builds in about half an hour more), or one
+benchmark with `.venv/bin/python -m benchmarks.run --only NAME` (the ingest benchmark at one size with
+`--only ingest --sizes 1000000`); `--no-record` prints the tables without touching this file.
 
 ## Targets
 
