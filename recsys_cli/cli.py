@@ -619,10 +619,10 @@ def _sql_params(args: argparse.Namespace, settings: Settings) -> dict:
     import dataclasses
 
     from recsys_core.kinds import ARTIFACT_KINDS
-    from recsys_core.lake import AGGREGATE_FILE, parquet_files, partition_dir
-    from recsys_dagster.ingest.gates import SAMPLE_ROWS
+    from recsys_core.lake import parquet_files, partition_dir
+    from recsys_dagster.ingest.gates import SAMPLE_ROWS, arrival_window
     from recsys_dagster.transform.aggregates import DAILY_MODELS, daily_aggregate_params
-    from recsys_dagster.transform.artifacts import window_days
+    from recsys_dagster.transform.artifacts import window_inputs
 
     config, lake_root, model = (
         settings.pipeline,
@@ -633,17 +633,11 @@ def _sql_params(args: argparse.Namespace, settings: Settings) -> dict:
     if kind is not None:
         if args.day:
             raise UsageError(f"{model} is built over a window: give --as-of, not --day")
-        # compute_window's inputs: the window's aggregate partitions that exist.
-        as_of = args.as_of or _yesterday()
-        aggregate = kind.aggregate
-        days = window_days(as_of, kind.window_days(config))
-        files = [partition_dir(lake_root, aggregate, day) / AGGREGATE_FILE for day in days]
-        paths = [str(file) for file in files if file.is_file()]
-        if not paths:
-            raise UsageError(
-                f"no {aggregate} partition in the window {days[0]}..{days[-1]} under {lake_root}"
-            )
-        return {"paths": paths} | kind.sql_params(config, as_of)
+        try:
+            params, _, _ = window_inputs(kind.name, lake_root, args.as_of or _yesterday(), config)
+        except FileNotFoundError as exc:
+            raise UsageError(str(exc)) from None
+        return params
     if model not in DAILY_MODELS and not model.startswith("checks/canonical_"):
         raise UsageError(f"{model} checks one artifact file, not a partition: set its variables by hand")
     if args.as_of:
@@ -656,12 +650,8 @@ def _sql_params(args: argparse.Namespace, settings: Settings) -> dict:
     if model in DAILY_MODELS:
         return {"paths": paths} | daily_aggregate_params(model, config)
     # run_gates' arrival window; the resource limits are the checks settings of the same names.
-    midnight = dt.datetime.combine(day, dt.time(), dt.UTC)
-    ingest = config.ingest
-    window = {
-        "window_start": (midnight - dt.timedelta(days=ingest.max_lateness_days)).isoformat(),
-        "window_end": (midnight + dt.timedelta(days=1, hours=ingest.max_clock_skew_hours)).isoformat(),
-    }
+    start, end = arrival_window(day, config.ingest)
+    window = {"window_start": start.isoformat(), "window_end": end.isoformat()}
     return {"paths": paths, "max_rows": SAMPLE_ROWS} | window | dataclasses.asdict(config.checks)
 
 

@@ -72,8 +72,8 @@ def blend(
             cooc = np.zeros(target.n_items)
             cooc[items] = np.asarray(votes) / votes[0]
             parts[SOURCE_COOC] = cooc
-    if weights.popularity > 0 and target.popularity_prior_max > 0:
-        parts[SOURCE_POPULARITY] = target.popularity_prior / target.popularity_prior_max
+    if weights.popularity > 0:
+        parts[SOURCE_POPULARITY] = target.popularity_prior
     weight = {SOURCE_ALS: weights.als, SOURCE_COOC: weights.cooc, SOURCE_POPULARITY: weights.popularity}
     total = np.zeros(target.n_items)
     for source, scores in parts.items():

@@ -122,9 +122,9 @@ class LoadedTarget:
     item_index: dict[str, int]
     popular_items: np.ndarray
     popular_scores: np.ndarray
-    # Every vocabulary item's popularity score (0 outside the published top N) and the largest one.
+    # Every vocabulary item's popularity score divided by the largest (0 outside the published top N): the
+    # blend's popularity source, scaled once at load rather than on every request.
     popularity_prior: np.ndarray
-    popularity_prior_max: float
     cooc_indptr: np.ndarray
     cooc_neighbors: np.ndarray
     cooc_scores: np.ndarray
@@ -434,6 +434,8 @@ def load_target(artifact_root: Path, tenant: str, surface: str, manifest: Manife
     pop_items, pop_scores = pop_items[first], pop_scores[first]
     prior = np.zeros(n_items, dtype=np.float64)
     prior[pop_items] = np.maximum(pop_scores, 0.0)
+    if n_items and prior.max() > 0:
+        prior /= prior.max()
 
     if cooc is not None and cooc.num_rows:
         src = codes(cooc["item_id"])
@@ -495,7 +497,6 @@ def load_target(artifact_root: Path, tenant: str, surface: str, manifest: Manife
         popular_items=pop_items,
         popular_scores=pop_scores,
         popularity_prior=prior,
-        popularity_prior_max=float(prior.max()) if n_items else 0.0,
         cooc_indptr=cooc_indptr,
         cooc_neighbors=cooc_neighbors,
         cooc_scores=cooc_scores,

@@ -31,7 +31,6 @@ from recsys_core.manifest import (
     Manifest,
     manifest_version,
     read_current,
-    target_dir,
     utc_timestamp,
 )
 from recsys_core.settings import BlendWeights, Settings
@@ -244,7 +243,6 @@ def _published_result(
     settings: Settings, tenant: str, surface: str, as_of: dt.date
 ) -> EvaluationResult | None:
     """The evaluation recorded for the version currently published (if older than `as_of` and recorded)."""
-    target_dir(settings.artifact_root, tenant, surface)  # validates the names
     current = read_current(settings.artifact_root, tenant, surface)
     if current is None or current["as_of"] >= as_of.isoformat():
         return None

@@ -75,6 +75,15 @@ def check_warn_only(checks: ChecksConfig) -> None:
         raise ConfigError(f"checks.warn_only: unknown check(s) {unknown}; known: {list(GATE_NAMES)}")
 
 
+def arrival_window(day: dt.date, ingest: IngestConfig) -> tuple[dt.datetime, dt.datetime]:
+    """[start, end) of the event times a partition of arrival day `day` may hold (the ts_in_range gate)."""
+    midnight = dt.datetime.combine(day, dt.time(), dt.UTC)
+    return (
+        midnight - dt.timedelta(days=ingest.max_lateness_days),
+        midnight + dt.timedelta(days=1, hours=ingest.max_clock_skew_hours),
+    )
+
+
 def run_gates(lake_root: Path, day: dt.date, ingest: IngestConfig, checks: ChecksConfig) -> list[GateResult]:
     """Evaluate every gate on the canonical partition of `day` and record the results beside it."""
     check_warn_only(checks)
@@ -83,10 +92,7 @@ def run_gates(lake_root: Path, day: dt.date, ingest: IngestConfig, checks: Check
     summary = read_summary(lake_root, day)
     if summary is None or not paths:
         raise FileNotFoundError(f"canonical_events partition {day} has not been materialized ({folder})")
-    window_start = dt.datetime.combine(day, dt.time(), dt.UTC) - dt.timedelta(days=ingest.max_lateness_days)
-    window_end = dt.datetime.combine(day, dt.time(), dt.UTC) + dt.timedelta(
-        days=1, hours=ingest.max_clock_skew_hours
-    )
+    window_start, window_end = arrival_window(day, ingest)
     results = [
         _schema(paths),
         _rows_gate(

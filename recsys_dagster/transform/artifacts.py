@@ -63,10 +63,11 @@ def polars_schema(kind: ArtifactKind) -> dict[str, pl.DataType]:
     return dict(pl.DataFrame(kind.schema.empty_table()).schema)
 
 
-def compute_window(
+def window_inputs(
     name: str, lake_root: Path, as_of: dt.date, config: PipelineConfig
-) -> tuple[pl.DataFrame, list[dt.date], list[dt.date]]:
-    """Run the kind's SQL over the window: (rows for every tenant and surface, days used, days missing)."""
+) -> tuple[dict[str, Any], list[dt.date], list[dt.date]]:
+    """The kind's SQL parameters over the window (`paths`: the aggregate partitions that exist), the days
+    used and the days missing; FileNotFoundError when no partition of the window exists."""
     kind = artifact_kind(name)
     days = window_days(as_of, kind.window_days(config))
     aggregate = kind.aggregate
@@ -78,8 +79,15 @@ def compute_window(
             f"under {lake_root / aggregate}; materialize {aggregate} for these days first"
         )
     paths = [str(partition_dir(lake_root, aggregate, d) / AGGREGATE_FILE) for d in used]
-    frame = run_sql(kind.sql_model, {"paths": paths} | kind.sql_params(config, as_of))
-    return frame, used, missing
+    return {"paths": paths} | kind.sql_params(config, as_of), used, missing
+
+
+def compute_window(
+    name: str, lake_root: Path, as_of: dt.date, config: PipelineConfig
+) -> tuple[pl.DataFrame, list[dt.date], list[dt.date]]:
+    """Run the kind's SQL over the window: (rows for every tenant and surface, days used, days missing)."""
+    params, used, missing = window_inputs(name, lake_root, as_of, config)
+    return run_sql(artifact_kind(name).sql_model, params), used, missing
 
 
 def build_window_artifacts(
