@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from recsys_core.settings import ConfigError, Settings, load_settings
+from recsys_core.lake import partition_dir
+from recsys_core.settings import ConfigError, Settings, load_settings, tuned_file
 
 if TYPE_CHECKING:
     from recsys_core.manifest import Manifest
@@ -79,6 +80,20 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--start", type=_date, default=None, help="first day (default: yesterday, UTC)")
     evaluate.add_argument("--end", type=_date, default=None, help="last day, inclusive (default: --start)")
     evaluate.add_argument("--quiet", action="store_true", help="only print the summary")
+
+    tune = sub.add_parser(
+        "tune",
+        help="search ALS parameters and blend weights on the data before a day's evaluation days; "
+        "the next run trains and serves with the choice",
+    )
+    tune.add_argument(
+        "--as-of",
+        type=_date,
+        default=None,
+        help="day whose evaluation days are left out (default: yesterday)",
+    )
+    tune.add_argument("--trials", type=int, default=None, help="trials to run (default: tuning.trials)")
+    tune.add_argument("--quiet", action="store_true", help="only print the summary")
 
     run = sub.add_parser("run", help="materialize a date range in-process (same definitions as the UI)")
     run.add_argument("--start", type=_date, default=None, help="first day (default: yesterday, UTC)")
@@ -151,6 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "import": cmd_import,
             "run": cmd_run,
             "evaluate": cmd_evaluate,
+            "tune": cmd_tune,
             "status": cmd_status,
             "history": cmd_history,
             "rollback": cmd_rollback,
@@ -267,6 +283,37 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
     return status
 
 
+def cmd_tune(args: argparse.Namespace, settings: Settings) -> int:
+    """`recsys run --select key:tuning` for one day, then the trials and the choice."""
+    from recsys_dagster.evaluation.tuning import CHOICE_FILE, TRIALS_FILE, TUNING_ASSET
+
+    if args.trials is not None:
+        if args.trials < 1:
+            raise UsageError(f"--trials must be >= 1, got {args.trials}")
+        os.environ["RECSYS_TUNING_TRIALS"] = str(args.trials)  # read by the pipeline's settings
+    args.select = f"key:{TUNING_ASSET}"
+    args.start = args.end = args.as_of or _yesterday()
+    status = cmd_run(args, settings)
+    folder = partition_dir(settings.lake_root, TUNING_ASSET, args.start)
+    if status != EXIT_OK or not (folder / CHOICE_FILE).is_file():
+        return status
+    choice = json.loads((folder / CHOICE_FILE).read_text())
+    print()
+    print(
+        f"tuned as of {choice['as_of']}: trained up to {choice['trained_as_of']}, validated on "
+        f"{' .. '.join(choice['validation_days'])} ({choice['users']} users), {choice['trials']} trials"
+    )
+    for label, entry in (("before", choice["baseline"]), ("chosen", choice["chosen"])):
+        score = entry["score"]
+        params = ", ".join(f"{k} {v}" for k, v in entry["params"].items())
+        print(
+            f"  {label}: blend {choice['metric']} {score['blend']:.4f} (als alone {score['als']:.4f}): {params}"
+        )
+    print(f"trials: {folder / TRIALS_FILE}")
+    print(f"chosen parameters: {tuned_file(settings.lake_root)} (used by the next run and the served blend)")
+    return status
+
+
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     start = args.start or _yesterday()
     end = args.end or start
@@ -370,6 +417,8 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         )
         return EXIT_OK
     print(f"RECSYS_HOME {settings.home}")
+    if settings.tuned_file is not None:
+        print(f"tuned parameters in use: {settings.tuned_file}")
     print()
     print("Published manifests")
     if not manifests:
@@ -406,6 +455,8 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
                 f"    evaluation    {verdict}; {figures}"
                 + (f" ({evaluation['note']})" if evaluation.get("note") else "")
             )
+        if entry.get("blend"):
+            print("    blend         " + ", ".join(f"{source} {w:g}" for source, w in entry["blend"].items()))
         _print_refusal(entry)
     print()
     print("Canonical partitions")

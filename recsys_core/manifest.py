@@ -34,6 +34,8 @@ REGISTRY_FILE = "registry.jsonl"
 LOCK_FILE = ".lock"
 META_FILE = "meta.json"
 # Fields of meta.json that do not take part in the version (they change on every rebuild).
+# The sources a manifest's `blend` weighs (recsys_core.settings.BlendWeights).
+BLEND_SOURCES = ("als", "cooc", "popularity")
 VOLATILE_META_FIELDS = frozenset({"version", "built_at", "run_id"})
 RegistryAction = Literal["publish", "noop", "history_only", "refused", "rollback"]
 REGISTRY_ACTIONS: frozenset[str] = frozenset(get_args(RegistryAction))
@@ -104,6 +106,9 @@ class Manifest(TypedDict):
     checks: dict[str, Any]  # per family of checks, what publishing confirmed
     run_id: str | None
     published_by: str
+    # The served blend's weights (source -> weight), as evaluated before publishing; absent in manifests
+    # written before the blend existed, which the server serves with its configured weights.
+    blend: NotRequired[dict[str, float]]
 
 
 # The fields of a registry record that follow its `seq` and `at`, in the order they are written (`from`
@@ -204,10 +209,24 @@ def artifact_version(meta: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical_json(stable)).hexdigest()
 
 
-def manifest_version(tenant: str, surface: str, as_of: dt.date | str, versions: Mapping[str, str]) -> str:
-    """SHA-256 hex of the canonical JSON of `{tenant, surface, as_of, artifacts: {kind: version}}`."""
+def manifest_version(
+    tenant: str,
+    surface: str,
+    as_of: dt.date | str,
+    versions: Mapping[str, str],
+    blend: Mapping[str, float] | None = None,
+) -> str:
+    """SHA-256 hex of the canonical JSON of `{tenant, surface, as_of, artifacts: {kind: version}}`, plus
+    `blend` when the manifest carries blend weights (manifests written before them have none)."""
     day = as_of.isoformat() if isinstance(as_of, dt.date) else str(as_of)
-    payload = {"tenant": tenant, "surface": surface, "as_of": day, "artifacts": dict(versions)}
+    payload: dict[str, Any] = {
+        "tenant": tenant,
+        "surface": surface,
+        "as_of": day,
+        "artifacts": dict(versions),
+    }
+    if blend is not None:
+        payload["blend"] = dict(blend)
     return hashlib.sha256(canonical_json(payload)).hexdigest()
 
 
@@ -275,13 +294,27 @@ def read_manifest(
         day = _iso_text(dt.date.fromisoformat, as_of)
     except (TypeError, ValueError) as exc:
         raise bad(f"as_of {as_of!r} is not an ISO date") from exc
+    blend = manifest.get("blend")
+    if blend is not None and not _is_blend(blend):
+        raise bad(f"blend must map {', '.join(BLEND_SOURCES)} to numbers >= 0, got {blend!r}")
     mv = manifest.get("manifest_version")
     if not is_hex64(mv):
         raise bad("manifest_version missing or not 64 hex characters")
     # Recomputing the version catches a hand-edited or mixed-up manifest, not just a truncated one.
-    if mv != manifest_version(manifest["tenant"], manifest["surface"], day, versions):
-        raise bad("manifest_version does not match its tenant/surface/as_of/artifact versions")
+    if mv != manifest_version(manifest["tenant"], manifest["surface"], day, versions, blend):
+        raise bad("manifest_version does not match its tenant/surface/as_of/artifact versions and blend")
     return cast(Manifest, manifest)  # validated above: what the readers rely on is there
+
+
+def _is_blend(value: object) -> bool:
+    return (
+        isinstance(value, dict)
+        and set(value) == set(BLEND_SOURCES)
+        and all(
+            isinstance(w, int | float) and not isinstance(w, bool) and 0 <= w < float("inf")
+            for w in value.values()
+        )
+    )
 
 
 def _iso_text(parse: Callable[[str], object], value: object) -> str:

@@ -27,6 +27,11 @@ COOC_METRICS = ("cosine", "count", "jaccard", "lift")
 RANKING_METRICS = ("precision", "recall", "ndcg", "map", "hit_rate")
 
 
+# The file tuning writes (under the lake's tuning/ folder) and the sections it may set.
+TUNED_FILE = "tuned.yaml"
+TUNED_SECTIONS = ("artifacts", "blend")
+
+
 class ConfigError(ValueError):
     """A setting or the config file is invalid; the message says which key and why."""
 
@@ -175,12 +180,30 @@ class GuardrailsConfig:
 
 
 @dataclass(frozen=True)
+class TuningConfig:
+    """The search for ALS parameters and blend weights (recsys_dagster.evaluation.tuning)."""
+
+    trials: int = 30
+    # The last days of the training window that score each trial (the evaluation's held-out days, after
+    # the training window, are never used).
+    validation_days: int = 1
+    # Each trial is scored on at most this many validation users (drawn the same way every time); 0 = all.
+    max_users: int = 2000
+    seed: int = 42
+    # Cron expression (UTC) of the optional tuning schedule, e.g. "0 4 * * 0"; empty = on demand only.
+    schedule: str = ""
+    # Whether the pipeline and the server use the parameters the last tuning chose (TUNED_FILE).
+    use_tuned: bool = True
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     checks: ChecksConfig = field(default_factory=ChecksConfig)
     artifacts: ArtifactsConfig = field(default_factory=ArtifactsConfig)
     blend: BlendWeights = field(default_factory=BlendWeights)
     guardrails: GuardrailsConfig = field(default_factory=GuardrailsConfig)
+    tuning: TuningConfig = field(default_factory=TuningConfig)
     event_weights: Mapping[str, float] = field(
         default_factory=lambda: {
             "exposure": 0.0,
@@ -210,6 +233,8 @@ class Settings:
     start_date: dt.date
     config_file: Path | None
     pipeline: PipelineConfig
+    # The tuned parameters applied over the configuration file (None: none applied).
+    tuned_file: Path | None = None
     alert_sink: str = "log"
     # API server: how often it looks for a new manifest, and whether it logs served items as exposures.
     serve_poll_seconds: float = 2.0
@@ -225,10 +250,15 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         return Path(env[var]).expanduser().absolute() if env.get(var) else home / default
 
     config_file = Path(env["RECSYS_CONFIG"]).expanduser().absolute() if env.get("RECSYS_CONFIG") else None
+    lake_root = root("RECSYS_LAKE_ROOT", "lake")
+    pipeline = _with_window_override(load_pipeline_config(config_file), env.get("RECSYS_WINDOW_DAYS"))
+    pipeline = _with_trials_override(pipeline, env.get("RECSYS_TUNING_TRIALS"))
+    tuned = tuned_file(lake_root)
+    applied = pipeline.tuning.use_tuned and tuned.is_file()
     return Settings(
         home=home,
         raw_root=root("RECSYS_RAW_ROOT", "raw"),
-        lake_root=root("RECSYS_LAKE_ROOT", "lake"),
+        lake_root=lake_root,
         artifact_root=root("RECSYS_ARTIFACT_ROOT", "artifacts"),
         dagster_home=root("DAGSTER_HOME", "dagster"),
         start_date=_parse_date("RECSYS_START_DATE", env.get("RECSYS_START_DATE"), DEFAULT_START_DATE),
@@ -238,8 +268,42 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             "RECSYS_SERVE_POLL_SECONDS", env.get("RECSYS_SERVE_POLL_SECONDS"), 2.0
         ),
         exposure_log=_parse_bool("RECSYS_EXPOSURE_LOG", env.get("RECSYS_EXPOSURE_LOG"), False),
-        pipeline=_with_window_override(load_pipeline_config(config_file), env.get("RECSYS_WINDOW_DAYS")),
+        pipeline=apply_tuned(pipeline, tuned) if applied else pipeline,
+        tuned_file=tuned if applied else None,
     )
+
+
+def tuned_file(lake_root: Path) -> Path:
+    """Where tuning writes the parameters it chose: read over the configuration file by `load_settings`."""
+    return lake_root / "tuning" / TUNED_FILE
+
+
+def apply_tuned(config: PipelineConfig, path: Path) -> PipelineConfig:
+    """`config` with the `artifacts.als` and `blend` keys of the tuned-parameters file at `path`."""
+    raw = _read_yaml(path, "tuned parameters")
+    _reject_unknown("", raw, set(TUNED_SECTIONS))
+    artifacts = raw.get("artifacts") or {}
+    if not isinstance(artifacts, dict):
+        raise ConfigError(f"tuned parameters {path}: artifacts must be a mapping")
+    _reject_unknown("artifacts.", artifacts, {"als"})
+    tuned = dataclasses.replace(
+        config,
+        artifacts=dataclasses.replace(
+            config.artifacts, als=_section(config.artifacts.als, "artifacts.als", artifacts.get("als"))
+        ),
+        blend=_section(config.blend, "blend", raw.get("blend")),
+    )
+    _validate(tuned)
+    return tuned
+
+
+def _with_trials_override(config: PipelineConfig, value: str | None) -> PipelineConfig:
+    """RECSYS_TUNING_TRIALS sets `tuning.trials` (what `recsys tune --trials` passes to the pipeline)."""
+    if not value:
+        return config
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(f"RECSYS_TUNING_TRIALS: expected a whole number >= 1, got {value!r}")
+    return dataclasses.replace(config, tuning=dataclasses.replace(config.tuning, trials=int(value)))
 
 
 def _with_window_override(config: PipelineConfig, value: str | None) -> PipelineConfig:
@@ -268,15 +332,8 @@ def load_pipeline_config(path: Path | None) -> PipelineConfig:
     """Read the optional YAML file; unknown keys are errors so that typos never pass silently."""
     if path is None:
         return PipelineConfig()
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except OSError as exc:
-        raise ConfigError(f"RECSYS_CONFIG: cannot read {path}: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"RECSYS_CONFIG: {path} is not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"RECSYS_CONFIG: {path} must hold a mapping at the top level")
-    known = {"ingest", "checks", "event_weights", "artifacts", "blend", "guardrails"}
+    raw = _read_yaml(path, "RECSYS_CONFIG")
+    known = {"ingest", "checks", "event_weights", "artifacts", "blend", "guardrails", "tuning"}
     _reject_unknown("", raw, known)
     weights = dict(PipelineConfig().event_weights)
     given_weights = raw.get("event_weights") or {}
@@ -291,11 +348,24 @@ def load_pipeline_config(path: Path | None) -> PipelineConfig:
         checks=_section(ChecksConfig(), "checks", raw.get("checks")),
         artifacts=_section(ArtifactsConfig(), "artifacts", raw.get("artifacts")),
         guardrails=_section(GuardrailsConfig(), "guardrails", raw.get("guardrails")),
+        tuning=_section(TuningConfig(), "tuning", raw.get("tuning")),
         event_weights=weights,
         blend=_section(BlendWeights(), "blend", raw.get("blend")),
     )
     _validate(config)
     return config
+
+
+def _read_yaml(path: Path, what: str) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as exc:
+        raise ConfigError(f"{what}: cannot read {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what}: {path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{what}: {path} must hold a mapping at the top level")
+    return raw
 
 
 def _section(default: Any, name: str, values: Any) -> Any:
@@ -384,6 +454,14 @@ def _validate(config: PipelineConfig) -> None:
         if not 0.0 <= getattr(checks, key) <= 1.0:
             raise ConfigError(f"checks.{key}: must be between 0 and 1")
     _validate_guardrails(config.guardrails)
+    tuning = config.tuning
+    if tuning.schedule and len(tuning.schedule.split()) != 5:
+        raise ConfigError(f"tuning.schedule: expected a 5-field cron expression, got {tuning.schedule!r}")
+    if tuning.trials < 1 or tuning.validation_days < 1 or tuning.max_users < 0:
+        raise ConfigError(
+            "tuning: trials and validation_days must be >= 1 and max_users >= 0, got "
+            f"{tuning.trials}, {tuning.validation_days}, {tuning.max_users}"
+        )
 
 
 def _validate_guardrails(guardrails: GuardrailsConfig) -> None:

@@ -12,7 +12,7 @@ import dagster as dg
 
 from recsys_core.settings import Settings, load_settings
 from recsys_dagster import defs as domains
-from recsys_dagster.defs.shared import RecsysResource
+from recsys_dagster.defs.shared import ON_DEMAND_GROUP, RecsysResource
 
 # The daily schedule runs at 02:00 UTC; a day without a successful materialization warns after 26 hours
 # and fails after 30 (docs/operations.md has the SLO and runbooks).
@@ -36,7 +36,11 @@ def build_definitions() -> dg.Definitions:
     defs = dg.Definitions.merge(
         *domain_definitions(settings), dg.Definitions(resources={"recsys": RecsysResource()})
     )
-    return defs.map_resolved_asset_specs(func=lambda spec: dg.apply_freshness_policy(spec, DAILY_FRESHNESS))
+    return defs.map_resolved_asset_specs(
+        func=lambda spec: (
+            spec if spec.group_name == ON_DEMAND_GROUP else dg.apply_freshness_policy(spec, DAILY_FRESHNESS)
+        )
+    )
 
 
 defs = build_definitions()

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import dagster as dg
 
 from recsys_core.settings import Settings
-from recsys_dagster.defs.shared import user_error
+from recsys_dagster.defs.shared import daily_selection, user_error
 
 CLI_JOB = "recsys_cli_run"
 
@@ -51,7 +51,7 @@ class SelectionError(ValueError):
 
 def _asset_selection(defs: dg.Definitions, selection: str | None) -> dg.AssetSelection:
     if not selection:
-        return dg.AssetSelection.all()
+        return daily_selection()
     try:
         # A multi-asset (canonical_events + quarantine) can only run whole: widen the selection to it.
         parsed = dg.AssetSelection.from_string(selection).required_multi_asset_neighbors()

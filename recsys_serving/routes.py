@@ -170,7 +170,7 @@ class Endpoints:
             context_items=args["context_items"],
             k=k,
             exclude_seen=args["exclude_seen"],
-            weights=self.weights,
+            weights=target.blend or self.weights,
         )
         for warning in result.warnings:
             self.metrics.fallback(tenant, surface, warning["code"])

@@ -91,6 +91,9 @@ class ManifestResponse(BaseModel):
     items: int
     users: int
     run_id: str | None
+    blend: dict[str, float] | None = Field(
+        None, description="The blend weights published with the manifest (null: the server's configured ones)"
+    )
     request_id: str
     load_failure: dict[str, Any] | None = Field(
         None, description="A newer manifest that failed to load (the version above keeps serving)"

@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 
 from recsys_core.kinds import ARTIFACT_KINDS, KINDS, REQUIRED_KINDS, ArtifactKind
 from recsys_core.manifest import Manifest, list_targets, read_current, read_meta, resolve_uri, verify_artifact
+from recsys_core.settings import BlendWeights
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,8 @@ class LoadedTarget:
     load_seconds: float
     kinds: tuple[str, ...]
     ignored_kinds: tuple[str, ...]
+    # The blend weights the manifest was evaluated and published with; None: the server's configured ones.
+    blend: BlendWeights | None
     item_ids: list[str]
     item_index: dict[str, int]
     popular_items: np.ndarray
@@ -199,6 +202,7 @@ class LoadedTarget:
             "items": self.n_items,
             "users": self.n_users,
             "run_id": self.manifest.get("run_id"),
+            "blend": self.manifest.get("blend"),
         }
 
 
@@ -486,6 +490,7 @@ def load_target(artifact_root: Path, tenant: str, surface: str, manifest: Manife
         manifest=manifest.copy(),
         manifest_version=manifest["manifest_version"],
         as_of=manifest["as_of"],
+        blend=BlendWeights(**manifest["blend"]) if "blend" in manifest else None,
         updated_at=updated_at,
         updated_at_epoch=_epoch(updated_at),
         loaded_at=time.time(),

@@ -11,6 +11,14 @@ from dagster_shared.error import SerializableErrorInfo  # the type of Dagster's 
 from recsys_core.settings import Settings, load_settings
 
 OWNERS = ["team:data-platform"]
+# Assets of this group run only when asked for (or on their own schedule): not in the daily job, not in
+# `recsys run` without --select, without the daily freshness policy.
+ON_DEMAND_GROUP = "tuning"
+
+
+def daily_selection() -> dg.AssetSelection:
+    """Every asset the daily run materializes: all but the on-demand ones."""
+    return dg.AssetSelection.all() - dg.AssetSelection.groups(ON_DEMAND_GROUP)
 
 
 class RecsysResource(dg.ConfigurableResource):

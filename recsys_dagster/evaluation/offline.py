@@ -89,7 +89,12 @@ def rankers(target: LoadedTarget, blend: BlendWeights) -> dict[str, Ranker]:
     models = {**SINGLE_SOURCES, "blend": blend}
     if target.als is None:
         models.pop("als")
-    return {name: functools.partial(_recommend, target, weights) for name, weights in models.items()}
+    return {name: ranker(target, weights) for name, weights in models.items()}
+
+
+def ranker(target: LoadedTarget, weights: BlendWeights) -> Ranker:
+    """(user, k) -> the items the server would return with these blend weights (seen items excluded)."""
+    return functools.partial(_recommend, target, weights)
 
 
 def _recommend(target: LoadedTarget, weights: BlendWeights, user: str, k: int) -> Sequence[str]:
@@ -134,7 +139,7 @@ def evaluate_day(settings: Settings, as_of: dt.date) -> list[TargetEvaluation]:
             continue  # no aggregate in the training window: nothing to learn from for this kind
         for build in builds:
             built.setdefault((build.tenant, build.surface), {})[kind] = build.path
-    interactions = _interactions(
+    interactions = window_interactions(
         lake_root, as_of, max(k.window_days(config) for k in ARTIFACT_KINDS.values())
     )
     outcomes = []
@@ -149,7 +154,7 @@ def evaluate_day(settings: Settings, as_of: dt.date) -> list[TargetEvaluation]:
     return outcomes
 
 
-def _interactions(lake_root: Path, as_of: dt.date, days: int) -> pl.DataFrame:
+def window_interactions(lake_root: Path, as_of: dt.date, days: int) -> pl.DataFrame:
     """The user_item_daily rows of the window ending at `as_of` (training days and held-out days)."""
     files = [
         partition_dir(lake_root, "user_item_daily", day) / AGGREGATE_FILE for day in window_days(as_of, days)

@@ -280,8 +280,12 @@ def publish(
     checks_summary: Mapping[str, Any] | None = None,
     run_id: str | None = None,
     actor: str = "pipeline",
+    blend: Mapping[str, float] | None = None,
 ) -> PublishOutcome:
     """Publish the artifact directories `artifacts` (kind -> `<target>/<kind>/<version>`) as of `as_of`.
+
+    `blend` (source -> weight) goes into the manifest, and into its version, for the API server to rank
+    with; without it the server uses its configured weights.
 
     Outcomes (each recorded in the registry): `refused` if an artifact fails validation, `gate_problems`
     is non-empty, or the manifest was rolled back away from (nothing changes); `noop` if it is already
@@ -294,7 +298,7 @@ def publish(
         validate_name("kind", kind)
     target = _prepare_target(artifact_root, tenant, surface)
     versions = {kind: Path(path).name for kind, path in artifacts.items()}
-    mv = manifest_version(tenant, surface, day, versions)
+    mv = manifest_version(tenant, surface, day, versions, blend)
     with target_lock(target):
         records = read_records(target)
         current = _load_current(target, tenant, surface, records)
@@ -344,6 +348,8 @@ def publish(
             "run_id": run_id,
             "published_by": actor,
         }
+        if blend is not None:
+            manifest["blend"] = dict(blend)
         history_dir = target / MANIFESTS_DIR
         if history_dir.is_symlink():  # would write history outside the target
             raise UnsafePathError(f"{tenant}/{surface}: {MANIFESTS_DIR}/ is a symlink; refused")
@@ -482,6 +488,7 @@ def status(artifact_root: Path, *, now: dt.datetime | None = None) -> list[dict]
                     for kind, item in current["artifacts"].items()
                 },
                 evaluation=(current.get("checks") or {}).get("evaluation"),
+                blend=current.get("blend"),
             )
         # A refusal after the last publish or rollback is what an operator must see first: the reason
         # the current manifest is not newer.

@@ -8,6 +8,7 @@ publishes per tenant and surface. Nothing here imports Dagster.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 from collections import defaultdict
@@ -150,6 +151,8 @@ def publish_as_of(settings: Settings, as_of: dt.date, *, run_id: str | None = No
                 "evaluation": evaluation,
             },
             run_id=run_id,
+            # The weights the evaluation just scored the blend with (tuned ones included).
+            blend=dataclasses.asdict(settings.pipeline.blend),
         )
         outcomes.append(TargetOutcome(tenant, surface, outcome))
     return outcomes

@@ -1,6 +1,8 @@
-"""The daily job (every asset, yesterday's partition) and its schedule."""
+"""The daily job (every asset but the on-demand ones, yesterday's partition) and its schedule."""
 
 import dagster as dg
+
+from recsys_dagster.defs.shared import daily_selection
 
 DAILY_JOB = "daily_pipeline"
 
@@ -8,7 +10,7 @@ DAILY_JOB = "daily_pipeline"
 def build_schedules() -> dg.Definitions:
     job = dg.define_asset_job(
         DAILY_JOB,
-        selection=dg.AssetSelection.all(),
+        selection=daily_selection(),
         description="Materialize one day through to publishing: ingest, gates, aggregates, artifacts, manifest.",
     )
     schedule = dg.build_schedule_from_partitioned_job(
