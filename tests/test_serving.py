@@ -9,6 +9,7 @@ Starlette's TestClient where a test needs to drive the poller by hand.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -33,7 +34,7 @@ import uvicorn
 from fastapi.testclient import TestClient
 
 from recsys_core.kinds import KINDS
-from recsys_core.manifest import read_current, resolve_uri
+from recsys_core.manifest import ManifestError, read_current, resolve_uri
 from recsys_core.settings import BlendWeights, Settings, load_settings
 from recsys_dagster.evaluation.offline import evaluate_day
 from recsys_dagster.ingest.canonicalize import canonicalize_partition, landing_files
@@ -1047,3 +1048,34 @@ def test_a_manifest_published_without_als_still_serves(clone: Path, published: P
     assert body["manifest_version"] == outcome.manifest_version
     assert body["items"] and {s for item in body["items"] for s in item["sources"]} <= {"cooc", "popularity"}
     assert any(item["source"] == "cooc" for item in body["items"])
+
+
+def test_each_manifest_is_served_with_the_blend_weights_it_was_published_with(
+    clone: Path, published: Published
+) -> None:
+    """The pipeline publishes the weights its evaluation scored (tuned ones included); the server ranks a
+    manifest with them rather than with its own configuration, and picks them up with the manifest."""
+    assert published.manifest["blend"] == dataclasses.asdict(BlendWeights())
+    root = clone / "artifacts"
+    current = read_current(root, TENANT, SURFACE)
+    paths = {kind: resolve_uri(root, TENANT, SURFACE, uri) for kind, uri in current["current"].items()}
+    cooc_only = BlendWeights(als=0.0, cooc=1.0, popularity=0.0)
+    outcome = publish(root, TENANT, SURFACE, DAY, paths, blend=dataclasses.asdict(cooc_only))
+    # Same artifacts, other weights: another manifest version.
+    assert outcome.action == "publish" and outcome.manifest_version != current["manifest_version"]
+    user = users_with_cooc(published, 2)[0]
+    with TestClient(create_app(settings_for(clone))) as client:
+        body = client.get(recs_url(user_id=user, k=10)).json()
+        manifest = client.get(f"/v1/manifest?tenant={TENANT}&surface={SURFACE}").json()
+    assert manifest["blend"] == dataclasses.asdict(cooc_only)
+    assert body["manifest_version"] == outcome.manifest_version
+    assert_same_ranking(as_tuples(body), published.expected(user, 10, weights=cooc_only))
+    assert {s for item in body["items"] for s in item["sources"]} == {"cooc"}
+
+    # Weights edited by hand no longer match the manifest version: the manifest is refused on load.
+    manifest_file = root / TENANT / SURFACE / "manifest.json"
+    edited = json.loads(manifest_file.read_text())
+    edited["blend"]["cooc"] = 5.0
+    manifest_file.write_text(json.dumps(edited))
+    with pytest.raises(ManifestError, match="blend"):
+        read_current(root, TENANT, SURFACE)
