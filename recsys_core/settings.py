@@ -27,6 +27,8 @@ COOC_METRICS = ("cosine", "count", "jaccard", "lift")
 RANKING_METRICS = ("precision", "recall", "ndcg", "map", "hit_rate")
 
 
+# Dagster executors a deployment may choose (RECSYS_EXECUTOR); the first is the default.
+EXECUTORS = ("in_process", "multiprocess")
 # The file tuning writes (under the lake's tuning/ folder) and the sections it may set.
 TUNED_FILE = "tuned.yaml"
 TUNED_SECTIONS = ("artifacts", "blend")
@@ -235,6 +237,8 @@ class Settings:
     pipeline: PipelineConfig
     # The tuned parameters applied over the configuration file (None: none applied).
     tuned_file: Path | None = None
+    # How Dagster runs the steps of a run (EXECUTORS): in the run's process, or one process per step.
+    executor: str = "in_process"
     alert_sink: str = "log"
     # API server: how often it looks for a new manifest, and whether it logs served items as exposures.
     serve_poll_seconds: float = 2.0
@@ -270,6 +274,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         exposure_log=_parse_bool("RECSYS_EXPOSURE_LOG", env.get("RECSYS_EXPOSURE_LOG"), False),
         pipeline=apply_tuned(pipeline, tuned) if applied else pipeline,
         tuned_file=tuned if applied else None,
+        executor=_parse_choice("RECSYS_EXECUTOR", env.get("RECSYS_EXECUTOR"), EXECUTORS),
     )
 
 
@@ -485,6 +490,15 @@ def _validate_guardrails(guardrails: GuardrailsConfig) -> None:
         if not lowest <= value <= highest:
             limits = f">= {lowest}" if highest == math.inf else f"between {lowest} and {highest}"
             raise ConfigError(f"guardrails.{key}: must be {limits}, got {value}")
+
+
+def _parse_choice(var: str, value: str | None, choices: tuple[str, ...]) -> str:
+    """`value` if it is one of `choices`; the first choice when unset."""
+    if not value:
+        return choices[0]
+    if value not in choices:
+        raise ConfigError(f"{var}: expected one of {', '.join(choices)}, got {value!r}")
+    return value
 
 
 def _parse_alert_sink(value: str) -> str:

@@ -33,8 +33,12 @@ def domain_definitions(settings: Settings) -> list[dg.Definitions]:
 
 def build_definitions() -> dg.Definitions:
     settings = load_settings()
+    # In-process by default: on a small machine, a process per step costs more than most steps' work, and
+    # the UI's runs then cost what the CLI's do. A deployment with the cores for it picks multiprocess.
+    executor = dg.multiprocess_executor if settings.executor == "multiprocess" else dg.in_process_executor
     defs = dg.Definitions.merge(
-        *domain_definitions(settings), dg.Definitions(resources={"recsys": RecsysResource()})
+        *domain_definitions(settings),
+        dg.Definitions(resources={"recsys": RecsysResource()}, executor=executor),
     )
     return defs.map_resolved_asset_specs(
         func=lambda spec: (

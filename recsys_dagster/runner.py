@@ -6,16 +6,34 @@ ones launched from there.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import dagster as dg
 
-from recsys_core.settings import Settings
-from recsys_dagster.defs.shared import daily_selection, user_error
+# Creating a run the way the UI does (with its code location's origin) has no public API: these are the
+# pieces `dagster job launch` uses, pinned with the dagster version in uv.lock.
+from dagster._core.definitions.assets.graph.base_asset_graph import BaseAssetGraph
+from dagster._core.definitions.assets.job.asset_job import IMPLICIT_ASSET_JOB_NAME
+from dagster._core.definitions.repository_definition.valid_definitions import SINGLETON_REPOSITORY_NAME
+from dagster._core.definitions.selector import JobSubsetSelector
+from dagster._core.execution.api import execute_run
+from dagster._core.remote_origin import InProcessCodeLocationOrigin
+from dagster._core.remote_representation.code_location import CodeLocation
+from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
+from dagster._utils.hosted_user_process import recon_job_from_origin
 
-CLI_JOB = "recsys_cli_run"
+from recsys_core.settings import Settings
+from recsys_dagster.defs.automation.schedules import DAILY_JOB
+from recsys_dagster.defs.shared import user_error
+
+# The code location as workspace.yaml names it, and the module it loads.
+LOCATION_NAME = "recsys"
+DEFINITIONS_MODULE = "recsys_dagster.definitions"
 
 
 @dataclass
@@ -49,18 +67,36 @@ class SelectionError(ValueError):
     """The --select string is not valid Dagster selection syntax or selects nothing."""
 
 
-def _asset_selection(defs: dg.Definitions, selection: str | None) -> dg.AssetSelection:
-    if not selection:
-        return daily_selection()
+def _selected_keys(asset_graph: BaseAssetGraph, selection: str) -> frozenset[dg.AssetKey]:
     try:
         # A multi-asset (canonical_events + quarantine) can only run whole: widen the selection to it.
         parsed = dg.AssetSelection.from_string(selection).required_multi_asset_neighbors()
-        keys = parsed.resolve(defs.resolve_asset_graph())
+        keys = parsed.resolve(asset_graph)
     except dg.DagsterError as exc:
         raise SelectionError(str(exc)) from exc
     if not keys:
         raise SelectionError(f"{selection!r} selects no asset")
-    return parsed
+    return frozenset(keys)
+
+
+@contextlib.contextmanager
+def code_location(instance: dg.DagsterInstance) -> Iterator[CodeLocation]:
+    """The code location the UI loads (workspace.yaml), loaded in this process.
+
+    Runs created from it carry the same location, repository and job names as the UI's, so the UI finds
+    their job, shows them on its timeline and can re-execute them.
+    """
+    with code_location_origin().create_location(instance) as location:
+        yield location
+
+
+def code_location_origin() -> InProcessCodeLocationOrigin:
+    return InProcessCodeLocationOrigin(
+        loadable_target_origin=LoadableTargetOrigin(
+            executable_path=sys.executable, module_name=DEFINITIONS_MODULE
+        ),
+        location_name=LOCATION_NAME,
+    )
 
 
 def materialize_range(
@@ -70,23 +106,54 @@ def materialize_range(
     selection: str | None = None,
     log_level: str = "INFO",
 ) -> RunOutcome:
-    """One run over the partitions [start, end] of the selected assets (default: all)."""
-    from recsys_dagster.definitions import build_definitions
+    """One run over the partitions [start, end]: the daily job, or the selected assets (Dagster syntax).
 
-    defs = build_definitions()
-    job = dg.define_asset_job(CLI_JOB, selection=_asset_selection(defs, selection))
-    job_def = dg.Definitions.merge(defs, dg.Definitions(jobs=[job])).resolve_job_def(CLI_JOB)
+    The run is created in the instance the way the UI launches one (a run of `daily_pipeline`, or of the
+    implicit asset job with an asset selection, as the UI's "Materialize" creates), then executed here.
+    """
     instance = prepare_instance(settings)
-    result = job_def.execute_in_process(
-        instance=instance,
-        tags={
-            "dagster/asset_partition_range_start": start.isoformat(),
-            "dagster/asset_partition_range_end": end.isoformat(),
-            "recsys/launched_by": "cli",
-        },
-        run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
-        raise_on_error=False,
-    )
+    run_config = {"loggers": {"console": {"config": {"log_level": log_level}}}}
+    with code_location(instance) as location:
+        repository = location.get_repository(SINGLETON_REPOSITORY_NAME)
+        keys = _selected_keys(repository.asset_graph, selection) if selection else None
+        remote_job = location.get_job(
+            JobSubsetSelector(
+                location_name=location.name,
+                repository_name=repository.name,
+                job_name=IMPLICIT_ASSET_JOB_NAME if keys else DAILY_JOB,
+                op_selection=None,
+                asset_selection=keys,
+            )
+        )
+        plan = location.get_execution_plan(
+            remote_job, run_config, step_keys_to_execute=None, known_state=None, instance=instance
+        )
+        run = instance.create_run(
+            job_name=remote_job.name,
+            run_id=None,
+            run_config=run_config,
+            resolved_op_selection=None,
+            step_keys_to_execute=None,
+            op_selection=None,
+            status=None,
+            root_run_id=None,
+            parent_run_id=None,
+            tags={
+                "dagster/asset_partition_range_start": start.isoformat(),
+                "dagster/asset_partition_range_end": end.isoformat(),
+                "recsys/launched_by": "cli",
+            },
+            job_snapshot=remote_job.job_snapshot,
+            execution_plan_snapshot=plan.execution_plan_snapshot,
+            parent_job_snapshot=remote_job.parent_job_snapshot,
+            remote_job_origin=remote_job.get_remote_origin(),
+            job_code_origin=remote_job.get_python_origin(),
+            asset_selection=keys,
+            asset_check_selection=None,
+            asset_graph=repository.asset_graph,
+        )
+    job = recon_job_from_origin(remote_job.get_python_origin())
+    result = execute_run(job.get_subset(asset_selection=keys) if keys else job, run, instance)
     outcome = RunOutcome(run_id=result.run_id, success=result.success)
     for event in result.all_events:
         if event.event_type == dg.DagsterEventType.STEP_FAILURE:
