@@ -341,6 +341,8 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     print(f"run {outcome.run_id}: {'succeeded' if outcome.ok else 'FAILED'}")
     for name in outcome.failed_checks:
         print(f"  blocking check failed: {name}")
+    if outcome.failed_checks:
+        _print_gate_failures(settings, start, end)
     for name in outcome.warned_checks:
         print(f"  warning check failed: {name}")
     for step in outcome.failed_steps:
@@ -351,6 +353,25 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         print(f"  step skipped: {step}")
     print(f"inspect it in the Dagster UI: make ui, then http://127.0.0.1:3000/runs/{outcome.run_id}")
     return EXIT_OK if outcome.ok else EXIT_FAILED
+
+
+def _print_gate_failures(settings: Settings, start: dt.date, end: dt.date) -> None:
+    """Each failed blocking gate of the range: its day, its reason and the settings that move it."""
+    from recsys_core.lake import read_checks
+    from recsys_dagster.ingest.gates import GATE_SETTINGS
+
+    day = start
+    while day <= end:
+        record = read_checks(settings.lake_root, day)
+        for result in record["results"] if record else []:
+            if result["passed"] or not result["blocking"]:
+                continue
+            keys = GATE_SETTINGS.get(result["name"], ())
+            relax = (f"set {', '.join(keys)} in RECSYS_CONFIG, or " if keys else "") + (
+                f"list {result['name']} in checks.warn_only to warn instead of block"
+            )
+            print(f"    {day} {result['name']}: {result['summary']} ({relax})")
+        day += dt.timedelta(days=1)
 
 
 def partition_rows(settings: Settings, start: dt.date, end: dt.date) -> list[dict]:

@@ -103,7 +103,7 @@ ALS_CONFIDENCE = ("linear", "log")
 class AlsConfig:
     window_days: int = 30
     # Small and strongly regularised: the best of the settings tried on the `make run` sample data. Other
-    # data sets want their own (docs/quality.md: on MovieLens 32 factors and regularization 50 did better).
+    # data sets want their own: `recsys tune` searches them (docs/quality.md has what it chose on MovieLens).
     factors: int = 16
     regularization: float = 20.0
     # implicit's confidence scaling of the interaction weights.

@@ -31,9 +31,9 @@ from recsys_core.settings import Settings
 from recsys_dagster.defs.automation.schedules import DAILY_JOB
 from recsys_dagster.defs.shared import user_error
 
-# The code location as workspace.yaml names it, and the module it loads.
+# The code location as workspace.yaml names it. The CLI loads it from `current_definitions` below rather
+# than from the module's `defs`, which a process builds once, at import, from the environment it had then.
 LOCATION_NAME = "recsys"
-DEFINITIONS_MODULE = "recsys_dagster.definitions"
 
 
 @dataclass
@@ -61,6 +61,14 @@ def prepare_instance(settings: Settings) -> dg.DagsterInstance:
         config.write_text("telemetry:\n  enabled: false\nrun_retries:\n  enabled: false\n")
     os.environ["DAGSTER_HOME"] = str(home)
     return dg.DagsterInstance.get()
+
+
+@dg.definitions
+def current_definitions() -> dg.Definitions:
+    """The code location's definitions, built from the environment of the moment they are loaded."""
+    from recsys_dagster.definitions import build_definitions
+
+    return build_definitions()
 
 
 class SelectionError(ValueError):
@@ -93,7 +101,7 @@ def code_location(instance: dg.DagsterInstance) -> Iterator[CodeLocation]:
 def code_location_origin() -> InProcessCodeLocationOrigin:
     return InProcessCodeLocationOrigin(
         loadable_target_origin=LoadableTargetOrigin(
-            executable_path=sys.executable, module_name=DEFINITIONS_MODULE
+            executable_path=sys.executable, module_name=__name__, attribute="current_definitions"
         ),
         location_name=LOCATION_NAME,
     )

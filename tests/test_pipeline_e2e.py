@@ -9,6 +9,7 @@ import datetime as dt
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -115,6 +116,8 @@ def test_failed_gate_exits_1_stops_downstream_and_never_reaches_current(
     assert recsys("run", "--start", END, "--end", END) == 1
     out = capsys.readouterr().out
     assert "blocking check failed: canonical_events:resource_limits" in out
+    # The reason and what relaxes it, without opening _checks.json.
+    assert re.search(rf"{END} resource_limits: .*> 100 \(set checks\.max_events, .*checks\.warn_only", out)
     assert not (partition_dir(home / "lake", "item_daily", END) / "builds.json").exists()
     assert read_current(home / "artifacts", "demo", "home")["manifest_version"] == published
 

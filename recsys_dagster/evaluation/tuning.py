@@ -8,7 +8,7 @@ the server's own ranking code, the way the evaluation does. The objective is `gu
 `guardrails.k` of the blend over the validation users of every tenant and surface together: the
 configuration holds one `artifacts.als` and one `blend`, so one choice serves them all.
 
-The search is optuna's TPE sampler with a fixed seed. Trial 0 is the parameters in use today, so the choice
+The search is optuna's TPE sampler with a fixed seed. Trial 1 is the parameters in use today, so the choice
 is never worse on validation than what runs now; the same data and configuration give the same trials and
 the same choice (ALS is deterministic, and so is a seeded sampler run sequentially).
 

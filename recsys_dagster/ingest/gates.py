@@ -46,6 +46,21 @@ GATE_DESCRIPTIONS = {
     "resource_limits": "Events, distinct items, sessions and items per session are under the limits.",
 }
 GATE_NAMES = tuple(GATE_DESCRIPTIONS)
+# The configuration keys that move each gate's threshold (any gate can also be listed in checks.warn_only,
+# which turns its failure into a warning). The value rules of the contract have none: bad rows are
+# quarantined before these gates, so a failure there is a defect, not a threshold.
+GATE_SETTINGS: dict[str, tuple[str, ...]] = {
+    "ts_in_range": ("ingest.max_lateness_days", "ingest.max_clock_skew_hours"),
+    "quarantine_rate": ("checks.max_quarantine_rate",),
+    "duplicate_rate": ("checks.max_duplicate_rate",),
+    "volume": ("checks.volume_min_ratio", "checks.volume_max_ratio", "checks.volume_min_history_days"),
+    "resource_limits": (
+        "checks.max_events",
+        "checks.max_distinct_items",
+        "checks.max_sessions",
+        "checks.max_items_per_session",
+    ),
+}
 
 
 @dataclass
