@@ -437,7 +437,8 @@ def metrics_table(result: EvaluationResult) -> list[str]:
 
 
 def target_checks(result: EvaluationResult) -> list[str]:
-    p = {model: result.value(model, "all", "precision") or 0.0 for model in result.models}
+    # Rounded: equal precisions summed in a different order must compare equal (no "-0.0%").
+    p = {model: round(result.value(model, "all", "precision") or 0.0, 12) for model in result.models}
     blend, bare, cooc = p["served blend (tuned)"], p["bare implicit ALS (tuned)"], p["served cooc"]
     gap = (blend - bare) / bare if bare else float("nan")
     lift = (blend - cooc) / cooc if cooc else float("inf")
