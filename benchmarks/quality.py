@@ -44,7 +44,7 @@ from recsys_dagster.evaluation.evaluate import EvaluationResult, Ranker, evaluat
 from recsys_dagster.evaluation.holdout import Holdout, item_popularity, random_holdout, temporal_holdout
 from recsys_dagster.evaluation.offline import SINGLE_SOURCES, load_built, ranker
 from recsys_dagster.evaluation.tuning import Candidate, Score, Trial, TuningResult, search
-from recsys_dagster.ingest.importers import _OTTO_TYPES as OTTO_EVENT_TYPES
+from recsys_dagster.ingest.importers import OTTO_EVENT_TYPES
 from recsys_dagster.transform.als import train_als
 from recsys_dagster.transform.artifact_dir import write_artifact_dir
 from recsys_dagster.transform.artifacts import polars_schema

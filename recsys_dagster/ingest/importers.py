@@ -42,7 +42,7 @@ _RFC3339 = re.compile(
     r"(\d{4}-\d{2}-\d{2})[Tt ](?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d(?:\.\d+)?([Zz]|[+-]\d{2}:\d{2})"
 )
 _UDATA_LINE = re.compile(rb"\s*\d+\t\d+\t[0-9.]+\t\d+\s*")
-_OTTO_TYPES = {"clicks": "click", "carts": "add_to_cart", "orders": "purchase"}
+OTTO_EVENT_TYPES = {"clicks": "click", "carts": "add_to_cart", "orders": "purchase"}
 _EPOCH = dt.date(1970, 1, 1)
 
 
@@ -368,7 +368,7 @@ def _convert_otto(
             yield None, line
             continue
         for day, session, aid, ts, kind in events:
-            event_type = _OTTO_TYPES.get(kind)
+            event_type = OTTO_EVENT_TYPES.get(kind)
             # An unknown type is passed on as is, for the pipeline to reject with a reason.
             type_json = f'"{event_type}"' if event_type else orjson.dumps(kind).decode()
             event = (
