@@ -243,11 +243,17 @@ def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
     if first_days:
         first, last = min(first_days), max(last_days)
         print(f"landing zone: {settings.raw_root}")
+        days = (dt.date.fromisoformat(str(last)) - dt.date.fromisoformat(str(first))).days + 1
+        prefix = ""
         if dt.date.fromisoformat(str(first)) < settings.start_date:
             print(
-                f"note: events start on {first}, before RECSYS_START_DATE={settings.start_date}; set RECSYS_START_DATE={first} to process them all"
+                f"note: events start on {first}, before RECSYS_START_DATE={settings.start_date}: the command "
+                "below sets it (export it, or add it to your environment, for later commands and the UI)"
             )
-        print(f"next: recsys run --start {first} --end {last}")
+            prefix = f"RECSYS_START_DATE={first} "
+        print(
+            f"next ({days:,} day{'s' if days > 1 else ''}): {prefix}recsys run --start {first} --end {last}"
+        )
     return EXIT_OK
 
 

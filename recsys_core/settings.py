@@ -56,6 +56,12 @@ class ChecksConfig:
     volume_min_history_days: int = 3
     volume_min_ratio: float = 0.2
     volume_max_ratio: float = 5.0
+    # A trailing median below this many rows says nothing about a feed's health (a small tenant, ratings
+    # that arrive in bursts): the day is not judged.
+    volume_min_median_rows: int = 100
+    # Volume blocks only for days at most this many days before today (UTC): the daily run on fresh data.
+    # An older day is history being backfilled, whose volume is what it was: a failure there warns.
+    volume_block_recent_days: int = 7
     max_events: int = 50_000_000
     max_distinct_items: int = 5_000_000
     max_sessions: int = 10_000_000
@@ -423,6 +429,8 @@ def _validate(config: PipelineConfig) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}: must be > 0, got {value}")
+    if checks.volume_min_median_rows < 0 or checks.volume_block_recent_days < 0:
+        raise ConfigError("checks.volume_min_median_rows and checks.volume_block_recent_days must be >= 0")
     if ingest.max_lateness_days < 0 or ingest.max_clock_skew_hours < 0:
         raise ConfigError("ingest.max_lateness_days and ingest.max_clock_skew_hours must be >= 0")
     if not ingest.event_types:

@@ -330,3 +330,20 @@ def test_confirm_after_a_failing_partition_is_fixed(layout, write_raw: Callable[
     materialize(layout, write_raw, events(6))
     gates(layout)
     assert confirm_gates_passed(layout.lake_root, DAY) is None
+
+
+def test_volume_is_judged_only_on_a_meaningful_median_and_blocks_only_recent_days(
+    layout, write_raw: Callable[..., Path]
+) -> None:
+    _history(layout, write_raw, {1: 100, 2: 100, 3: 100})
+    materialize(layout, write_raw, events(1))  # 0.01 x the trailing median: a collapsed feed
+    recent = gates(layout, volume_block_recent_days=100_000)["volume"]
+    assert not recent.passed and recent.blocking
+    # DAY lies in the past: backfilled history is what it was, so the same collapse only warns.
+    backfilled = gates(layout)["volume"]
+    assert not backfilled.passed and not backfilled.blocking
+    assert "volume_block_recent_days" in backfilled.summary
+    assert read_checks(layout.lake_root, DAY)["passed"]
+    # A median of 100 rows is too little to judge when the floor is higher.
+    small = gates(layout, volume_min_median_rows=101, volume_block_recent_days=100_000)["volume"]
+    assert small.passed and "too little volume to judge" in small.summary

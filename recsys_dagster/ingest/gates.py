@@ -53,7 +53,12 @@ GATE_SETTINGS: dict[str, tuple[str, ...]] = {
     "ts_in_range": ("ingest.max_lateness_days", "ingest.max_clock_skew_hours"),
     "quarantine_rate": ("checks.max_quarantine_rate",),
     "duplicate_rate": ("checks.max_duplicate_rate",),
-    "volume": ("checks.volume_min_ratio", "checks.volume_max_ratio", "checks.volume_min_history_days"),
+    "volume": (
+        "checks.volume_min_ratio",
+        "checks.volume_max_ratio",
+        "checks.volume_min_median_rows",
+        "checks.volume_block_recent_days",
+    ),
     "resource_limits": (
         "checks.max_events",
         "checks.max_distinct_items",
@@ -137,8 +142,15 @@ def run_gates(lake_root: Path, day: dt.date, ingest: IngestConfig, checks: Check
         _volume(lake_root, day, summary["canonical_rows"], checks),
         _resource_limits(paths, checks),
     ]
+    backfilled = day < dt.datetime.now(dt.UTC).date() - dt.timedelta(days=checks.volume_block_recent_days)
     for result in results:
         result.blocking = result.name not in checks.warn_only
+        if result.name == "volume" and backfilled and not result.passed:
+            result.blocking = False
+            result.summary += (
+                f"; {day} is more than checks.volume_block_recent_days = {checks.volume_block_recent_days} "
+                "day(s) old, backfilled history: warns only"
+            )
     record: ChecksRecord = {
         "day": day.isoformat(),
         "content_hash": summary["content_hash"],
@@ -228,6 +240,16 @@ def _volume(lake_root: Path, day: dt.date, rows: int, checks: ChecksConfig) -> G
             meta,
         )
     median = statistics.median(history)
+    if median < checks.volume_min_median_rows:
+        meta["trailing_median"] = median
+        return GateResult(
+            "volume",
+            True,
+            True,
+            f"{rows:,} rows; the trailing median {median:,.0f} is below checks.volume_min_median_rows "
+            f"{checks.volume_min_median_rows:,}: too little volume to judge",
+            meta,
+        )
     ratio = rows / median
     meta |= {"trailing_median": median, "ratio": round(ratio, 4)}
     meta |= {"min_ratio": checks.volume_min_ratio, "max_ratio": checks.volume_max_ratio}
