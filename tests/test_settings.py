@@ -253,3 +253,11 @@ def test_invalid_yaml_is_a_config_error(in_tmp: Path) -> None:
 def test_missing_config_file_is_a_config_error(in_tmp: Path) -> None:
     with pytest.raises(ConfigError, match=r"RECSYS_CONFIG.*missing\.yaml"):
         load_settings({"RECSYS_CONFIG": str(in_tmp / "missing.yaml")})
+
+
+def test_the_documented_complete_example_is_every_default(tmp_path: Path) -> None:
+    doc = (Path(__file__).parent.parent / "docs" / "reference" / "configuration.md").read_text()
+    example = doc.split("### Complete example", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]
+    path = tmp_path / "recsys.yaml"
+    path.write_text(example)
+    assert load_pipeline_config(path) == PipelineConfig()
