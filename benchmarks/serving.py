@@ -783,6 +783,9 @@ def _render(
         "Failed = non-2xx responses + socket errors (connect, read, write, timeout).",
         f"All runs: {all_runs}.",
         "Throughput and p99 targets are judged on the rows above: the best run (by req/s) of each server.",
+        f"wrk keeps all {CONNECTIONS} connections busy, so the mean latency is about {CONNECTIONS} / req/s: "
+        f"recsys API {CONNECTIONS / ours.rps * 1e3:.2f} ms, hello-world {CONNECTIONS / base.rps * 1e3:.2f} ms "
+        f"(ratio {base.rps / ours.rps:.2f}); the p99 ratio is judged on the measured p99s above.",
     ]
     title = "HTTP API: GET /v1/recommendations vs a bare FastAPI hello-world"
     text = "\n".join(
