@@ -3,6 +3,7 @@ artifacts that the real pipeline steps published (`test_serving`'s fixture data)
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +20,9 @@ from test_serving import (
 
 from recsys_core.manifest import read_current
 from recsys_core.settings import BlendWeights
+from recsys_serving import blend as blend_module
 from recsys_serving import recommender
-from recsys_serving.blend import SOURCE_ALS
+from recsys_serving.blend import SOURCE_ALS, blend
 from recsys_serving.ranking import SOURCE_COOC, SOURCE_POPULARITY
 from recsys_serving.recommender import Recommendation, recommend
 from recsys_serving.store import LoadedTarget, load_target
@@ -194,3 +196,71 @@ def test_a_short_list_says_how_many_items_were_left(target: LoadedTarget, publis
     exactly = recommend(target, user_id=user, k=left, exclude_seen=True)
     assert exactly.item_ids == one_short.item_ids
     assert recommender.FEWER_ITEMS not in codes(exactly)
+
+
+@pytest.mark.parametrize("popular", [None, 12], ids=["as published", "12 popular items"])
+def test_the_blend_scores_only_what_can_reach_the_top_and_agrees_with_the_exhaustive_sum_bit_for_bit(
+    target: LoadedTarget, published: Published, popular: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With few popular items and small blocks, most of this small catalog is left to the ALS bound.
+    computed: list[int] = []
+    if popular is not None:
+        monkeypatch.setattr(blend_module, "_ROWS", 16)
+        monkeypatch.setattr(blend_module, "_STEP_ROWS", 16)
+        extend = blend_module._AlsScores._extend
+
+        def spy(self: blend_module._AlsScores, end: int) -> None:
+            extend(self, end)
+            computed.append(self._computed)
+
+        monkeypatch.setattr(blend_module._AlsScores, "_extend", spy)
+        prior = np.zeros(target.n_items)
+        prior[target.popular_items[:popular]] = target.popularity_prior[target.popular_items[:popular]]
+        target = dataclasses.replace(
+            target,
+            popular_items=target.popular_items[:popular],
+            popular_scores=target.popular_scores[:popular],
+            popularity_prior=prior,
+        )
+    assert target.als is not None
+    rng = np.random.default_rng(3)
+    users = sorted(published.als_users)[:25]
+    cases: list[tuple[np.ndarray | None, list[int], set[int]]] = []
+    for user in users:
+        history = target.history_with_weights(user)
+        items = history[0] if history else []
+        vector = target.als.user_vector(user)
+        cases.append((vector, items[:5], set(items)))
+        cases.append((vector, [], set()))
+        assert vector is not None
+        cases.append((-vector, items[:2], set(items[:2])))  # a user every item scores below 0 for, or most
+    for _ in range(10):
+        seeds = rng.choice(target.n_items, size=3, replace=False).tolist()
+        cases.append((target.als.fold_in(seeds, [1.0] * 3), seeds, set(seeds)))
+    cases.append((None, [], set()))
+    for weights in (
+        BlendWeights(),
+        BlendWeights(1.0, 0.0, 0.0),
+        BlendWeights(1.0, 0.3, 0.0),
+        BlendWeights(0.0, 1.0, 0.5),
+        BlendWeights(0.2, 1.0, 1.0),
+    ):
+        for vector, seeds, excluded in cases:
+            for k in (1, 10, 40, target.n_items):
+                args = {
+                    "user_vector": vector,
+                    "seeds": seeds,
+                    "excluded": excluded,
+                    "k": k,
+                    "weights": weights,
+                }
+                fast = blend(target, **args)
+                exhaustive = blend(target, exhaustive=True, **args)
+                assert (fast.items, fast.scores, fast.contributions, fast.sources_used) == (
+                    exhaustive.items,
+                    exhaustive.scores,
+                    exhaustive.contributions,
+                    exhaustive.sources_used,
+                )
+    if popular is not None:
+        assert min(computed) < target.n_items  # some requests did not score every item
