@@ -22,6 +22,7 @@ from recsys_cli import cli
 from recsys_core.kinds import KINDS
 from recsys_core.lake import AGGREGATE_FILE, partition_dir, read_builds, read_checks, read_summary
 from recsys_core.manifest import MANIFESTS_DIR, read_registry, target_dir
+from recsys_dagster.definitions import build_definitions
 from recsys_dagster.evaluation.offline import read_evaluation
 from recsys_dagster.ingest.gates import GATE_NAMES
 from recsys_dagster.transform.aggregates import DAILY_MODELS
@@ -81,21 +82,29 @@ def test_each_partition_of_a_single_run_backfill_reports_its_own_day(
         check_evaluation(run)
         check_published_manifest(run)
         check_asset_checks(run)
+
+        # The daily schedule's run: one partition, by partition key rather than a range.
+        job = build_definitions().resolve_job_def("daily_pipeline")
+        result = job.execute_in_process(
+            partition_key=END.isoformat(), instance=instance, raise_on_error=False
+        )
+        assert result.success
+        check_single_day_run({**run, "run_id": result.run_id})
     finally:
         instance.dispose()
 
 
 def materialization(run: dict[str, Any], asset: str, day: dt.date) -> dict[str, Any]:
-    """The metadata of the one materialization of `asset` recorded for partition `day`."""
+    """The metadata of the latest materialization of `asset` for partition `day`: the run's only one."""
     records = (
         run["instance"]
         .fetch_materializations(
-            dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[day.isoformat()]), limit=5
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[day.isoformat()]), limit=10
         )
         .records
     )
-    assert len(records) == 1, f"{asset} {day}: {len(records)} materializations"
-    assert records[0].run_id == run["run_id"]
+    assert records and records[0].run_id == run["run_id"], f"{asset} {day}: not materialized by the run"
+    assert sum(r.run_id == run["run_id"] for r in records) == 1, f"{asset} {day}: several in one run"
     event = records[0].asset_materialization
     assert event is not None and event.partition == day.isoformat()
     return {key: value.value for key, value in event.metadata.items()}
@@ -254,3 +263,32 @@ def check_asset_checks(run: dict[str, Any]) -> None:
                 else AssetCheckExecutionRecordStatus.SUCCEEDED
             )
             assert record.status == expected, (name, record.partition)
+
+
+def check_single_day_run(run: dict[str, Any]) -> None:
+    """Re-running the last day alone: its partition's new materializations and checks say the same."""
+    lake = run["lake"]
+    summary = read_summary(lake, END)
+    canonical = materialization(run, "canonical_events", END)
+    assert canonical["dagster/row_count"] == summary["canonical_rows"]
+    assert canonical["path"] == str(partition_dir(lake, "canonical_events", END))
+    for kind in KINDS:
+        (entry,) = read_builds(lake, kind, END)["artifacts"]
+        assert materialization(run, kind, END)["version demo/home"] == entry["version"]
+    published = materialization(run, "published_manifest", END)
+    assert published["noop"] == 1 and published["published"] == 0
+    assert (
+        published["manifest demo/home"]
+        == read_registry(run["home"] / "artifacts", "demo", "home")[-1]["manifest_version"]
+    )
+    entries = run["instance"].all_logs(run["run_id"], of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION)
+    evaluations = [entry.dagster_event.asset_check_evaluation_data for entry in entries]
+    assert sorted((e.check_name, e.partition) for e in evaluations) == sorted(
+        (name, END.isoformat()) for name in GATE_NAMES
+    )
+    volume = next(e for e in evaluations if e.check_name == "volume")
+    assert volume.metadata["rows"].value == summary["canonical_rows"]
+    history = run["instance"].event_log_storage.get_asset_check_execution_history(
+        dg.AssetCheckKey(CANONICAL, "volume"), limit=50
+    )
+    assert [r.partition for r in history if r.run_id == run["run_id"]] == [END.isoformat()]
