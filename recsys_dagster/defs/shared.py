@@ -1,7 +1,7 @@
 """Pieces every domain shares: the settings resource, the daily partitions, metadata helpers."""
 
 import datetime as dt
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from functools import cached_property
 from typing import Any
 
@@ -36,6 +36,21 @@ def daily_partitions(settings: Settings) -> dg.DailyPartitionsDefinition:
 def partition_days(context: dg.AssetExecutionContext) -> list[dt.date]:
     """The days a (possibly multi-day, single-run backfill) materialization covers, oldest first."""
     return [dt.date.fromisoformat(key) for key in context.partition_keys]
+
+
+def add_partition_metadata(
+    context: dg.AssetExecutionContext,
+    day: dt.date,
+    metadata: Mapping[str, Any],
+    asset_key: str | None = None,
+) -> None:
+    """Metadata of one day's materialization only.
+
+    A single-run backfill materializes a range in one step, and whatever the step returns with its
+    `MaterializeResult` is recorded on every partition of the range. Figures of one day go here instead:
+    Dagster merges them into that partition's materialization event alone.
+    """
+    context.add_asset_metadata(metadata, asset_key=asset_key, partition_key=day.isoformat())
 
 
 def user_error(error: SerializableErrorInfo | None) -> SerializableErrorInfo | None:

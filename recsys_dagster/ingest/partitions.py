@@ -1,7 +1,8 @@
 """Ingest of a range of arrival days: canonicalize each day, run its gates, and fold the outcomes.
 
-`ingest_days` is what the `canonical_events` asset runs; the fold (`IngestReport`) gives the figures its
-materialization and check results carry, as plain data, so they are testable without Dagster.
+`ingest_days` is what the `canonical_events` asset runs. Each day's `DayIngest` holds the figures of that
+day's materialization and check results; the fold (`IngestReport`) sums a range for the run's summary line.
+All of it is plain data, testable without Dagster.
 """
 
 from __future__ import annotations
@@ -46,21 +47,6 @@ class DayIngest:
 
 
 @dataclass(frozen=True)
-class GateOutcome:
-    """One gate over the days of a run: passed only if it passed on every day."""
-
-    name: str
-    failed_days: list[str]
-    summary: str
-    per_day: list[dict]
-    sample: list[dict]
-
-    @property
-    def passed(self) -> bool:
-        return not self.failed_days
-
-
-@dataclass(frozen=True)
 class IngestReport:
     days: Sequence[DayIngest]
 
@@ -75,42 +61,13 @@ class IngestReport:
     def files_read(self) -> int:
         return sum(len(d.summary.files) for d in self.days)
 
-    def per_day_rows(self) -> list[dict]:
-        return [
-            {
-                "day": d.summary.day,
-                "lines": d.summary.lines_read,
-                "events": d.summary.canonical_rows,
-                "quarantined": d.summary.quarantined,
-                "duplicates": d.summary.duplicates,
-                "blank": d.summary.blank_lines,
-                "reconciled": d.summary.reconciled,
-            }
-            for d in self.days
-        ]
-
-    def reasons(self) -> dict[str, int]:
-        """Quarantined lines by reason code over all days, most frequent first."""
-        counts: dict[str, int] = {}
+    def failed_days(self) -> dict[str, list[str]]:
+        """The days each gate failed on, for the gates that failed on any day of the range."""
+        failed: dict[str, list[str]] = {}
         for d in self.days:
-            for code, count in d.summary.reasons.items():
-                counts[code] = counts.get(code, 0) + count
-        return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
-
-    def gate_outcomes(self) -> list[GateOutcome]:
-        """Each gate over all days; its summary is the day's own for one day, else a count of failures,
-        and its sample comes from the first day it failed (else the last day)."""
-        outcomes = []
-        for name in GATE_NAMES:
-            per_day = [(d.day, r) for d in self.days for r in d.gates if r.name == name]
-            failed = [day.isoformat() for day, r in per_day if not r.passed]
-            worst = next((r for _, r in per_day if not r.passed), per_day[-1][1])
-            summary = (
-                worst.summary if len(self.days) == 1 else f"{len(failed)} of {len(self.days)} day(s) failed"
-            )
-            rows = [{"day": day.isoformat(), "passed": r.passed, "summary": r.summary} for day, r in per_day]
-            outcomes.append(GateOutcome(name, failed, summary, rows, worst.sample))
-        return outcomes
+            for name in d.failed_gates:
+                failed.setdefault(name, []).append(d.day.isoformat())
+        return {name: failed[name] for name in GATE_NAMES if name in failed}
 
 
 def ingest_days(

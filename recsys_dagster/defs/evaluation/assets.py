@@ -9,11 +9,12 @@ from recsys_core.settings import Settings
 from recsys_dagster.defs.shared import (
     OWNERS,
     RecsysResource,
+    add_partition_metadata,
     daily_partitions,
     markdown_table,
     partition_days,
 )
-from recsys_dagster.evaluation.offline import EVALUATION_ASSET, evaluate_day
+from recsys_dagster.evaluation.offline import EVALUATION_ASSET, TargetEvaluation, evaluate_day
 
 
 def build_evaluation(settings: Settings) -> dg.Definitions:
@@ -38,38 +39,45 @@ def build_evaluation(settings: Settings) -> dg.Definitions:
     )
     def evaluation(context: dg.AssetExecutionContext, recsys: RecsysResource) -> dg.MaterializeResult:
         cfg = recsys.settings
-        rows: list[dict[str, Any]] = []
-        metadata: dict[str, Any] = {}
         for as_of in partition_days(context):
-            for outcome in evaluate_day(cfg, as_of):
+            outcomes = evaluate_day(cfg, as_of)
+            for outcome in outcomes:
                 verdict = "passed" if outcome.passed else "FAILED: " + "; ".join(outcome.violations)
                 context.log.info(
                     f"evaluation {as_of} {outcome.tenant}/{outcome.surface}: {outcome.note or verdict}"
                 )
-                row: dict[str, Any] = {
-                    "as_of": as_of.isoformat(),
-                    "target": f"{outcome.tenant}/{outcome.surface}",
-                    "verdict": verdict,
-                }
-                if outcome.result is not None:
-                    users = outcome.result.users.get("all", 0)
-                    row["users"] = users
-                    for model in outcome.result.models:
-                        value = outcome.result.value(model, "all", guardrails.metric)
-                        if value is not None:
-                            row[model] = round(value, 4)
-                            # Numeric metadata: the Dagster UI plots it over the partitions.
-                            metadata[
-                                f"{guardrails.metric}@{guardrails.k} {model} {outcome.tenant}/{outcome.surface}"
-                            ] = dg.MetadataValue.float(value)
-                    metadata[f"report {outcome.tenant}/{outcome.surface}"] = dg.MetadataValue.path(
-                        str(outcome.report)
-                    )
-                rows.append(row)
-        columns = sorted(
-            {key for row in rows for key in row}, key=lambda c: (c not in ("as_of", "target", "users"), c)
-        )
-        metadata["evaluations"] = dg.MetadataValue.md(markdown_table(rows, columns or ["as_of"]))
-        return dg.MaterializeResult(metadata=metadata)
+            add_partition_metadata(context, as_of, _day_metadata(outcomes, guardrails.metric, guardrails.k))
+        return dg.MaterializeResult()
 
     return dg.Definitions(assets=[evaluation])
+
+
+def _day_metadata(outcomes: list[TargetEvaluation], metric: str, k: int) -> dict[str, Any]:
+    """One as-of day: per tenant and surface its metric per model (numeric: the UI plots it over the
+    partitions), evaluated users, verdict and record; and a table of them all."""
+    rows: list[dict[str, Any]] = []
+    metadata: dict[str, Any] = {}
+    for outcome in outcomes:
+        target = f"{outcome.tenant}/{outcome.surface}"
+        verdict = "passed" if outcome.passed else "FAILED: " + "; ".join(outcome.violations)
+        row: dict[str, Any] = {"target": target, "verdict": verdict}
+        metadata[f"passed {target}"] = dg.MetadataValue.bool(outcome.passed)
+        metadata[f"record {target}"] = dg.MetadataValue.path(str(outcome.path))
+        if outcome.result is not None:
+            users = outcome.result.users.get("all", 0)
+            row["users"] = users
+            metadata[f"users {target}"] = dg.MetadataValue.int(users)
+            for model in outcome.result.models:
+                value = outcome.result.value(model, "all", metric)
+                if value is not None:
+                    row[model] = round(value, 4)
+                    metadata[f"{metric}@{k} {model} {target}"] = dg.MetadataValue.float(value)
+            metadata[f"report {target}"] = dg.MetadataValue.path(str(outcome.report))
+        if outcome.note:
+            row["note"] = outcome.note
+        rows.append(row)
+    columns = sorted(
+        {key for row in rows for key in row}, key=lambda c: (c not in ("target", "users"), c == "note", c)
+    )
+    metadata["evaluations"] = dg.MetadataValue.md(markdown_table(rows, columns or ["target"]))
+    return metadata

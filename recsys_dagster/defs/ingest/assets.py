@@ -1,5 +1,7 @@
 """canonical_events + quarantine (one pass over the landing files) and their blocking checks."""
 
+from typing import Any
+
 import dagster as dg
 
 from recsys_core.lake import partition_dir
@@ -7,17 +9,23 @@ from recsys_core.settings import Settings
 from recsys_dagster.defs.shared import (
     OWNERS,
     RecsysResource,
+    add_partition_metadata,
     daily_partitions,
     markdown_table,
     partition_days,
 )
-from recsys_dagster.ingest.gates import GATE_DESCRIPTIONS, check_warn_only
-from recsys_dagster.ingest.partitions import IngestReport, ingest_days
+from recsys_dagster.ingest.gates import GATE_DESCRIPTIONS, GateResult, check_warn_only
+from recsys_dagster.ingest.partitions import DayIngest, IngestReport, ingest_days
+
+CANONICAL = dg.AssetKey("canonical_events")
+# Gate figures that are ratios (plotted as floats even when a value happens to be whole); the others count.
+_RATIO_FIGURES = {"rate", "limit", "ratio", "trailing_median", "min_ratio", "max_ratio"}
 
 
 def build_ingest(settings: Settings) -> dg.Definitions:
     check_warn_only(settings.pipeline.checks)
     warn_only = set(settings.pipeline.checks.warn_only)
+    partitions = daily_partitions(settings)
 
     @dg.multi_asset(
         specs=[
@@ -41,11 +49,16 @@ def build_ingest(settings: Settings) -> dg.Definitions:
                 metadata={"path": dg.MetadataValue.path(str(settings.lake_root / "quarantine"))},
             ),
         ],
-        partitions_def=daily_partitions(settings),
+        partitions_def=partitions,
         backfill_policy=dg.BackfillPolicy.single_run(),
         check_specs=[
+            # Partitioned like the asset: each day's result is recorded against that day's partition.
             dg.AssetCheckSpec(
-                name, asset="canonical_events", description=text, blocking=name not in warn_only
+                name,
+                asset=CANONICAL,
+                description=text,
+                blocking=name not in warn_only,
+                partitions_def=partitions,
             )
             for name, text in GATE_DESCRIPTIONS.items()
         ],
@@ -53,52 +66,107 @@ def build_ingest(settings: Settings) -> dg.Definitions:
     def canonical_events(context: dg.AssetExecutionContext, recsys: RecsysResource):
         """Read the raw landing files of each day, quarantine bad lines, deduplicate, gate."""
         cfg = recsys.settings
-        days = partition_days(context)
-        report = ingest_days(cfg, days, progress=context.log.info, detail=context.log.debug)
-        yield from _results(report, cfg, warn_only)
+        report = ingest_days(
+            cfg, partition_days(context), progress=context.log.info, detail=context.log.debug
+        )
+        for day in report.days:
+            add_partition_metadata(context, day.day, _canonical_metadata(day, cfg), "canonical_events")
+            add_partition_metadata(context, day.day, _quarantine_metadata(day, cfg), "quarantine")
+        if len(report.days) > 1:
+            context.log.info(_range_line(report))
+        yield dg.MaterializeResult(asset_key="canonical_events")
+        yield dg.MaterializeResult(asset_key="quarantine")
+        # `AssetCheckResult` has no partition: it takes the run's partition key, which a range run lacks.
+        # An `AssetCheckEvaluation` names its partition; the check's output is then reported once.
+        for day in report.days:
+            for gate in day.gates:
+                yield dg.AssetCheckEvaluation(
+                    asset_key=CANONICAL,
+                    check_name=gate.name,
+                    passed=gate.passed,
+                    metadata=_gate_metadata(gate),
+                    severity=dg.AssetCheckSeverity.WARN
+                    if gate.name in warn_only
+                    else dg.AssetCheckSeverity.ERROR,
+                    description=gate.summary,
+                    blocking=gate.name not in warn_only,
+                    partition=day.day.isoformat(),
+                )
+        for name in GATE_DESCRIPTIONS:
+            key = dg.AssetCheckKey(CANONICAL, name)
+            yield dg.Output(None, output_name=context.assets_def.get_output_name_for_asset_check_key(key))
 
     return dg.Definitions(assets=[canonical_events])
 
 
-def _results(report: IngestReport, settings: Settings, warn_only: set[str]):
-    """The materializations of both assets and one result per check, from the ingest report."""
+def _canonical_metadata(day: DayIngest, settings: Settings) -> dict[str, Any]:
+    """One day's line accounting, its data's hash and the gate figures worth plotting over days."""
+    s = day.summary
+    figures = {gate.name: gate.metadata for gate in day.gates}
+    metadata: dict[str, Any] = {
+        "dagster/row_count": dg.MetadataValue.int(s.canonical_rows),
+        "lines_read": dg.MetadataValue.int(s.lines_read),
+        "events": dg.MetadataValue.int(s.canonical_rows),
+        "quarantined": dg.MetadataValue.int(s.quarantined),
+        "duplicates": dg.MetadataValue.int(s.duplicates),
+        "blank_lines": dg.MetadataValue.int(s.blank_lines),
+        "reconciled": dg.MetadataValue.bool(s.reconciled),
+        "files_read": dg.MetadataValue.int(len(s.files)),
+        "content_hash": s.content_hash,
+        "path": dg.MetadataValue.path(str(partition_dir(settings.lake_root, "canonical_events", day.day))),
+    }
+    for gate, figure, label in (
+        ("quarantine_rate", "rate", "quarantine_rate"),
+        ("duplicate_rate", "rate", "duplicate_rate"),
+        ("volume", "ratio", "volume_ratio"),
+    ):
+        value = figures.get(gate, {}).get(figure)
+        if value is not None:
+            metadata[label] = dg.MetadataValue.float(float(value))
+    return metadata
+
+
+def _quarantine_metadata(day: DayIngest, settings: Settings) -> dict[str, Any]:
+    reasons = [
+        {"reason": code, "lines": count}
+        for code, count in sorted(day.summary.reasons.items(), key=lambda kv: (-kv[1], kv[0]))
+    ]
+    return {
+        "dagster/row_count": dg.MetadataValue.int(day.summary.quarantined),
+        "by_reason": dg.MetadataValue.md(markdown_table(reasons, ["reason", "lines"])),
+        "path": dg.MetadataValue.path(str(partition_dir(settings.lake_root, "quarantine", day.day))),
+    }
+
+
+def _gate_metadata(gate: GateResult) -> dict[str, Any]:
+    """The gate's summary, its figures as numbers (the UI plots them over partitions) and a sample."""
+    metadata: dict[str, Any] = {"summary": gate.summary}
+    for key, value in gate.metadata.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        if key in _RATIO_FIGURES:
+            metadata[key] = dg.MetadataValue.float(float(value))
+        else:
+            metadata[key] = dg.MetadataValue.int(int(value))
+    by_reason = gate.metadata.get("by_reason")
+    if by_reason:
+        rows = [{"reason": code, "lines": count} for code, count in by_reason.items()]
+        metadata["by_reason"] = dg.MetadataValue.md(markdown_table(rows, ["reason", "lines"]))
+    exceeded = gate.metadata.get("exceeded")
+    if exceeded:
+        metadata["exceeded"] = dg.MetadataValue.md(markdown_table(exceeded, list(exceeded[0])))
+    if gate.sample:
+        metadata["sample"] = dg.MetadataValue.md(markdown_table(gate.sample, list(gate.sample[0])))
+    return metadata
+
+
+def _range_line(report: IngestReport) -> str:
+    """The run's summary over its days (each partition's materialization has its own figures)."""
     totals = report.totals()
-    last_day = report.days[-1].day
-    rows = report.per_day_rows()
-    yield dg.MaterializeResult(
-        asset_key="canonical_events",
-        metadata={
-            "dagster/row_count": totals["events"],
-            **{k: dg.MetadataValue.int(v) for k, v in totals.items()},
-            "reconciled": report.reconciled,
-            "per_day": dg.MetadataValue.md(markdown_table(rows, list(rows[0]))),
-            "files_read": report.files_read,
-            "path": dg.MetadataValue.path(
-                str(partition_dir(settings.lake_root, "canonical_events", last_day))
-            ),
-        },
+    failed = [f"{name} on {', '.join(days)}" for name, days in report.failed_days().items()]
+    return (
+        f"{len(report.days)} days, {report.files_read:,} files: {totals['events']:,} events, "
+        f"{totals['quarantined']:,} quarantined, {totals['duplicates']:,} duplicates, "
+        f"{totals['blank_lines']:,} blank of {totals['lines_read']:,} lines; "
+        f"checks: {'failed ' + '; '.join(failed) if failed else 'passed'}"
     )
-    reasons = [{"reason": k, "lines": v} for k, v in report.reasons().items()]
-    yield dg.MaterializeResult(
-        asset_key="quarantine",
-        metadata={
-            "dagster/row_count": totals["quarantined"],
-            "by_reason": dg.MetadataValue.md(markdown_table(reasons, ["reason", "lines"])),
-            "path": dg.MetadataValue.path(str(partition_dir(settings.lake_root, "quarantine", last_day))),
-        },
-    )
-    for gate in report.gate_outcomes():
-        metadata: dict[str, dg.MetadataValue | str] = {
-            "summary": gate.summary,
-            "failed_days": ", ".join(gate.failed_days) or "none",
-            "details": dg.MetadataValue.md(markdown_table(gate.per_day, ["day", "passed", "summary"])),
-        }
-        if gate.sample:
-            metadata["sample"] = dg.MetadataValue.md(markdown_table(gate.sample, list(gate.sample[0])))
-        yield dg.AssetCheckResult(
-            asset_key="canonical_events",
-            check_name=gate.name,
-            passed=gate.passed,
-            severity=dg.AssetCheckSeverity.WARN if gate.name in warn_only else dg.AssetCheckSeverity.ERROR,
-            metadata=metadata,
-        )

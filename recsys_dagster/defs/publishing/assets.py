@@ -1,17 +1,24 @@
 """published_manifest: validate, confirm gates, register and atomically swap each tenant/surface manifest."""
 
+from pathlib import Path
+from typing import Any
+
 import dagster as dg
 
 from recsys_core.kinds import KINDS
+from recsys_core.manifest import MANIFESTS_DIR, target_dir
 from recsys_core.settings import Settings
 from recsys_dagster.defs.shared import (
     OWNERS,
     RecsysResource,
+    add_partition_metadata,
     daily_partitions,
     markdown_table,
     partition_days,
 )
-from recsys_dagster.publishing.release import publish_as_of
+from recsys_dagster.publishing.release import TargetOutcome, publish_as_of
+
+MAX_TARGETS_SHOWN = 3
 
 
 class PublishRefusedError(Exception):
@@ -36,35 +43,49 @@ def build_publishing(settings: Settings) -> dg.Definitions:
     )
     def published_manifest(context: dg.AssetExecutionContext, recsys: RecsysResource) -> dg.MaterializeResult:
         cfg = recsys.settings
-        rows, refused = [], []
+        refused = []
         for as_of in partition_days(context):
-            for result in publish_as_of(cfg, as_of, run_id=context.run.run_id):
+            results = publish_as_of(cfg, as_of, run_id=context.run.run_id)
+            for result in results:
                 outcome = result.outcome
-                rows.append(
-                    {
-                        "as_of": as_of.isoformat(),
-                        "target": f"{result.tenant}/{result.surface}",
-                        "action": outcome.action,
-                        "manifest": (outcome.manifest_version or "")[:12],
-                        "message": outcome.message,
-                    }
-                )
                 log = context.log.error if outcome.action == "refused" else context.log.info
                 log(f"{as_of} {result.tenant}/{result.surface}: {outcome.action} - {outcome.message}")
                 if outcome.action == "refused":
                     refused.append(f"{as_of} {result.tenant}/{result.surface}: {outcome.message}")
+            add_partition_metadata(context, as_of, _day_metadata(results, cfg.artifact_root))
         if refused:
             # Failing the step makes the refusal visible in the UI, the CLI exit code and the failure alert.
             raise PublishRefusedError("publishing refused for " + "; ".join(refused))
-        return dg.MaterializeResult(
-            metadata={
-                "published": sum(r["action"] == "publish" for r in rows),
-                "noop": sum(r["action"] == "noop" for r in rows),
-                "history_only": sum(r["action"] == "history_only" for r in rows),
-                "outcomes": dg.MetadataValue.md(
-                    markdown_table(rows, ["as_of", "target", "action", "manifest", "message"])
-                ),
-            }
-        )
+        return dg.MaterializeResult()
 
     return dg.Definitions(assets=[published_manifest])
+
+
+def _day_metadata(results: list[TargetOutcome], artifact_root: Path) -> dict[str, Any]:
+    """One as-of day: what publishing did per tenant and surface, with the manifest version it stands for
+    and that manifest's file (kept in the target's history whatever the action)."""
+    rows = [
+        {
+            "target": f"{result.tenant}/{result.surface}",
+            "action": result.outcome.action,
+            "manifest": (result.outcome.manifest_version or "")[:12],
+            "message": result.outcome.message,
+        }
+        for result in results
+    ]
+    metadata: dict[str, Any] = {
+        label: dg.MetadataValue.int(sum(row["action"] == action for row in rows))
+        for action, label in (("publish", "published"), ("noop", "noop"), ("history_only", "history_only"))
+    }
+    metadata["outcomes"] = dg.MetadataValue.md(
+        markdown_table(rows, ["target", "action", "manifest", "message"])
+    )
+    for result in results[:MAX_TARGETS_SHOWN]:
+        label, version = f"{result.tenant}/{result.surface}", result.outcome.manifest_version
+        if version is None:
+            continue
+        metadata[f"manifest {label}"] = version
+        metadata[f"path {label}"] = dg.MetadataValue.path(
+            str(target_dir(artifact_root, result.tenant, result.surface) / MANIFESTS_DIR / f"{version}.json")
+        )
+    return metadata

@@ -6,8 +6,8 @@ from recsys_core.settings import Settings
 from recsys_dagster.defs.shared import (
     OWNERS,
     RecsysResource,
+    add_partition_metadata,
     daily_partitions,
-    markdown_table,
     partition_days,
 )
 from recsys_dagster.transform.aggregates import DAILY_AGGREGATES, DailyAggregate, build_daily_aggregates
@@ -34,16 +34,18 @@ def build_daily_aggregate_asset(aggregate: DailyAggregate, settings: Settings) -
         built = build_daily_aggregates(
             model, cfg.lake_root, partition_days(context), aggregate.params(cfg.pipeline)
         )
-        rows = [{"day": b["day"].isoformat(), "rows": b["rows"]} for b in built]
-        for row in rows:
-            context.log.info(f"{model} {row['day']}: {row['rows']:,} rows")
-        return dg.MaterializeResult(
-            metadata={
-                "dagster/row_count": sum(r["rows"] for r in rows),
-                "per_day": dg.MetadataValue.md(markdown_table(rows, ["day", "rows"])),
-                "path": dg.MetadataValue.path(built[-1]["path"]),
-            }
-        )
+        for built_day in built:
+            day, rows = built_day["day"], built_day["rows"]
+            context.log.info(f"{model} {day.isoformat()}: {rows:,} rows")
+            add_partition_metadata(
+                context,
+                day,
+                {
+                    "dagster/row_count": dg.MetadataValue.int(rows),
+                    "path": dg.MetadataValue.path(built_day["path"]),
+                },
+            )
+        return dg.MaterializeResult()
 
     return daily_aggregate
 

@@ -1,5 +1,6 @@
 """Window artifacts as of each day, from the trailing daily aggregates: one asset per kind of recsys_core.kinds."""
 
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -9,12 +10,15 @@ from recsys_core.settings import Settings
 from recsys_dagster.defs.shared import (
     OWNERS,
     RecsysResource,
+    add_partition_metadata,
     daily_partitions,
     markdown_table,
     partition_days,
 )
 from recsys_dagster.publishing.release import write_build_record
-from recsys_dagster.transform.artifacts import build_window_artifacts
+from recsys_dagster.transform.artifacts import ArtifactBuild, build_window_artifacts
+
+MAX_TARGETS_SHOWN = 3
 
 
 def build_window_artifact_asset(kind: ArtifactKind, settings: Settings) -> dg.AssetsDefinition:
@@ -37,43 +41,51 @@ def build_window_artifact_asset(kind: ArtifactKind, settings: Settings) -> dg.As
     )
     def window_artifact(context: dg.AssetExecutionContext, recsys: RecsysResource) -> dg.MaterializeResult:
         cfg = recsys.settings
-        rows: list[dict[str, Any]] = []
-        latest = []
         for as_of in partition_days(context):
             builds = build_window_artifacts(
                 kind.name, cfg.lake_root, cfg.artifact_root, as_of, cfg.pipeline, run_id=context.run.run_id
             )
-            write_build_record(cfg.lake_root, kind.name, as_of, builds)
+            record = write_build_record(cfg.lake_root, kind.name, as_of, builds)
             for build in builds:
-                rows.append(
-                    {
-                        "as_of": as_of.isoformat(),
-                        "tenant": build.tenant,
-                        "surface": build.surface,
-                        "rows": build.rows,
-                        "version": build.version[:12],
-                        "missing days": len(build.missing_days),
-                    }
-                )
                 context.log.info(
                     f"{kind.name} {as_of} {build.tenant}/{build.surface}: {build.rows:,} rows, version {build.version[:12]}"
                 )
-            latest = builds
-        metadata: dict[str, dg.MetadataValue | str | int] = {
-            "dagster/row_count": sum(r["rows"] for r in rows),
-            "builds": dg.MetadataValue.md(markdown_table(rows, list(rows[0]) if rows else ["as_of"])),
-            "window_days": days,
-        }
-        for build in latest[:3]:
-            label = f"{build.tenant}/{build.surface}"
-            metadata[f"path {label}"] = dg.MetadataValue.path(str(build.path))
-            if build.top:
-                metadata[f"top rows {label}"] = dg.MetadataValue.md(
-                    markdown_table(list(build.top), list(build.top[0]))
-                )
-        return dg.MaterializeResult(metadata=metadata)
+            add_partition_metadata(context, as_of, _day_metadata(builds, record))
+        return dg.MaterializeResult(metadata={"window_days": days})
 
     return window_artifact
+
+
+def _day_metadata(builds: list[ArtifactBuild], record: Path) -> dict[str, Any]:
+    """What one as-of day built: its build record, and per tenant and surface the version, path and rows."""
+    rows = [
+        {
+            "tenant": build.tenant,
+            "surface": build.surface,
+            "rows": build.rows,
+            "version": build.version[:12],
+            "missing days": len(build.missing_days),
+        }
+        for build in builds
+    ]
+    metadata: dict[str, Any] = {
+        "dagster/row_count": dg.MetadataValue.int(sum(build.rows for build in builds)),
+        "builds": dg.MetadataValue.md(markdown_table(rows, list(rows[0]) if rows else ["tenant"])),
+        "build_record": dg.MetadataValue.path(str(record)),
+    }
+    if builds:
+        metadata["window"] = f"{builds[0].window_start}..{builds[0].window_end}"
+    # Versions, paths and first rows of the first targets (the table above lists every one).
+    for build in builds[:MAX_TARGETS_SHOWN]:
+        label = f"{build.tenant}/{build.surface}"
+        metadata[f"version {label}"] = build.version
+        metadata[f"path {label}"] = dg.MetadataValue.path(str(build.path))
+        metadata[f"rows {label}"] = dg.MetadataValue.int(build.rows)
+        if build.top:
+            metadata[f"top rows {label}"] = dg.MetadataValue.md(
+                markdown_table(list(build.top), list(build.top[0]))
+            )
+    return metadata
 
 
 def build_artifacts(settings: Settings) -> dg.Definitions:

@@ -13,11 +13,12 @@ from recsys_dagster.defs.shared import (
     ON_DEMAND_GROUP,
     OWNERS,
     RecsysResource,
+    add_partition_metadata,
     daily_partitions,
     markdown_table,
     partition_days,
 )
-from recsys_dagster.evaluation.tuning import TUNING_ASSET, Trial, trials_frame, tune_day
+from recsys_dagster.evaluation.tuning import TUNING_ASSET, Trial, TuningOutcome, trials_frame, tune_day
 
 TUNING_JOB = "tuning_job"
 
@@ -56,26 +57,12 @@ def build_tuning(settings: Settings) -> dg.Definitions:
 
         for as_of in partition_days(context):
             outcome = tune_day(cfg, as_of, progress)
-        best, baseline = outcome.result.best, outcome.result.baseline
-        frame = trials_frame(outcome.result, metric, k)
-        rows: list[dict[str, Any]] = [
-            {key: round(v, 4) if isinstance(v, float) else v for key, v in row.items()}
-            for row in frame.iter_rows(named=True)
-        ]
-        context.log.info(f"chosen: trial {best.number} ({_describe(best)}), written to {outcome.tuned_path}")
-        return dg.MaterializeResult(
-            metadata={
-                f"blend {metric}@{k} chosen": dg.MetadataValue.float(best.score.blend),
-                f"blend {metric}@{k} before": dg.MetadataValue.float(baseline.score.blend),
-                f"als {metric}@{k} chosen": dg.MetadataValue.float(best.score.als),
-                "chosen trial": dg.MetadataValue.int(best.number),
-                "validation users": dg.MetadataValue.int(best.score.users),
-                "validation days": f"{outcome.validation_days[0]}..{outcome.validation_days[1]}",
-                "trials": dg.MetadataValue.md(markdown_table(rows, list(frame.columns))),
-                "trials file": dg.MetadataValue.path(str(outcome.trials_path)),
-                "tuned parameters": dg.MetadataValue.path(str(outcome.tuned_path)),
-            }
-        )
+            best = outcome.result.best
+            context.log.info(
+                f"{as_of}: chosen trial {best.number} ({_describe(best)}), written to {outcome.tuned_path}"
+            )
+            add_partition_metadata(context, as_of, _day_metadata(outcome, metric, k))
+        return dg.MaterializeResult()
 
     job = dg.define_asset_job(
         TUNING_JOB,
@@ -99,6 +86,27 @@ def build_tuning(settings: Settings) -> dg.Definitions:
         return dg.RunRequest(partition_key=yesterday.isoformat())
 
     return dg.Definitions(assets=[tuning_asset], jobs=[job], schedules=[tuning_schedule])
+
+
+def _day_metadata(outcome: TuningOutcome, metric: str, k: int) -> dict[str, Any]:
+    """One day's search: the chosen trial against the configured start, and every trial."""
+    best, baseline = outcome.result.best, outcome.result.baseline
+    frame = trials_frame(outcome.result, metric, k)
+    rows: list[dict[str, Any]] = [
+        {key: round(v, 4) if isinstance(v, float) else v for key, v in row.items()}
+        for row in frame.iter_rows(named=True)
+    ]
+    return {
+        f"blend {metric}@{k} chosen": dg.MetadataValue.float(best.score.blend),
+        f"blend {metric}@{k} before": dg.MetadataValue.float(baseline.score.blend),
+        f"als {metric}@{k} chosen": dg.MetadataValue.float(best.score.als),
+        "chosen trial": dg.MetadataValue.int(best.number),
+        "validation users": dg.MetadataValue.int(best.score.users),
+        "validation days": f"{outcome.validation_days[0]}..{outcome.validation_days[1]}",
+        "trials": dg.MetadataValue.md(markdown_table(rows, list(frame.columns))),
+        "trials file": dg.MetadataValue.path(str(outcome.trials_path)),
+        "tuned parameters": dg.MetadataValue.path(str(outcome.tuned_path)),
+    }
 
 
 def _describe(trial: Trial) -> str:
