@@ -174,9 +174,10 @@ def materialize_range(
             outcome.skipped_steps.append(event.step_key or "?")
     for evaluation in result.get_asset_check_evaluations():
         if not evaluation.passed:
+            # One entry per check: each day's evaluation is its own (the CLI lists the days and reasons).
             name = f"{evaluation.asset_key.to_user_string()}:{evaluation.check_name}"
-            if evaluation.severity == dg.AssetCheckSeverity.ERROR:
-                outcome.failed_checks.append(name)
-            else:
-                outcome.warned_checks.append(name)
+            failed = evaluation.severity == dg.AssetCheckSeverity.ERROR
+            names = outcome.failed_checks if failed else outcome.warned_checks
+            if name not in names:
+                names.append(name)
     return outcome
