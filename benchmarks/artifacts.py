@@ -92,14 +92,18 @@ ALS_RATIO_TARGET = 1.2
 
 # What shapes the cached data (see `harness.source_fingerprint`: a directory covers every module under it,
 # and a path that no longer exists is an error). The cached lakes hold canonical events, gate results and
-# daily aggregates; window artifacts are always built by the measured run.
+# daily aggregates; window artifacts are always built by the measured run, so the window models' SQL
+# (popularity, cooc, user_history, als_interactions) is not part of the key.
 GENERATOR_SOURCES = ("recsys_dagster/ingest/generate.py",)
 PIPELINE_SOURCES = (
     "recsys_core",
     "recsys_dagster/ingest",
     "recsys_dagster/transform/aggregates.py",
     "recsys_dagster/transform/sql.py",
-    "dbt_like_sql",
+    "dbt_like_sql/item_daily.sql",
+    "dbt_like_sql/pair_daily.sql",
+    "dbt_like_sql/user_item_daily.sql",
+    "dbt_like_sql/checks",
 )
 
 
