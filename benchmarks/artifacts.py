@@ -680,6 +680,10 @@ def run_daily(options: Options) -> Section:
                 used = {kind: a["days_used"] for kind, a in out["artifacts"].items()}
                 if set(used.values()) != {expected}:
                     raise BenchmarkError(f"daily run with {label} of history used window days {used}")
+                if case is full and not out["steps"]["evaluation_build"]:
+                    # With history the evaluation rebuilds every kind; no time means the wrapper that
+                    # times it was not called (the evaluation no longer looks the builder up by name).
+                    raise BenchmarkError("daily run: the evaluation's rebuild was not timed")
                 steps = ", ".join(f"{k} {v:.2f}" for k, v in out["steps"].items())
             else:
                 steps = ", ".join(f"{k} {v:.2f}" for k, v in result.done.items())
