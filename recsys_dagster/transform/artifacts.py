@@ -169,9 +169,13 @@ def build_window_artifacts(
 
 def _split_by_scope(frame: pl.DataFrame) -> dict[tuple[str, str], pl.DataFrame]:
     """Rows per (tenant, surface), order kept; a single scope (the common case) is not copied."""
-    scopes = frame.select("tenant", "surface").unique()
-    if scopes.height == 1:
-        return {scopes.row(0): frame}
+    if frame.height:
+        # The common case, told by comparing with the first row (cheaper than finding the distinct pairs).
+        tenant, surface = frame.select("tenant", "surface").row(0)
+        same = pl.col("tenant").eq_missing(tenant) & pl.col("surface").eq_missing(surface)
+        single = frame.select(same.all()).item()
+        if single:
+            return {(tenant, surface): frame}
     return dict(frame.partition_by(["tenant", "surface"], maintain_order=True, as_dict=True))
 
 
