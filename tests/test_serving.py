@@ -992,6 +992,35 @@ def test_exposure_log_lines_are_accepted_by_canonicalization(home: Path, tmp_pat
     assert summary.canonical_rows == len(lines)
 
 
+LEAK_PROBE = """
+import duckdb
+from fastapi.testclient import TestClient
+
+from recsys_core.settings import load_settings
+from recsys_serving.app import create_app
+
+# A DuckDB connection that only the collector can free: in a reference cycle, alive while the app starts
+# (and freezes the collector), unreachable once it has stopped.
+holder = {"connection": duckdb.connect()}
+holder["self"] = holder
+with TestClient(create_app(load_settings())) as client:
+    assert client.get("/healthz").status_code == 200
+del holder
+print("stopped")
+"""
+
+
+def test_a_stopped_app_leaves_nothing_for_the_interpreter_to_report_as_leaked(tmp_path: Path) -> None:
+    """The app freezes the collector while it serves; once stopped, what was frozen is collectable again,
+    so DuckDB's bindings do not print "nanobind: leaked ..." after the test suite's summary."""
+    env = {**os.environ, "RECSYS_HOME": str(tmp_path / "home")}
+    result = subprocess.run(
+        [sys.executable, "-c", LEAK_PROBE], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert result.returncode == 0 and result.stdout == "stopped\n", result.stderr
+    assert "leaked" not in result.stderr
+
+
 def _dead_pid() -> int:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
