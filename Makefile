@@ -10,13 +10,27 @@ STAMP := $(VENV)/.installed
 RUN_DAYS ?= 14
 RUN_EVENTS_PER_DAY ?= 50000
 RUN_MALFORMED_PER_DAY ?= 20
+# Ports of the API (make run) and of the Dagster UI (make ui; make run prints links to it).
+PORT ?= 8000
+UI_PORT ?= 3000
+export RECSYS_UI_URL ?= http://127.0.0.1:$(UI_PORT)
+# Dagster knows the days from RECSYS_START_DATE on, and shows every one without data as missing. Unless the
+# caller sets it, make run uses the first day it generates (or the first day of an earlier make run on the
+# same RECSYS_HOME, whose partitions are still there) and records it in START_DATE_FILE; make ui reads it back.
+START_DATE_FILE = $(RECSYS_HOME)/start_date
+RUN_FIRST_DAY := $(shell date -u -d "$(RUN_DAYS) days ago" +%F)
+RUN_LAST_DAY := $(shell date -u -d "1 day ago" +%F)
+RECORDED_START_DATE := $(shell cat "$(START_DATE_FILE)" 2>/dev/null)
+RUN_START_DATE = $(or $(RECSYS_START_DATE),$(firstword $(sort $(RECORDED_START_DATE) $(RUN_FIRST_DAY))))
+UI_START_DATE = $(or $(RECSYS_START_DATE),$(RECORDED_START_DATE))
+CHECK_PORT = $(VENV)/bin/python -m recsys_cli.ports --host 127.0.0.1
 
 .PHONY: install run ui test lint fmt bench clean help
 
 help:
-	@echo "make run    install, generate $(RUN_DAYS) days of sample events, materialize them, print a summary, serve the API"
+	@echo "make run    install, generate $(RUN_DAYS) days of sample events, materialize them, print a summary, serve the API on port $(PORT)"
 	@echo "make test   install, lint, check the Dagster definitions, run the test suite"
-	@echo "make ui     open the Dagster UI (webserver + daemon) on http://127.0.0.1:3000"
+	@echo "make ui     open the Dagster UI (webserver + daemon) on http://127.0.0.1:$(UI_PORT)"
 	@echo "make bench  benchmarks next to bare-library baselines; figures go to docs/benchmarks.md"
 
 install: $(STAMP)
@@ -31,15 +45,18 @@ $(STAMP): $(UV) pyproject.toml uv.lock
 	@touch $(STAMP)
 
 run: install
+	@$(CHECK_PORT) --command "make run" PORT=$(PORT)
 	$(VENV)/bin/recsys generate --days $(RUN_DAYS) --events-per-day $(RUN_EVENTS_PER_DAY) --malformed-per-day $(RUN_MALFORMED_PER_DAY)
-	$(VENV)/bin/recsys run --start $$(date -u -d "$(RUN_DAYS) days ago" +%F) --end $$(date -u -d "1 day ago" +%F)
+	@echo $(RUN_START_DATE) > "$(START_DATE_FILE)"
+	RECSYS_START_DATE=$(RUN_START_DATE) $(VENV)/bin/recsys run --start $(RUN_FIRST_DAY) --end $(RUN_LAST_DAY)
 	@echo
-	@echo "Data is under $(RECSYS_HOME). In another terminal, open the Dagster UI with: make ui  (http://127.0.0.1:3000)"
+	@echo "Data is under $(RECSYS_HOME). In another terminal, open the Dagster UI with: make ui$(if $(filter-out 3000,$(UI_PORT)), UI_PORT=$(UI_PORT))  ($(RECSYS_UI_URL))"
 	@echo "Now serving the published manifests; Ctrl-C stops the API."
-	$(VENV)/bin/recsys serve --host 127.0.0.1 --port 8000
+	$(VENV)/bin/recsys serve --host 127.0.0.1 --port $(PORT)
 
 ui: install
-	$(VENV)/bin/recsys ui
+	@$(CHECK_PORT) --command "make ui" UI_PORT=$(UI_PORT)
+	$(if $(UI_START_DATE),RECSYS_START_DATE=$(UI_START_DATE) )$(VENV)/bin/recsys ui --port $(UI_PORT)
 
 lint: install
 	$(VENV)/bin/ruff check .

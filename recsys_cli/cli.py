@@ -1,6 +1,7 @@
 """The `recsys` command line. Reference: docs/reference/cli.md.
 
-Exit codes: 0 success; 1 a failed step or blocking check; 2 bad usage or configuration.
+Exit codes: 0 success; 1 a failed step or blocking check, or output cut short by a closed pipe; 2 bad usage
+or configuration.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from recsys_cli.ports import port_problem
 from recsys_core.lake import partition_dir
 from recsys_core.settings import ConfigError, Settings, load_settings, tuned_file
 
@@ -23,6 +25,7 @@ if TYPE_CHECKING:
     from recsys_core.manifest import Manifest
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+DEFAULT_UI_URL = "http://127.0.0.1:3000"
 
 
 class UsageError(Exception):
@@ -136,14 +139,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--min-age-hours", type=float, default=1.0, help="never delete anything younger (default 1)"
     )
 
-    serve = sub.add_parser("serve", help="serve the HTTP API from the current manifests")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--workers", type=int, default=1)
+    serve = sub.add_parser(
+        "serve",
+        help="serve the HTTP API from the current manifests",
+        description="Serve the HTTP API from the current manifest of every tenant and surface under "
+        "RECSYS_ARTIFACT_ROOT, swapping in newly published ones without a restart. Ctrl-C stops it.",
+    )
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on; 0.0.0.0 accepts connections from other machines (default 127.0.0.1)",
+    )
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on, 1-65535 (default 8000)")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="uvicorn worker processes, >= 1; each loads every artifact into its own memory (default 1)",
+    )
 
-    ui = sub.add_parser("ui", help="start the Dagster UI (webserver + daemon) on the same RECSYS_HOME")
-    ui.add_argument("--host", default="127.0.0.1")
-    ui.add_argument("--port", type=int, default=3000)
+    ui = sub.add_parser(
+        "ui",
+        help="start the Dagster UI (webserver + daemon) on the same RECSYS_HOME",
+        description="Start the Dagster UI (dagster dev: webserver, daemon, code server) on the same "
+        "RECSYS_HOME and DAGSTER_HOME as the other commands. The daemon runs the schedules and the alert "
+        "sensors. Ctrl-C stops it.",
+    )
+    ui.add_argument("--host", default="127.0.0.1", help="address of the web UI (default 127.0.0.1)")
+    ui.add_argument("--port", type=int, default=3000, help="port of the web UI, 1-65535 (default 3000)")
 
     sql = sub.add_parser(
         "sql", help="print a SQL file of dbt_like_sql/ with the pipeline's parameters, to paste into DuckDB"
@@ -159,6 +182,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        status = _dispatch(args)
+        sys.stdout.flush()  # inside the try: a reader that went away is reported here, not at exit
+        return status
+    except BrokenPipeError:
+        # The reader of the output went away (`recsys status | head -3`): stop quietly, as other command-line
+        # tools do. Python would report the unwritten rest again when it flushes stdout at exit, so
+        # stdout goes to /dev/null from here on.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_FAILED
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     try:
         settings = load_settings()
         handler = {
@@ -357,7 +395,8 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         print(f"    {error.splitlines()[0]}")
     for step in outcome.skipped_steps:
         print(f"  step skipped: {step}")
-    print(f"inspect it in the Dagster UI: make ui, then http://127.0.0.1:3000/runs/{outcome.run_id}")
+    ui_url = (os.environ.get("RECSYS_UI_URL") or DEFAULT_UI_URL).rstrip("/")
+    print(f"inspect it in the Dagster UI: make ui, then {ui_url}/runs/{outcome.run_id}")
     return EXIT_OK if outcome.ok else EXIT_FAILED
 
 
@@ -603,6 +642,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         raise UsageError("--workers must be >= 1")
     if not 0 < args.port < 65536:
         raise UsageError("--port must be 1-65535")
+    _check_port(args.host, args.port)
     base = f"http://{args.host}:{args.port}"
     print(f"recsys API on {base} (docs: {base}/docs), serving manifests under {settings.artifact_root}")
     for line in example_requests(settings, base):
@@ -650,9 +690,19 @@ def _first_value(settings: Settings, manifest: Manifest, kind: str, column: str)
     return data.read_row_group(0, columns=[column]).column(0)[0].as_py()
 
 
+def _check_port(host: str, port: int) -> None:
+    """Refuse a port that another process listens on now, before loading or starting anything."""
+    problem = port_problem(host, port)
+    if problem is not None:
+        raise UsageError(f"{problem}; stop what uses it, or choose another with --port")
+
+
 def cmd_ui(args: argparse.Namespace, settings: Settings) -> int:
     from recsys_dagster.runner import prepare_instance
 
+    if not 0 < args.port < 65536:
+        raise UsageError("--port must be 1-65535")
+    _check_port(args.host, args.port)
     prepare_instance(settings)
     workspace = Path(__file__).resolve().parent.parent / "workspace.yaml"
     print(
@@ -660,6 +710,11 @@ def cmd_ui(args: argparse.Namespace, settings: Settings) -> int:
     )
     command = [
         sys.executable,
+        # `dagster dev` warns on every start that `dg dev` supersedes it. The notice is for developers
+        # moving a project to the `dg` tooling; this command runs `dagster dev` on the repository's
+        # workspace file on purpose, so the notice is left out (this process only).
+        "-W",
+        "ignore:Function `dev_command` is superseded",
         "-m",
         "dagster",
         "dev",

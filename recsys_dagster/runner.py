@@ -57,8 +57,11 @@ def prepare_instance(settings: Settings) -> dg.DagsterInstance:
     home.mkdir(parents=True, exist_ok=True)
     config = home / "dagster.yaml"
     if not config.exists():
-        # A failed check must not re-run a whole backfill range: no automatic retries of failed runs.
-        config.write_text("telemetry:\n  enabled: false\nrun_retries:\n  enabled: false\n")
+        # A failed check must not re-run a whole backfill range: no automatic retries of failed runs. No
+        # telemetry, and no newsletter sign-up dialog on the UI's first page (`nux`).
+        config.write_text(
+            "telemetry:\n  enabled: false\nrun_retries:\n  enabled: false\nnux:\n  enabled: false\n"
+        )
     os.environ["DAGSTER_HOME"] = str(home)
     return dg.DagsterInstance.get()
 

@@ -14,17 +14,20 @@ import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from importlib.resources import files
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, Response
+from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from recsys_core.settings import Settings, load_settings
 from recsys_serving.exposures import ExposureWriter
 from recsys_serving.metrics import ServingMetrics
-from recsys_serving.middleware import RequestContextMiddleware
+from recsys_serving.middleware import MeteredMount, RequestContextMiddleware
 from recsys_serving.problems import Problem, invalid_request, problem_response
 from recsys_serving.routes import Endpoints, include_routes
 from recsys_serving.store import ArtifactStore
@@ -32,6 +35,10 @@ from recsys_serving.store import ArtifactStore
 log = logging.getLogger(__name__)
 
 API_VERSION = "1"
+# The Swagger UI and ReDoc pages load their scripts and styles from here, served from the files of the
+# `fastapi-offline` distribution: the pages work without internet access (FastAPI's defaults use a CDN).
+DOCS_ASSETS = "/docs/static"
+_ASSET_DIR = files("fastapi_offline") / "static"
 # Codes of the errors raised by Starlette itself (routing, body limit) rather than by an endpoint.
 _HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large", 400: "bad_request"}
 
@@ -59,6 +66,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "`code`."
         ),
         lifespan=_lifespan,
+        docs_url=None,
+        redoc_url=None,
         exception_handlers={
             Problem: _problem,
             RequestValidationError: _invalid,
@@ -71,6 +80,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.exposures = exposures
     app.state.metrics = metrics
     fast_routes = include_routes(app, Endpoints(store, exposures, metrics, settings.pipeline.blend))
+    _include_docs(app)
     app.add_middleware(RequestContextMiddleware, metrics=metrics, fast_routes=fast_routes)
     return app
 
@@ -92,6 +102,45 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         store.stop()
         if exposures is not None:
             await run_in_threadpool(exposures.close)
+        # Frozen objects are never collected, not even when the interpreter exits: give them back to the
+        # collector, so that what this process held before the app started (in the test suite, DuckDB
+        # connections of the pipeline) is freed rather than reported as leaked at exit.
+        gc.unfreeze()
+
+
+def _include_docs(app: FastAPI) -> None:
+    """/docs (Swagger UI) and /redoc over /openapi.json, their assets served under DOCS_ASSETS.
+
+    URLs are prefixed with the request's root path, so that the pages also work behind a proxy that
+    mounts the API under a prefix.
+    """
+    openapi_url = app.openapi_url or "/openapi.json"
+
+    async def swagger_ui(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_swagger_ui_html(
+            openapi_url=root + openapi_url,
+            title=f"{app.title} - Swagger UI",
+            swagger_js_url=f"{root}{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{root}{DOCS_ASSETS}/favicon.png",
+        )
+
+    async def redoc(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_redoc_html(
+            openapi_url=root + openapi_url,
+            title=f"{app.title} - ReDoc",
+            redoc_js_url=f"{root}{DOCS_ASSETS}/redoc.standalone.js",
+            redoc_favicon_url=f"{root}{DOCS_ASSETS}/favicon.png",
+            with_google_fonts=False,
+        )
+
+    app.add_api_route("/docs", swagger_ui, methods=["GET"], include_in_schema=False)
+    app.add_api_route("/redoc", redoc, methods=["GET"], include_in_schema=False)
+    app.router.routes.append(
+        MeteredMount(DOCS_ASSETS, app=StaticFiles(directory=str(_ASSET_DIR)), name="docs_assets")
+    )
 
 
 # ----------------------------------------------------------------------------- exception handlers

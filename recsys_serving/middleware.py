@@ -8,7 +8,7 @@ import time
 
 from fastapi import Request
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match, Route
+from starlette.routing import Match, Mount, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from recsys_serving.metrics import ServingMetrics
@@ -24,6 +24,17 @@ _BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 class MeteredRoute(Route):
     """A Starlette route that records itself in the scope (as FastAPI's own routes do), so that request
     metrics are labelled with its path template."""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        match, child_scope = super().matches(scope)
+        if match is not Match.NONE:
+            child_scope["route"] = self
+        return match, child_scope
+
+
+class MeteredMount(Mount):
+    """A Starlette mount that records itself in the scope, so that request metrics are labelled with its
+    path prefix (one series for all the files under it, whatever paths clients ask for)."""
 
     def matches(self, scope: Scope) -> tuple[Match, Scope]:
         match, child_scope = super().matches(scope)

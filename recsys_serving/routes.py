@@ -43,11 +43,14 @@ from recsys_serving.params import (
     parse_query,
     query_doc,
 )
-from recsys_serving.problems import EncodedJSONResponse, Problem, invalid_request
+from recsys_serving.problems import PROBLEM_JSON, EncodedJSONResponse, Problem, invalid_request
 from recsys_serving.schemas import (
-    ERROR_RESPONSES,
+    BODY_ERRORS,
     NO_NEIGHBORS,
-    PROBLEM_RESPONSE,
+    NOT_READY,
+    QUERY_ERRORS,
+    SERVICE_ERRORS,
+    HealthResponse,
     ItemsResponse,
     ManifestResponse,
     ReadyResponse,
@@ -57,6 +60,12 @@ from recsys_serving.schemas import (
 from recsys_serving.store import ArtifactStore, LoadedTarget
 
 EndpointMethod = TypeVar("EndpointMethod", bound=Callable[..., Any])
+
+
+class PrometheusText(Response):
+    """GET /metrics: the Prometheus text exposition format (documented as such in the OpenAPI)."""
+
+    media_type = CONTENT_TYPE_LATEST
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,17 +107,36 @@ def include_routes(app: FastAPI, endpoints: Endpoints) -> dict[str, Route]:
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = get_openapi(
-                title=app.title,
-                version=app.version,
-                summary=app.summary,
-                description=app.description,
-                routes=documented.routes,
+            app.openapi_schema = _errors_as_problem_json(
+                get_openapi(
+                    title=app.title,
+                    version=app.version,
+                    summary=app.summary,
+                    description=app.description,
+                    routes=documented.routes,
+                )
             )
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
     return fast_routes
+
+
+def _errors_as_problem_json(spec: dict[str, Any]) -> dict[str, Any]:
+    """Error responses carry only application/problem+json, with the schema FastAPI put under the route's
+    media type (application/json, or the Prometheus text type of /metrics); responses in status order."""
+    for operations in spec.get("paths", {}).values():
+        for operation in operations.values():
+            responses = operation.get("responses", {})
+            for status, response in responses.items():
+                content = response.get("content", {})
+                if status[:1] in "45":
+                    problem = content.pop(PROBLEM_JSON, {})
+                    for media_type in list(content):
+                        problem.update(content.pop(media_type))
+                    content[PROBLEM_JSON] = problem
+            operation["responses"] = dict(sorted(responses.items()))
+    return spec
 
 
 def _scored_items(item_ids: list[str], scores: list[float], sources: list[str]) -> list[dict[str, Any]]:
@@ -151,7 +179,8 @@ class Endpoints:
         if target is not None:
             return target
         if tenant not in snapshot.tenants:
-            raise Problem(404, "unknown_tenant", f"tenant {tenant!r} is not served")
+            served = ", ".join(sorted(snapshot.tenants)) or "none"
+            raise Problem(404, "unknown_tenant", f"tenant {tenant!r} is not served (served: {served})")
         surfaces = sorted(s for t, s in snapshot.targets if t == tenant)
         raise Problem(
             404,
@@ -208,7 +237,7 @@ class Endpoints:
         "/v1/recommendations",
         tags=["recommendations"],
         summary="Personalised top-k for a user and/or context items",
-        responses={200: {"model": RecommendationsResponse}, **ERROR_RESPONSES},
+        responses={200: {"model": RecommendationsResponse}, **QUERY_ERRORS},
         openapi_extra=query_doc(*RECOMMEND_PARAMS),
     )
     async def get_recommendations(self, request: Request) -> Response:
@@ -222,7 +251,7 @@ class Endpoints:
         "/v1/recommend",
         tags=["recommendations"],
         summary="Personalised top-k, the same parameters in a JSON body",
-        responses={200: {"model": RecommendationsResponse}, **ERROR_RESPONSES},
+        responses={200: {"model": RecommendationsResponse}, **BODY_ERRORS},
         openapi_extra=body_doc(RECOMMEND_PARAMS),
     )
     async def post_recommend(self, request: Request) -> Response:
@@ -261,7 +290,7 @@ class Endpoints:
         "/v1/items/{item_id:path}/similar",
         tags=["items"],
         summary="Items that co-occur with an item",
-        responses={200: {"model": SimilarResponse}, **ERROR_RESPONSES},
+        responses={200: {"model": SimilarResponse}, **QUERY_ERRORS},
         openapi_extra={
             "parameters": [ITEM_PATH.openapi("path"), TENANT.openapi(), SURFACE.openapi(), K.openapi()]
         },
@@ -299,6 +328,7 @@ class Endpoints:
                 "tenant": target.tenant,
                 "surface": target.surface,
                 "item_id": item_id,
+                "k": args["k"],
                 "manifest_version": target.manifest_version,
                 "as_of": target.as_of,
                 "request_id": scope["state"]["request_id"],
@@ -312,7 +342,7 @@ class Endpoints:
         "/v1/popular",
         tags=["items"],
         summary="Most popular items",
-        responses={200: {"model": ItemsResponse}, **ERROR_RESPONSES},
+        responses={200: {"model": ItemsResponse}, **QUERY_ERRORS},
         openapi_extra=query_doc(TENANT, SURFACE, K),
     )
     async def get_popular(self, request: Request) -> Response:
@@ -326,6 +356,7 @@ class Endpoints:
             {
                 "tenant": target.tenant,
                 "surface": target.surface,
+                "k": args["k"],
                 "manifest_version": target.manifest_version,
                 "as_of": target.as_of,
                 "request_id": scope["state"]["request_id"],
@@ -339,7 +370,7 @@ class Endpoints:
         "/v1/manifest",
         tags=["service"],
         summary="What is served for a tenant and surface, and since when",
-        responses={200: {"model": ManifestResponse}, **ERROR_RESPONSES},
+        responses={200: {"model": ManifestResponse}, **QUERY_ERRORS},
         openapi_extra=query_doc(TENANT, SURFACE),
     )
     async def get_manifest(self, request: Request) -> Response:
@@ -357,7 +388,13 @@ class Endpoints:
         )
         return _respond(target, body)
 
-    @_route("GET", "/healthz", tags=["service"], summary="The process is alive")
+    @_route(
+        "GET",
+        "/healthz",
+        tags=["service"],
+        summary="The process is alive",
+        responses={200: {"model": HealthResponse}, **SERVICE_ERRORS},
+    )
     async def healthz(self, request: Request) -> Response:
         body = {"status": "ok", "request_id": request.scope["state"]["request_id"]}
         return EncodedJSONResponse(orjson.dumps(body))
@@ -367,7 +404,7 @@ class Endpoints:
         "/readyz",
         tags=["service"],
         summary="Ready when at least one manifest is loaded; lists load failures",
-        responses={200: {"model": ReadyResponse}, 503: {**PROBLEM_RESPONSE, "description": "Nothing loaded"}},
+        responses={200: {"model": ReadyResponse}, **NOT_READY, **SERVICE_ERRORS},
     )
     async def readyz(self, request: Request) -> Response:
         now = time.time()
@@ -388,6 +425,13 @@ class Endpoints:
         }
         return EncodedJSONResponse(orjson.dumps(body))
 
-    @_route("GET", "/metrics", tags=["service"], summary="Prometheus metrics")
+    @_route(
+        "GET",
+        "/metrics",
+        tags=["service"],
+        summary="Prometheus metrics (text exposition format)",
+        response_class=PrometheusText,
+        responses={200: {"description": "The metrics, in the Prometheus text format"}, **SERVICE_ERRORS},
+    )
     async def prometheus_metrics(self, request: Request) -> Response:
-        return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        return PrometheusText(self.metrics.render())

@@ -9,6 +9,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from recsys_serving.middleware import MAX_BODY_BYTES
+from recsys_serving.params import MAX_QUERY_BYTES
 from recsys_serving.problems import PROBLEM_JSON
 from recsys_serving.recommender import WARNING_CODES
 
@@ -54,6 +56,7 @@ class BlendedItem(ScoredItem):
 class ItemsResponse(BaseModel):
     tenant: str
     surface: str
+    k: int = Field(description="The requested k (the list may be shorter)")
     manifest_version: str
     as_of: str
     request_id: str
@@ -63,7 +66,6 @@ class ItemsResponse(BaseModel):
 
 class RecommendationsResponse(ItemsResponse):
     user_id: str | None
-    k: int
     items: list[BlendedItem]  # type: ignore[assignment]  # a ScoredItem with its sources
 
 
@@ -100,6 +102,11 @@ class ManifestResponse(BaseModel):
     )
 
 
+class HealthResponse(BaseModel):
+    status: str = Field(description="ok")
+    request_id: str
+
+
 class ReadyResponse(BaseModel):
     status: str
     targets: list[dict[str, Any]]
@@ -107,12 +114,24 @@ class ReadyResponse(BaseModel):
     request_id: str
 
 
-# `responses=` entries of the endpoints: every error is problem+json.
-PROBLEM_RESPONSE = {"model": ProblemDetail, "content": {PROBLEM_JSON: {}}}
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    404: {**PROBLEM_RESPONSE, "description": "Unknown tenant, surface or item (code unknown_*)"},
-    422: {
-        **PROBLEM_RESPONSE,
-        "description": "Invalid parameters (code invalid_*, missing_*, too_many_context_items)",
-    },
-}
+# `responses=` entries of the endpoints. Every error is problem+json: `routes.include_routes` moves the
+# schema FastAPI puts under application/json to application/problem+json, the only type errors have.
+Responses = dict[int | str, dict[str, Any]]
+
+
+def _problem(status: int, description: str) -> Responses:
+    return {status: {"model": ProblemDetail, "content": {PROBLEM_JSON: {}}, "description": description}}
+
+
+NOT_READY = _problem(503, "Nothing loaded (code not_ready)")
+_NOT_FOUND = _problem(404, "Unknown tenant, surface or item (code unknown_*)")
+_INVALID = _problem(
+    422, "Invalid parameters (code invalid_*, missing_*, unknown_field, too_many_context_items)"
+)
+_METHOD_NOT_ALLOWED = _problem(405, "Another method than the documented one (code method_not_allowed)")
+_BODY_TOO_LARGE = _problem(413, f"Request body over {MAX_BODY_BYTES:,} bytes (code body_too_large)")
+_QUERY_TOO_LONG = _problem(414, f"Query string over {MAX_QUERY_BYTES:,} bytes (code query_too_long)")
+# The endpoints that take a query string, the one that takes a JSON body, and those that take neither.
+QUERY_ERRORS: Responses = {**_NOT_FOUND, **_METHOD_NOT_ALLOWED, **_QUERY_TOO_LONG, **_INVALID}
+BODY_ERRORS: Responses = {**_NOT_FOUND, **_METHOD_NOT_ALLOWED, **_BODY_TOO_LARGE, **_INVALID}
+SERVICE_ERRORS: Responses = _METHOD_NOT_ALLOWED

@@ -37,6 +37,7 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         "RECSYS_RAW_ROOT",
         "RECSYS_LAKE_ROOT",
         "RECSYS_ARTIFACT_ROOT",
+        "RECSYS_UI_URL",
     ):
         monkeypatch.delenv(var, raising=False)
     return home
@@ -77,18 +78,27 @@ def canonical_bytes(home: Path, day: dt.date) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.glob("*.parquet"))}
 
 
-def test_generate_run_publish_and_rerun_is_idempotent(home: Path, capsys: pytest.CaptureFixture) -> None:
+def test_generate_run_publish_and_rerun_is_idempotent(
+    home: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     generate()
     assert recsys("run", "--start", START, "--end", END) == 0
     out = capsys.readouterr().out
     assert "succeeded" in out
+    assert re.search(
+        r"^inspect it in the Dagster UI: make ui, then http://127\.0\.0\.1:3000/runs/[0-9a-f-]{36}$",
+        out,
+        re.M,
+    )
     manifest = read_current(home / "artifacts", "demo", "home")
     assert manifest is not None and manifest["v"] == 1 and manifest["as_of"] == END.isoformat()
     assert set(manifest["current"]) == {"popularity", "cooc", "user_history", "als"}
     first_bytes = {day: canonical_bytes(home, day) for day in (START, END)}
     first_version = manifest["manifest_version"]
 
+    monkeypatch.setenv("RECSYS_UI_URL", "http://127.0.0.1:3123/")  # make run UI_PORT=3123
     assert recsys("run", "--start", START, "--end", END) == 0
+    assert "make ui, then http://127.0.0.1:3123/runs/" in capsys.readouterr().out
     assert {day: canonical_bytes(home, day) for day in (START, END)} == first_bytes
     again = read_current(home / "artifacts", "demo", "home")
     assert again["manifest_version"] == first_version

@@ -435,13 +435,33 @@ def test_similar_and_popular_follow_the_published_order(api: httpx.Client, publi
     item = max(sorted(published.neighbors), key=lambda i: len(published.neighbors[i]))
     body = api.get(f"/v1/items/{item}/similar?tenant={TENANT}&surface={SURFACE}&k=3").json()
     assert as_tuples(body) == [(n, s, "cooc") for n, s in published.neighbors[item][:3]]
-    assert body["item_id"] == item
+    assert body["item_id"] == item and body["k"] == 3
     lonely = next(i for i, _ in published.popular if i not in published.neighbors)
     empty = api.get(f"/v1/items/{lonely}/similar?tenant={TENANT}&surface={SURFACE}").json()
     assert empty["items"] == [] and [w["code"] for w in empty["warnings"]] == ["no_neighbors"]
     popular = api.get(f"/v1/popular?tenant={TENANT}&surface={SURFACE}&k={MAX_K}").json()
     assert as_tuples(popular) == [(i, s, "popularity") for i, s in published.popular[:MAX_K]]
-    assert len(api.get(f"/v1/popular?tenant={TENANT}&surface={SURFACE}").json()["items"]) == 10
+    default = api.get(f"/v1/popular?tenant={TENANT}&surface={SURFACE}").json()
+    assert len(default["items"]) == 10 and default["k"] == 10
+
+
+def test_item_responses_share_one_shape(api: httpx.Client, published: Published) -> None:
+    """Every list of items comes with the same envelope: the request's tenant, surface and k, then the
+    manifest that answered; only the endpoint's own input (user_id, item_id) is added."""
+    item = published.popular[0][0]
+    query = f"tenant={TENANT}&surface={SURFACE}&k=4"
+    bodies = {
+        "recommendations": api.get(f"/v1/recommendations?{query}&user_id=u00001").json(),
+        "recommend": api.post("/v1/recommend", json={"tenant": TENANT, "surface": SURFACE, "k": 4}).json(),
+        "similar": api.get(f"/v1/items/{item}/similar?{query}").json(),
+        "popular": api.get(f"/v1/popular?{query}").json(),
+    }
+    common = ["tenant", "surface", "k", "manifest_version", "as_of", "request_id", "items", "warnings"]
+    own = {"recommendations": ["user_id"], "recommend": ["user_id"], "similar": ["item_id"], "popular": []}
+    for name, body in bodies.items():
+        assert sorted(body) == sorted(common + own[name]), name
+        assert [key for key in body if key in common] == common, name
+        assert body["k"] == 4 and len(body["items"]) <= 4, name
 
 
 def test_manifest_health_readiness_and_metrics(api: httpx.Client, published: Published) -> None:
@@ -578,6 +598,13 @@ def test_errors_are_problem_json_with_a_stable_code(
         assert response.headers["x-manifest-version"] == problem["manifest_version"]
 
 
+def test_unknown_tenant_and_surface_name_what_is_served(api: httpx.Client) -> None:
+    tenant = api.get("/v1/popular?tenant=acme&surface=home").json()
+    assert tenant["detail"] == f"tenant 'acme' is not served (served: {TENANT})"
+    surface = api.get(f"/v1/popular?tenant={TENANT}&surface=cart").json()
+    assert surface["detail"] == f"surface 'cart' is not served for tenant '{TENANT}' (served: {SURFACE})"
+
+
 def test_oversized_bodies_and_queries_are_refused(home: Path) -> None:
     with TestClient(create_app(settings_for(home))) as client:
         big = json.dumps({"tenant": TENANT, "surface": SURFACE, "user_id": "u" * 100_000}).encode()
@@ -625,6 +652,68 @@ def test_openapi_documents_every_endpoint_and_parameter(home: Path) -> None:
     body = paths["/v1/recommend"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert body["required"] == ["tenant", "surface"] and body["additionalProperties"] is False
     assert "item_id" in [p["name"] for p in paths["/v1/items/{item_id}/similar"]["get"]["parameters"]]
+
+    # What each endpoint can answer, and in which content type.
+    query_endpoints = ["/v1/recommendations", "/v1/items/{item_id}/similar", "/v1/popular", "/v1/manifest"]
+    expected = {path: {"200", "404", "405", "414", "422"} for path in query_endpoints}
+    expected |= {
+        "/v1/recommend": {"200", "404", "405", "413", "422"},
+        "/healthz": {"200", "405"},
+        "/readyz": {"200", "405", "503"},
+        "/metrics": {"200", "405"},
+    }
+    problem_schema = {"$ref": "#/components/schemas/ProblemDetail"}
+    for path, operations in paths.items():
+        (operation,) = operations.values()
+        responses = operation["responses"]
+        assert set(responses) == expected[path], path
+        for status, response in responses.items():
+            if status == "200":
+                continue
+            assert response["content"] == {PROBLEM: {"schema": problem_schema}}, (path, status)
+    assert paths["/metrics"]["get"]["responses"]["200"]["content"] == {
+        "text/plain; version=1.0.0; charset=utf-8": {"schema": {"type": "string"}}
+    }
+    for path in ("/v1/recommendations", "/v1/popular", "/healthz"):
+        assert set(paths[path]["get"]["responses"]["200"]["content"]) == {"application/json"}, path
+    item_models = ("ItemsResponse", "SimilarResponse", "RecommendationsResponse")
+    assert all("k" in spec["components"]["schemas"][model]["properties"] for model in item_models)
+
+
+def test_openapi_matches_what_the_server_sends(api: httpx.Client) -> None:
+    """The content types the document declares are the ones on the wire."""
+    spec = api.get("/openapi.json").json()
+    metrics = api.get("/metrics")
+    assert [*spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]] == [
+        metrics.headers["content-type"]
+    ]
+    assert api.delete("/healthz").headers["content-type"] == PROBLEM
+    assert api.get(recs_url(padding="x" * 40_000)).headers["content-type"] == PROBLEM
+
+
+ASSET_TYPES = {".js": "text/javascript", ".css": "text/css", ".png": "image/png"}
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_documentation_pages_load_everything_from_the_server(api: httpx.Client, page: str) -> None:
+    """/docs and /redoc work without internet access: every script, style sheet and icon they reference
+    is served by the API itself."""
+    html = api.get(page)
+    assert html.status_code == 200 and html.headers["content-type"].startswith("text/html")
+    assert "http://" not in html.text and "https://" not in html.text and "//cdn" not in html.text
+    urls = re.findall(r'(?:src|href)="([^"]*)"', html.text)
+    assert {Path(url).suffix for url in urls} >= ({".js"} if page == "/redoc" else {".js", ".css"})
+    for url in urls:
+        assert url.startswith("/docs/static/"), url
+        asset = api.get(url)
+        assert asset.status_code == 200, url
+        assert asset.headers["content-type"].startswith(ASSET_TYPES[Path(url).suffix]), url
+        assert len(asset.content) > 1000, url
+    assert "/openapi.json" in html.text
+    missing = api.get("/docs/static/no-such-file.js")
+    assert missing.status_code == 404 and missing.headers["content-type"] == PROBLEM
+    metrics = api.get("/metrics").text
+    assert 'route="/docs/static",status="200"' in metrics and "no-such-file" not in metrics
 
 
 # ----------------------------------------------------------------------------- loading and swaps
@@ -901,6 +990,35 @@ def test_exposure_log_lines_are_accepted_by_canonicalization(home: Path, tmp_pat
     summary = canonicalize_partition(raw_root, tmp_path / "lake", day, settings.pipeline.ingest)
     assert summary.quarantined == 0 and summary.duplicates == 0
     assert summary.canonical_rows == len(lines)
+
+
+LEAK_PROBE = """
+import duckdb
+from fastapi.testclient import TestClient
+
+from recsys_core.settings import load_settings
+from recsys_serving.app import create_app
+
+# A DuckDB connection that only the collector can free: in a reference cycle, alive while the app starts
+# (and freezes the collector), unreachable once it has stopped.
+holder = {"connection": duckdb.connect()}
+holder["self"] = holder
+with TestClient(create_app(load_settings())) as client:
+    assert client.get("/healthz").status_code == 200
+del holder
+print("stopped")
+"""
+
+
+def test_a_stopped_app_leaves_nothing_for_the_interpreter_to_report_as_leaked(tmp_path: Path) -> None:
+    """The app freezes the collector while it serves; once stopped, what was frozen is collectable again,
+    so DuckDB's bindings do not print "nanobind: leaked ..." after the test suite's summary."""
+    env = {**os.environ, "RECSYS_HOME": str(tmp_path / "home")}
+    result = subprocess.run(
+        [sys.executable, "-c", LEAK_PROBE], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert result.returncode == 0 and result.stdout == "stopped\n", result.stderr
+    assert "leaked" not in result.stderr
 
 
 def _dead_pid() -> int:

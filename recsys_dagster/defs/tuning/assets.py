@@ -67,7 +67,6 @@ def build_tuning(settings: Settings) -> dg.Definitions:
     job = dg.define_asset_job(
         TUNING_JOB,
         selection=dg.AssetSelection.assets(TUNING_ASSET),
-        partitions_def=daily_partitions(settings),
         description="Tune ALS and the blend on the data up to a day (one partition at a time).",
     )
     if not tuning.schedule:
