@@ -664,12 +664,18 @@ def example_requests(settings: Settings, base: str) -> list[str]:
             continue
         query = f"tenant={tenant}&surface={surface}"
         user = _first_value(settings, manifest, "user_history", "user_id")
-        item = _first_value(settings, manifest, "popularity", "item_id")
+        # An item with co-occurrence neighbours, so that the example returns items.
+        item = _first_value(settings, manifest, "cooc", "item_id")
         lines = [f"curl '{base}/v1/popular?{query}&k=5'"]
         if user:
             lines.append(f"curl '{base}/v1/recommendations?{query}&user_id={user}&k=5'")
         if item:
             lines.append(f"curl '{base}/v1/items/{item}/similar?{query}&k=5'")
+        else:
+            lines.append(
+                f"# no /v1/items/{{item_id}}/similar example: the cooc artifact has no pairs yet (more data, or "
+                f"a lower artifacts.cooc.min_support, now {settings.pipeline.artifacts.cooc.min_support})"
+            )
         return [*lines, f"curl '{base}/v1/manifest?{query}'", f"curl '{base}/readyz'"]
     return [f"curl '{base}/readyz'   # nothing is published yet: run the pipeline first"]
 

@@ -321,7 +321,13 @@ class Endpoints:
         items, scores = ranking.similar(target, index, args["k"])
         warnings = []
         if not items:
-            warnings.append({"code": NO_NEIGHBORS, "message": "the item has no co-occurrence neighbours"})
+            warnings.append(
+                {
+                    "code": NO_NEIGHBORS,
+                    "message": "the item has no co-occurrence neighbours (pairs seen in fewer sessions than "
+                    "artifacts.cooc.min_support are not kept)",
+                }
+            )
         return _respond(
             target,
             {

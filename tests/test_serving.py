@@ -1197,3 +1197,18 @@ def test_each_manifest_is_served_with_the_blend_weights_it_was_published_with(
     manifest_file.write_text(json.dumps(edited))
     with pytest.raises(ManifestError, match="blend"):
         read_current(root, TENANT, SURFACE)
+
+
+def test_the_examples_recsys_serve_prints_return_items(home: Path, api: httpx.Client) -> None:
+    from recsys_cli.cli import example_requests
+
+    paths = [
+        line.split("'")[1] for line in example_requests(settings_for(home), "") if line.startswith("curl")
+    ]
+    assert {path.split("?")[0].split("/")[-1] for path in paths} >= {"popular", "recommendations", "similar"}
+    for path in paths:
+        response = api.get(path)
+        assert response.status_code == 200, (path, response.text)
+        body = response.json()
+        if "items" in body:
+            assert body["items"], path
