@@ -24,11 +24,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import duckdb
+import implicit.cpu.als  # noqa: F401  (the library's import cost, paid here so that it is not timed)
 import numpy as np
 import polars as pl
-from implicit.cpu.als import AlternatingLeastSquares  # the als trainer's import, here so it is not timed
-from threadpoolctl import threadpool_limits
 
+from benchmarks.harness import fit_bare_als
 from recsys_core.kinds import KINDS
 from recsys_core.lake import partition_dir
 from recsys_core.settings import Settings, load_settings
@@ -381,17 +381,7 @@ def als_baseline(params: dict) -> dict:
     _, _, matrix = interaction_matrix(frame, config.confidence)
     # The library called directly, as the trainer (`als.fit_factors`) calls it: no recsys code is timed here.
     started, cpu_started = time.perf_counter(), time.process_time()
-    with threadpool_limits(1, "blas"):
-        model = AlternatingLeastSquares(
-            factors=config.factors,
-            regularization=config.regularization,
-            alpha=config.alpha,
-            iterations=config.iterations,
-            random_state=config.random_state,
-            calculate_training_loss=False,
-            num_threads=0,
-        )
-        model.fit(matrix, show_progress=False)
+    model = fit_bare_als(matrix, config)
     fit_seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     return {
         "fit_seconds": fit_seconds,

@@ -19,6 +19,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOC_PATH = REPO_ROOT / "docs" / "benchmarks.md"
@@ -264,3 +265,23 @@ def events(n: int) -> str:
         if n >= scale:
             return f"{n / scale:g}{unit}"
     return str(n)
+
+
+def fit_bare_als(matrix: Any, config: Any) -> Any:
+    """The baselines' ALS: implicit's CPU model with `config`'s parameters (an `AlsConfig`) fitted on the
+    CSR `matrix`, the library called directly (BLAS held to one thread, as implicit asks), no recsys code."""
+    from implicit.cpu.als import AlternatingLeastSquares
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1, "blas"):
+        model = AlternatingLeastSquares(
+            factors=config.factors,
+            regularization=config.regularization,
+            alpha=config.alpha,
+            iterations=config.iterations,
+            random_state=config.random_state,
+            calculate_training_loss=False,
+            num_threads=0,
+        )
+        model.fit(matrix, show_progress=False)
+    return model

@@ -34,9 +34,8 @@ import numpy as np
 import orjson
 import polars as pl
 import scipy.sparse as sp
-from threadpoolctl import threadpool_limits
 
-from benchmarks.harness import Benchmark, BenchmarkError, Options, Section
+from benchmarks.harness import Benchmark, BenchmarkError, Options, Section, fit_bare_als
 from recsys_core.kinds import ARTIFACT_KINDS
 from recsys_core.manifest import target_dir
 from recsys_core.settings import AlsConfig, BlendWeights, PipelineConfig
@@ -323,19 +322,8 @@ class BareAls:
     """implicit's CPU ALS with the same parameters on the same values, ranked by its own recommend()."""
 
     def __init__(self, training: pl.DataFrame, config: AlsConfig) -> None:
-        from implicit.cpu.als import AlternatingLeastSquares
-
         self.data = UserItems(training, config)
-        with threadpool_limits(1, "blas"):
-            self.model = AlternatingLeastSquares(
-                factors=config.factors,
-                regularization=config.regularization,
-                alpha=config.alpha,
-                iterations=config.iterations,
-                random_state=config.random_state,
-                calculate_training_loss=False,
-            )
-            self.model.fit(self.data.matrix, show_progress=False)
+        self.model = fit_bare_als(self.data.matrix, config)
 
     def __call__(self, user: str, k: int) -> Sequence[str]:
         row = self.data.user_index[user]
