@@ -135,6 +135,20 @@ def read_checks(lake_root: Path, day: dt.date) -> ChecksRecord | None:
     return cast(ChecksRecord | None, record)
 
 
+def confirm_gates_passed(lake_root: Path, day: dt.date) -> str | None:
+    """None if the partition's blocking gates passed on its current data, else why not."""
+    record = read_checks(lake_root, day)
+    if record is None:
+        return f"canonical_events {day}: no gate results (the partition was never checked)"
+    summary = read_summary(lake_root, day)
+    if summary is None or record["content_hash"] != summary["content_hash"]:
+        return f"canonical_events {day}: data changed after it was checked; re-materialize it"
+    failed = [r["name"] for r in record["results"] if r["blocking"] and not r["passed"]]
+    if failed:
+        return f"canonical_events {day}: blocking check(s) failed: {', '.join(failed)}"
+    return None
+
+
 def content_hash(folder: Path) -> str:
     """SHA-256 over the names and bytes of a partition's Parquet files."""
     digest = hashlib.sha256()

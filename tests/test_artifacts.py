@@ -22,7 +22,7 @@ import pytest
 from shared_data import shared_data_dir
 
 from recsys_core.kinds import ARTIFACT_KINDS, KINDS
-from recsys_core.lake import SUMMARY_FILE, content_hash, partition_dir
+from recsys_core.lake import AGGREGATE_FILE, SUMMARY_FILE, content_hash, partition_dir
 from recsys_core.manifest import artifact_version, read_meta, verify_artifact
 from recsys_core.settings import (
     AlsConfig,
@@ -159,7 +159,7 @@ def test_pair_daily_caps_sessions_and_counts_pairs_diagonal_and_totals(tmp_path:
     )
     params = {"event_types": INTEREST, "max_session_items": 3}
     assert build_daily_aggregate("pair_daily", tmp_path, D1, params)["rows"] == 16
-    frame = pl.read_parquet(partition_dir(tmp_path, "pair_daily", D1))
+    frame = pl.read_parquet(partition_dir(tmp_path, "pair_daily", D1) / AGGREGATE_FILE)
     assert frame.columns == ["day", "tenant", "surface", "item_a", "item_b", "sessions"]
     assert frame["day"].unique().to_list() == [D1] and frame["surface"].unique().to_list() == ["home"]
     assert pairs_of(frame) == {
@@ -185,13 +185,13 @@ def test_pair_daily_caps_sessions_and_counts_pairs_diagonal_and_totals(tmp_path:
 
     # One more item of room lets c into s1: c now pairs with a, b and d.
     build_daily_aggregate("pair_daily", tmp_path, D1, params | {"max_session_items": 4})
-    wider = pairs_of(pl.read_parquet(partition_dir(tmp_path, "pair_daily", D1)))
+    wider = pairs_of(pl.read_parquet(partition_dir(tmp_path, "pair_daily", D1) / AGGREGATE_FILE))
     assert wider[("t", "c", "c")] == 3 and wider[("t", "a", "c")] == 2
     assert wider[("t", "b", "c")] == 1 and wider[("t", "c", "d")] == 1
 
     # The same data with exposures counted as interest: z joins s1 first (ts 0) and s3 becomes a session.
     build_daily_aggregate("pair_daily", tmp_path, D1, params | {"event_types": [*INTEREST, "exposure"]})
-    with_exposures = pairs_of(pl.read_parquet(partition_dir(tmp_path, "pair_daily", D1)))
+    with_exposures = pairs_of(pl.read_parquet(partition_dir(tmp_path, "pair_daily", D1) / AGGREGATE_FILE))
     assert with_exposures[("t", None, None)] == 4
     assert with_exposures[("t", "d", "z")] == 1 and ("t", "a", "b") not in with_exposures  # b capped out
 

@@ -9,14 +9,13 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from recsys_core.lake import partition_dir, read_checks
+from recsys_core.lake import confirm_gates_passed, partition_dir, read_checks
 from recsys_core.settings import ChecksConfig, ConfigError, IngestConfig
 from recsys_dagster.ingest.canonicalize import canonicalize_partition
 from recsys_dagster.ingest.gates import (
     CHECKS_FILE,
     GATE_NAMES,
     GateResult,
-    confirm_gates_passed,
     run_gates,
 )
 

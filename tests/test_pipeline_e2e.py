@@ -10,6 +10,7 @@ import gzip
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -131,7 +132,7 @@ def test_failed_gate_exits_1_stops_downstream_and_never_reaches_current(
     assert not (partition_dir(home / "lake", "item_daily", END) / "builds.json").exists()
     assert read_current(home / "artifacts", "demo", "home")["manifest_version"] == published
 
-    # With the limit lifted but the partition not re-checked, publishing still refuses it: the stored gate
+    # With the limit lifted but the partition not re-checked, nothing is derived from it: the stored gate
     # result of the exact partition is what counts, not the current run.
     monkeypatch.delenv("RECSYS_CONFIG")
     assert (
@@ -147,9 +148,8 @@ def test_failed_gate_exits_1_stops_downstream_and_never_reaches_current(
         == 1
     )
     out = capsys.readouterr().out
-    assert "published_manifest" in out and "resource_limits" in out
+    assert f"canonical_events {END}: blocking check(s) failed: resource_limits; fix the cause" in out
     assert read_current(home / "artifacts", "demo", "home")["manifest_version"] == published
-    assert read_registry(home / "artifacts", "demo", "home")[-1]["action"] == "refused"
 
     # Re-materializing the partition under the lifted limit lets it through.
     assert recsys("run", "--start", END, "--end", END) == 0
@@ -249,3 +249,132 @@ def test_otto_end_to_end(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     quarantine = pl.read_parquet(home / "lake" / "quarantine" / "*" / "*.parquet")
     assert quarantine.height == 0
     assert read_current(home / "artifacts", "otto", "shop")["as_of"] == days[-1]
+
+
+# ------------------------------------------------------------------------------ integrity of lineage
+
+
+def bot_events(day: dt.date, count: int) -> list[bytes]:
+    """Valid events that push one item to the top of every ranking (a bot)."""
+    ts = dt.datetime.combine(day, dt.time(12), dt.UTC).isoformat().replace("+00:00", "Z")
+    return [
+        json.dumps(
+            {
+                "v": 1,
+                "event_id": f"bot-{day}-{n}",
+                "ts": ts,
+                "tenant": "demo",
+                "surface": "home",
+                "session_id": f"bot-session-{n}",
+                "user_id": f"bot-user-{n}",
+                "item_id": "bot-item",
+                "event_type": "purchase",
+            }
+        ).encode()
+        for n in range(count)
+    ]
+
+
+def aggregate_files(home: Path, day: dt.date) -> list[Path]:
+    return [partition_dir(home / "lake", m, day) / "part-00000.parquet" for m in ("item_daily", "pair_daily")]
+
+
+def test_failed_day_cannot_be_published_through_any_selection_order(
+    home: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The gate bypass: aggregate the failed day, fix and re-check canonical only, then build and publish."""
+    generate(days=2, events=2000)
+    assert recsys("run", "--start", START + dt.timedelta(days=1), "--end", END - dt.timedelta(days=1)) == 0
+    published = read_current(home / "artifacts", "demo", "home")["manifest_version"]
+    bad = home / "raw" / f"dt={END.isoformat()}" / "producer-bot.jsonl"
+    bad.write_bytes(b"\n".join([*bot_events(END, 500), *[b"{not json"] * 400]) + b"\n")
+    assert recsys("run", "--start", END, "--end", END) == 1
+    capsys.readouterr()
+
+    assert recsys("run", "--start", END, "--end", END, "--select", "group:aggregates") == 1
+    out = capsys.readouterr().out
+    assert f"canonical_events {END}: blocking check(s) failed: quarantine_rate" in out
+    assert not any(path.exists() for path in aggregate_files(home, END))
+
+    bad.unlink()
+    assert recsys("run", "--start", END, "--end", END, "--select", "key:canonical_events") == 0
+    assert recsys("run", "--start", END, "--end", END, "--select", "group:artifacts or group:publishing") == 1
+    out = capsys.readouterr().out
+    assert f"canonical_events {END} exists but item_daily {END} was never built from it" in out
+    assert f'recsys run --start {END} --end {END} --select "group:aggregates"' in out
+    assert read_current(home / "artifacts", "demo", "home")["manifest_version"] == published
+
+    # Following the hint publishes the day, without the bot.
+    assert recsys("run", "--start", END, "--end", END) == 0
+    manifest = read_current(home / "artifacts", "demo", "home")
+    assert manifest["as_of"] == END.isoformat()
+    top = pl.read_parquet(
+        home / "artifacts" / "demo" / "home" / manifest["current"]["popularity"] / "items.parquet"
+    )
+    assert "bot-item" not in top["item_id"].to_list()
+
+
+def test_stale_or_missing_canonical_input_is_refused_at_build_and_at_publish(
+    home: Path, capsys: pytest.CaptureFixture
+) -> None:
+    generate(days=2, events=2000)
+    assert recsys("run", "--start", START + dt.timedelta(days=1), "--end", END) == 0
+    published = read_current(home / "artifacts", "demo", "home")["manifest_version"]
+    capsys.readouterr()
+
+    # A late file re-materializes the day: its aggregates and artifacts were built from the old content.
+    late = home / "raw" / f"dt={END.isoformat()}" / "late.jsonl"
+    late.write_bytes(b"\n".join(bot_events(END, 50)) + b"\n")
+    assert recsys("run", "--start", END, "--end", END, "--select", "key:canonical_events") == 0
+    assert recsys("run", "--start", END, "--end", END, "--select", "group:publishing") == 1
+    out = capsys.readouterr().out
+    assert re.search(
+        rf"artifact \w+ was built from canonical_events {END} content \w{{12}}, which is now", out
+    )
+    assert recsys("run", "--start", END, "--end", END, "--select", "group:artifacts") == 1
+    assert f"item_daily {END} was built from canonical content" in capsys.readouterr().out
+
+    # Deleting the day's canonical partition is a refusal, not a skip.
+    shutil.rmtree(partition_dir(home / "lake", "canonical_events", END))
+    assert recsys("run", "--start", END, "--end", END, "--select", "group:artifacts or group:publishing") == 1
+    assert f"canonical_events {END} is missing" in capsys.readouterr().out
+    assert recsys("run", "--start", END, "--end", END, "--select", "group:publishing") == 1
+    assert f"canonical_events {END} is missing" in capsys.readouterr().out
+    assert read_current(home / "artifacts", "demo", "home")["manifest_version"] == published
+
+
+def test_tampered_files_are_refused(home: Path, capsys: pytest.CaptureFixture) -> None:
+    generate(days=1, events=2000)
+    assert recsys("run", "--start", END, "--end", END) == 0
+    published = read_current(home / "artifacts", "demo", "home")["manifest_version"]
+    capsys.readouterr()
+
+    # A hand-edited canonical file: items replaced, one event duplicated.
+    (canonical,) = partition_dir(home / "lake", "canonical_events", END).glob("*.parquet")
+    original = canonical.read_bytes()
+    frame = pl.read_parquet(canonical)
+    edited = frame.with_columns(pl.lit("bot-item").alias("item_id"))
+    pl.concat([edited, edited.head(1)]).write_parquet(canonical)
+    for selection in ("group:aggregates", "group:publishing"):
+        assert recsys("run", "--start", END, "--end", END, "--select", selection) == 1
+        assert f"canonical_events {END}: its files changed after they were written" in capsys.readouterr().out
+    canonical.write_bytes(original)
+
+    # A hand-edited aggregate.
+    item_daily = aggregate_files(home, END)[0]
+    pl.read_parquet(item_daily).with_columns(pl.lit("bot-item").alias("item_id")).write_parquet(item_daily)
+    assert recsys("run", "--start", END, "--end", END, "--select", "group:artifacts") == 1
+    assert f"item_daily {END}: part-00000.parquet changed after it was written" in capsys.readouterr().out
+
+    # A hand-edited artifact.
+    popularity = (
+        home
+        / "artifacts"
+        / "demo"
+        / "home"
+        / read_current(home / "artifacts", "demo", "home")["current"]["popularity"]
+    )
+    (popularity / "items.parquet").write_bytes(b"PAR1 not what was built")
+    assert recsys("run", "--start", END, "--end", END, "--select", "group:publishing") == 1
+    assert "items.parquet sha256 mismatch" in capsys.readouterr().out
+    assert read_current(home / "artifacts", "demo", "home")["manifest_version"] == published

@@ -352,6 +352,25 @@ sys.exit(3)  # the kill point was never reached
 """
 
 
+def publish_killed_at(point: str, root: Path, artifacts: dict[str, Path], day: dt.date) -> None:
+    """Publish `artifacts` as of `day` in a child process that is SIGKILLed at `point`."""
+    child = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            CRASHING_PUBLISHER,
+            point,
+            str(root),
+            json.dumps({k: str(p) for k, p in artifacts.items()}),
+            day.isoformat(),
+        ],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr
+
+
 @pytest.mark.parametrize(
     ("point", "survivor"),
     [
@@ -366,21 +385,7 @@ def test_a_publish_killed_at_any_step_leaves_a_consistent_tree(root: Path, point
     old = pub(root, D1, build(root, D1))
     arts = build(root, D2)
     new_mv = manifest.manifest_version(T, S, D2, {k: p.name for k, p in arts.items()})
-    child = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            CRASHING_PUBLISHER,
-            point,
-            str(root),
-            json.dumps({k: str(p) for k, p in arts.items()}),
-            D2.isoformat(),
-        ],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-    )
-    assert child.returncode == -signal.SIGKILL, child.stderr
+    publish_killed_at(point, root, arts, D2)
 
     current = manifest.read_current(root, T, S)  # loads and passes validation
     expected_mv = old.manifest_version if survivor == "old" else new_mv
@@ -481,6 +486,20 @@ def test_concurrent_publishers_lose_no_update(root: Path, tmp_path: Path) -> Non
 
 
 # ----------------------------------------------------------------------------------------- rollback
+
+
+def test_rollback_after_a_crashed_publish_moves_what_is_served(root: Path) -> None:
+    """A publish killed between its registry record and its swap: the rollback undoes the served manifest."""
+    a, b = (pub(root, day, build(root, day)).manifest_version for day in (D1, D2))
+    arts = build(root, D3)
+    publish_killed_at("after_registry_append", root, arts, D3)
+    assert manifest.read_current(root, T, S)["manifest_version"] == b
+
+    out = publishing.rollback(root, T, S, steps=1, reason="b is bad", actor="alice")
+    assert (out.previous, out.manifest_version) == (b, a)
+    assert manifest.read_current(root, T, S)["manifest_version"] == a
+    record = registry_ok(root)[-1]
+    assert (record["from"], record["to"]) == (b, a)
 
 
 def test_rollback_by_version_and_steps_and_refusal_to_republish(root: Path) -> None:

@@ -25,7 +25,6 @@ from recsys_core.lake import (
     SummaryRecord,
     parquet_files,
     partition_dir,
-    read_checks,
     read_summary,
 )
 from recsys_core.settings import ChecksConfig, ConfigError, IngestConfig
@@ -160,20 +159,6 @@ def run_gates(lake_root: Path, day: dt.date, ingest: IngestConfig, checks: Check
     }
     write_atomic(folder / CHECKS_FILE, (json.dumps(record, indent=2, default=str) + "\n").encode())
     return results
-
-
-def confirm_gates_passed(lake_root: Path, day: dt.date) -> str | None:
-    """None if the partition's blocking gates passed on its current data, else why not."""
-    record = read_checks(lake_root, day)
-    if record is None:
-        return f"canonical_events {day}: no gate results (the partition was never checked)"
-    summary = read_summary(lake_root, day)
-    if summary is None or record["content_hash"] != summary["content_hash"]:
-        return f"canonical_events {day}: data changed after it was checked; re-materialize it"
-    failed = [r["name"] for r in record["results"] if r["blocking"] and not r["passed"]]
-    if failed:
-        return f"canonical_events {day}: blocking check(s) failed: {', '.join(failed)}"
-    return None
 
 
 def _sample(frame: pl.DataFrame) -> list[dict[str, Any]]:

@@ -227,6 +227,25 @@ def _load_current(
     return _swap(target, manifest)
 
 
+def _served(
+    target: Path, tenant: str, surface: str, records: Sequence[RegistryRecord]
+) -> tuple[Manifest | None, str | None]:
+    """What a rollback moves away from: the manifest being served, and the version of a publish (or
+    rollback) that crashed between its registry record and its swap, if any.
+
+    The operator rolls back what users see. Finishing the interrupted swap first (as a publish does) would
+    make the rollback undo only that unseen publish and leave the served manifest in place.
+    """
+    try:
+        served = read_manifest(target / MANIFEST_FILE, base=target, tenant=tenant, surface=surface)
+    except (FileNotFoundError, ManifestError):
+        return _load_current(target, tenant, surface, records), None
+    timeline = current_timeline(records)
+    committed = timeline[-1] if timeline else None
+    unfinished = committed if committed != served["manifest_version"] else None
+    return served, unfinished
+
+
 def _check_inputs(
     target: Path,
     tenant: str,
@@ -396,7 +415,7 @@ def rollback(
         raise PublishError(f"{tenant}/{surface}: nothing published yet, nothing to roll back")
     with target_lock(target):
         records = read_records(target)
-        current = _load_current(target, tenant, surface, records)
+        current, unfinished = _served(target, tenant, surface, records)
         if current is None:
             raise PublishError(f"{tenant}/{surface}: nothing published yet, nothing to roll back")
         from_mv = current["manifest_version"]
@@ -406,7 +425,7 @@ def rollback(
             rolled = _rolled_back(records)
             candidates: list[str] = []
             for mv in reversed(current_timeline(records)):
-                if mv != from_mv and mv not in rolled and mv not in candidates:
+                if mv not in (from_mv, unfinished) and mv not in rolled and mv not in candidates:
                     candidates.append(mv)
             if not candidates:
                 raise PublishError(

@@ -1,9 +1,9 @@
 """From built artifacts to published manifests, one as-of day at a time.
 
 The window-artifact assets record which artifact versions they built for a day in
-`lake/<kind>/dt=<day>/builds.json`; `publish_as_of` reads those records, re-confirms the blocking gates of
-every canonical partition in the window from their stored results (whichever run checked them), and
-publishes per tenant and surface. Nothing here imports Dagster.
+`lake/<kind>/dt=<day>/builds.json`; `publish_as_of` reads those records, re-verifies that every canonical
+partition each artifact was built from is still that exact, unmodified content and passed its blocking
+gates (recsys_dagster.transform.lineage), and publishes per tenant and surface. Nothing here imports Dagster.
 """
 
 from __future__ import annotations
@@ -16,14 +16,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import duckdb
+
 from recsys_core.kinds import ARTIFACT_KINDS, KINDS
-from recsys_core.lake import BUILDS_FILE, BuildRecord, partition_dir, read_builds, read_summary
+from recsys_core.lake import BUILDS_FILE, BuildRecord, partition_dir, read_builds
+from recsys_core.manifest import ManifestError, read_meta
 from recsys_core.settings import Settings
 from recsys_core.storage import write_atomic
 from recsys_dagster.evaluation.offline import read_evaluation
-from recsys_dagster.ingest.gates import confirm_gates_passed
 from recsys_dagster.publishing.protocol import PublishOutcome, publish
-from recsys_dagster.transform.artifacts import ArtifactBuild, window_days
+from recsys_dagster.transform.artifacts import ArtifactBuild
+from recsys_dagster.transform.lineage import artifact_input_problems
 from recsys_dagster.transform.sql import run_sql
 
 
@@ -58,22 +61,21 @@ def write_build_record(lake_root: Path, kind: str, as_of: dt.date, builds: list[
     return path
 
 
-def gate_problems(settings: Settings, as_of: dt.date) -> tuple[list[str], int]:
-    """Reasons the canonical inputs of the widest window ending at `as_of` may not be published.
-
-    Days before RECSYS_START_DATE and days never materialized are not inputs (the artifacts' meta.json lists
-    them as missing); every canonical partition that exists must have passed its blocking gates.
-    """
-    widest = max(kind.window_days(settings.pipeline) for kind in ARTIFACT_KINDS.values())
-    problems, checked = [], 0
-    for day in window_days(as_of, widest):
-        if day < settings.start_date or read_summary(settings.lake_root, day) is None:
+def lineage_problems(settings: Settings, artifacts: dict[str, Path]) -> tuple[list[str], int]:
+    """Reasons the artifacts may not be published because of the canonical data they were built from
+    (`lineage.artifact_input_problems`, re-verified from the files now), and the number of canonical
+    days confirmed. An artifact whose meta.json cannot be read is left to publish's own validation."""
+    problems: list[str] = []
+    days: set[str] = set()
+    for kind, path in sorted(artifacts.items()):
+        try:
+            meta: dict[str, Any] = dict(read_meta(path))
+        except (ManifestError, OSError):
             continue
-        checked += 1
-        problem = confirm_gates_passed(settings.lake_root, day)
-        if problem:
-            problems.append(problem)
-    return problems, checked
+        found, _ = artifact_input_problems(settings.lake_root, kind, meta, settings.start_date)
+        problems.extend(found)
+        days.update((meta.get("inputs") or {}).get("canonical_events") or {})
+    return problems, len(days)
 
 
 def artifact_row_problems(artifacts: dict[str, Path], min_support: int) -> list[str]:
@@ -83,7 +85,13 @@ def artifact_row_problems(artifacts: dict[str, Path], min_support: int) -> list[
         path = artifacts.get(kind.name)
         if kind.row_check is None or path is None or not (path / kind.table).is_file():
             continue  # a missing artifact or file is reported by publish's own validation
-        violations = run_sql(kind.row_check, {"paths": [str(path / kind.table)], "min_support": min_support})
+        try:
+            violations = run_sql(
+                kind.row_check, {"paths": [str(path / kind.table)], "min_support": min_support}
+            )
+        except duckdb.Error as exc:  # an unreadable file; publish's own validation says more
+            problems.append(f"artifact {kind.name}: {kind.table} cannot be read: {str(exc).splitlines()[0]}")
+            continue
         if violations.height:
             counts = violations.group_by("problem").len().sort("problem").iter_rows()
             problems.append(
@@ -131,9 +139,9 @@ def publish_as_of(settings: Settings, as_of: dt.date, *, run_id: str | None = No
     for kind, record in built.items():
         for entry in record["artifacts"]:
             per_target[(entry["tenant"], entry["surface"])][kind] = Path(entry["path"])
-    problems, checked = gate_problems(settings, as_of)
     outcomes = []
     for (tenant, surface), artifacts in sorted(per_target.items()):
+        problems, checked = lineage_problems(settings, artifacts)
         absent = [kind for kind in KINDS if kind not in artifacts]
         quality, evaluation = evaluation_problems(settings, as_of, tenant, surface)
         outcome = publish(

@@ -20,6 +20,7 @@ import polars as pl
 from recsys_core.lake import AGGREGATE_FILE, parquet_files, partition_dir
 from recsys_core.settings import PipelineConfig
 from recsys_core.storage import replace_file
+from recsys_dagster.transform.lineage import files_sha256, write_aggregate_lineage
 from recsys_dagster.transform.sql import run_sql
 
 DAYS_PER_QUERY = 7
@@ -74,11 +75,16 @@ def build_daily_aggregates(
 ) -> list[dict]:
     """Run `dbt_like_sql/<model>.sql` over canonical_events of `days` into lake/<model>/dt=<day>/.
 
-    Returns, per day in the order given, the day, its row count and output path. A day whose canonical
-    partition has not been materialized fails the whole call before anything is written.
+    Returns, per day in the order given, the day, its row count, output path and the content hash of the
+    canonical files it read, which is recorded beside the partition (`lineage.write_aggregate_lineage`).
+    A day whose canonical partition has not been materialized fails the whole call before anything is
+    written. This computes; whether the canonical input may be used is the caller's to confirm
+    (`lineage.require_canonical`).
     """
     days = sorted(set(days))
     sources = {day: _canonical_files(lake_root, day) for day in days}
+    # Hashed before they are read: the record names the content the query saw.
+    hashes = {day: files_sha256(map(Path, sources[day]), with_names=True) for day in days}
     built = []
     for start in range(0, len(days), DAYS_PER_QUERY):
         batch = days[start : start + DAYS_PER_QUERY]
@@ -90,9 +96,9 @@ def build_daily_aggregates(
             # level of the path as a hive partition column).
             raise ValueError(f"{model}: rows for days {sorted(unexpected)} from partitions of {batch}")
         for day in batch:
-            built.append(
-                {"day": day} | _write_partition(frame.filter(pl.col("day") == day), lake_root, model, day)
-            )
+            written = _write_partition(frame.filter(pl.col("day") == day), lake_root, model, day)
+            write_aggregate_lineage(lake_root, model, day, hashes[day])
+            built.append({"day": day, "canonical_hash": hashes[day]} | written)
     return built
 
 

@@ -20,11 +20,12 @@ import numpy as np
 import polars as pl
 
 from recsys_core.kinds import ArtifactKind, artifact_kind
-from recsys_core.lake import AGGREGATE_FILE, partition_dir, read_summary
+from recsys_core.lake import AGGREGATE_FILE, partition_dir
 from recsys_core.manifest import target_dir
 from recsys_core.settings import PipelineConfig
 from recsys_dagster.transform.als import train_als
 from recsys_dagster.transform.artifact_dir import write_artifact_dir
+from recsys_dagster.transform.lineage import read_aggregate_lineage
 from recsys_dagster.transform.sql import run_sql
 
 FORMAT = 1
@@ -117,9 +118,8 @@ def build_window_artifacts(
     groups = _split_by_scope(frame)
     inputs: dict[str, Any] = {
         aggregate: [d.isoformat() for d in used],
-        "canonical_events": _canonical_hashes(lake_root, used),
         "missing_days": [d.isoformat() for d in missing],
-    }
+    } | _lineage_inputs(lake_root, aggregate, used)
     built_at = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     builds = []
     for tenant, surface in sorted(scopes | set(groups)):
@@ -197,17 +197,16 @@ def _scopes(lake_root: Path, aggregate: str, days: list[dt.date]) -> set[tuple[s
     return set(found.iter_rows())
 
 
-def _canonical_hashes(lake_root: Path, days: list[dt.date]) -> dict[str, str]:
-    """Content hash of each window day's canonical_events partition that exists (input lineage).
-
-    The hash is the one recorded when the partition was written, so lineage costs no re-reading of data.
-    """
-    hashes = {}
+def _lineage_inputs(lake_root: Path, aggregate: str, days: list[dt.date]) -> dict[str, dict[str, str | None]]:
+    """What each used aggregate partition recorded: the canonical content it was built from and its own
+    file's hash, by day (None without a record, which publishing refuses)."""
+    canonical: dict[str, str | None] = {}
+    files: dict[str, str | None] = {}
     for day in days:
-        summary = read_summary(lake_root, day)
-        if summary is not None:
-            hashes[day.isoformat()] = summary["content_hash"]
-    return hashes
+        lineage = read_aggregate_lineage(lake_root, aggregate, day)
+        canonical[day.isoformat()] = lineage["canonical_events"] if lineage else None
+        files[day.isoformat()] = lineage["sha256"] if lineage else None
+    return {"canonical_events": canonical, "aggregate_sha256": files}
 
 
 def _display(row: dict[str, Any]) -> dict[str, Any]:

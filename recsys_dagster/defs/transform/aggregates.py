@@ -11,6 +11,7 @@ from recsys_dagster.defs.shared import (
     partition_days,
 )
 from recsys_dagster.transform.aggregates import DAILY_AGGREGATES, DailyAggregate, build_daily_aggregates
+from recsys_dagster.transform.lineage import require_canonical
 from recsys_dagster.transform.sql import params_version, sql_path, sql_version
 
 
@@ -31,9 +32,10 @@ def build_daily_aggregate_asset(aggregate: DailyAggregate, settings: Settings) -
     )
     def daily_aggregate(context: dg.AssetExecutionContext, recsys: RecsysResource) -> dg.MaterializeResult:
         cfg = recsys.settings
-        built = build_daily_aggregates(
-            model, cfg.lake_root, partition_days(context), aggregate.params(cfg.pipeline)
-        )
+        days = partition_days(context)
+        # Only the current, unmodified content of days whose blocking gates passed is aggregated.
+        require_canonical(cfg.lake_root, days)
+        built = build_daily_aggregates(model, cfg.lake_root, days, aggregate.params(cfg.pipeline))
         for built_day in built:
             day, rows = built_day["day"], built_day["rows"]
             context.log.info(f"{model} {day.isoformat()}: {rows:,} rows")
@@ -43,6 +45,7 @@ def build_daily_aggregate_asset(aggregate: DailyAggregate, settings: Settings) -
                 {
                     "dagster/row_count": dg.MetadataValue.int(rows),
                     "path": dg.MetadataValue.path(built_day["path"]),
+                    "canonical_content_hash": built_day["canonical_hash"],
                 },
             )
         return dg.MaterializeResult()

@@ -16,7 +16,8 @@ from recsys_dagster.defs.shared import (
     partition_days,
 )
 from recsys_dagster.publishing.release import write_build_record
-from recsys_dagster.transform.artifacts import ArtifactBuild, build_window_artifacts
+from recsys_dagster.transform.artifacts import ArtifactBuild, build_window_artifacts, window_days
+from recsys_dagster.transform.lineage import require_aggregates
 
 MAX_TARGETS_SHOWN = 3
 
@@ -42,6 +43,11 @@ def build_window_artifact_asset(kind: ArtifactKind, settings: Settings) -> dg.As
     def window_artifact(context: dg.AssetExecutionContext, recsys: RecsysResource) -> dg.MaterializeResult:
         cfg = recsys.settings
         for as_of in partition_days(context):
+            # The window's aggregates (and item_daily, which lists the tenants and surfaces) must be
+            # unmodified and built from the current, passed canonical content of their days.
+            require_aggregates(
+                cfg.lake_root, {kind.aggregate, "item_daily"}, window_days(as_of, days), cfg.start_date
+            )
             builds = build_window_artifacts(
                 kind.name, cfg.lake_root, cfg.artifact_root, as_of, cfg.pipeline, run_id=context.run.run_id
             )
