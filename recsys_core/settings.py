@@ -176,9 +176,11 @@ class GuardrailsConfig:
     )
     max_relative_drop: float = 0.2
     min_coverage_vs_popularity: float = 1.0
-    # With fewer days of training data the evaluation is reported but does not block (a model trained on
-    # one or two days says little about the model the full window gives).
+    # With fewer days of training data, or fewer evaluated users, the evaluation is reported but does not
+    # block: a model trained on one or two days says little about the model the full window gives, and a
+    # metric averaged over a handful of users is mostly noise (a quiet day of imported history).
     min_training_days: int = 3
+    min_users: int = 20
 
     def __post_init__(self) -> None:
         if self.metric not in RANKING_METRICS:
@@ -488,6 +490,7 @@ def _validate_guardrails(guardrails: GuardrailsConfig) -> None:
         "k": (guardrails.k, 1, math.inf),
         "holdout_days": (guardrails.holdout_days, 1, math.inf),
         "min_training_days": (guardrails.min_training_days, 1, math.inf),
+        "min_users": (guardrails.min_users, 0, math.inf),
         "cold_start_max_interactions": (guardrails.cold_start_max_interactions, 0, math.inf),
         "max_relative_drop": (guardrails.max_relative_drop, 0.0, 1.0),
         "min_coverage_vs_popularity": (guardrails.min_coverage_vs_popularity, 0.0, math.inf),

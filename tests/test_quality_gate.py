@@ -122,6 +122,30 @@ def test_too_little_history_reports_but_does_not_block(lake: Path) -> None:
     assert "nothing to evaluate yet" in read_evaluation(settings.lake_root, first, "demo", "home")["note"]
 
 
+def test_too_few_evaluated_users_report_but_do_not_block(lake: Path) -> None:
+    settings = settings_for(lake)
+    impossible = dataclasses.replace(
+        settings.pipeline.guardrails, min_lift_over_popularity=ModelLifts(als=10.0, blend=10.0)
+    )
+    for min_users, blocked in ((10**6, False), (0, True)):
+        guardrails = dataclasses.replace(impossible, min_users=min_users)
+        crippled = dataclasses.replace(
+            settings, pipeline=dataclasses.replace(settings.pipeline, guardrails=guardrails)
+        )
+        (outcome,) = build_evaluate_publish(crippled, LAST)
+        record = read_evaluation(settings.lake_root, LAST, "demo", "home")
+        users = record["result"]["users"]["all"]
+        if blocked:
+            assert outcome.outcome.action == "refused" and record["passed"] is False
+        else:
+            assert outcome.outcome.action != "refused", outcome.outcome.message
+            assert record["passed"] is True
+            assert (
+                f"only {users} user(s) evaluated (guardrails.min_users = {min_users}): not enforced"
+                in (record["note"])
+            )
+
+
 def test_recsys_evaluate_and_status_show_the_verdict(
     lake: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:

@@ -33,11 +33,11 @@ from recsys_core.manifest import (
     read_current,
     utc_timestamp,
 )
-from recsys_core.settings import BlendWeights, Settings
+from recsys_core.settings import BlendWeights, GuardrailsConfig, Settings
 from recsys_core.storage import write_atomic
 from recsys_dagster.evaluation.evaluate import EvaluationResult, Ranker, evaluate_models
 from recsys_dagster.evaluation.guardrails import check_guardrails
-from recsys_dagster.evaluation.holdout import item_popularity, temporal_holdout
+from recsys_dagster.evaluation.holdout import Holdout, item_popularity, temporal_holdout
 from recsys_dagster.evaluation.report import write_report
 from recsys_dagster.transform.artifacts import build_window_artifacts, window_days
 from recsys_serving import recommender
@@ -212,12 +212,9 @@ def _evaluate_target(
             )
             published = _published_result(settings, tenant, surface, as_of)
             found = check_guardrails(result, published, guardrails) if guardrails.enabled else []
-            training_days = holdout.training.get_column("day").n_unique()
-            if found and training_days < guardrails.min_training_days:
-                note = (
-                    f"only {training_days} day(s) of training data (guardrails.min_training_days = "
-                    f"{guardrails.min_training_days}): not enforced: " + "; ".join(v.message for v in found)
-                )
+            too_little = _too_little_to_enforce(holdout, result, guardrails)
+            if found and too_little:
+                note = f"{too_little}: not enforced: " + "; ".join(v.message for v in found)
             else:
                 violations = tuple(v.message for v in found)
     record: dict[str, Any] = {
@@ -242,6 +239,21 @@ def _evaluate_target(
             result, outcome.report.parent, f"Offline evaluation {tenant}/{surface} as of {as_of}", context
         )
     return outcome
+
+
+def _too_little_to_enforce(holdout: Holdout, result: EvaluationResult, guardrails: GuardrailsConfig) -> str:
+    """Why the evaluation is too small to block publishing ("" when it is not)."""
+    reasons = []
+    training_days = holdout.training.get_column("day").n_unique()
+    if training_days < guardrails.min_training_days:
+        reasons.append(
+            f"only {training_days} day(s) of training data (guardrails.min_training_days = "
+            f"{guardrails.min_training_days})"
+        )
+    users = result.users.get("all", 0)
+    if users < guardrails.min_users:
+        reasons.append(f"only {users} user(s) evaluated (guardrails.min_users = {guardrails.min_users})")
+    return " and ".join(reasons)
 
 
 def _published_result(
