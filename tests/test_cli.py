@@ -4,6 +4,7 @@ first partition day of `make run` and `make ui`, and the Dagster instance they c
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import shutil
 import socket
@@ -194,3 +195,72 @@ def test_the_dagster_instance_has_no_telemetry_retries_or_newsletter_dialog(
     assert (settings.dagster_home / "dagster.yaml").read_text() == (
         "telemetry:\n  enabled: false\nrun_retries:\n  enabled: false\nnux:\n  enabled: false\n"
     )
+
+
+def _generate_one_day(day: str) -> None:
+    """A small day of events. The tests that run the pipeline in this process give it the same
+    RECSYS_START_DATE (three days ago): a process loads the definitions, and their partitions, once."""
+    assert (
+        cli.main(["generate", "--end", day, "--days", "1", "--events-per-day", "2000", "--users", "200"]) == 0
+    )
+
+
+def test_a_damaged_partition_record_is_named_and_the_other_days_still_shown(
+    home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from recsys_core.lake import partition_dir
+
+    first, second, third = _days_ago(3), _days_ago(2), _days_ago(1)
+    monkeypatch.setenv("RECSYS_START_DATE", first)
+    monkeypatch.setenv("DAGSTER_HOME", str(home / "dagster"))
+    for day in (first, second, third):
+        _generate_one_day(day)
+    select = ["--select", "key:canonical_events", "--quiet"]
+    assert cli.main(["run", "--start", first, "--end", third, *select]) == 0
+    folders = [
+        partition_dir(home / "lake", "canonical_events", dt.date.fromisoformat(d)) for d in (first, second)
+    ]
+    summary, checks = folders[0] / "_summary.json", folders[1] / "_checks.json"
+    summary.write_text(summary.read_text()[:40])  # cut short, as by a full disk
+    checks.write_text("[]")  # JSON, but not a checks record
+    capsys.readouterr()
+
+    assert cli.main(["status", "--start", first, "--end", third]) == cli.EXIT_FAILED
+    out, err = capsys.readouterr()
+    rows = {line.split()[0]: line for line in out.splitlines() if line[:4].isdigit()}
+    assert rows[first].endswith("UNREADABLE record (see the error)")
+    assert rows[second].split()[1] == "2,000" and rows[second].endswith("UNREADABLE record (see the error)")
+    assert rows[third].endswith("passed")
+    assert f"error: {summary} cannot be read: " in err
+    assert f"error: {checks} cannot be read: not a JSON object" in err
+    remedy = f"recsys run --start {first} --end {second} --select key:canonical_events"
+    assert remedy in err
+
+    assert cli.main(["status", "--start", first, "--end", third, "--json"]) == cli.EXIT_FAILED
+    partitions = json.loads(capsys.readouterr().out)["partitions"]
+    assert [len(p.get("errors", [])) for p in partitions] == [1, 1, 0]
+    assert partitions[1]["lines"] == 2000 and "checks" not in partitions[1]
+
+    assert cli.main(["run", *remedy.split()[2:], "--quiet"]) == 0  # the remedy it prints
+    assert cli.main(["status", "--start", first, "--end", third]) == cli.EXIT_OK
+
+
+@pytest.mark.parametrize(
+    ("config", "key"),
+    [
+        ("ingest:\n  max_lateness_days: 1000000\n", "ingest.max_lateness_days"),
+        ("checks:\n  max_events: 10\n  max_events: 20\n", "checks.max_events"),
+    ],
+)
+def test_a_bad_configuration_stops_every_command_naming_the_key(
+    home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, config: str, key: str
+) -> None:
+    home.mkdir()
+    (home / "recsys.yaml").write_text(config)
+    monkeypatch.setenv("RECSYS_CONFIG", str(home / "recsys.yaml"))
+    assert cli.main(["run", "--start", _days_ago(1)]) == cli.EXIT_USAGE
+    assert cli.main(["status"]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(": ")[0] for line in err] == ["recsys run", "recsys status"]
+    assert all(key in line for line in err)
+    assert not (home / "dagster").exists(), "nothing ran"
