@@ -375,8 +375,13 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     # Beta/preview notices about Dagster APIs are for developers, not for people running the pipeline.
     for category in (dg.BetaWarning, dg.PreviewWarning):
         warnings.filterwarnings("ignore", category=category)
-    from recsys_dagster.runner import SelectionError, materialize_range
+    from recsys_dagster.runner import SelectionError, fail_orphaned_runs, materialize_range, prepare_instance
 
+    with prepare_instance(settings) as instance:
+        for run_id in fail_orphaned_runs(instance):
+            print(
+                f"run {run_id}: marked FAILED: the recsys run that executed it on this host was killed or crashed"
+            )
     try:
         outcome = materialize_range(settings, start, end, args.select, "ERROR" if args.quiet else "INFO")
     except SelectionError as exc:
