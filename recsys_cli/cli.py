@@ -14,6 +14,7 @@ import signal
 import sys
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -374,8 +375,13 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     # Beta/preview notices about Dagster APIs are for developers, not for people running the pipeline.
     for category in (dg.BetaWarning, dg.PreviewWarning):
         warnings.filterwarnings("ignore", category=category)
-    from recsys_dagster.runner import SelectionError, materialize_range
+    from recsys_dagster.runner import SelectionError, fail_orphaned_runs, materialize_range, prepare_instance
 
+    with prepare_instance(settings) as instance:
+        for run_id in fail_orphaned_runs(instance):
+            print(
+                f"run {run_id}: marked FAILED: the recsys run that executed it on this host was killed or crashed"
+            )
     try:
         outcome = materialize_range(settings, start, end, args.select, "ERROR" if args.quiet else "INFO")
     except SelectionError as exc:
@@ -402,12 +408,11 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
 
 def _print_gate_failures(settings: Settings, start: dt.date, end: dt.date) -> None:
     """Each failed blocking gate of the range: its day, its reason and the settings that move it."""
-    from recsys_core.lake import read_checks
     from recsys_dagster.ingest.gates import GATE_SETTINGS
 
     day = start
     while day <= end:
-        record = read_checks(settings.lake_root, day)
+        record, _ = _partition_record(settings, day, CHECKS_RECORD)  # the table reports an unreadable one
         for result in record["results"] if record else []:
             if result["passed"] or not result["blocking"]:
                 continue
@@ -419,15 +424,65 @@ def _print_gate_failures(settings: Settings, start: dt.date, end: dt.date) -> No
         day += dt.timedelta(days=1)
 
 
-def partition_rows(settings: Settings, start: dt.date, end: dt.date) -> list[dict]:
-    from recsys_core.lake import read_checks, read_summary
+@dataclass(frozen=True)
+class RecordFile:
+    """A record file of a canonical_events partition and the fields `recsys status` and `recsys run` read."""
 
+    name: str
+    fields: tuple[str, ...]
+    result_fields: tuple[str, ...] = ()  # the fields of each entry of its `results`
+
+
+# The checks column of a day whose record file cannot be read (the error, on stderr, names the file).
+UNREADABLE = "UNREADABLE record (see the error)"
+SUMMARY_RECORD = RecordFile(
+    "_summary.json", ("lines_read", "canonical_rows", "quarantined", "duplicates", "blank_lines", "reasons")
+)
+CHECKS_RECORD = RecordFile("_checks.json", ("passed", "results"), ("name", "passed", "blocking", "summary"))
+
+
+def _partition_record(settings: Settings, day: dt.date, kind: RecordFile) -> tuple[dict | None, str | None]:
+    """A record file of a day's canonical_events partition, or why it cannot be read.
+
+    (None, None) when the file does not exist; (None, problem) when it is not JSON or lacks a field the
+    CLI reads, the problem naming the file: one damaged file must not hide the state of every other day.
+    """
+    from recsys_core.lake import partition_dir, read_json_record
+
+    path = partition_dir(settings.lake_root, "canonical_events", day) / kind.name
+    try:
+        record = read_json_record(path)
+    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8
+        return None, f"{path} cannot be read: {exc}"
+    if record is None:
+        return None, None
+    if not isinstance(record, dict):
+        return None, f"{path} cannot be read: not a JSON object"
+    missing = [field for field in kind.fields if field not in record]
+    results = record.get("results", [])
+    if not isinstance(results, list) or not all(
+        isinstance(r, dict) and set(kind.result_fields) <= r.keys() for r in results
+    ):
+        missing.append(f"results with {', '.join(kind.result_fields)}")
+    if missing:
+        return None, f"{path} cannot be read: it lacks {', '.join(missing)}"
+    return record, None
+
+
+def partition_rows(settings: Settings, start: dt.date, end: dt.date) -> list[dict]:
+    """One row per day of the range: the counts and check results of its canonical_events partition.
+
+    A row whose record files cannot be read lists why under `errors`.
+    """
     rows = []
     day = start
     while day <= end:
-        summary = read_summary(settings.lake_root, day)
-        record = read_checks(settings.lake_root, day)
-        row: dict = {"day": day.isoformat(), "materialized": summary is not None}
+        summary, summary_error = _partition_record(settings, day, SUMMARY_RECORD)
+        record, checks_error = _partition_record(settings, day, CHECKS_RECORD)
+        row: dict = {"day": day.isoformat(), "materialized": summary is not None or summary_error is not None}
+        errors = [error for error in (summary_error, checks_error) if error]
+        if errors:
+            row["errors"] = errors
         if summary:
             row |= {
                 "lines": summary["lines_read"],
@@ -449,24 +504,38 @@ def partition_rows(settings: Settings, start: dt.date, end: dt.date) -> list[dic
     return rows
 
 
-def _print_partition_table(settings: Settings, start: dt.date, end: dt.date) -> None:
+def _print_partition_table(settings: Settings, start: dt.date, end: dt.date) -> bool:
+    """The partition table of the range; False when a record file could not be read (each is named)."""
     rows = partition_rows(settings, start, end)
     header = f"{'day':<10}  {'lines':>10}  {'events':>10}  {'quarantined':>11}  {'duplicates':>10}  {'blank':>6}  checks"
     print(header)
     print("-" * len(header))
     reasons: dict[str, int] = {}
     for row in rows:
-        if not row["materialized"]:
-            print(f"{row['day']:<10}  {'-':>10}  {'-':>10}  {'-':>11}  {'-':>10}  {'-':>6}  not materialized")
+        if "lines" not in row:
+            state = UNREADABLE if row["materialized"] else "not materialized"
+            print(f"{row['day']:<10}  {'-':>10}  {'-':>10}  {'-':>11}  {'-':>10}  {'-':>6}  {state}")
             continue
         for code, count in row["reasons"].items():
             reasons[code] = reasons.get(code, 0) + count
         print(
             f"{row['day']:<10}  {row['lines']:>10,}  {row['events']:>10,}  {row['quarantined']:>11,}  "
-            f"{row['duplicates']:>10,}  {row['blank']:>6,}  {row.get('checks', 'not checked')}"
+            f"{row['duplicates']:>10,}  {row['blank']:>6,}  "
+            + (UNREADABLE if row.get("errors") else row.get("checks", "not checked"))
         )
     if reasons:
         print("quarantined lines by reason: " + ", ".join(f"{k} {v:,}" for k, v in sorted(reasons.items())))
+    damaged = [row for row in rows if row.get("errors")]
+    for row in damaged:
+        for error in row["errors"]:
+            print(f"error: {error}", file=sys.stderr)
+    if damaged:
+        print(
+            "a damaged record file is rewritten when its day is materialized again: recsys run "
+            f"--start {damaged[0]['day']} --end {damaged[-1]['day']} --select key:canonical_events",
+            file=sys.stderr,
+        )
+    return not damaged
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
@@ -478,10 +547,9 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         raise UsageError(f"--end {end} is before --start {start}")
     manifests = status(settings.artifact_root)
     if args.json:
-        print(
-            json.dumps({"manifests": manifests, "partitions": partition_rows(settings, start, end)}, indent=2)
-        )
-        return EXIT_OK
+        rows = partition_rows(settings, start, end)
+        print(json.dumps({"manifests": manifests, "partitions": rows}, indent=2))
+        return EXIT_FAILED if any(row.get("errors") for row in rows) else EXIT_OK
     print(f"RECSYS_HOME {settings.home}")
     if settings.tuned_file is not None:
         print(f"tuned parameters in use: {settings.tuned_file}")
@@ -526,8 +594,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         _print_refusal(entry)
     print()
     print("Canonical partitions")
-    _print_partition_table(settings, start, end)
-    return EXIT_OK
+    return EXIT_OK if _print_partition_table(settings, start, end) else EXIT_FAILED
 
 
 def _print_refusal(entry: dict) -> None:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import fnmatch
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,48 @@ EXECUTORS = ("in_process", "multiprocess")
 # The file tuning writes (under the lake's tuning/ folder) and the sections it may set.
 TUNED_FILE = "tuned.yaml"
 TUNED_SECTIONS = ("artifacts", "blend")
+
+# Bounds of the numeric settings (validated when the settings are read, so that a value the pipeline would
+# fail on hours later is refused up front with its key). Every number must be finite and, unless a rule
+# below says otherwise, >= 0.
+# Day counts and windows span at most ten years (a million days reaches back before year 1); hour counts
+# the same time.
+MAX_DAYS = 3660
+# Whole numbers reach SQL and Arrow as 64-bit integers.
+MAX_INT = 2**63 - 1
+# Seeds reach numpy's RandomState, which takes 0 to 2**32 - 1.
+MAX_SEED = 2**32 - 1
+# Keys (fnmatch patterns) that must be above 0: whole numbers 1 or more.
+POSITIVE = (
+    "ingest.max_line_bytes",
+    "ingest.rows_per_file",
+    "checks.volume_trailing_days",
+    "artifacts.*.window_days",
+    "artifacts.popularity.top_n",
+    "artifacts.cooc.top_k",
+    "artifacts.cooc.min_support",
+    "artifacts.cooc.max_session_items",
+    "artifacts.cooc.max_items",
+    "artifacts.als.factors",
+    "artifacts.als.iterations",
+    "artifacts.als.regularization",
+    "artifacts.als.alpha",
+    "guardrails.k",
+    "guardrails.holdout_days",
+    "guardrails.min_training_days",
+    "tuning.trials",
+    "tuning.validation_days",
+)
+# Keys (fnmatch patterns) with a range of their own: (lowest, highest), both allowed.
+NUMBER_RANGES: dict[str, tuple[float, float]] = {
+    "checks.max_quarantine_rate": (0, 1),
+    "checks.max_duplicate_rate": (0, 1),
+    "guardrails.max_relative_drop": (0, 1),
+    # No metric is below 0, so a lift of -1 already never blocks.
+    "guardrails.min_*lift_over_popularity.*": (-1, math.inf),
+    "artifacts.als.random_state": (0, MAX_SEED),
+    "tuning.seed": (0, MAX_SEED),
+}
 
 
 class ConfigError(ValueError):
@@ -314,21 +357,15 @@ def _with_trials_override(config: PipelineConfig, value: str | None) -> Pipeline
     """RECSYS_TUNING_TRIALS sets `tuning.trials` (what `recsys tune --trials` passes to the pipeline)."""
     if not value:
         return config
-    if not value.isdigit() or int(value) < 1:
-        raise ConfigError(f"RECSYS_TUNING_TRIALS: expected a whole number >= 1, got {value!r}")
-    return dataclasses.replace(config, tuning=dataclasses.replace(config.tuning, trials=int(value)))
+    trials = _parse_whole_number("RECSYS_TUNING_TRIALS", value, MAX_INT)
+    return dataclasses.replace(config, tuning=dataclasses.replace(config.tuning, trials=trials))
 
 
 def _with_window_override(config: PipelineConfig, value: str | None) -> PipelineConfig:
     """RECSYS_WINDOW_DAYS sets the trailing window of every artifact kind at once."""
     if not value:
         return config
-    try:
-        days = int(value)
-    except ValueError:
-        days = 0
-    if days < 1:
-        raise ConfigError(f"RECSYS_WINDOW_DAYS: expected a whole number of days >= 1, got {value!r}")
+    days = _parse_whole_number("RECSYS_WINDOW_DAYS", value, MAX_DAYS)
     artifacts = config.artifacts
     return dataclasses.replace(
         config,
@@ -352,12 +389,18 @@ def load_pipeline_config(path: Path | None) -> PipelineConfig:
     given_weights = raw.get("event_weights") or {}
     if not isinstance(given_weights, dict):
         raise ConfigError("event_weights: must be a mapping of event type to weight")
+    ingest = _section(IngestConfig(), "ingest", raw.get("ingest"))
     for name, weight in given_weights.items():
-        if isinstance(weight, bool) or not isinstance(weight, int | float) or weight < 0:
+        if str(name) not in ingest.event_types:
+            raise ConfigError(
+                f"event_weights.{name}: {name!r} is not an accepted event type "
+                f"(ingest.event_types: {', '.join(ingest.event_types)})"
+            )
+        if isinstance(weight, bool) or not isinstance(weight, int | float):
             raise ConfigError(f"event_weights.{name}: must be a number >= 0, got {weight!r}")
-        weights[str(name)] = float(weight)
+        weights[str(name)] = _as_float(f"event_weights.{name}", weight)
     config = PipelineConfig(
-        ingest=_section(IngestConfig(), "ingest", raw.get("ingest")),
+        ingest=ingest,
         checks=_section(ChecksConfig(), "checks", raw.get("checks")),
         artifacts=_section(ArtifactsConfig(), "artifacts", raw.get("artifacts")),
         guardrails=_section(GuardrailsConfig(), "guardrails", raw.get("guardrails")),
@@ -371,14 +414,42 @@ def load_pipeline_config(path: Path | None) -> PipelineConfig:
 
 def _read_yaml(path: Path, what: str) -> dict[str, Any]:
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        text = path.read_text(encoding="utf-8")
+        repeated = _repeated_key(yaml.compose(text, Loader=yaml.SafeLoader))
+        raw = yaml.safe_load(text) or {}
     except OSError as exc:
         raise ConfigError(f"{what}: cannot read {path}: {exc.strerror}") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{what}: {path} is not valid YAML: {exc}") from exc
+    if repeated:
+        raise ConfigError(f"{what}: {path}: {repeated}")
     if not isinstance(raw, dict):
         raise ConfigError(f"{what}: {path} must hold a mapping at the top level")
     return raw
+
+
+def _repeated_key(root: yaml.Node | None) -> str | None:
+    """The first key given twice in one mapping of a YAML document, with both lines; None if there is none.
+
+    PyYAML keeps the last of the two silently, so the setting written first would be ignored.
+    """
+    pending, seen = [(root, "")], set()
+    while pending:
+        node, prefix = pending.pop(0)
+        if node is None or id(node) in seen:  # an alias repeats a node already walked (or itself)
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            pending.extend((item, prefix) for item in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            lines: dict[str, int] = {}
+            for key_node, value_node in node.value:
+                key, line = f"{prefix}{key_node.value}", key_node.start_mark.line + 1
+                if key in lines:
+                    return f"{key} is given twice (lines {lines[key]} and {line}); keep one"
+                lines[key] = line
+                pending.append((value_node, f"{key}."))
+    return None
 
 
 def _section(default: Any, name: str, values: Any) -> Any:
@@ -402,12 +473,20 @@ def _section(default: Any, name: str, values: Any) -> Any:
                 raise ConfigError(f"{name}.{key}: must be a list of strings")
             value = tuple(value)
         elif expected is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
+            value = _as_float(f"{name}.{key}", value)
         # bool is a subclass of int: `true` is refused where a number is expected, and only there.
         elif not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
             raise ConfigError(f"{name}.{key}: must be {expected.__name__}, got {value!r}")
         kwargs[key] = value
     return dataclasses.replace(default, **kwargs)
+
+
+def _as_float(key: str, value: float) -> float:
+    """A YAML number as a float; a whole number too large for one is refused rather than crashing."""
+    try:
+        return float(value)
+    except OverflowError:
+        raise ConfigError(f"{key}: must be a finite number, got {value!r}") from None
 
 
 def _artifact_sections() -> list[str]:
@@ -422,85 +501,82 @@ def _reject_unknown(prefix: str, values: dict[str, Any], known: set[str]) -> Non
 
 
 def _validate(config: PipelineConfig) -> None:
-    ingest, checks = config.ingest, config.checks
-    positive = {
-        "ingest.max_line_bytes": ingest.max_line_bytes,
-        "ingest.rows_per_file": ingest.rows_per_file,
-        "checks.volume_trailing_days": checks.volume_trailing_days,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key}: must be > 0, got {value}")
-    if checks.volume_min_median_rows < 0 or checks.volume_block_recent_days < 0:
-        raise ConfigError("checks.volume_min_median_rows and checks.volume_block_recent_days must be >= 0")
-    if ingest.max_lateness_days < 0 or ingest.max_clock_skew_hours < 0:
-        raise ConfigError("ingest.max_lateness_days and ingest.max_clock_skew_hours must be >= 0")
-    if not ingest.event_types:
+    """Refuse a configuration the pipeline would fail on later, naming the key.
+
+    General rules first (every number finite and in its range, every list of names without blanks or
+    repeats), then the rules that relate keys to each other.
+    """
+    for key, value in _leaves(config):
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            _check_number(key, value)
+        elif isinstance(value, tuple):
+            _check_names(key, value)
+    if not config.ingest.event_types:
         raise ConfigError("ingest.event_types: must list at least one event type")
-    artifacts = config.artifacts
-    for kind in _artifact_sections():
-        if getattr(artifacts, kind).window_days < 1:
-            raise ConfigError(f"artifacts.{kind}.window_days: must be >= 1")
-    for key, value in {
-        "artifacts.popularity.top_n": artifacts.popularity.top_n,
-        "artifacts.cooc.top_k": artifacts.cooc.top_k,
-        "artifacts.cooc.min_support": artifacts.cooc.min_support,
-        "artifacts.cooc.max_session_items": artifacts.cooc.max_session_items,
-        "artifacts.cooc.max_items": artifacts.cooc.max_items,
-        "artifacts.als.factors": artifacts.als.factors,
-        "artifacts.als.iterations": artifacts.als.iterations,
-    }.items():
-        if value < 1:
-            raise ConfigError(f"{key}: must be >= 1, got {value}")
-    if artifacts.user_history.max_items < 0:
-        raise ConfigError(
-            f"artifacts.user_history.max_items: must be >= 0 (0 = all), got {artifacts.user_history.max_items}"
-        )
-    for kind in ("popularity", "als"):
-        if not getattr(artifacts, kind).half_life_days >= 0:
-            raise ConfigError(f"artifacts.{kind}.half_life_days: must be >= 0 (0 = no decay)")
-    for key in ("regularization", "alpha"):
-        if not getattr(artifacts.als, key) > 0:
-            raise ConfigError(f"artifacts.als.{key}: must be > 0, got {getattr(artifacts.als, key)!r}")
-    blend = dataclasses.asdict(config.blend)
-    if not all(math.isfinite(w) and w >= 0 for w in blend.values()) or not any(blend.values()):
-        raise ConfigError(f"blend: weights must be finite numbers >= 0, not all 0; got {blend}")
-    for key in ("max_quarantine_rate", "max_duplicate_rate"):
-        if not 0.0 <= getattr(checks, key) <= 1.0:
-            raise ConfigError(f"checks.{key}: must be between 0 and 1")
-    _validate_guardrails(config.guardrails)
+    checks = config.checks
+    for low, high in (
+        ("volume_min_ratio", "volume_max_ratio"),
+        ("volume_min_history_days", "volume_trailing_days"),
+    ):
+        if getattr(checks, low) > getattr(checks, high):
+            raise ConfigError(
+                f"checks.{low}: must be <= checks.{high} ({getattr(checks, high)}), got {getattr(checks, low)}"
+            )
+    if not any(dataclasses.asdict(config.blend).values()):
+        raise ConfigError("blend: at least one weight must be > 0")
     tuning = config.tuning
     if tuning.schedule and len(tuning.schedule.split()) != 5:
         raise ConfigError(f"tuning.schedule: expected a 5-field cron expression, got {tuning.schedule!r}")
-    if tuning.trials < 1 or tuning.validation_days < 1 or tuning.max_users < 0:
-        raise ConfigError(
-            "tuning: trials and validation_days must be >= 1 and max_users >= 0, got "
-            f"{tuning.trials}, {tuning.validation_days}, {tuning.max_users}"
-        )
 
 
-def _validate_guardrails(guardrails: GuardrailsConfig) -> None:
-    lifts = {
-        f"{section}.{model}": lift
-        for section in ("min_lift_over_popularity", "min_cold_start_lift_over_popularity")
-        for model, lift in dataclasses.asdict(getattr(guardrails, section)).items()
-    }
-    # key: (value, lowest allowed, highest allowed)
-    bounds: dict[str, tuple[float, float, float]] = {
-        "k": (guardrails.k, 1, math.inf),
-        "holdout_days": (guardrails.holdout_days, 1, math.inf),
-        "min_training_days": (guardrails.min_training_days, 1, math.inf),
-        "min_users": (guardrails.min_users, 0, math.inf),
-        "cold_start_max_interactions": (guardrails.cold_start_max_interactions, 0, math.inf),
-        "max_relative_drop": (guardrails.max_relative_drop, 0.0, 1.0),
-        "min_coverage_vs_popularity": (guardrails.min_coverage_vs_popularity, 0.0, math.inf),
-        # No metric is below 0, so a lift of -1 already never blocks.
-        **{key: (lift, -1.0, math.inf) for key, lift in lifts.items()},
-    }
-    for key, (value, lowest, highest) in bounds.items():
-        if not lowest <= value <= highest:
-            limits = f">= {lowest}" if highest == math.inf else f"between {lowest} and {highest}"
-            raise ConfigError(f"guardrails.{key}: must be {limits}, got {value}")
+def _leaves(value: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """Every setting of a (nested) settings dataclass with its dotted key, e.g. `artifacts.als.factors`."""
+    if dataclasses.is_dataclass(value):
+        for f in dataclasses.fields(value):
+            yield from _leaves(getattr(value, f.name), f"{prefix}{f.name}.")
+    elif isinstance(value, Mapping):
+        for name, item in value.items():
+            yield from _leaves(item, f"{prefix}{name}.")
+    else:
+        yield prefix.removesuffix("."), value
+
+
+def _check_number(key: str, value: float) -> None:
+    """`value` is finite and within the range of `key`: NUMBER_RANGES, or >= 0 (> 0 for POSITIVE keys)."""
+    whole = isinstance(value, int)
+    lowest, highest = next(
+        (bounds for pattern, bounds in NUMBER_RANGES.items() if fnmatch.fnmatchcase(key, pattern)),
+        (0, _highest(key, whole)),
+    )
+    above = any(fnmatch.fnmatchcase(key, pattern) for pattern in POSITIVE)
+    if above and whole:
+        lowest, above = 1, False
+    if math.isfinite(value) and (value > lowest if above else value >= lowest) and value <= highest:
+        return
+    # The 64-bit limit is named only to a value beyond it: for any other it is noise.
+    shown = highest != math.inf and (highest != MAX_INT or value > highest)
+    limits = ("> " if above else ">= ") + str(lowest) + (f" and <= {highest}" if shown else "")
+    raise ConfigError(
+        f"{key}: must be {'a whole number' if whole else 'a finite number'} {limits}, got {value!r}"
+    )
+
+
+def _highest(key: str, whole: bool) -> float:
+    """The general upper bound of a number: day and hour counts span at most MAX_DAYS."""
+    if key.endswith("_days"):
+        return MAX_DAYS
+    if key.endswith("_hours"):
+        return MAX_DAYS * 24
+    return MAX_INT if whole else math.inf
+
+
+def _check_names(key: str, names: tuple[str, ...]) -> None:
+    """A list of names (event types, checks) names each one once, none blank."""
+    for index, name in enumerate(names):
+        if not name.strip():
+            raise ConfigError(f"{key}: entry {index + 1} is blank")
+        if name in names[:index]:
+            raise ConfigError(f"{key}: {name!r} is listed twice")
 
 
 def _parse_choice(var: str, value: str | None, choices: tuple[str, ...]) -> str:
@@ -518,6 +594,14 @@ def _parse_alert_sink(value: str) -> str:
     raise ConfigError(f"RECSYS_ALERT_SINK: expected log, file, file:PATH or an http(s) URL, got {value!r}")
 
 
+def _parse_whole_number(var: str, value: str, highest: int) -> int:
+    """A whole number from 1 to `highest` (the bounds of the setting the variable overrides)."""
+    parsed = int(value) if value.strip().isdecimal() else 0
+    if not 1 <= parsed <= highest:
+        raise ConfigError(f"{var}: expected a whole number >= 1 and <= {highest}, got {value!r}")
+    return parsed
+
+
 def _parse_positive_float(var: str, value: str | None, default: float) -> float:
     if not value:
         return default
@@ -525,8 +609,8 @@ def _parse_positive_float(var: str, value: str | None, default: float) -> float:
         parsed = float(value)
     except ValueError:
         parsed = -1.0
-    if not parsed > 0:
-        raise ConfigError(f"{var}: expected a number of seconds > 0, got {value!r}")
+    if not (math.isfinite(parsed) and parsed > 0):
+        raise ConfigError(f"{var}: expected a finite number of seconds > 0, got {value!r}")
     return parsed
 
 

@@ -1,7 +1,9 @@
 """Materialize a date range in-process with the same definitions the Dagster UI loads.
 
 Runs are recorded in the Dagster instance under DAGSTER_HOME, so they show up in the UI next to the
-ones launched from there.
+ones launched from there. Each run carries the host and process that execute it, so that a run whose
+process was killed is marked failed by the next start (`fail_orphaned_runs`) instead of showing as
+started forever.
 """
 
 from __future__ import annotations
@@ -9,9 +11,11 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
+import socket
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import dagster as dg
 
@@ -21,6 +25,7 @@ from dagster._core.definitions.assets.graph.base_asset_graph import BaseAssetGra
 from dagster._core.definitions.assets.job.asset_job import IMPLICIT_ASSET_JOB_NAME
 from dagster._core.definitions.repository_definition.valid_definitions import SINGLETON_REPOSITORY_NAME
 from dagster._core.definitions.selector import JobSubsetSelector
+from dagster._core.events import JobFailureData, RunFailureReason
 from dagster._core.execution.api import execute_run
 from dagster._core.remote_origin import InProcessCodeLocationOrigin
 from dagster._core.remote_representation.code_location import CodeLocation
@@ -34,6 +39,32 @@ from recsys_dagster.defs.shared import user_error
 # The code location as workspace.yaml names it. The CLI loads it from `current_definitions` below rather
 # than from the module's `defs`, which a process builds once, at import, from the environment it had then.
 LOCATION_NAME = "recsys"
+
+# The generated instance configuration (dagster.yaml). A failed check must not re-run a whole backfill
+# range: no automatic retries of failed runs. No telemetry, and no newsletter sign-up dialog on the UI's
+# first page (`nux`). Run monitoring: the daemon (`recsys ui`) fails runs that never start, hang while
+# cancelling, or are still running after a day. The default run launcher cannot tell whether a started
+# run's process is alive, so the day is what ends a run whose process died with the UI's; a killed
+# `recsys run` is caught sooner, by the next one (`fail_orphaned_runs`).
+INSTANCE_CONFIG = """\
+telemetry:
+  enabled: false
+run_retries:
+  enabled: false
+nux:
+  enabled: false
+run_monitoring:
+  enabled: true
+  start_timeout_seconds: 180
+  cancel_timeout_seconds: 180
+  max_runtime_seconds: 86400
+"""
+# What earlier versions generated: replaced by INSTANCE_CONFIG (a file edited by hand is left alone).
+EARLIER_INSTANCE_CONFIGS = (
+    "telemetry:\n  enabled: false\nrun_retries:\n  enabled: false\nnux:\n  enabled: false\n",
+)
+# Run tags naming the process that executes a run of `recsys run`.
+HOST_TAG, PID_TAG, PROCESS_STARTED_TAG = "recsys/host", "recsys/pid", "recsys/process_started"
 
 
 @dataclass
@@ -52,18 +83,78 @@ class RunOutcome:
 
 
 def prepare_instance(settings: Settings) -> dg.DagsterInstance:
-    """The persistent instance under DAGSTER_HOME (created with the embedded defaults if missing)."""
+    """The persistent instance under DAGSTER_HOME (created with INSTANCE_CONFIG if missing)."""
     home = settings.dagster_home
     home.mkdir(parents=True, exist_ok=True)
     config = home / "dagster.yaml"
-    if not config.exists():
-        # A failed check must not re-run a whole backfill range: no automatic retries of failed runs. No
-        # telemetry, and no newsletter sign-up dialog on the UI's first page (`nux`).
-        config.write_text(
-            "telemetry:\n  enabled: false\nrun_retries:\n  enabled: false\nnux:\n  enabled: false\n"
-        )
+    if not config.exists() or config.read_text() in EARLIER_INSTANCE_CONFIGS:
+        temporary = config.with_name(f".{config.name}.{os.getpid()}.tmp")
+        temporary.write_text(INSTANCE_CONFIG)
+        temporary.replace(config)
     os.environ["DAGSTER_HOME"] = str(home)
     return dg.DagsterInstance.get()
+
+
+def fail_orphaned_runs(instance: dg.DagsterInstance) -> list[str]:
+    """Mark failed the unfinished runs of `recsys run` on this host whose process is gone; their ids.
+
+    A killed `recsys run` (SIGKILL, out of memory, a closed terminal) records no end of its run, which then
+    shows as started forever and never reaches the run-failure alert. The failure is reported as any run
+    failure is, so the alert sensor sees it, with a message saying why.
+    """
+    host = socket.gethostname()
+    unfinished = instance.get_runs(
+        dg.RunsFilter(
+            statuses=[
+                dg.DagsterRunStatus.NOT_STARTED,
+                dg.DagsterRunStatus.STARTING,
+                dg.DagsterRunStatus.STARTED,
+            ],
+            tags={HOST_TAG: host},
+        )
+    )
+    failed = []
+    for run in unfinished:
+        pid = int(run.tags[PID_TAG])
+        if _process_running(pid, run.tags.get(PROCESS_STARTED_TAG)):
+            continue
+        instance.report_run_failed(
+            run,
+            f"The process that executed this run (recsys run, pid {pid} on {host}) ended without recording "
+            "the run's end: it was killed or crashed. Marked failed by the next recsys run on this host.",
+            JobFailureData(error=None, failure_reason=RunFailureReason.UNEXPECTED_TERMINATION),
+        )
+        failed.append(run.run_id)
+    return failed
+
+
+def _process_running(pid: int, started: str | None) -> bool:
+    """Whether process `pid` is running and is the one that started at `started` (not a reuse of its pid)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    state = _process_state(pid)
+    return state is None or (state[0] != "Z" and started in (None, state[1]))
+
+
+def _process_state(pid: int) -> tuple[str, str] | None:
+    """(state letter, start time in clock ticks after boot) of a process, from Linux's /proc; else None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name in parentheses may hold spaces: the fields that follow start after the last ")".
+    fields = stat.rsplit(")", 1)[1].split()
+    return fields[0], fields[19]
+
+
+def _this_process_tags() -> dict[str, str]:
+    state = _process_state(os.getpid())
+    started = {PROCESS_STARTED_TAG: state[1]} if state else {}
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), **started}
 
 
 @dg.definitions
@@ -153,6 +244,7 @@ def materialize_range(
                 "dagster/asset_partition_range_start": start.isoformat(),
                 "dagster/asset_partition_range_end": end.isoformat(),
                 "recsys/launched_by": "cli",
+                **_this_process_tags(),
             },
             job_snapshot=remote_job.job_snapshot,
             execution_plan_snapshot=plan.execution_plan_snapshot,

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
+import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -15,6 +18,7 @@ from recsys_dagster.automation.alerts import FileSink, sink_from_spec
 from recsys_dagster.definitions import build_definitions
 from recsys_dagster.defs.automation.sensors import freshness_alerts, freshness_transitions, run_failure_alerts
 from recsys_dagster.defs.shared import RecsysResource
+from recsys_dagster.runner import HOST_TAG, PID_TAG, PROCESS_STARTED_TAG, fail_orphaned_runs
 
 
 @pytest.fixture
@@ -29,6 +33,17 @@ def defs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dg.Definitions:
 def alerts_written(tmp_path: Path) -> list[dict]:
     path = tmp_path / "home" / "alerts.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def ingest_only(defs: dg.Definitions) -> tuple[dg.JobDefinition, dg.RepositoryDefinition]:
+    """A job of the ingestion step alone, and the repository with it (as the sensors see the job)."""
+    with_job = dg.Definitions.merge(
+        defs,
+        dg.Definitions(
+            jobs=[dg.define_asset_job("ingest_only", selection="key:canonical_events or key:quarantine")]
+        ),
+    )
+    return with_job.resolve_job_def("ingest_only"), with_job.get_repository_def()
 
 
 def test_asset_graph_reads_as_the_pipeline_story(defs: dg.Definitions) -> None:
@@ -139,14 +154,8 @@ def test_run_failure_sensor_names_the_failed_step(defs: dg.Definitions, tmp_path
     raw = tmp_path / "home" / "raw" / "dt=2025-03-01"
     raw.mkdir(parents=True)
     (raw / "bad.jsonl.gz").write_bytes(b"not gzip at all")
-    with_job = dg.Definitions.merge(
-        defs,
-        dg.Definitions(
-            jobs=[dg.define_asset_job("ingest_only", selection="key:canonical_events or key:quarantine")]
-        ),
-    )
-    job = with_job.resolve_job_def("ingest_only")
-    resources, repository = {"recsys": RecsysResource()}, with_job.get_repository_def()
+    job, repository = ingest_only(defs)
+    resources = {"recsys": RecsysResource()}
     with dg.instance_for_test() as instance:
         # As the daemon evaluates it: the first tick only sets the cursor, the next one sees the failure.
         first = dg.build_sensor_context(instance, resources=resources, repository_def=repository)
@@ -164,6 +173,52 @@ def test_run_failure_sensor_names_the_failed_step(defs: dg.Definitions, tmp_path
     written = alerts_written(tmp_path)
     assert "canonical_events" in written[-1]["message"] and "bad.jsonl.gz" in written[-1]["message"]
     assert written[-1]["kind"] == "run_failure" and written[-1]["details"]["partition"] == "2025-03-01"
+
+
+def test_run_failure_sensor_says_why_a_killed_run_failed(defs: dg.Definitions, tmp_path: Path) -> None:
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    job, repository = ingest_only(defs)
+    resources = {"recsys": RecsysResource()}
+    with dg.instance_for_test() as instance:
+        first = dg.build_sensor_context(instance, resources=resources, repository_def=repository)
+        run_failure_alerts.evaluate_tick(first)
+        # A run of `recsys run` whose process is gone, and one of a process still running (this one).
+        tags = {HOST_TAG: socket.gethostname(), "dagster/partition": "2025-03-01"}
+        killed = instance.create_run_for_job(job, tags=tags | {PID_TAG: str(gone.pid)})
+        running = instance.create_run_for_job(job, tags=tags | {PID_TAG: str(os.getpid())})
+        assert fail_orphaned_runs(instance) == [killed.run_id]
+        assert instance.get_run_by_id(running.run_id).status == dg.DagsterRunStatus.NOT_STARTED
+        run_failure_alerts.evaluate_tick(
+            dg.build_sensor_context(
+                instance, cursor=first.cursor, resources=resources, repository_def=repository
+            )
+        )
+    [alert] = alerts_written(tmp_path)
+    assert alert["kind"] == "run_failure" and alert["details"]["run_id"] == killed.run_id
+    assert f"pid {gone.pid} on {socket.gethostname()}" in alert["message"]
+    assert "killed or crashed" in alert["message"]
+
+
+def test_only_runs_whose_process_is_gone_are_marked_failed(defs: dg.Definitions) -> None:
+    job, _ = ingest_only(defs)
+    with subprocess.Popen(["sleep", "60"]) as child, dg.instance_for_test() as instance:
+        # Linux's start time of the process, in clock ticks after boot (the 22nd field of its stat line).
+        started = int(Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+
+        def run_of(pid: int, start: int) -> str:
+            tags = {HOST_TAG: socket.gethostname(), PID_TAG: str(pid), PROCESS_STARTED_TAG: str(start)}
+            return instance.create_run_for_job(job, tags=tags).run_id
+
+        alive = run_of(child.pid, started)
+        reused = run_of(child.pid, started - 1)  # an earlier process that had the same pid
+        other_host = instance.create_run_for_job(job, tags={HOST_TAG: "elsewhere", PID_TAG: "1"}).run_id
+        assert fail_orphaned_runs(instance) == [reused]
+        child.kill()
+        while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            time.sleep(0.01)  # killed, not yet waited for: a zombie
+        assert fail_orphaned_runs(instance) == [alive]
+        assert instance.get_run_by_id(other_host).status == dg.DagsterRunStatus.NOT_STARTED
 
 
 def test_alert_sink_spec(tmp_path: Path) -> None:

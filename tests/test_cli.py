@@ -4,11 +4,14 @@ first partition day of `make run` and `make ui`, and the Dagster instance they c
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -179,18 +182,139 @@ def test_output_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
     assert err == "" and status == cli.EXIT_FAILED
 
 
-def test_the_dagster_instance_has_no_telemetry_retries_or_newsletter_dialog(
+def test_the_dagster_instance_has_no_telemetry_retries_or_newsletter_dialog_and_monitors_runs(
     home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from recsys_dagster.runner import prepare_instance
+    from recsys_dagster.runner import EARLIER_INSTANCE_CONFIGS, INSTANCE_CONFIG, prepare_instance
 
     # prepare_instance points DAGSTER_HOME at the instance; monkeypatch restores it after the test.
     monkeypatch.setenv("DAGSTER_HOME", str(home / "dagster"))
     settings = load_settings()
-    with prepare_instance(settings) as instance:
-        assert not instance.nux_enabled  # the UI's newsletter sign-up dialog
-        assert not instance.telemetry_enabled
-        assert not instance.run_retries_enabled
-    assert (settings.dagster_home / "dagster.yaml").read_text() == (
-        "telemetry:\n  enabled: false\nrun_retries:\n  enabled: false\nnux:\n  enabled: false\n"
+    config = settings.dagster_home / "dagster.yaml"
+    for earlier in ("", *EARLIER_INSTANCE_CONFIGS):  # none yet, or one an earlier version generated
+        if earlier:
+            config.write_text(earlier)
+        with prepare_instance(settings) as instance:
+            assert not instance.nux_enabled  # the UI's newsletter sign-up dialog
+            assert not instance.telemetry_enabled
+            assert not instance.run_retries_enabled
+            # The daemon fails runs that never start or never end (it runs with `recsys ui`).
+            assert instance.run_monitoring_enabled
+            assert instance.run_monitoring_start_timeout_seconds == 180
+            assert instance.run_monitoring_max_runtime_seconds == 86400
+        assert config.read_text() == INSTANCE_CONFIG
+    edited = INSTANCE_CONFIG.replace("86400", "3600")
+    config.write_text(edited)
+    prepare_instance(settings).dispose()
+    assert config.read_text() == edited, "a configuration edited by hand is left alone"
+
+
+def _generate_one_day(day: str) -> None:
+    """A small day of events. The tests that run the pipeline in this process give it the same
+    RECSYS_START_DATE (three days ago): a process loads the definitions, and their partitions, once."""
+    assert (
+        cli.main(["generate", "--end", day, "--days", "1", "--events-per-day", "2000", "--users", "200"]) == 0
     )
+
+
+def test_a_killed_recsys_run_is_marked_failed_by_the_next_one(
+    home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import dagster as dg
+
+    day = _days_ago(1)
+    monkeypatch.setenv("RECSYS_START_DATE", _days_ago(3))  # the same in every test: see _generate_one_day
+    monkeypatch.setenv("DAGSTER_HOME", str(home / "dagster"))
+    _generate_one_day(day)
+    with subprocess.Popen(
+        [str(RECSYS), "run", "--start", day, "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    ) as process:
+        deadline = time.monotonic() + 120
+        while not (home / "dagster" / "dagster.yaml").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        with dg.DagsterInstance.from_config(str(home / "dagster")) as instance:
+            started: list[dg.DagsterRun] = []
+            while not started and process.poll() is None and time.monotonic() < deadline:
+                started = instance.get_runs(dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED]))
+                time.sleep(0.05)
+            assert started, f"the run never started: {process.stderr.read() if process.stderr else ''}"
+            process.send_signal(signal.SIGKILL)  # mid-run: no chance to record the run's end
+            process.wait(timeout=30)
+            [killed] = started
+            assert instance.get_run_by_id(killed.run_id).status == dg.DagsterRunStatus.STARTED
+
+            capsys.readouterr()
+            assert cli.main(["run", "--start", day, "--select", "key:canonical_events", "--quiet"]) == 0
+            out = capsys.readouterr().out
+            assert (
+                f"run {killed.run_id}: marked FAILED: the recsys run that executed it on this host was killed"
+                in out
+            )
+            assert instance.get_run_by_id(killed.run_id).status == dg.DagsterRunStatus.FAILURE
+            [failure] = instance.all_logs(killed.run_id, of_type=dg.DagsterEventType.RUN_FAILURE)
+            assert f"(recsys run, pid {process.pid} on {socket.gethostname()})" in failure.message
+            assert "it was killed or crashed" in failure.message
+            # The next run is not touched: its process was alive while it ran, and it ended.
+            statuses = {run.run_id: run.status for run in instance.get_runs()}
+            assert sorted(status.value for status in statuses.values()) == ["FAILURE", "SUCCESS"]
+
+
+def test_a_damaged_partition_record_is_named_and_the_other_days_still_shown(
+    home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from recsys_core.lake import partition_dir
+
+    first, second, third = _days_ago(3), _days_ago(2), _days_ago(1)
+    monkeypatch.setenv("RECSYS_START_DATE", first)
+    monkeypatch.setenv("DAGSTER_HOME", str(home / "dagster"))
+    for day in (first, second, third):
+        _generate_one_day(day)
+    select = ["--select", "key:canonical_events", "--quiet"]
+    assert cli.main(["run", "--start", first, "--end", third, *select]) == 0
+    folders = [
+        partition_dir(home / "lake", "canonical_events", dt.date.fromisoformat(d)) for d in (first, second)
+    ]
+    summary, checks = folders[0] / "_summary.json", folders[1] / "_checks.json"
+    summary.write_text(summary.read_text()[:40])  # cut short, as by a full disk
+    checks.write_text("[]")  # JSON, but not a checks record
+    capsys.readouterr()
+
+    assert cli.main(["status", "--start", first, "--end", third]) == cli.EXIT_FAILED
+    out, err = capsys.readouterr()
+    rows = {line.split()[0]: line for line in out.splitlines() if line[:4].isdigit()}
+    assert rows[first].endswith("UNREADABLE record (see the error)")
+    assert rows[second].split()[1] == "2,000" and rows[second].endswith("UNREADABLE record (see the error)")
+    assert rows[third].endswith("passed")
+    assert f"error: {summary} cannot be read: " in err
+    assert f"error: {checks} cannot be read: not a JSON object" in err
+    remedy = f"recsys run --start {first} --end {second} --select key:canonical_events"
+    assert remedy in err
+
+    assert cli.main(["status", "--start", first, "--end", third, "--json"]) == cli.EXIT_FAILED
+    partitions = json.loads(capsys.readouterr().out)["partitions"]
+    assert [len(p.get("errors", [])) for p in partitions] == [1, 1, 0]
+    assert partitions[1]["lines"] == 2000 and "checks" not in partitions[1]
+
+    assert cli.main(["run", *remedy.split()[2:], "--quiet"]) == 0  # the remedy it prints
+    assert cli.main(["status", "--start", first, "--end", third]) == cli.EXIT_OK
+
+
+@pytest.mark.parametrize(
+    ("config", "key"),
+    [
+        ("ingest:\n  max_lateness_days: 1000000\n", "ingest.max_lateness_days"),
+        ("checks:\n  max_events: 10\n  max_events: 20\n", "checks.max_events"),
+    ],
+)
+def test_a_bad_configuration_stops_every_command_naming_the_key(
+    home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, config: str, key: str
+) -> None:
+    home.mkdir()
+    (home / "recsys.yaml").write_text(config)
+    monkeypatch.setenv("RECSYS_CONFIG", str(home / "recsys.yaml"))
+    assert cli.main(["run", "--start", _days_ago(1)]) == cli.EXIT_USAGE
+    assert cli.main(["status"]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(": ")[0] for line in err] == ["recsys run", "recsys status"]
+    assert all(key in line for line in err)
+    assert not (home / "dagster").exists(), "nothing ran"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 from pathlib import Path
 
 import pytest
@@ -236,6 +237,134 @@ def test_wrong_types_are_rejected_with_the_key(in_tmp: Path, text: str, key: str
 def test_out_of_range_values_are_rejected_with_the_key(in_tmp: Path, text: str, key: str) -> None:
     with pytest.raises(ConfigError, match=rf"\b{key}\b"):
         load_settings({"RECSYS_CONFIG": str(config_file(in_tmp, text))})
+
+
+# Values that passed validation before and made the pipeline fail later (some after a good partition had
+# already been replaced): each is refused when the settings are read, with its key.
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        # numbers that are not finite
+        ("event_weights:\n  click: .nan\n", "event_weights.click"),
+        ("event_weights:\n  purchase: .inf\n", "event_weights.purchase"),
+        ("blend:\n  cooc: .nan\n", "blend.cooc"),
+        ("blend:\n  als: .inf\n", "blend.als"),
+        ("artifacts:\n  popularity:\n    half_life_days: .inf\n", "artifacts.popularity.half_life_days"),
+        ("artifacts:\n  als:\n    half_life_days: .nan\n", "artifacts.als.half_life_days"),
+        ("artifacts:\n  als:\n    regularization: .inf\n", "artifacts.als.regularization"),
+        ("artifacts:\n  als:\n    alpha: " + "9" * 400 + "\n", "artifacts.als.alpha"),
+        ("checks:\n  volume_min_ratio: .nan\n", "checks.volume_min_ratio"),
+        ("checks:\n  volume_max_ratio: .inf\n", "checks.volume_max_ratio"),
+        ("guardrails:\n  min_coverage_vs_popularity: .inf\n", "guardrails.min_coverage_vs_popularity"),
+        (
+            "guardrails:\n  min_lift_over_popularity:\n    als: .nan\n",
+            "guardrails.min_lift_over_popularity.als",
+        ),
+        # day counts beyond any calendar
+        ("ingest:\n  max_lateness_days: 1000000\n", "ingest.max_lateness_days"),
+        ("ingest:\n  max_clock_skew_hours: 100000000\n", "ingest.max_clock_skew_hours"),
+        ("checks:\n  volume_trailing_days: 1000000\n", "checks.volume_trailing_days"),
+        ("checks:\n  volume_block_recent_days: 1000000\n", "checks.volume_block_recent_days"),
+        ("artifacts:\n  cooc:\n    window_days: 1000000\n", "artifacts.cooc.window_days"),
+        ("artifacts:\n  als:\n    half_life_days: 1.0e7\n", "artifacts.als.half_life_days"),
+        ("guardrails:\n  holdout_days: 1000000\n", "guardrails.holdout_days"),
+        ("tuning:\n  validation_days: 1000000\n", "tuning.validation_days"),
+        # negative limits and counts
+        ("checks:\n  max_events: -1\n", "checks.max_events"),
+        ("checks:\n  max_items_per_session: -10\n", "checks.max_items_per_session"),
+        ("checks:\n  volume_min_history_days: -1\n", "checks.volume_min_history_days"),
+        ("checks:\n  volume_min_ratio: -0.5\n", "checks.volume_min_ratio"),
+        ("artifacts:\n  user_history:\n    max_items: -1\n", "artifacts.user_history.max_items"),
+        ("artifacts:\n  als:\n    random_state: -1\n", "artifacts.als.random_state"),
+        ("artifacts:\n  als:\n    alpha: 0\n", "artifacts.als.alpha"),
+        ("blend:\n  popularity: -0.1\n", "blend.popularity"),
+        ("tuning:\n  max_users: -5\n", "tuning.max_users"),
+        ("tuning:\n  seed: 99999999999\n", "tuning.seed"),
+        ("checks:\n  max_sessions: 99999999999999999999\n", "checks.max_sessions"),
+        # keys that contradict each other
+        ("checks:\n  volume_min_ratio: 3.0\n  volume_max_ratio: 1.0\n", "checks.volume_min_ratio"),
+        (
+            "checks:\n  volume_trailing_days: 5\n  volume_min_history_days: 6\n",
+            "checks.volume_min_history_days",
+        ),
+        ("blend:\n  als: 0\n  cooc: 0\n  popularity: 0\n", "blend"),
+        # lists of names
+        ("ingest:\n  event_types: [click, purchase, click]\n", "ingest.event_types"),
+        ("ingest:\n  event_types: [click, '']\n", "ingest.event_types"),
+        ("ingest:\n  event_types: ['  ']\n", "ingest.event_types"),
+        ("checks:\n  warn_only: [volume, volume]\n", "checks.warn_only"),
+        # a weight for an event type the contract does not accept
+        ("event_weights:\n  view: 1\n", "event_weights.view"),
+        ("ingest:\n  event_types: [click]\nevent_weights:\n  purchase: 5\n", "event_weights.purchase"),
+        # a key given twice: the YAML parser would keep the last silently
+        ("ingest:\n  max_line_bytes: 10\ningest:\n  rows_per_file: 5\n", "ingest"),
+        ("ingest:\n  max_line_bytes: 10\n  max_line_bytes: 20\n", "ingest.max_line_bytes"),
+        ("artifacts:\n  als:\n    factors: 8\n    factors: 16\n", "artifacts.als.factors"),
+        ("event_weights:\n  click: 1\n  click: 2\n", "event_weights.click"),
+    ],
+)
+def test_values_the_pipeline_would_fail_on_are_refused_at_load(in_tmp: Path, text: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"(?<![\w.]){re.escape(key)}(?![\w])"):
+        load_settings({"RECSYS_CONFIG": str(config_file(in_tmp, text))})
+
+
+def test_a_repeated_key_names_both_lines(in_tmp: Path) -> None:
+    path = config_file(in_tmp, "checks:\n  max_events: 10\n  warn_only: []\n  max_events: 20\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings({"RECSYS_CONFIG": str(path)})
+    assert str(info.value) == (
+        f"RECSYS_CONFIG: {path}: checks.max_events is given twice (lines 2 and 4); keep one"
+    )
+
+
+def test_the_same_key_in_different_sections_is_not_a_repeat(in_tmp: Path) -> None:
+    text = "artifacts:\n  cooc:\n    window_days: 7\n  als:\n    window_days: 14\n"
+    artifacts = load_settings({"RECSYS_CONFIG": str(config_file(in_tmp, text))}).pipeline.artifacts
+    assert (artifacts.cooc.window_days, artifacts.als.window_days) == (7, 14)
+
+
+def test_the_largest_allowed_values_are_accepted(in_tmp: Path) -> None:
+    text = (
+        "ingest:\n  max_lateness_days: 3660\n  event_types: [click, view]\n"
+        "event_weights:\n  view: 0.5\n"
+        "artifacts:\n  als:\n    random_state: 4294967295\n    half_life_days: 3660\n"
+        "checks:\n  volume_min_ratio: 1\n  volume_max_ratio: 1\n  max_events: 9223372036854775807\n"
+    )
+    pipeline = load_settings({"RECSYS_CONFIG": str(config_file(in_tmp, text))}).pipeline
+    assert pipeline.ingest.max_lateness_days == 3660
+    assert pipeline.event_weights["view"] == 0.5
+
+
+@pytest.mark.parametrize(
+    ("var", "value"),
+    [
+        ("RECSYS_WINDOW_DAYS", "1000000"),
+        ("RECSYS_WINDOW_DAYS", "0"),
+        ("RECSYS_WINDOW_DAYS", "-3"),
+        ("RECSYS_WINDOW_DAYS", "7.5"),
+        ("RECSYS_WINDOW_DAYS", "nan"),
+        ("RECSYS_TUNING_TRIALS", "0"),
+        ("RECSYS_TUNING_TRIALS", "-1"),
+        ("RECSYS_TUNING_TRIALS", "99999999999999999999"),
+        ("RECSYS_TUNING_TRIALS", "ten"),
+        ("RECSYS_SERVE_POLL_SECONDS", "inf"),
+        ("RECSYS_SERVE_POLL_SECONDS", "nan"),
+        ("RECSYS_SERVE_POLL_SECONDS", "0"),
+        ("RECSYS_SERVE_POLL_SECONDS", "-1"),
+    ],
+)
+def test_bad_environment_overrides_are_refused_with_the_variable(in_tmp: Path, var: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^{var}: .*{re.escape(repr(value))}"):
+        load_settings({var: value})
+
+
+def test_environment_overrides_within_bounds_apply(in_tmp: Path) -> None:
+    settings = load_settings(
+        {"RECSYS_WINDOW_DAYS": "3660", "RECSYS_TUNING_TRIALS": "5", "RECSYS_SERVE_POLL_SECONDS": "0.5"}
+    )
+    assert settings.pipeline.artifacts.als.window_days == 3660
+    assert settings.pipeline.tuning.trials == 5
+    assert settings.serve_poll_seconds == 0.5
 
 
 @pytest.mark.parametrize("text", ["- ingest\n- checks\n", "just text\n", "42\n"])

@@ -76,12 +76,14 @@ def run_failure_alerts(context: dg.RunFailureSensorContext, recsys: RecsysResour
             ],
         )
     )
+    # Without a failed step the run's failure message says why (a killed process, a start timeout).
+    reasons = steps or {"reason": context.failure_event.message or "unknown"}
     alert = Alert(
         "run_failure",
         run.job_name,
         f"run {run.run_id} of {run.job_name} failed"
         + (f" (partition {partition})" if partition else "")
-        + "".join(f"; {step}: {message}" for step, message in steps.items()),
+        + "".join(f"; {step}: {message}" for step, message in reasons.items()),
         {"run_id": run.run_id, "partition": partition, "failed_steps": steps},
     )
     sink_from_spec(recsys.settings.alert_sink, recsys.settings.home).send(alert)
