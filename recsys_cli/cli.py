@@ -24,6 +24,7 @@ from recsys_core.settings import ConfigError, Settings, load_settings, tuned_fil
 
 if TYPE_CHECKING:
     from recsys_core.manifest import Manifest
+    from recsys_dagster.runner import RunOutcome
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 DEFAULT_UI_URL = "http://127.0.0.1:3000"
@@ -106,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--select",
         default=None,
         help='assets in Dagster selection syntax, e.g. "key:canonical_events" or "key:canonical_events+"',
+    )
+    run.add_argument(
+        "--every-day",
+        action="store_true",
+        help="build, evaluate and publish as of every day of the range, not only as of its last day",
     )
     run.add_argument("--quiet", action="store_true", help="only print the summary")
 
@@ -382,13 +388,51 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
             print(
                 f"run {run_id}: marked FAILED: the recsys run that executed it on this host was killed or crashed"
             )
-    try:
-        outcome = materialize_range(settings, start, end, args.select, "ERROR" if args.quiet else "INFO")
-    except SelectionError as exc:
-        raise UsageError(f"invalid --select {args.select!r}: {exc}") from exc
+    outcomes = []
+    for run_start, run_end, selection, what in _run_plan(start, end, args.select, args.every_day):
+        try:
+            outcome = materialize_range(
+                settings, run_start, run_end, selection, "ERROR" if args.quiet else "INFO"
+            )
+        except SelectionError as exc:
+            raise UsageError(f"invalid --select {args.select!r}: {exc}") from exc
+        outcomes.append((outcome, what))
+        if not outcome.ok:
+            break  # the window of the last day holds the failed days: nothing after this could publish
     _print_partition_table(settings, start, end)
-    print()
-    print(f"run {outcome.run_id}: {'succeeded' if outcome.ok else 'FAILED'}")
+    for outcome, what in outcomes:
+        print()
+        _print_run_outcome(settings, outcome, what, start, end)
+    return EXIT_OK if all(outcome.ok for outcome, _ in outcomes) else EXIT_FAILED
+
+
+# The assets a range's earlier days need: the window assets of the last day read their aggregates.
+DAILY_DATA_SELECTION = "group:ingest or group:aggregates"
+
+
+def _run_plan(
+    start: dt.date, end: dt.date, selection: str | None, every_day: bool
+) -> list[tuple[dt.date, dt.date, str | None, str]]:
+    """The runs of `recsys run`: (first day, last day, asset selection or None for the daily job, what).
+
+    Publishing only moves forward in as-of, so in a range only the last day's manifest can become current:
+    building, evaluating and publishing the window artifacts as of every earlier day would cost most of a
+    backfill for manifests nobody serves. A range without --select therefore runs twice: ingestion and the
+    daily aggregates for the earlier days, then the daily job for the last day (whose window reads them).
+    """
+    if selection is not None or every_day or start == end:
+        return [(start, end, selection, "")]
+    before = end - dt.timedelta(days=1)
+    return [
+        (start, before, DAILY_DATA_SELECTION, f"{start}..{before}: ingestion and daily aggregates"),
+        (end, end, None, f"{end}: the daily job, as of the last day"),
+    ]
+
+
+def _print_run_outcome(
+    settings: Settings, outcome: RunOutcome, what: str, start: dt.date, end: dt.date
+) -> None:
+    print(f"run {outcome.run_id}: {'succeeded' if outcome.ok else 'FAILED'}{f'  ({what})' if what else ''}")
     for name in outcome.failed_checks:
         print(f"  blocking check failed: {name}")
     if outcome.failed_checks:
@@ -403,7 +447,6 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         print(f"  step skipped: {step}")
     ui_url = (os.environ.get("RECSYS_UI_URL") or DEFAULT_UI_URL).rstrip("/")
     print(f"inspect it in the Dagster UI: make ui, then {ui_url}/runs/{outcome.run_id}")
-    return EXIT_OK if outcome.ok else EXIT_FAILED
 
 
 def _print_gate_failures(settings: Settings, start: dt.date, end: dt.date) -> None:

@@ -60,7 +60,8 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_each_partition_of_a_single_run_backfill_reports_its_own_day(
     home: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    """One `recsys run` over four days; the days differ in volume so that their figures differ."""
+    """One `recsys run --every-day` over four days (one run, every asset for every day); the days differ in
+    volume so that their figures differ."""
     for i, day in enumerate(DAYS):
         assert (
             recsys("generate", "--end", day, "--days", 1, "--events-per-day", 2000 + 400 * i, "--users", 300)
@@ -68,7 +69,7 @@ def test_each_partition_of_a_single_run_backfill_reports_its_own_day(
         )
     (home / "raw" / f"dt={BAD_DAY}" / "broken.jsonl").write_text("not json\n" * 300)
     capsys.readouterr()
-    code = recsys("run", "--start", DAYS[0], "--end", DAYS[-1])
+    code = recsys("run", "--start", DAYS[0], "--end", DAYS[-1], "--every-day")
     out = capsys.readouterr().out
     assert code == 0, out
     found = re.search(r"^run (\S+): succeeded", out, re.MULTILINE)

@@ -85,27 +85,35 @@ def test_generate_run_publish_and_rerun_is_idempotent(
     generate()
     assert recsys("run", "--start", START, "--end", END) == 0
     out = capsys.readouterr().out
-    assert "succeeded" in out
-    assert re.search(
-        r"^inspect it in the Dagster UI: make ui, then http://127\.0\.0\.1:3000/runs/[0-9a-f-]{36}$",
-        out,
-        re.M,
+    # A range is two runs: the earlier days' ingestion and aggregates, then the daily job as of the last day.
+    runs = re.findall(r"^run ([0-9a-f-]{36}): succeeded  \((.*)\)$", out, re.M)
+    assert [what for _, what in runs] == [
+        f"{START}..{END - dt.timedelta(days=1)}: ingestion and daily aggregates",
+        f"{END}: the daily job, as of the last day",
+    ]
+    urls = re.findall(
+        r"^inspect it in the Dagster UI: make ui, then http://127\.0\.0\.1:3000/runs/(\S+)$", out, re.M
     )
+    assert urls == [run_id for run_id, _ in runs]
     manifest = read_current(home / "artifacts", "demo", "home")
     assert manifest is not None and manifest["v"] == 1 and manifest["as_of"] == END.isoformat()
     assert set(manifest["current"]) == {"popularity", "cooc", "user_history", "als"}
+    # Only the last day's manifest can become current (forward-only): the earlier days are not published.
+    assert [r["action"] for r in read_registry(home / "artifacts", "demo", "home")] == ["publish"]
     first_bytes = {day: canonical_bytes(home, day) for day in (START, END)}
     first_version = manifest["manifest_version"]
 
+    # --every-day builds and publishes as of every day: the older days go to history, the last is a no-op.
     monkeypatch.setenv("RECSYS_UI_URL", "http://127.0.0.1:3123/")  # make run UI_PORT=3123
-    assert recsys("run", "--start", START, "--end", END) == 0
-    assert "make ui, then http://127.0.0.1:3123/runs/" in capsys.readouterr().out
+    assert recsys("run", "--start", START, "--end", END, "--every-day") == 0
+    out = capsys.readouterr().out
+    assert len(re.findall(r"^run \S+: succeeded$", out, re.M)) == 1
+    assert "make ui, then http://127.0.0.1:3123/runs/" in out
     assert {day: canonical_bytes(home, day) for day in (START, END)} == first_bytes
     again = read_current(home / "artifacts", "demo", "home")
     assert again["manifest_version"] == first_version
     actions = [r["action"] for r in read_registry(home / "artifacts", "demo", "home")]
-    # Re-publishing older days keeps history as it was; the current day is a no-op.
-    assert actions == ["publish", "publish", "publish", "history_only", "history_only", "noop"]
+    assert actions == ["publish", "history_only", "history_only", "noop"]
 
     capsys.readouterr()
     assert recsys("status", "--json", "--start", START, "--end", END) == 0

@@ -77,21 +77,43 @@ def test_a_failed_cli_run_is_found_and_re_executed_from_the_ui_once_fixed(
     config = home / "config.yaml"
     config.write_text("checks:\n  max_events: 100\n")
     monkeypatch.setenv("RECSYS_CONFIG", str(config))
+    settings = load_settings()
+
+    # A range: its first run (ingestion and aggregates of the earlier days) trips the gate; the daily job
+    # as of the last day does not start.
     assert recsys("run", "--start", START, "--end", END) == 1
     assert "blocking check failed: canonical_events:resource_limits" in capsys.readouterr().out
-    settings = load_settings()
-    assert read_current(settings.artifact_root, "demo", "home") is None
-
-    instance = dg.DagsterInstance.get()
+    instance = dg.DagsterInstance.get()  # the one the CLI prepared under DAGSTER_HOME
     (failed,) = instance.get_runs()
+    assert failed.job_name == "__ASSET_JOB" and failed.status == dg.DagsterRunStatus.FAILURE
+    assert failed.tags["dagster/asset_partition_range_end"] == (END - dt.timedelta(days=1)).isoformat()
+    monkeypatch.delenv("RECSYS_CONFIG")
+    assert run_status(instance, reexecute_from_ui(instance, failed)) == dg.DagsterRunStatus.SUCCESS
+
+    # The last day, alone: one run of the daily job, which the limit fails again.
+    monkeypatch.setenv("RECSYS_CONFIG", str(config))
+    assert recsys("run", "--start", END) == 1
+    failed = instance.get_runs(limit=1)[0]
     # A run of the daily job of the code location the UI loads, not of a job only the CLI knows.
     assert failed.job_name == DAILY_JOB
     assert failed.remote_job_origin is not None
     assert failed.remote_job_origin.location_name == LOCATION_NAME
     assert failed.status == dg.DagsterRunStatus.FAILURE
+    assert read_current(settings.artifact_root, "demo", "home") is None
 
     # The operator lifts the limit and re-executes the failed run from the UI.
     monkeypatch.delenv("RECSYS_CONFIG")
+    rerun_id = reexecute_from_ui(instance, failed)
+    assert run_status(instance, rerun_id) == dg.DagsterRunStatus.SUCCESS
+    rerun = instance.get_run_by_id(rerun_id)
+    assert rerun is not None and rerun.parent_run_id == failed.run_id
+    assert rerun.tags["dagster/asset_partition_range_end"] == END.isoformat()
+    manifest = read_current(settings.artifact_root, "demo", "home")
+    assert manifest is not None and manifest["as_of"] == END.isoformat()
+
+
+def reexecute_from_ui(instance: dg.DagsterInstance, failed: dg.DagsterRun) -> str:
+    """Re-execute a run the way the UI's "Re-execute" button does; the new run's id."""
     target = InProcessWorkspaceLoadTarget([code_location_origin()])
     with WorkspaceProcessContext(instance, target) as workspace:
         result = execute_dagster_graphql(
@@ -101,12 +123,13 @@ def test_a_failed_cli_run_is_found_and_re_executed_from_the_ui_once_fixed(
         )
     launched = result.data["launchPipelineReexecution"]
     assert launched["__typename"] == "LaunchRunSuccess", launched
-    rerun = instance.get_run_by_id(launched["run"]["runId"])
-    assert rerun is not None and rerun.status == dg.DagsterRunStatus.SUCCESS
-    assert rerun.parent_run_id == failed.run_id
-    assert rerun.tags["dagster/asset_partition_range_end"] == END.isoformat()
-    manifest = read_current(settings.artifact_root, "demo", "home")
-    assert manifest is not None and manifest["as_of"] == END.isoformat()
+    return launched["run"]["runId"]
+
+
+def run_status(instance: dg.DagsterInstance, run_id: str) -> dg.DagsterRunStatus:
+    run = instance.get_run_by_id(run_id)
+    assert run is not None
+    return run.status
 
 
 def test_a_selected_cli_run_is_a_run_of_the_asset_job_with_that_selection(home: Path) -> None:
