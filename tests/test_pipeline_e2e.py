@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import dagster as dg
 import polars as pl
 import pytest
 from shared_data import shared_data_dir
@@ -22,6 +23,7 @@ from shared_data import shared_data_dir
 from recsys_cli import cli
 from recsys_core.lake import partition_dir
 from recsys_core.manifest import read_current, read_registry
+from recsys_dagster.defs import shared
 
 END = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)
 START = END - dt.timedelta(days=2)
@@ -386,3 +388,17 @@ def test_tampered_files_are_refused(home: Path, capsys: pytest.CaptureFixture) -
     assert recsys("run", "--start", END, "--end", END, "--select", "group:publishing") == 1
     assert "items.parquet sha256 mismatch" in capsys.readouterr().out
     assert read_current(home / "artifacts", "demo", "home")["manifest_version"] == published
+
+
+def test_a_long_range_logs_progress_not_every_day(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each log line is a stored event: past DAYS_LOGGED_IN_FULL days, every LOG_EVERY-th day and the last."""
+    generate(days=3, events=500)
+    monkeypatch.setattr(shared, "DAYS_LOGGED_IN_FULL", 2)
+    monkeypatch.setattr(shared, "LOG_EVERY", 2)
+    assert recsys("run", "--start", START, "--end", END, "--select", "key:canonical_events") == 0
+    instance = dg.DagsterInstance.get()
+    (run,) = instance.get_runs(limit=1)
+    messages = [entry.user_message for entry in instance.all_logs(run.run_id) if not entry.is_dagster_event]
+    days = [m for m in messages if re.match(r"\[day \d/3\] \d{4}-\d\d-\d\d: \d+ events", m)]
+    assert [m.split("]")[0] for m in days] == ["[day 2/3", "[day 3/3"]
+    assert not any(": read " in m or m.startswith(f"{START}:") for m in messages)

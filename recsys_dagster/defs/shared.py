@@ -38,6 +38,43 @@ def partition_days(context: dg.AssetExecutionContext) -> list[dt.date]:
     return [dt.date.fromisoformat(key) for key in context.partition_keys]
 
 
+# Each log line is an event the instance stores (about 10 ms on SQLite): in a long range, a line per day would
+# cost more than a small day's work. Ranges up to this many days log every day; longer ones every
+# LOG_EVERY-th day and the last, as progress (each partition's own figures are in its metadata).
+DAYS_LOGGED_IN_FULL = 14
+LOG_EVERY = 10
+
+
+class DayLog:
+    """The per-day log lines of a (possibly long) multi-day step."""
+
+    def __init__(self, context: dg.AssetExecutionContext) -> None:
+        self._log = context.log
+        self._days = partition_days(context)
+        self._full = len(self._days) <= DAYS_LOGGED_IN_FULL
+        self._reported = 0
+
+    def info(self, day: dt.date, line: str) -> None:
+        """A line about `day`."""
+        if self._full:
+            self._log.info(line)
+            return
+        position = self._days.index(day) + 1 if day in self._days else 0
+        if position % LOG_EVERY == 0 or position == len(self._days):
+            self._log.info(f"[day {position}/{len(self._days)}] {line}")
+
+    def progress(self, line: str) -> None:
+        """The line of the next day, for work that reports its days in order, one line each."""
+        self._reported += 1
+        if self._reported <= len(self._days):
+            self.info(self._days[self._reported - 1], line)
+
+    def detail(self, line: str) -> None:
+        """Debug detail (per file, per query): in short ranges only."""
+        if self._full:
+            self._log.debug(line)
+
+
 def add_partition_metadata(
     context: dg.AssetExecutionContext,
     day: dt.date,

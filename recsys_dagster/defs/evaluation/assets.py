@@ -8,6 +8,7 @@ from recsys_core.kinds import ARTIFACT_KINDS, KINDS
 from recsys_core.settings import Settings
 from recsys_dagster.defs.shared import (
     OWNERS,
+    DayLog,
     RecsysResource,
     add_partition_metadata,
     daily_partitions,
@@ -43,14 +44,15 @@ def build_evaluation(settings: Settings) -> dg.Definitions:
     def evaluation(context: dg.AssetExecutionContext, recsys: RecsysResource) -> dg.MaterializeResult:
         cfg = recsys.settings
         widest = max(kind.window_days(cfg.pipeline) for kind in ARTIFACT_KINDS.values())
+        log = DayLog(context)
         for as_of in partition_days(context):
             # The evaluation retrains from the window's aggregates: they must be what publishing vouches for.
             require_aggregates(cfg.lake_root, DAILY_MODELS, window_days(as_of, widest), cfg.start_date)
             outcomes = evaluate_day(cfg, as_of)
             for outcome in outcomes:
                 verdict = "passed" if outcome.passed else "FAILED: " + "; ".join(outcome.violations)
-                context.log.info(
-                    f"evaluation {as_of} {outcome.tenant}/{outcome.surface}: {outcome.note or verdict}"
+                log.info(
+                    as_of, f"evaluation {as_of} {outcome.tenant}/{outcome.surface}: {outcome.note or verdict}"
                 )
             add_partition_metadata(context, as_of, _day_metadata(outcomes, guardrails.metric, guardrails.k))
         return dg.MaterializeResult()

@@ -8,6 +8,7 @@ from recsys_core.lake import partition_dir
 from recsys_core.settings import Settings
 from recsys_dagster.defs.shared import (
     OWNERS,
+    DayLog,
     RecsysResource,
     add_partition_metadata,
     daily_partitions,
@@ -66,9 +67,8 @@ def build_ingest(settings: Settings) -> dg.Definitions:
     def canonical_events(context: dg.AssetExecutionContext, recsys: RecsysResource):
         """Read the raw landing files of each day, quarantine bad lines, deduplicate, gate."""
         cfg = recsys.settings
-        report = ingest_days(
-            cfg, partition_days(context), progress=context.log.info, detail=context.log.debug
-        )
+        log = DayLog(context)
+        report = ingest_days(cfg, partition_days(context), progress=log.progress, detail=log.detail)
         for day in report.days:
             add_partition_metadata(context, day.day, _canonical_metadata(day, cfg), "canonical_events")
             add_partition_metadata(context, day.day, _quarantine_metadata(day, cfg), "quarantine")

@@ -10,6 +10,7 @@ from recsys_core.manifest import MANIFESTS_DIR, target_dir
 from recsys_core.settings import Settings
 from recsys_dagster.defs.shared import (
     OWNERS,
+    DayLog,
     RecsysResource,
     add_partition_metadata,
     daily_partitions,
@@ -44,14 +45,17 @@ def build_publishing(settings: Settings) -> dg.Definitions:
     def published_manifest(context: dg.AssetExecutionContext, recsys: RecsysResource) -> dg.MaterializeResult:
         cfg = recsys.settings
         refused = []
+        log = DayLog(context)
         for as_of in partition_days(context):
             results = publish_as_of(cfg, as_of, run_id=context.run.run_id)
             for result in results:
                 outcome = result.outcome
-                log = context.log.error if outcome.action == "refused" else context.log.info
-                log(f"{as_of} {result.tenant}/{result.surface}: {outcome.action} - {outcome.message}")
+                line = f"{as_of} {result.tenant}/{result.surface}: {outcome.action} - {outcome.message}"
                 if outcome.action == "refused":
+                    context.log.error(line)
                     refused.append(f"{as_of} {result.tenant}/{result.surface}: {outcome.message}")
+                else:
+                    log.info(as_of, line)
             add_partition_metadata(context, as_of, _day_metadata(results, cfg.artifact_root))
         if refused:
             # Failing the step makes the refusal visible in the UI, the CLI exit code and the failure alert.

@@ -5,6 +5,7 @@ import dagster as dg
 from recsys_core.settings import Settings
 from recsys_dagster.defs.shared import (
     OWNERS,
+    DayLog,
     RecsysResource,
     add_partition_metadata,
     daily_partitions,
@@ -36,9 +37,10 @@ def build_daily_aggregate_asset(aggregate: DailyAggregate, settings: Settings) -
         # Only the current, unmodified content of days whose blocking gates passed is aggregated.
         require_canonical(cfg.lake_root, days)
         built = build_daily_aggregates(model, cfg.lake_root, days, aggregate.params(cfg.pipeline))
+        log = DayLog(context)
         for built_day in built:
             day, rows = built_day["day"], built_day["rows"]
-            context.log.info(f"{model} {day.isoformat()}: {rows:,} rows")
+            log.info(day, f"{model} {day.isoformat()}: {rows:,} rows")
             add_partition_metadata(
                 context,
                 day,

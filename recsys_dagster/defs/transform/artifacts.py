@@ -9,6 +9,7 @@ from recsys_core.kinds import ARTIFACT_KINDS, ArtifactKind
 from recsys_core.settings import Settings
 from recsys_dagster.defs.shared import (
     OWNERS,
+    DayLog,
     RecsysResource,
     add_partition_metadata,
     daily_partitions,
@@ -42,6 +43,7 @@ def build_window_artifact_asset(kind: ArtifactKind, settings: Settings) -> dg.As
     )
     def window_artifact(context: dg.AssetExecutionContext, recsys: RecsysResource) -> dg.MaterializeResult:
         cfg = recsys.settings
+        log = DayLog(context)
         for as_of in partition_days(context):
             # The window's aggregates (and item_daily, which lists the tenants and surfaces) must be
             # unmodified and built from the current, passed canonical content of their days.
@@ -53,8 +55,10 @@ def build_window_artifact_asset(kind: ArtifactKind, settings: Settings) -> dg.As
             )
             record = write_build_record(cfg.lake_root, kind.name, as_of, builds)
             for build in builds:
-                context.log.info(
-                    f"{kind.name} {as_of} {build.tenant}/{build.surface}: {build.rows:,} rows, version {build.version[:12]}"
+                log.info(
+                    as_of,
+                    f"{kind.name} {as_of} {build.tenant}/{build.surface}: {build.rows:,} rows, "
+                    f"version {build.version[:12]}",
                 )
             add_partition_metadata(context, as_of, _day_metadata(builds, record))
         return dg.MaterializeResult(metadata={"window_days": days})
