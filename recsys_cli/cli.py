@@ -307,7 +307,7 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
     from recsys_core.manifest import list_targets
     from recsys_dagster.evaluation.offline import read_evaluation
 
-    args.select = "key:evaluation"
+    args.select, args.every_day = "key:evaluation", False
     status = cmd_run(args, settings)
     metric = settings.pipeline.guardrails.metric
     print()
@@ -342,7 +342,7 @@ def cmd_tune(args: argparse.Namespace, settings: Settings) -> int:
         if args.trials < 1:
             raise UsageError(f"--trials must be >= 1, got {args.trials}")
         os.environ["RECSYS_TUNING_TRIALS"] = str(args.trials)  # read by the pipeline's settings
-    args.select = f"key:{TUNING_ASSET}"
+    args.select, args.every_day = f"key:{TUNING_ASSET}", False
     args.start = args.end = args.as_of or _yesterday()
     status = cmd_run(args, settings)
     folder = partition_dir(settings.lake_root, TUNING_ASSET, args.start)
