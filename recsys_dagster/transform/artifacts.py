@@ -19,13 +19,13 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from recsys_core.kinds import ArtifactKind, artifact_kind
+from recsys_core.kinds import ARTIFACT_KINDS, ArtifactKind, artifact_kind
 from recsys_core.lake import AGGREGATE_FILE, partition_dir
 from recsys_core.manifest import target_dir
 from recsys_core.settings import PipelineConfig
 from recsys_dagster.transform.als import train_als
 from recsys_dagster.transform.artifact_dir import write_artifact_dir
-from recsys_dagster.transform.lineage import read_aggregate_lineage
+from recsys_dagster.transform.lineage import read_aggregate_lineage, require_aggregates
 from recsys_dagster.transform.sql import run_sql
 
 FORMAT = 1
@@ -57,6 +57,16 @@ def window_days(as_of: dt.date, days: int) -> list[dt.date]:
     if days < 1:
         raise ValueError(f"a window has at least one day, got {days}")
     return [as_of - dt.timedelta(days=offset) for offset in range(days - 1, -1, -1)]
+
+
+def require_retraining_inputs(
+    lake_root: Path, as_of: dt.date, config: PipelineConfig, start_date: dt.date
+) -> None:
+    """Verify every daily aggregate of the widest window ending at `as_of` (what the evaluation and tuning
+    retrain every kind from) with `lineage.require_aggregates`."""
+    widest = max(kind.window_days(config) for kind in ARTIFACT_KINDS.values())
+    aggregates = sorted({kind.aggregate for kind in ARTIFACT_KINDS.values()} | {"item_daily"})
+    require_aggregates(lake_root, aggregates, window_days(as_of, widest), start_date)
 
 
 def polars_schema(kind: ArtifactKind) -> dict[str, pl.DataType]:

@@ -4,7 +4,7 @@ from typing import Any
 
 import dagster as dg
 
-from recsys_core.kinds import ARTIFACT_KINDS, KINDS
+from recsys_core.kinds import KINDS
 from recsys_core.settings import Settings
 from recsys_dagster.defs.shared import (
     OWNERS,
@@ -16,9 +16,7 @@ from recsys_dagster.defs.shared import (
     partition_days,
 )
 from recsys_dagster.evaluation.offline import EVALUATION_ASSET, TargetEvaluation, evaluate_day
-from recsys_dagster.transform.aggregates import DAILY_MODELS
-from recsys_dagster.transform.artifacts import window_days
-from recsys_dagster.transform.lineage import require_aggregates
+from recsys_dagster.transform.artifacts import require_retraining_inputs
 
 
 def build_evaluation(settings: Settings) -> dg.Definitions:
@@ -43,11 +41,10 @@ def build_evaluation(settings: Settings) -> dg.Definitions:
     )
     def evaluation(context: dg.AssetExecutionContext, recsys: RecsysResource) -> dg.MaterializeResult:
         cfg = recsys.settings
-        widest = max(kind.window_days(cfg.pipeline) for kind in ARTIFACT_KINDS.values())
         log = DayLog(context)
         for as_of in partition_days(context):
             # The evaluation retrains from the window's aggregates: they must be what publishing vouches for.
-            require_aggregates(cfg.lake_root, DAILY_MODELS, window_days(as_of, widest), cfg.start_date)
+            require_retraining_inputs(cfg.lake_root, as_of, cfg.pipeline, cfg.start_date)
             outcomes = evaluate_day(cfg, as_of)
             for outcome in outcomes:
                 verdict = "passed" if outcome.passed else "FAILED: " + "; ".join(outcome.violations)

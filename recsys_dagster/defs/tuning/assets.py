@@ -19,6 +19,7 @@ from recsys_dagster.defs.shared import (
     partition_days,
 )
 from recsys_dagster.evaluation.tuning import TUNING_ASSET, Trial, TuningOutcome, trials_frame, tune_day
+from recsys_dagster.transform.artifacts import require_retraining_inputs
 
 TUNING_JOB = "tuning_job"
 
@@ -56,6 +57,8 @@ def build_tuning(settings: Settings) -> dg.Definitions:
             )
 
         for as_of in partition_days(context):
+            # Tuned parameters are published with the next manifest: learn them from vouched-for data only.
+            require_retraining_inputs(cfg.lake_root, as_of, cfg.pipeline, cfg.start_date)
             outcome = tune_day(cfg, as_of, progress)
             best = outcome.result.best
             context.log.info(
