@@ -18,14 +18,14 @@ import shutil
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
-
-import matplotlib.style
-from matplotlib.figure import Figure
+from typing import TYPE_CHECKING, Any
 
 from recsys_core.storage import fsync_file, replace_dir
 from recsys_dagster.evaluation.evaluate import METRICS, EvaluationResult
 from recsys_dagster.evaluation.holdout import SEGMENT_ALL
+
+if TYPE_CHECKING:  # matplotlib is imported when a report is drawn: half a second off every CLI start-up
+    from matplotlib.figure import Figure
 
 REPORT_FILE = "report.md"
 FIGURE_SIZE = (7.0, 4.0)  # inches
@@ -54,6 +54,8 @@ def write_report(result: EvaluationResult, out_dir: Path, title: str, context: M
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex}"
     staging.mkdir()
+    import matplotlib.style
+
     try:
         with matplotlib.style.context("default"):
             charts = _write_charts(result, staging)
@@ -119,6 +121,8 @@ def _long_tail_chart(result: EvaluationResult) -> Figure:
 
 
 def _figure(title: str) -> Figure:
+    from matplotlib.figure import Figure
+
     figure = Figure(figsize=FIGURE_SIZE, dpi=DPI, layout="tight")
     figure.add_subplot().set_title(title)
     return figure
