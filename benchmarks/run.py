@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import artifacts, ingest, quality, serving
+from benchmarks import artifacts, backfill, ingest, quality, serving
 from benchmarks.harness import DEFAULT_WORKDIR, DOC_PATH, REPO_ROOT, Benchmark, Options, record_section
 
 # Extension point: every benchmark is listed here (`artifacts.BENCHMARKS`: co-occurrence, daily-run, als).
@@ -22,6 +22,7 @@ BENCHMARKS: list[Benchmark] = [
     serving.BENCHMARK,
     *artifacts.BENCHMARKS,
     quality.BENCHMARK,
+    backfill.BENCHMARK,
 ]
 
 DEFAULT_SIZES = (1_000_000, 10_000_000)
