@@ -249,6 +249,8 @@ class Settings:
     # API server: how often it looks for a new manifest, and whether it logs served items as exposures.
     serve_poll_seconds: float = 2.0
     exposure_log: bool = False
+    # Bytes of exposure files a day's landing folder may hold (docs/reference/http-api.md#exposure-log).
+    exposure_max_bytes_per_day: int = 1 << 30
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
@@ -278,6 +280,13 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             "RECSYS_SERVE_POLL_SECONDS", env.get("RECSYS_SERVE_POLL_SECONDS"), 2.0
         ),
         exposure_log=_parse_bool("RECSYS_EXPOSURE_LOG", env.get("RECSYS_EXPOSURE_LOG"), False),
+        exposure_max_bytes_per_day=_parse_whole(
+            "RECSYS_EXPOSURE_MAX_BYTES_PER_DAY",
+            env.get("RECSYS_EXPOSURE_MAX_BYTES_PER_DAY"),
+            1 << 30,
+            1 << 50,
+            "bytes",
+        ),
         pipeline=apply_tuned(pipeline, tuned) if applied else pipeline,
         tuned_file=tuned if applied else None,
         executor=_parse_choice("RECSYS_EXECUTOR", env.get("RECSYS_EXECUTOR"), EXECUTORS),
@@ -525,6 +534,14 @@ def _parse_positive_float(var: str, value: str | None, default: float) -> float:
     if not parsed > 0:
         raise ConfigError(f"{var}: expected a number of seconds > 0, got {value!r}")
     return parsed
+
+
+def _parse_whole(var: str, value: str | None, default: int, maximum: int, unit: str) -> int:
+    if not value:
+        return default
+    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= maximum:
+        raise ConfigError(f"{var}: expected a whole number of {unit} from 1 to {maximum}, got {value!r}")
+    return int(value)
 
 
 def _parse_bool(var: str, value: str | None, default: bool) -> bool:
