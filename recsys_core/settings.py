@@ -249,7 +249,11 @@ class Settings:
     # API server: how often it looks for a new manifest, and whether it logs served items as exposures.
     serve_poll_seconds: float = 2.0
     exposure_log: bool = False
-    # Bytes of exposure files a day's landing folder may hold (docs/reference/http-api.md#exposure-log).
+    # API server limits against clients that hold connections or flood the exposure log
+    # (docs/reference/http-api.md#settings).
+    serve_max_connections: int = 1000
+    serve_header_timeout_seconds: float = 10.0
+    serve_keep_alive_seconds: int = 5
     exposure_max_bytes_per_day: int = 1 << 30
 
 
@@ -276,10 +280,23 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         start_date=_parse_date("RECSYS_START_DATE", env.get("RECSYS_START_DATE"), DEFAULT_START_DATE),
         config_file=config_file,
         alert_sink=_parse_alert_sink(env.get("RECSYS_ALERT_SINK") or "log"),
-        serve_poll_seconds=_parse_positive_float(
+        serve_poll_seconds=_parse_seconds(
             "RECSYS_SERVE_POLL_SECONDS", env.get("RECSYS_SERVE_POLL_SECONDS"), 2.0
         ),
         exposure_log=_parse_bool("RECSYS_EXPOSURE_LOG", env.get("RECSYS_EXPOSURE_LOG"), False),
+        serve_max_connections=_parse_whole(
+            "RECSYS_SERVE_MAX_CONNECTIONS",
+            env.get("RECSYS_SERVE_MAX_CONNECTIONS"),
+            1000,
+            1_000_000,
+            "connections",
+        ),
+        serve_header_timeout_seconds=_parse_seconds(
+            "RECSYS_SERVE_HEADER_TIMEOUT_SECONDS", env.get("RECSYS_SERVE_HEADER_TIMEOUT_SECONDS"), 10.0
+        ),
+        serve_keep_alive_seconds=_parse_whole(
+            "RECSYS_SERVE_KEEP_ALIVE_SECONDS", env.get("RECSYS_SERVE_KEEP_ALIVE_SECONDS"), 5, 3600, "seconds"
+        ),
         exposure_max_bytes_per_day=_parse_whole(
             "RECSYS_EXPOSURE_MAX_BYTES_PER_DAY",
             env.get("RECSYS_EXPOSURE_MAX_BYTES_PER_DAY"),
@@ -524,15 +541,19 @@ def _parse_alert_sink(value: str) -> str:
     raise ConfigError(f"RECSYS_ALERT_SINK: expected log, file, file:PATH or an http(s) URL, got {value!r}")
 
 
-def _parse_positive_float(var: str, value: str | None, default: float) -> float:
+# A longer interval or timeout than this is a mistake (`inf` would silently turn hot reload off).
+MAX_SECONDS = 3600.0
+
+
+def _parse_seconds(var: str, value: str | None, default: float) -> float:
     if not value:
         return default
     try:
         parsed = float(value)
     except ValueError:
-        parsed = -1.0
-    if not parsed > 0:
-        raise ConfigError(f"{var}: expected a number of seconds > 0, got {value!r}")
+        parsed = math.nan
+    if not 0 < parsed <= MAX_SECONDS:  # also refuses nan and inf
+        raise ConfigError(f"{var}: expected a number of seconds > 0 and <= {MAX_SECONDS:g}, got {value!r}")
     return parsed
 
 

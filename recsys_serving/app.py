@@ -70,6 +70,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "`code`."
         ),
         lifespan=_lifespan,
+        # Starlette's redirect of /path/ to /path builds an absolute URL from the request's Host header,
+        # which a client chooses: a path with a trailing slash is answered 404 instead.
+        redirect_slashes=False,
         docs_url=None,
         redoc_url=None,
         exception_handlers={
