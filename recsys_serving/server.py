@@ -2,9 +2,10 @@
 
 uvicorn itself never closes a connection that sends nothing, or sends its request headers slowly: enough
 such connections take every file descriptor of the process, and with them new connections and hot reload.
-`GuardedHttpProtocol` closes a connection whose request headers are not complete within a time limit, and
-any connection beyond the limit on open connections as soon as it is accepted. A reverse proxy in front
-of the server remains the place for per-client limits (docs/reference/http-api.md#limits).
+The guarded protocols here close a connection whose request headers are not complete within a time
+limit, and any connection beyond the limit on open connections as soon as it is accepted. A reverse proxy
+in front of the server remains the place for per-client limits
+(docs/reference/http-api.md#connection-limits).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import resource
 from typing import Any, cast
 
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from recsys_core.settings import Settings, load_settings
 
@@ -31,13 +32,22 @@ RESERVED_FDS = 256
 log = logging.getLogger(__name__)
 
 
-class GuardedHttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with a deadline for request headers and a cap on connections.
+class _HeaderDeadline(asyncio.Protocol):
+    """A deadline for request headers and a cap on connections, over either of uvicorn's HTTP/1.1
+    protocols (listed first among the bases, so that its methods wrap theirs).
 
-    The header deadline runs from the moment a connection is accepted and from the first byte of every
-    further request on it; between requests uvicorn's keep-alive timeout applies. Connections beyond
-    `limit_concurrency` are closed at once (uvicorn itself would keep them open and answer 503).
+    The deadline runs from the moment a connection is accepted and from the first byte of every further
+    request on it; between requests uvicorn's keep-alive timeout applies. A request's headers are complete
+    when the protocol starts its request-response cycle. Connections beyond `limit_concurrency` are closed
+    at once (uvicorn itself would keep them open and answer their requests 503).
     """
+
+    # Set by uvicorn's protocols.
+    config: Any
+    connections: Any
+    cycle: Any
+    loop: asyncio.AbstractEventLoop
+    transport: asyncio.Transport
 
     def __init__(self, *args: Any, header_timeout: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -45,7 +55,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.header_deadline: asyncio.TimerHandle | None = None
         self.header_bytes = 0
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         limit = self.config.limit_concurrency
         if limit is not None and len(self.connections) > limit:
@@ -58,21 +68,17 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self.header_deadline is None and (self.cycle is None or self.cycle.response_complete):
+            self._arm_header_deadline()  # the first bytes of a further request
+        cycle = self.cycle
         super().data_received(data)
-        if self.header_deadline is not None:  # the headers are still incomplete
+        if self.cycle is not cycle:
+            self._cancel_header_deadline()
+        elif self.header_deadline is not None:
             self.header_bytes += len(data)
             if self.header_bytes > MAX_HEADER_BYTES and not self.transport.is_closing():
                 self._cancel_header_deadline()
-                self.send_400_response("Request headers too large.")
-
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        if self.header_deadline is None:
-            self._arm_header_deadline()
-
-    def on_headers_complete(self) -> None:
-        self._cancel_header_deadline()
-        super().on_headers_complete()
+                cast(Any, self).send_400_response("Request headers too large.")
 
     def _arm_header_deadline(self) -> None:
         self.header_bytes = 0
@@ -87,6 +93,22 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.header_deadline = None
         if not self.transport.is_closing():
             self.transport.close()
+
+
+class GuardedH11Protocol(_HeaderDeadline, H11Protocol):
+    """uvicorn's h11 protocol with the header deadline and the connection cap."""
+
+
+try:
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+except ImportError:  # the API-only install has no httptools: h11, as uvicorn's own default would be
+    GUARDED_PROTOCOL: type[_HeaderDeadline] = GuardedH11Protocol
+else:
+
+    class GuardedHttpToolsProtocol(_HeaderDeadline, HttpToolsProtocol):
+        """uvicorn's httptools protocol (its faster default) with the header deadline and connection cap."""
+
+    GUARDED_PROTOCOL = GuardedHttpToolsProtocol
 
 
 def connection_limit(configured: int) -> int:
@@ -126,7 +148,7 @@ def serve(
     if not 0 <= port <= 65535:
         raise ValueError(f"port must be 0-65535, got {port}")
     settings = settings or load_settings()
-    protocol = functools.partial(GuardedHttpProtocol, header_timeout=settings.serve_header_timeout_seconds)
+    protocol = functools.partial(GUARDED_PROTOCOL, header_timeout=settings.serve_header_timeout_seconds)
     uvicorn.run(
         APP_FACTORY,
         factory=True,

@@ -43,15 +43,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# `recsys serve` as an API-only install runs it: without httptools, so uvicorn's h11 protocol serves.
+WITHOUT_HTTPTOOLS = "import sys; sys.modules['httptools'] = None; from recsys_cli.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
 @contextlib.contextmanager
-def recsys_serve(home: Path, **env: str) -> Iterator[int]:
+def recsys_serve(home: Path, *, httptools: bool = True, **env: str) -> Iterator[int]:
     """`recsys serve` in a child process over `home`, with extra environment `env`; yields its port."""
     port = free_port()
     environ = os.environ | {"RECSYS_HOME": str(home), "RECSYS_START_DATE": FIRST.isoformat(), **env}
+    command = ["-m", "recsys_cli.cli"] if httptools else ["-c", WITHOUT_HTTPTOOLS]
     process = subprocess.Popen(
-        [sys.executable, "-m", "recsys_cli.cli", "serve", "--port", str(port)],
-        env=environ,
-        stdout=subprocess.DEVNULL,
+        [sys.executable, *command, "serve", "--port", str(port)], env=environ, stdout=subprocess.DEVNULL
     )
     try:
         deadline = time.monotonic() + 45
@@ -83,13 +86,16 @@ def closed_by_server(sock: socket.socket, wait: float) -> bool:
 # ------------------------------------------------------------------------------------- connections
 
 
-def test_idle_and_slow_connections_are_closed_and_never_crowd_out_a_request(home: Path) -> None:
+@pytest.mark.parametrize("httptools", [True, False], ids=["httptools", "h11"])
+def test_idle_and_slow_connections_are_closed_and_never_crowd_out_a_request(
+    home: Path, httptools: bool
+) -> None:
     limits = {
         "RECSYS_SERVE_HEADER_TIMEOUT_SECONDS": "1",
         "RECSYS_SERVE_KEEP_ALIVE_SECONDS": "1",
         "RECSYS_SERVE_MAX_CONNECTIONS": "50",
     }
-    with recsys_serve(home, **limits) as port, contextlib.ExitStack() as stack:
+    with recsys_serve(home, httptools=httptools, **limits) as port, contextlib.ExitStack() as stack:
         address = ("127.0.0.1", port)
         popular = f"http://127.0.0.1:{port}/v1/popular?tenant={TENANT}&surface={SURFACE}&k=2"
         held = []
