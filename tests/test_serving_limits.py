@@ -200,6 +200,8 @@ def test_repeated_identical_requests_are_distinct_exposures_that_pass_the_gates(
     assert summary.duplicates == 0 and summary.canonical_rows == len(events)
     gates = run_gates(tmp_path / "lake", day, settings.pipeline.ingest, settings.pipeline.checks)
     assert all(r.passed for r in gates), [r.summary for r in gates if not r.passed]
+    duplicate_rate = next(r for r in gates if r.name == "duplicate_rate")
+    assert duplicate_rate.metadata["exposure_log_rows"] == len(events), "the gates know the server's files"
 
 
 def test_the_exposure_log_stops_at_its_daily_cap_and_counts_what_it_leaves_out(
