@@ -757,7 +757,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     print(f"recsys API on {base} (docs: {base}/docs), serving manifests under {settings.artifact_root}")
     for line in example_requests(settings, base):
         print(f"  {line}")
-    serve(args.host, args.port, args.workers)
+    serve(args.host, args.port, args.workers, settings=settings)
     return EXIT_OK
 
 

@@ -294,6 +294,12 @@ class Settings:
     # API server: how often it looks for a new manifest, and whether it logs served items as exposures.
     serve_poll_seconds: float = 2.0
     exposure_log: bool = False
+    # API server limits against clients that hold connections or flood the exposure log
+    # (docs/reference/http-api.md#settings).
+    serve_max_connections: int = 1000
+    serve_header_timeout_seconds: float = 10.0
+    serve_keep_alive_seconds: int = 5
+    exposure_max_bytes_per_day: int = 1 << 30
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
@@ -319,10 +325,30 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         start_date=_parse_date("RECSYS_START_DATE", env.get("RECSYS_START_DATE"), DEFAULT_START_DATE),
         config_file=config_file,
         alert_sink=_parse_alert_sink(env.get("RECSYS_ALERT_SINK") or "log"),
-        serve_poll_seconds=_parse_positive_float(
+        serve_poll_seconds=_parse_seconds(
             "RECSYS_SERVE_POLL_SECONDS", env.get("RECSYS_SERVE_POLL_SECONDS"), 2.0
         ),
         exposure_log=_parse_bool("RECSYS_EXPOSURE_LOG", env.get("RECSYS_EXPOSURE_LOG"), False),
+        serve_max_connections=_parse_whole(
+            "RECSYS_SERVE_MAX_CONNECTIONS",
+            env.get("RECSYS_SERVE_MAX_CONNECTIONS"),
+            1000,
+            1_000_000,
+            "connections",
+        ),
+        serve_header_timeout_seconds=_parse_seconds(
+            "RECSYS_SERVE_HEADER_TIMEOUT_SECONDS", env.get("RECSYS_SERVE_HEADER_TIMEOUT_SECONDS"), 10.0
+        ),
+        serve_keep_alive_seconds=_parse_whole(
+            "RECSYS_SERVE_KEEP_ALIVE_SECONDS", env.get("RECSYS_SERVE_KEEP_ALIVE_SECONDS"), 5, 3600, "seconds"
+        ),
+        exposure_max_bytes_per_day=_parse_whole(
+            "RECSYS_EXPOSURE_MAX_BYTES_PER_DAY",
+            env.get("RECSYS_EXPOSURE_MAX_BYTES_PER_DAY"),
+            1 << 30,
+            1 << 50,
+            "bytes",
+        ),
         pipeline=apply_tuned(pipeline, tuned) if applied else pipeline,
         tuned_file=tuned if applied else None,
         executor=_parse_choice("RECSYS_EXECUTOR", env.get("RECSYS_EXECUTOR"), EXECUTORS),
@@ -357,7 +383,7 @@ def _with_trials_override(config: PipelineConfig, value: str | None) -> Pipeline
     """RECSYS_TUNING_TRIALS sets `tuning.trials` (what `recsys tune --trials` passes to the pipeline)."""
     if not value:
         return config
-    trials = _parse_whole_number("RECSYS_TUNING_TRIALS", value, MAX_INT)
+    trials = _parse_whole("RECSYS_TUNING_TRIALS", value, config.tuning.trials, MAX_INT, "trials")
     return dataclasses.replace(config, tuning=dataclasses.replace(config.tuning, trials=trials))
 
 
@@ -365,7 +391,7 @@ def _with_window_override(config: PipelineConfig, value: str | None) -> Pipeline
     """RECSYS_WINDOW_DAYS sets the trailing window of every artifact kind at once."""
     if not value:
         return config
-    days = _parse_whole_number("RECSYS_WINDOW_DAYS", value, MAX_DAYS)
+    days = _parse_whole("RECSYS_WINDOW_DAYS", value, 0, MAX_DAYS, "days")
     artifacts = config.artifacts
     return dataclasses.replace(
         config,
@@ -594,24 +620,29 @@ def _parse_alert_sink(value: str) -> str:
     raise ConfigError(f"RECSYS_ALERT_SINK: expected log, file, file:PATH or an http(s) URL, got {value!r}")
 
 
-def _parse_whole_number(var: str, value: str, highest: int) -> int:
-    """A whole number from 1 to `highest` (the bounds of the setting the variable overrides)."""
-    parsed = int(value) if value.strip().isdecimal() else 0
-    if not 1 <= parsed <= highest:
-        raise ConfigError(f"{var}: expected a whole number >= 1 and <= {highest}, got {value!r}")
-    return parsed
+# A longer interval or timeout than this is a mistake (`inf` would silently turn hot reload off).
+MAX_SECONDS = 3600.0
 
 
-def _parse_positive_float(var: str, value: str | None, default: float) -> float:
+def _parse_seconds(var: str, value: str | None, default: float) -> float:
     if not value:
         return default
     try:
         parsed = float(value)
     except ValueError:
-        parsed = -1.0
-    if not (math.isfinite(parsed) and parsed > 0):
-        raise ConfigError(f"{var}: expected a finite number of seconds > 0, got {value!r}")
+        parsed = math.nan
+    if not 0 < parsed <= MAX_SECONDS:  # also refuses nan and inf
+        raise ConfigError(f"{var}: expected a number of seconds > 0 and <= {MAX_SECONDS:g}, got {value!r}")
     return parsed
+
+
+def _parse_whole(var: str, value: str | None, default: int, maximum: int, unit: str) -> int:
+    """A whole number from 1 to `maximum` (the bounds of the setting the variable sets); `default` if unset."""
+    if not value:
+        return default
+    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= maximum:
+        raise ConfigError(f"{var}: expected a whole number of {unit} from 1 to {maximum}, got {value!r}")
+    return int(value)
 
 
 def _parse_bool(var: str, value: str | None, default: bool) -> bool:

@@ -52,7 +52,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """
     settings = settings or load_settings()
     store = ArtifactStore(settings.artifact_root, settings.serve_poll_seconds)
-    exposures = ExposureWriter(settings.raw_root) if settings.exposure_log else None
+    exposures = (
+        ExposureWriter(settings.raw_root, max_bytes_per_day=settings.exposure_max_bytes_per_day)
+        if settings.exposure_log
+        else None
+    )
     metrics = ServingMetrics(store, exposures)
     app = FastAPI(
         title="recsys API",
@@ -66,6 +70,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "`code`."
         ),
         lifespan=_lifespan,
+        # Starlette's redirect of /path/ to /path builds an absolute URL from the request's Host header,
+        # which a client chooses: a path with a trailing slash is answered 404 instead.
+        redirect_slashes=False,
         docs_url=None,
         redoc_url=None,
         exception_handlers={

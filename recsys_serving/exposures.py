@@ -1,8 +1,13 @@
 """Exposure log: what the API served, appended as raw contract-v1 events the pipeline ingests.
 
 Each recommendation response becomes one `exposure` event per returned item (fields `v, ts, tenant,
-surface, session_id, user_id, item_id, event_type, rank, request_id`; `rank` 0 = first shown) in the raw
-landing folder of the event's UTC day, `<raw root>/dt=YYYY-MM-DD/`.
+surface, session_id, user_id, item_id, event_type, rank, request_id, event_id`; `rank` 0 = first shown) in
+the raw landing folder of the event's UTC day, `<raw root>/dt=YYYY-MM-DD/`. The `event_id` is made by the
+server (a random token of the writer, the response's sequence number, the rank), never from what the
+client sent: repeated identical requests are distinct exposures, not duplicates for the pipeline's gates.
+
+Each day's log is capped at `max_bytes_per_day` (counting the exposure files already in the day's folder
+when this writer first writes to it); events beyond the cap are counted as dropped, not written.
 
 The request path only appends a tuple to an in-memory queue (bounded: when full, responses are counted as
 dropped instead of slowing requests down). A background thread drains the queue, renders JSON lines and
@@ -24,6 +29,7 @@ import errno
 import logging
 import os
 import re
+import secrets
 import socket
 import threading
 import time
@@ -37,6 +43,9 @@ from recsys_core.storage import fsync_dir
 log = logging.getLogger(__name__)
 
 IN_PROGRESS_SUFFIX = ".jsonl.inprogress"
+# Published exposure files are named `exposures-<host>-<pid>-<seq>.jsonl`; the pipeline's gates tell the
+# server's log from producer data by this prefix.
+FILE_PREFIX = "exposures-"
 # Orphaned in-progress files are looked for in the folders of this many recent days.
 ORPHAN_SCAN_DAYS = 8
 _UNSAFE_HOST = re.compile(r"[^A-Za-z0-9._-]+")
@@ -76,6 +85,7 @@ class ExposureWriter:
         max_age_seconds: float = 300.0,
         flush_seconds: float = 0.5,
         max_pending: int = 100_000,
+        max_bytes_per_day: int = 1 << 30,
     ) -> None:
         self.raw_root = Path(raw_root)
         self.host = _UNSAFE_HOST.sub("_", host or socket.gethostname()).strip("._-")[:64] or "host"
@@ -84,6 +94,12 @@ class ExposureWriter:
         self.max_age_seconds = max_age_seconds
         self.flush_seconds = flush_seconds
         self.max_pending = max_pending
+        self.max_bytes_per_day = max_bytes_per_day
+        # Event ids: this token, then a sequence number per written response, then the rank.
+        self._id_token = secrets.token_hex(8)
+        self._responses = 0
+        self._day_bytes: dict[str, int] = {}
+        self._capped_day: str | None = None
         self._queue: collections.deque[_Served] = collections.deque()
         self._files: dict[str, _OpenFile] = {}
         self._seq = 0
@@ -94,6 +110,7 @@ class ExposureWriter:
         # Counters for /metrics (responses and events).
         self.events_written = 0
         self.responses_dropped = 0
+        self.events_over_cap = 0
         self.write_errors = 0
         self.files_published = 0
 
@@ -177,32 +194,28 @@ class ExposureWriter:
 
     def _write_pending(self) -> None:
         batches: dict[str, list[bytes]] = {}
+        batch_bytes: dict[str, int] = {}
         queue = self._queue
         while queue:
             served = queue.popleft()
+            if not served.item_ids:
+                continue
+            self._responses += 1
             moment = dt.datetime.fromtimestamp(served.ts, dt.UTC)
             day = moment.date().isoformat()
-            ts = moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
-            lines = batches.setdefault(day, [])
-            for rank, item_id in enumerate(served.item_ids):
-                event = {
-                    "v": 1,
-                    "ts": ts,
-                    "tenant": served.tenant,
-                    "surface": served.surface,
-                    "session_id": served.session_id,
-                }
-                if served.user_id is not None:
-                    event["user_id"] = served.user_id
-                event["item_id"] = item_id
-                event["event_type"] = "exposure"
-                event["rank"] = rank
-                event["request_id"] = served.request_id
-                lines.append(orjson.dumps(event, option=orjson.OPT_APPEND_NEWLINE))
+            budget = self._budget(day) - batch_bytes.get(day, 0)
+            lines = self._render(served, moment) if budget > 0 else []
+            size = sum(len(line) for line in lines)
+            if not lines or size > budget:  # a response is logged whole or not at all
+                self._over_cap(day, len(served.item_ids))
+                continue
+            batch_bytes[day] = batch_bytes.get(day, 0) + size
+            batches.setdefault(day, []).extend(lines)
         if not batches:
             return
         for day in sorted(batches):
             data = b"".join(batches[day])
+            self._day_bytes[day] += len(data)
             handle = self._files.get(day) or self._open(day)
             try:
                 handle.handle.write(data)
@@ -221,11 +234,53 @@ class ExposureWriter:
         for day in [d for d in self._files if d < newest]:
             self._publish(day)
 
+    def _render(self, served: _Served, moment: dt.datetime) -> list[bytes]:
+        """The JSON lines of one served response, one per item."""
+        ts = moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+        lines = []
+        for rank, item_id in enumerate(served.item_ids):
+            event = {
+                "v": 1,
+                "ts": ts,
+                "tenant": served.tenant,
+                "surface": served.surface,
+                "session_id": served.session_id,
+            }
+            if served.user_id is not None:
+                event["user_id"] = served.user_id
+            event["item_id"] = item_id
+            event["event_type"] = "exposure"
+            event["rank"] = rank
+            event["request_id"] = served.request_id
+            event["event_id"] = f"x{self._id_token}-{self._responses}-{rank}"
+            lines.append(orjson.dumps(event, option=orjson.OPT_APPEND_NEWLINE))
+        return lines
+
+    def _budget(self, day: str) -> int:
+        """Bytes the day's log may still take. A day first seen here starts from the exposure files already
+        in its folder, so that a restarted server (or another worker) does not start the cap over."""
+        if day not in self._day_bytes:
+            self._day_bytes[day] = _exposure_bytes(self.raw_root / f"dt={day}")
+            for old in sorted(self._day_bytes)[:-2]:  # only today and yesterday still get events
+                del self._day_bytes[old]
+        return self.max_bytes_per_day - self._day_bytes[day]
+
+    def _over_cap(self, day: str, events: int) -> None:
+        if day != self._capped_day:
+            self._capped_day = day
+            log.warning(
+                "exposure log: %s reached its cap of %d bytes (RECSYS_EXPOSURE_MAX_BYTES_PER_DAY); the day's "
+                "further exposures are counted in recsys_exposure_events_over_cap_total, not written",
+                day,
+                self.max_bytes_per_day,
+            )
+        self.events_over_cap += events
+
     def _open(self, day: str) -> _OpenFile:
         folder = self.raw_root / f"dt={day}"
         folder.mkdir(parents=True, exist_ok=True)
         self._seq += 1
-        hidden = folder / f".exposures-{self.host}-{self.pid}-{self._seq}{IN_PROGRESS_SUFFIX}"
+        hidden = folder / f".{FILE_PREFIX}{self.host}-{self.pid}-{self._seq}{IN_PROGRESS_SUFFIX}"
         handle = self._files[day] = _OpenFile(hidden, folder, self._seq, time.time())
         return handle
 
@@ -247,7 +302,7 @@ class ExposureWriter:
     def _publish_path(self, hidden: Path, folder: Path, seq: int) -> Path:
         """Give a complete hidden file its visible name, never replacing an existing file."""
         while True:
-            final = folder / f"exposures-{self.host}-{self.pid}-{seq}.jsonl"
+            final = folder / f"{FILE_PREFIX}{self.host}-{self.pid}-{seq}.jsonl"
             try:
                 os.link(hidden, final)
             except FileExistsError:
@@ -273,7 +328,7 @@ class ExposureWriter:
     def _publish_orphans(self) -> None:
         """Publish in-progress files this host's dead writers left (complete lines only)."""
         today = dt.datetime.now(dt.UTC).date()
-        prefix = f".exposures-{self.host}-"
+        prefix = f".{FILE_PREFIX}{self.host}-"
         for offset in range(ORPHAN_SCAN_DAYS):
             folder = self.raw_root / f"dt={(today - dt.timedelta(days=offset)).isoformat()}"
             if not folder.is_dir():
@@ -291,7 +346,7 @@ class ExposureWriter:
                     continue
                 # Claim it first, so two writers starting together cannot publish it twice.
                 self._seq += 1
-                claimed = folder / f".exposures-{self.host}-{self.pid}-{self._seq}.recovering"
+                claimed = folder / f".{FILE_PREFIX}{self.host}-{self.pid}-{self._seq}.recovering"
                 try:
                     os.rename(path, claimed)
                 except FileNotFoundError:
@@ -307,6 +362,16 @@ class ExposureWriter:
                         os.fsync(handle.fileno())
                 final = self._publish_path(claimed, folder, self._seq)
                 log.warning("exposure log: published orphaned file %s as %s", path.name, final.name)
+
+
+def _exposure_bytes(folder: Path) -> int:
+    """Size of the exposure files (published, in progress or being recovered) in a day's folder."""
+    total = 0
+    if folder.is_dir():
+        for path in folder.glob(f"*{FILE_PREFIX}*"):
+            with contextlib.suppress(FileNotFoundError):  # published or recovered meanwhile
+                total += path.stat().st_size
+    return total
 
 
 def _alive(pid: int) -> bool:

@@ -139,6 +139,11 @@ class _StateCollector:
                     "Responses not logged: queue full",
                     ex.responses_dropped,
                 ),
+                (
+                    "recsys_exposure_events_over_cap",
+                    "Exposure events not written: the day's log reached RECSYS_EXPOSURE_MAX_BYTES_PER_DAY",
+                    ex.events_over_cap,
+                ),
                 ("recsys_exposure_write_errors", "Failed exposure log writes", ex.write_errors),
                 ("recsys_exposure_files_published", "Exposure files made visible", ex.files_published),
             ):

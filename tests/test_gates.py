@@ -18,6 +18,7 @@ from recsys_dagster.ingest.gates import (
     GateResult,
     run_gates,
 )
+from recsys_serving.exposures import ExposureWriter
 
 DAY = dt.date(2025, 3, 10)
 NOON = dt.datetime(2025, 3, 10, 12, tzinfo=dt.UTC)
@@ -346,3 +347,80 @@ def test_volume_is_judged_only_on_a_meaningful_median_and_blocks_only_recent_day
     # A median of 100 rows is too little to judge when the floor is higher.
     small = gates(layout, volume_min_median_rows=101, volume_block_recent_days=100_000)["volume"]
     assert small.passed and "too little volume to judge" in small.summary
+
+
+# --------------------------------------------------------------------------------------------------
+# The API server's exposure log is judged apart from producer data
+
+
+def log_exposures(layout, items: int, day: dt.date = DAY) -> None:
+    """What the API server's exposure log lands for one response of `items` items on `day`."""
+    writer = ExposureWriter(layout.raw_root, host="h", pid=1)
+    writer.record(
+        tenant="acme",
+        surface="home",
+        session_id="one-client",
+        user_id=None,
+        request_id="r",
+        item_ids=[f"x{i}" for i in range(items)],
+        ts=dt.datetime.combine(day, dt.time(12), dt.UTC).timestamp(),
+    )
+    writer.close()
+
+
+def test_exposure_log_lines_never_pass_or_fail_the_rate_gates_of_producer_lines(
+    layout, write_raw: Callable[..., Path]
+) -> None:
+    # A repeated request as a server without event ids logged it: 400 identical lines, one of them torn.
+    exposure = {**events(1)[0], "event_type": "exposure", "rank": 0, "request_id": "same"}
+    write_raw(layout.raw_root, DAY, "exposures-h-1-1.jsonl", [exposure] * 400 + ["{torn"])
+    materialize(layout, write_raw, [*events(100), *["{broken"] * 10])  # 10 of 110 producer lines bad
+    results = gates(layout)
+    exposure_log = {
+        "exposure_log_files": 1,
+        "exposure_log_lines": 401,
+        "exposure_log_rows": 1,
+        "exposure_log_quarantined": 1,
+        "exposure_log_duplicates": 399,
+        "exposure_log_by_reason": {"invalid_json": 1},
+    }
+    quarantine, duplicates = results["quarantine_rate"], results["duplicate_rate"]
+    assert not quarantine.passed, "the exposure log's lines do not dilute the producers' bad lines"
+    assert (
+        quarantine.metadata
+        == {
+            "count": 10,
+            "lines": 110,
+            "rate": round(10 / 110, 6),
+            "limit": 0.05,
+            "by_reason": {"invalid_json": 10},
+        }
+        | exposure_log
+    )
+    assert duplicates.passed and duplicates.metadata["count"] == 0 and duplicates.metadata["lines"] == 110
+    for result in (quarantine, duplicates, results["volume"], results["resource_limits"]):
+        assert result.metadata.items() >= exposure_log.items()
+        assert "producer events only (401 exposure log lines not judged)" in result.summary
+    assert "exposure_log_lines" not in results["schema"].metadata
+
+
+def test_exposure_log_rows_count_neither_in_volume_nor_in_resource_limits(
+    layout, write_raw: Callable[..., Path]
+) -> None:
+    for back in (1, 2):
+        log_exposures(layout, 400, day=DAY - dt.timedelta(days=back))
+    _history(layout, write_raw, {1: 100, 2: 100, 3: 100})
+    gates(
+        layout, day=DAY - dt.timedelta(days=1)
+    )  # day 1's producer rows come from its checks, day 2's are counted
+    log_exposures(layout, 3000)  # one client, one session, 3,000 distinct items
+    materialize(layout, write_raw, events(100))
+    limits = {"max_events": 150, "max_items_per_session": 50, "volume_block_recent_days": 100_000}
+    results = gates(layout, **limits)
+    volume = results["volume"]
+    assert volume.passed and volume.metadata["rows"] == 100 and volume.metadata["trailing_median"] == 100
+    assert volume.metadata["exposure_log_rows"] == 3000
+    assert results["resource_limits"].passed
+    # The producers' own events are still held to the limits.
+    tight = gates(layout, **(limits | {"max_events": 99}))["resource_limits"]
+    assert not tight.passed and tight.summary.startswith("events 100 > 99")

@@ -1,7 +1,12 @@
 -- Resource limits of one canonical_events partition: one row per limit that is exceeded.
 -- Parameters (SET VARIABLE each one first): paths, max_events, max_distinct_items, max_sessions,
 -- max_items_per_session.
-WITH events AS (SELECT * FROM read_parquet(getvariable('paths'))),
+-- Producer events only: the API server's own exposure log (files exposures-*.jsonl) is bounded by the
+-- server's daily byte cap, and a client of the API must not be able to trip these limits through it.
+WITH events AS (
+    SELECT * FROM read_parquet(getvariable('paths'))
+    WHERE NOT regexp_matches(source_file, '(^|/)exposures-[^/]*\.jsonl(\.gz)?$')
+),
 
 per_session AS (
     SELECT tenant, surface, session_id, count(DISTINCT item_id) AS items

@@ -4,12 +4,18 @@ Each gate returns a `GateResult` with the numbers and a sample of offending rows
 The results of a partition are stored beside its data (`_checks.json`, tied to the data by content
 hash), so that anything downstream, publishing above all, can confirm that the exact partition it
 consumes passed, whichever run checked it.
+
+Lines from the API server's exposure log (landing files `exposures-*.jsonl`) are the product's own record
+of what it served, not producer data, and a client of the API decides how many there are: the quarantine,
+duplicate, volume and resource-limit gates judge producer lines only, and report the exposure log's
+figures beside theirs (metadata `exposure_log`) without judging them.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +31,7 @@ from recsys_core.lake import (
     SummaryRecord,
     parquet_files,
     partition_dir,
+    read_checks,
     read_summary,
 )
 from recsys_core.settings import ChecksConfig, ConfigError, IngestConfig
@@ -33,6 +40,9 @@ from recsys_dagster.ingest import contract
 from recsys_dagster.transform.sql import run_sql
 
 SAMPLE_ROWS = 10
+# Landing files of the API server's exposure log (recsys_serving.exposures names them so); the resource
+# limits' SQL files leave out the same files.
+EXPOSURE_LOG_FILES = r"(^|/)exposures-[^/]*\.jsonl(\.gz)?$"
 
 GATE_DESCRIPTIONS = {
     "schema": "Columns, types and value rules of the canonical table (pandera).",
@@ -88,6 +98,34 @@ class GateResult:
         }
 
 
+@dataclass(frozen=True)
+class ExposureLogFigures:
+    """What one partition holds from the server's exposure log files."""
+
+    files: int = 0
+    lines: int = 0  # per file, the last line number that either table holds
+    rows: int = 0
+    quarantined: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def duplicates(self) -> int:
+        # The server writes no blank lines: a line neither kept nor quarantined was a duplicate. A duplicate
+        # after a file's last kept line is not seen here, and so stays counted against the producers.
+        return self.lines - self.rows - self.quarantined
+
+    def to_metadata(self) -> dict[str, Any]:
+        """Flat keys beside a gate's own figures (the Dagster UI shows numbers, not nested objects)."""
+        return {
+            "exposure_log_files": self.files,
+            "exposure_log_lines": self.lines,
+            "exposure_log_rows": self.rows,
+            "exposure_log_quarantined": self.quarantined,
+            "exposure_log_duplicates": self.duplicates,
+            "exposure_log_by_reason": self.reasons,
+        }
+
+
 def check_warn_only(checks: ChecksConfig) -> None:
     unknown = sorted(set(checks.warn_only) - set(GATE_NAMES))
     if unknown:
@@ -112,6 +150,13 @@ def run_gates(lake_root: Path, day: dt.date, ingest: IngestConfig, checks: Check
     if summary is None or not paths:
         raise FileNotFoundError(f"canonical_events partition {day} has not been materialized ({folder})")
     window_start, window_end = arrival_window(day, ingest)
+    exposures = exposure_log_figures(lake_root, day, summary, paths)
+    producer_lines = summary["lines_read"] - summary["blank_lines"] - exposures.lines
+    producer_reasons = {
+        reason: count - exposures.reasons.get(reason, 0)
+        for reason, count in summary["reasons"].items()
+        if count > exposures.reasons.get(reason, 0)
+    }
     results = [
         _schema(paths),
         _rows_gate(
@@ -135,13 +180,30 @@ def run_gates(lake_root: Path, day: dt.date, ingest: IngestConfig, checks: Check
             f"events outside [{window_start:%Y-%m-%d %H:%M}, {window_end:%Y-%m-%d %H:%M}) UTC",
         ),
         _rate_gate(
-            "quarantine_rate", summary["quarantined"], summary, checks.max_quarantine_rate, summary["reasons"]
+            "quarantine_rate",
+            summary["quarantined"] - exposures.quarantined,
+            producer_lines,
+            checks.max_quarantine_rate,
+            producer_reasons,
         ),
-        _rate_gate("duplicate_rate", summary["duplicates"], summary, checks.max_duplicate_rate, {}),
-        _volume(lake_root, day, summary["canonical_rows"], checks),
+        _rate_gate(
+            "duplicate_rate",
+            max(0, summary["duplicates"] - exposures.duplicates),
+            producer_lines,
+            checks.max_duplicate_rate,
+            {},
+        ),
+        _volume(lake_root, day, summary["canonical_rows"] - exposures.rows, checks),
         _resource_limits(paths, checks),
     ]
     backfilled = day < dt.datetime.now(dt.UTC).date() - dt.timedelta(days=checks.volume_block_recent_days)
+    if exposures.files:
+        for result in results:
+            if result.name in ("quarantine_rate", "duplicate_rate", "volume", "resource_limits"):
+                result.summary += (
+                    f"; producer events only ({exposures.lines:,} exposure log lines not judged)"
+                )
+                result.metadata |= exposures.to_metadata()
     for result in results:
         result.blocking = result.name not in checks.warn_only
         if result.name == "volume" and backfilled and not result.passed:
@@ -159,6 +221,50 @@ def run_gates(lake_root: Path, day: dt.date, ingest: IngestConfig, checks: Check
     }
     write_atomic(folder / CHECKS_FILE, (json.dumps(record, indent=2, default=str) + "\n").encode())
     return results
+
+
+def exposure_log_figures(
+    lake_root: Path, day: dt.date, summary: SummaryRecord, paths: list[str]
+) -> ExposureLogFigures:
+    """The exposure log's share of the partition of `day` (`paths`: its canonical Parquet files)."""
+    if not any(re.search(EXPOSURE_LOG_FILES, source) for source in summary["files"]):
+        return ExposureLogFigures()
+    exposure_files = pl.col("source_file").str.contains(EXPOSURE_LOG_FILES)
+    kept = pl.scan_parquet(paths).select("source_file", "source_line").filter(exposure_files).collect()
+    quarantine_paths = parquet_files(partition_dir(lake_root, "quarantine", day))
+    rejected = (
+        pl.scan_parquet(quarantine_paths)
+        .select("source_file", "source_line", "reason")
+        .filter(exposure_files)
+    ).collect()
+    lines = (
+        pl.concat([kept, rejected.drop("reason")]).group_by("source_file").agg(pl.col("source_line").max())
+    )
+    reasons = rejected.group_by("reason").len().sort("reason")
+    return ExposureLogFigures(
+        files=lines.height,
+        lines=int(lines["source_line"].sum()),
+        rows=kept.height,
+        quarantined=rejected.height,
+        reasons=dict(zip(reasons["reason"].to_list(), reasons["len"].to_list(), strict=True)),
+    )
+
+
+def _producer_rows(lake_root: Path, day: dt.date) -> int | None:
+    """Canonical rows of `day` that are not from the exposure log (None: the day was not materialized).
+
+    The figure is taken from the day's checks when they were run on its current data, and only counted
+    again for a day that holds exposure log files and was checked before the gates recorded it."""
+    summary = read_summary(lake_root, day)
+    if summary is None:
+        return None
+    record = read_checks(lake_root, day)
+    if record is not None and record["content_hash"] == summary["content_hash"]:
+        volume = next((r for r in record["results"] if r["name"] == "volume"), None)
+        if volume is not None and "exposure_log_rows" in volume["metadata"]:
+            return summary["canonical_rows"] - volume["metadata"]["exposure_log_rows"]
+    paths = [str(p) for p in parquet_files(partition_dir(lake_root, "canonical_events", day))]
+    return summary["canonical_rows"] - exposure_log_figures(lake_root, day, summary, paths).rows
 
 
 def _sample(frame: pl.DataFrame) -> list[dict[str, Any]]:
@@ -196,8 +302,7 @@ def _rows_gate(name: str, violations: pl.DataFrame, what: str) -> GateResult:
     return GateResult(name, count == 0, True, summary, {"violations": count}, _sample(violations))
 
 
-def _rate_gate(name: str, count: int, summary: SummaryRecord, limit: float, breakdown: dict) -> GateResult:
-    considered = summary["lines_read"] - summary["blank_lines"]
+def _rate_gate(name: str, count: int, considered: int, limit: float, breakdown: dict) -> GateResult:
     rate = count / considered if considered else 0.0
     return GateResult(
         name,
@@ -212,9 +317,9 @@ def _rate_gate(name: str, count: int, summary: SummaryRecord, limit: float, brea
 def _volume(lake_root: Path, day: dt.date, rows: int, checks: ChecksConfig) -> GateResult:
     history = []
     for back in range(1, checks.volume_trailing_days + 1):
-        previous = read_summary(lake_root, day - dt.timedelta(days=back))
-        if previous and previous["canonical_rows"] > 0:
-            history.append(previous["canonical_rows"])
+        previous = _producer_rows(lake_root, day - dt.timedelta(days=back))
+        if previous:
+            history.append(previous)
     meta: dict[str, Any] = {"rows": rows, "history_days": len(history)}
     if len(history) < checks.volume_min_history_days:
         return GateResult(
