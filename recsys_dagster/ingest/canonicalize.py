@@ -313,6 +313,10 @@ def _parse_block(lines: _LineIndex, max_line_bytes: int) -> tuple[pl.DataFrame, 
         careful |= _invalid_utf8_lines(lines)
     if b"\\" in block and b"\\u" in block:
         careful |= _escaped_surrogate_lines(lines)
+    # Nesting beyond contract.MAX_NESTING is for parse_line to judge. A line nests at most as deep as its
+    # count of `[` and `{`; most blocks have about one per line, which settles it without a count per line.
+    if block.count(b"[") + block.count(b"{") - lines.count >= contract.MAX_NESTING:
+        careful |= _open_bracket_counts(arr, lines) > contract.MAX_NESTING
 
     fast_index = np.flatnonzero(~careful)
     frames = []
@@ -498,6 +502,12 @@ def _mask_lines(block: bytes, lines: _LineIndex, mask: np.ndarray) -> bytes:
     # A masked line shorter than `{}` cannot be replaced in place; the reader then sees an empty line,
     # which the row count check below catches and the bisection isolates.
     return bytes(data)
+
+
+def _open_bracket_counts(arr: np.ndarray, lines: _LineIndex) -> np.ndarray:
+    opens = (arr == ord("[")) | (arr == ord("{"))
+    # reduceat over the line starts (each line ends where the next begins, newline included).
+    return np.add.reduceat(opens, lines.starts, dtype=np.int64) if lines.count else np.zeros(0, np.int64)
 
 
 def _is_utf8(block: bytes) -> bool:
