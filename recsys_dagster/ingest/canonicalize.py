@@ -215,8 +215,8 @@ def _rebuild_partition(
 
 @dataclass
 class _LongLine:
-    """A line longer than `max_line_bytes`, read without keeping it: its length (without the line end)
-    and the first bytes, for the quarantine record."""
+    """A line longer than `max_line_bytes`, read without keeping it: its length in bytes (without the
+    `\n`; a final `\r` counts here, not in `rejection`) and its first bytes, for the quarantine record."""
 
     prefix: bytes = b""
     length: int = 0
