@@ -210,6 +210,19 @@ def test_bad_type_in_numeric_fields(field: str, value: Any) -> None:
     assert repr(field) in rejected.detail
 
 
+@pytest.mark.parametrize("field", ["rank", "v"])
+@pytest.mark.parametrize(
+    "value",
+    [2**63, 2**64 + 1, -(2**63) - 1, 10**309, -(10**400)],
+    ids=["2**63", "2**64+1", "-2**63-1", "1e309", "-1e400"],
+)
+def test_integers_beyond_64_bits_are_bad_type(field: str, value: int) -> None:
+    rejected = parse(BASE | {field: value})
+    assert rejected == contract.Rejection(
+        "bad_type", f"field {field!r} must be a 64-bit integer, got integer"
+    )
+
+
 def test_int64_extremes_are_accepted_for_rank() -> None:
     assert parse(BASE | {"rank": 2**63 - 1})["rank"] == 2**63 - 1
     assert parse(BASE | {"rank": -(2**63)})["rank"] == -(2**63)
@@ -437,6 +450,57 @@ def test_epoch_milliseconds(ts: int | str) -> None:
     assert row["reason"] is None and row["ts"] == NOON
 
 
+@pytest.mark.parametrize(
+    "ts",
+    [
+        18448538687845552,  # wrapped around to 2026-11-13 when cast to microseconds
+        "18448538687845552",
+        -18448538687845552,
+        9223372036854776,  # the first millisecond beyond a 64-bit count of microseconds
+        99999999999999999,
+        contract.EPOCH_MS_RANGE[1] + 1,
+        contract.EPOCH_MS_RANGE[0] - 1,
+    ],
+)
+def test_epoch_milliseconds_beyond_year_9999_are_out_of_range(ts: int | str) -> None:
+    row = outcome(BASE | {"ts": ts}, day=dt.date(2026, 11, 13))
+    assert row["reason"] == "ts_out_of_range" and row["ts"] is None
+    assert row["detail"] == (f"ts {ts} is outside the arrival window [2026-11-06T00:00Z, 2026-11-14T01:00Z)")
+
+
+@pytest.mark.parametrize(
+    ("ts", "shown"),
+    [
+        (contract.EPOCH_MS_RANGE[1], "9999-12-31T23:59:59.999Z"),
+        (contract.EPOCH_MS_RANGE[0], "0001-01-01T00:00:00Z"),
+    ],
+)
+def test_epoch_milliseconds_at_the_ends_of_the_range_are_read(ts: int, shown: str) -> None:
+    row = validate(parse(BASE | {"ts": ts}))[0]
+    assert row["reason"] == "ts_out_of_range" and row["detail"].startswith(f"ts {shown} is outside")
+
+
+@pytest.mark.parametrize(
+    ("ts", "day"),
+    [
+        ("2016-12-31T23:59:60Z", "2017-01-01"),  # a leap second: the next day's first second
+        ("2016-12-31t23:59:60.5z", "2017-01-01"),
+        ("1741608000000", "2025-03-10"),
+        ("-1", "1969-12-31"),
+        ("2025-03-10T00:30:00+01:00", "2025-03-09"),
+        ("0001-01-01T00:30:00+01:00", None),  # year 0 in UTC
+        ("18448538687845552", None),
+        ("2025-03-10", None),
+        (None, None),
+    ],
+)
+def test_utc_days_date_ts_as_the_pipeline_does(ts: str | None, day: str | None) -> None:
+    assert contract.utc_days([ts]) == [day]
+    if day is not None:
+        dated = outcome(BASE | {"ts": ts}, day=dt.date.fromisoformat(day))
+        assert dated["reason"] is None and dated["ts"].date().isoformat() == day
+
+
 def test_epoch_milliseconds_keep_their_millisecond() -> None:
     assert outcome(BASE | {"ts": 1741608000123})["ts"] == NOON.replace(microsecond=123_000)
 
@@ -519,6 +583,16 @@ def test_rank(rank: int, expected: str | None) -> None:
 def test_non_finite_value(value: float) -> None:
     row = validate(parse(BASE) | {"value": value})[0]
     assert row["reason"] == "non_finite_value"
+
+
+@pytest.mark.parametrize(
+    "value", [10**309, -(10**309), 2**1024, 10**4000], ids=["1e309", "-1e309", "2**1024", "1e4000"]
+)
+def test_an_integer_beyond_the_float_range_is_non_finite(value: int) -> None:
+    """Like the float literal 1e999; converting it used to raise OverflowError and fail the partition."""
+    parsed = parse(f'{json.dumps(BASE)[:-1]}, "value": {value}}}')
+    assert math.isinf(parsed["value"]) and (parsed["value"] > 0) == (value > 0)
+    assert validate(parsed)[0]["reason"] == "non_finite_value"
 
 
 def test_huge_number_overflows_to_non_finite() -> None:
@@ -829,6 +903,9 @@ ALL_KINDS = (
     "duplicate_key",
     "lone_surrogate",
     "padded",
+    *["huge_number"] * 2,
+    "long_epoch",
+    "deep_nesting",
 )
 # Kinds that the vectorised reader accepts or that are masked out of its input. A line it rejects sends
 # its whole neighbourhood (up to 16 lines) to the per-line parser, so files of these kinds only are the
@@ -844,7 +921,24 @@ FAST_PATH_KINDS = (
     "lone_surrogate",
     "padded",
     "non_finite",
+    "long_epoch",
+    "deep_nesting",
 )
+# Integers beyond 64 bits and beyond the float range (a line must not fail its partition), and 17-digit
+# epoch milliseconds on both sides of the years 0001-9999.
+huge_integers = st.one_of(
+    st.integers(2**63 - 2, 2**64 + 2),
+    st.integers(-(2**63) - 2, -(2**63) + 2),
+    st.integers(10**300, 10**330),
+    st.integers(-(10**330), -(10**300)),
+    st.sampled_from([2**1024, 2**1024 - 2**970, 2**1024 - 2**971, 10**38, 2**128]),
+)
+long_epochs = st.one_of(
+    st.integers(10**16, 10**17 - 1),
+    st.integers(-(10**17) + 1, -(10**16)),
+    st.sampled_from([*contract.EPOCH_MS_RANGE]).flatmap(lambda end: st.integers(end - 2, end + 2)),
+)
+NESTING_DEPTHS = (2, 100, 511, 512, 513, 900, 1000, 1030, 1500)
 
 
 @st.composite
@@ -877,9 +971,22 @@ def raw_lines(draw: st.DrawFn, kinds: tuple[str, ...] = ALL_KINDS, plain: bool =
         event[draw(st.sampled_from(STRING_OR_NUMERIC))] = None
     elif kind == "long":
         event["pad"] = "p" * draw(st.integers(3700, 4300))
+    elif kind == "huge_number":
+        event[draw(st.sampled_from(["value", "value", "rank", "v", *STRING_OR_NUMERIC]))] = draw(
+            huge_integers
+        )
+    elif kind == "long_epoch":
+        ms = draw(long_epochs)
+        event["ts"] = draw(st.sampled_from([ms, str(ms)]))
+    elif kind == "deep_nesting":
+        depth = draw(st.sampled_from(NESTING_DEPTHS))
+        nested = draw(st.sampled_from([("[", "]"), ('{"a":', "}")]))
+        field = draw(st.sampled_from(["extra", "item_id", "value"]))
+        event[field] = "@nested@"
+        overflow = nested[0] * (depth - 1) + "1" + nested[1] * (depth - 1)
     text = dumps(draw, event)
     if overflow:
-        text = text.replace('"@overflow@"', overflow)
+        text = text.replace('"@overflow@"', overflow).replace('"@nested@"', overflow)
     if kind == "truncate":
         text = text[: draw(st.integers(0, len(text) - 1))]
     elif kind == "non_finite":
@@ -1014,6 +1121,14 @@ TRICKY_LINES = {
     "escaped_key": _line('"us\u0065r_id": "u1"'),
     "trailing_comma": _line('"rank": 1,'),
     "nan_value": _line('"value": NaN'),
+    "int_beyond_float_value": _line('"value": 1' + "0" * 309),
+    "negative_int_beyond_float_value": _line('"value": -1' + "0" * 400),
+    "int_beyond_64_bits_rank": _line(f'"rank": {2**64 + 1}'),
+    "int_beyond_64_bits_version": _line(f'"v": {-(2**63) - 1}'),
+    "epoch_wrapping_around": json.dumps(BASE | {"ts": 18448538687845552}).encode(),
+    "epoch_string_wrapping_around": json.dumps(BASE | {"ts": "-18448538687845552"}).encode(),
+    "nested_1000_levels": _line('"extra": ' + "[" * 999 + "]" * 999),
+    "nested_513_levels": _line('"extra": ' + '{"a":' * 512 + "1" + "}" * 512),
 }
 
 

@@ -13,7 +13,9 @@ import orjson
 import pytest
 from shared_data import shared_data_dir
 
+from recsys_core.settings import IngestConfig
 from recsys_dagster.ingest import importers
+from recsys_dagster.ingest.canonicalize import canonicalize_partition
 from recsys_dagster.ingest.importers import import_file
 
 TODAY = dt.date(2030, 1, 15)
@@ -239,10 +241,12 @@ def test_otto_malformed_sessions_are_kept_whole(tmp_path: Path) -> None:
     source = tmp_path / "train.jsonl"
     good = b'{"session":7,"events":[{"aid":5,"ts":1659304800025,"type":"clicks"},{"aid":6,"ts":1659304900000,"type":"orders"}]}'
     bad = b'{"session":8,"events":[{"aid":5,"ts":"soon","type":"clicks"}]}'
-    source.write_bytes(good + b"\n" + bad + b"\n")
+    # Well formed, but its second event's ts is beyond the year 9999.
+    undatable = b'{"session":9,"events":[{"aid":5,"ts":1659304800025,"type":"clicks"},{"aid":6,"ts":18448538687845552,"type":"clicks"}]}'
+    source.write_bytes(b"\n".join([good, bad, b'{"session":10,"events":[]}', undatable, good]) + b"\n")
     report = import_file(source, tmp_path / "raw", tenant="t", surface="s", today=TODAY)
-    assert report.per_day == {"2022-07-31": 2} and report.undated_lines == 1
-    assert _lines(tmp_path / "raw" / f"dt={TODAY}" / _out_name(source, "train")) == [bad]
+    assert report.per_day == {"2022-07-31": 4} and report.undated_lines == 2
+    assert _lines(tmp_path / "raw" / f"dt={TODAY}" / _out_name(source, "train")) == [bad, undatable]
 
 
 def test_unknown_or_undetectable_format_is_an_error(tmp_path: Path) -> None:
@@ -252,3 +256,40 @@ def test_unknown_or_undetectable_format_is_an_error(tmp_path: Path) -> None:
         import_file(source, tmp_path / "raw")
     with pytest.raises(ValueError, match="unknown format"):
         import_file(source, tmp_path / "raw", fmt="parquet")
+
+
+def test_every_accepted_ts_form_lands_where_the_pipeline_accepts_it(tmp_path: Path) -> None:
+    """Each event goes to the folder of the day the pipeline dates it, so that canonicalizing those
+    days quarantines none of them; a ts the pipeline cannot date waits in today's folder."""
+    stamps = {
+        "1714608000000": "2024-05-02",  # epoch milliseconds as a string of digits
+        "-1": "1969-12-31",
+        "2016-12-31T23:59:60Z": "2017-01-01",  # a leap second: the next day's first second
+        "2016-12-31t23:59:60.5z": "2017-01-01",
+        "2024-05-01 23:30:00-01:00": "2024-05-02",
+        "2024-05-01T00:30:00+01:00": "2024-04-30",
+    }
+    undatable = ["18448538687845552", 18448538687845552, "2024-05-01", 1.5e12]
+    lines = [
+        orjson.dumps({"ts": ts, "tenant": "t", "surface": "s", "session_id": "s1", "item_id": f"i{n}"})
+        for n, ts in enumerate([*stamps, *undatable])
+    ]
+    # A repeated ts: the first one counts, as in the pipeline.
+    lines.append(
+        b'{"ts":"2024-05-01T10:00:00Z","ts":"2030-01-01T00:00:00Z","tenant":"t","surface":"s","session_id":"s1","item_id":"r"}'
+    )
+    source = tmp_path / "events.jsonl"
+    source.write_bytes(b"\n".join(lines) + b"\n")
+    raw = tmp_path / "raw"
+
+    report = import_file(source, raw, today=TODAY)
+
+    expected_days = Counter([*stamps.values(), "2024-05-01"])
+    assert report.per_day == dict(sorted(expected_days.items()))
+    assert report.undated_lines == len(undatable)
+    config = IngestConfig(max_lateness_days=0, max_clock_skew_hours=0)
+    for day, count in expected_days.items():
+        summary = canonicalize_partition(raw, tmp_path / "lake", dt.date.fromisoformat(day), config)
+        assert (summary.canonical_rows, summary.quarantined) == (count, 0), day
+    today = canonicalize_partition(raw, tmp_path / "lake", TODAY, config)
+    assert today.reasons == {"ts_out_of_range": 2, "bad_ts": 1, "bad_type": 1}

@@ -21,6 +21,7 @@ import datetime as dt
 import gzip
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -40,7 +41,7 @@ import pyarrow.parquet as pq
 
 from recsys_core.lake import SUMMARY_FILE, SummaryRecord, content_hash, landing_dir, partition_dir
 from recsys_core.settings import IngestConfig
-from recsys_core.storage import replace_dir, write_atomic
+from recsys_core.storage import locked, replace_dir, write_atomic
 from recsys_dagster.ingest import contract
 
 BLOCK_BYTES = 16 * 1024 * 1024
@@ -105,15 +106,27 @@ class PartitionSummary:
 
 
 def landing_files(raw_root: Path, day: dt.date) -> list[Path]:
-    """The day's landing files in name order; hidden files (in-flight writes) are not read."""
+    """The day's landing files in name order; hidden files (in-flight writes) and folders are not read.
+
+    Raises RawFileError for a landing file's name that leads to no regular file (a broken symbolic
+    link, a pipe, ...): its data cannot be read, so the day cannot be complete.
+    """
     folder = landing_dir(raw_root, day)
     if not folder.is_dir():
         return []
-    return sorted(
-        p
-        for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.name.endswith((".jsonl", ".jsonl.gz"))
-    )
+    files = []
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or not path.name.endswith((".jsonl", ".jsonl.gz")) or path.is_dir():
+            continue
+        if not path.is_file():
+            what = (
+                f"a symbolic link to {os.readlink(path)}, which does not exist"
+                if path.is_symlink() and not path.exists()
+                else "not a regular file"
+            )
+            raise RawFileError(f"cannot read landing file {path}: it is {what}")
+        files.append(path)
+    return files
 
 
 def canonicalize_partition(
@@ -124,9 +137,32 @@ def canonicalize_partition(
     log: Callable[[str], None] | None = None,
 ) -> PartitionSummary:
     """Rebuild the canonical_events and quarantine partitions of `day` from its landing files."""
+    staging_root = lake_root / ".staging"
+    staging_root.mkdir(parents=True, exist_ok=True)
+    # Runs of one day take turns on its lock, so with the lock held, any staging folder of the day was
+    # left behind by a run that died before it could remove it.
+    with locked(staging_root / f"{day.isoformat()}.lock"):
+        for leftover in staging_root.glob(f"{day.isoformat()}-*"):
+            if _STAGING_NAME.fullmatch(leftover.name) and leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover)
+        return _rebuild_partition(raw_root, staging_root, lake_root, day, config, log)
+
+
+# `<day>-<12 hex digits>`: the staging folder of one canonicalization run.
+_STAGING_NAME = re.compile(r"\d{4}-\d{2}-\d{2}-[0-9a-f]{12}")
+
+
+def _rebuild_partition(
+    raw_root: Path,
+    staging_root: Path,
+    lake_root: Path,
+    day: dt.date,
+    config: IngestConfig,
+    log: Callable[[str], None] | None,
+) -> PartitionSummary:
     started = time.perf_counter()
     summary = PartitionSummary(day=day.isoformat())
-    staging = lake_root / ".staging" / f"{day.isoformat()}-{uuid.uuid4().hex[:12]}"
+    staging = staging_root / f"{day.isoformat()}-{uuid.uuid4().hex[:12]}"
     canonical_stage = staging / "canonical_events"
     quarantine_stage = staging / "quarantine"
     canonical_stage.mkdir(parents=True)
@@ -150,7 +186,7 @@ def canonicalize_partition(
             for path in landing_files(raw_root, day):
                 source = path.relative_to(raw_root).as_posix()
                 summary.files.append(source)
-                for block in _read_blocks(path):
+                for block in _read_blocks(path, config.max_line_bytes):
                     pending.append(pool.submit(_process_block, block, source, day, config))
                     if len(pending) > PARALLEL_BLOCKS:
                         merge(pending.popleft())
@@ -177,10 +213,33 @@ def canonicalize_partition(
     return summary
 
 
-def _read_blocks(path: Path) -> Iterator[bytes]:
-    """Yield the file in blocks of whole lines; strips a leading BOM."""
+@dataclass
+class _LongLine:
+    """A line longer than `max_line_bytes`, read without keeping it: its length in bytes (without the
+    `\n`; a final `\r` counts here, not in `rejection`) and its first bytes, for the quarantine record."""
+
+    prefix: bytes = b""
+    length: int = 0
+    ends_with_cr: bool = False
+
+    def extend(self, chunk: bytes) -> None:
+        if chunk:
+            if len(self.prefix) < _RAW_PREFIX_BYTES:
+                self.prefix += chunk[: _RAW_PREFIX_BYTES - len(self.prefix)]
+            self.length += len(chunk)
+            self.ends_with_cr = chunk.endswith(b"\r")
+
+    def rejection(self, max_line_bytes: int) -> contract.Rejection:
+        return contract.line_too_long(self.length - self.ends_with_cr, max_line_bytes)
+
+
+def _read_blocks(path: Path, max_line_bytes: int) -> Iterator[bytes | _LongLine]:
+    """Yield the file in blocks of whole lines (strips a leading BOM); a line that runs over a whole
+    block and past `max_line_bytes` comes alone, as a `_LongLine`, so that memory stays bounded however
+    long it is."""
     gzipped = path.name.endswith(".gz")
     carry = b""
+    long_line: _LongLine | None = None
     first = True
     try:
         with (gzip.open if gzipped else open)(path, "rb") as handle:
@@ -191,9 +250,20 @@ def _read_blocks(path: Path) -> Iterator[bytes]:
                     first = False
                 if not chunk:
                     break
+                if long_line is not None:
+                    end = chunk.find(b"\n")
+                    long_line.extend(chunk if end < 0 else chunk[:end])
+                    if end < 0:
+                        continue
+                    yield long_line
+                    long_line, chunk = None, chunk[end + 1 :]
                 cut = chunk.rfind(b"\n") + 1
                 if not cut:
                     carry += chunk  # a line longer than a block
+                    if len(carry) > max_line_bytes + 1:  # + 1: a final \r does not count
+                        long_line = _LongLine()
+                        long_line.extend(carry)
+                        carry = b""
                     continue
                 tail = chunk[cut:]
                 if tail and not gzipped:
@@ -205,7 +275,9 @@ def _read_blocks(path: Path) -> Iterator[bytes]:
                 carry = tail
     except (OSError, EOFError, zlib.error) as exc:
         raise RawFileError(f"cannot read landing file {path}: {exc}") from exc
-    if carry:
+    if long_line is not None:
+        yield long_line
+    elif carry:
         yield carry + b"\n"
 
 
@@ -242,8 +314,21 @@ class _BlockResult:
         canonical.add(self.valid.set_column(at, "source_line", lines), self.keys)
 
 
-def _process_block(block: bytes, source: str, day: dt.date, config: IngestConfig) -> _BlockResult:
+def _process_block(block: bytes | _LongLine, source: str, day: dt.date, config: IngestConfig) -> _BlockResult:
     """Parse and validate one block of whole lines (pure: safe to run on a worker thread)."""
+    if isinstance(block, _LongLine):
+        rejection = block.rejection(config.max_line_bytes)
+        too_long: dict[str, list] = {
+            "source_file": [source],
+            "source_line": [1],
+            "reason": [rejection.reason],
+            "detail": [rejection.detail],
+            "raw": [_raw_text(block.prefix)],
+        }
+        no_keys = (np.empty(0, np.uint64), np.empty(0, np.uint64))
+        return _BlockResult(
+            source, _ARROW_CANONICAL_SCHEMA.empty_table(), no_keys, too_long, 1, 0, block.length + 1
+        )
     lines = _LineIndex(block)
     parsed, rejected, blank = _parse_block(lines, config.max_line_bytes)
     events = contract.validate_events(
@@ -292,8 +377,17 @@ class _LineIndex:
         return self.block[self.starts[index] : self.ends[index]]
 
     def text(self, index: int) -> str:
-        raw = self.line(index).removesuffix(b"\r")[: contract.RAW_PREFIX_CHARS * 4]
-        return raw.decode("utf-8", "backslashreplace")[: contract.RAW_PREFIX_CHARS]
+        return _raw_text(self.line(index))
+
+
+# Enough bytes for RAW_PREFIX_CHARS characters of up to 4 bytes each.
+_RAW_PREFIX_BYTES = contract.RAW_PREFIX_CHARS * 4
+
+
+def _raw_text(line: bytes) -> str:
+    """The start of a line as the quarantine's `raw` column holds it."""
+    raw = line.removesuffix(b"\r")[:_RAW_PREFIX_BYTES]
+    return raw.decode("utf-8", "backslashreplace")[: contract.RAW_PREFIX_CHARS]
 
 
 def _parse_block(lines: _LineIndex, max_line_bytes: int) -> tuple[pl.DataFrame, list, int]:
@@ -313,6 +407,10 @@ def _parse_block(lines: _LineIndex, max_line_bytes: int) -> tuple[pl.DataFrame, 
         careful |= _invalid_utf8_lines(lines)
     if b"\\" in block and b"\\u" in block:
         careful |= _escaped_surrogate_lines(lines)
+    # Nesting beyond contract.MAX_NESTING is for parse_line to judge. A line nests at most as deep as its
+    # count of `[` and `{`; most blocks have about one per line, which settles it without a count per line.
+    if block.count(b"[") + block.count(b"{") - lines.count >= contract.MAX_NESTING:
+        careful |= _open_bracket_counts(arr, lines) > contract.MAX_NESTING
 
     fast_index = np.flatnonzero(~careful)
     frames = []
@@ -498,6 +596,12 @@ def _mask_lines(block: bytes, lines: _LineIndex, mask: np.ndarray) -> bytes:
     # A masked line shorter than `{}` cannot be replaced in place; the reader then sees an empty line,
     # which the row count check below catches and the bisection isolates.
     return bytes(data)
+
+
+def _open_bracket_counts(arr: np.ndarray, lines: _LineIndex) -> np.ndarray:
+    opens = (arr == ord("[")) | (arr == ord("{"))
+    # reduceat over the line starts (each line ends where the next begins, newline included).
+    return np.add.reduceat(opens, lines.starts, dtype=np.int64) if lines.count else np.zeros(0, np.int64)
 
 
 def _is_utf8(block: bytes) -> bool:

@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
+import re
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+import numpy as np
 import pandera.polars as pa
 import polars as pl
 
@@ -27,6 +30,9 @@ from recsys_core.names import NAME_PATTERN
 CONTRACT_VERSION = 1
 MAX_ID_CHARS = 256
 RAW_PREFIX_CHARS = 4096
+# Deeper nesting is invalid_json. The fast path's reader takes up to about 1000 levels; lines with more
+# than this many `[` and `{` go to parse_line instead (see canonicalize), which applies the limit.
+MAX_NESTING = 512
 
 # Parsed-row columns and their types; everything optional in JSON is nullable here.
 STRING_FIELDS = (
@@ -47,6 +53,10 @@ PARSED_SCHEMA: dict[str, pl.DataType] = {
     "rank": pl.Int64(),
 }
 REQUIRED_FIELDS = ("ts", "tenant", "surface", "session_id", "item_id")
+# `ts` in epoch milliseconds: up to 17 digits, and only the years 0001-9999 (the years RFC 3339 can
+# write); a value outside them is quarantined as ts_out_of_range, like any ts outside the arrival window.
+EPOCH_MS_PATTERN = r"^-?[0-9]{1,17}$"
+EPOCH_MS_RANGE = (-62_135_596_800_000, 253_402_300_799_999)
 
 # Reason codes, in the order the rules are applied: a line gets the first that applies.
 PARSE_REASONS = ("line_too_long", "invalid_utf8", "invalid_json", "not_an_object", "bad_type")
@@ -95,6 +105,24 @@ class Rejection(NamedTuple):
     detail: str
 
 
+def line_too_long(length: int, max_line_bytes: int) -> Rejection:
+    """The rejection of a line of `length` bytes (without its line end) over the limit."""
+    return Rejection("line_too_long", f"line is {length} bytes, limit is {max_line_bytes}")
+
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+
+
+def _nesting_depth(line: bytes) -> int:
+    """How deeply arrays and objects nest in a JSON line (an upper bound if the line is not JSON)."""
+    if line.count(b"[") + line.count(b"{") <= MAX_NESTING:
+        return 0  # cannot be deeper than the limit: not worth counting
+    code = np.frombuffer(_JSON_STRING.sub(b"", line), np.uint8)
+    opens = (code == ord("[")) | (code == ord("{"))
+    closes = (code == ord("]")) | (code == ord("}"))
+    return int(np.cumsum(opens.astype(np.int64) - closes).max(initial=0))
+
+
 def _first_key_wins(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """A repeated key keeps its first value, as the vectorised reader does."""
     obj: dict[str, Any] = {}
@@ -115,13 +143,17 @@ def parse_line(line: bytes, max_line_bytes: int) -> dict[str, Any] | Rejection |
     """
     line = line.removesuffix(b"\r")
     if len(line) > max_line_bytes:
-        return Rejection("line_too_long", f"line is {len(line)} bytes, limit is {max_line_bytes}")
+        return line_too_long(len(line), max_line_bytes)
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as exc:
         return Rejection("invalid_utf8", f"invalid UTF-8 at byte {exc.start}")
     if not text.strip(" \t\r\n"):
         return None
+    if _nesting_depth(line) > MAX_NESTING:
+        # Checked first because json.loads fails on deep nesting at a depth that depends on the caller's
+        # stack: this keeps the outcome of a line the same wherever it is parsed.
+        return Rejection("invalid_json", f"arrays and objects nested deeper than {MAX_NESTING} levels")
     try:
         obj = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_first_key_wins)
     except (ValueError, RecursionError) as exc:
@@ -137,7 +169,11 @@ def parse_line(line: bytes, max_line_bytes: int) -> dict[str, Any] | Rejection |
         converted = _convert(value, dtype)
         if converted is _BAD:
             expected = (
-                "a string" if dtype == pl.String() else "an integer" if dtype == pl.Int64() else "a number"
+                "a string"
+                if dtype == pl.String()
+                else "a 64-bit integer"
+                if dtype == pl.Int64()
+                else "a number"
             )
             return Rejection("bad_type", f"field {name!r} must be {expected}, got {_json_type(value)}")
         row[name] = converted
@@ -147,21 +183,36 @@ def parse_line(line: bytes, max_line_bytes: int) -> dict[str, Any] | Rejection |
 _BAD = object()
 
 
+def string_field(value: Any) -> str | None:
+    """A JSON value as a string field (an identifier or `ts`) holds it; None if its type is not allowed.
+
+    Integers are accepted because many producers emit numeric ids (and `ts` as epoch milliseconds).
+    """
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return None  # a lone surrogate escape
+        return value
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def _convert(value: Any, dtype: pl.DataType) -> Any:
     if isinstance(value, bool):
         return _BAD
     if dtype == pl.String():
-        # Integers are accepted for identifiers and ts because many producers emit numeric ids.
-        if isinstance(value, str):
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                return _BAD
-            return value
-        return str(value) if isinstance(value, int) else _BAD
+        text = string_field(value)
+        return _BAD if text is None else text
     if dtype == pl.Int64():
         return value if isinstance(value, int) and -(2**63) <= value < 2**63 else _BAD
-    return float(value) if isinstance(value, int | float) else _BAD
+    if isinstance(value, int):
+        try:
+            return float(value)
+        except OverflowError:
+            # An integer beyond the float range reads like the float literal 1e999 does: infinite, so
+            # the value rule rejects it as non_finite_value.
+            return math.inf if value > 0 else -math.inf
+    return value if isinstance(value, float) else _BAD
 
 
 def _json_type(value: Any) -> str:
@@ -197,14 +248,8 @@ def validate_events(
             for name in ("user_id", "request_id", "event_id")
         ),
         pl.col("event_type").fill_null("exposure"),
-    ).with_columns(parse_ts(pl.col("ts")).alias("ts_parsed"))
-    unparsed = pl.col("ts_parsed").is_null() & pl.col("ts").is_not_null()
-    if events.select(unparsed.any()).item():
-        # RFC 3339 also allows a lower-case t/z and a space separator: normalise only those rows.
-        relaxed = parse_ts(pl.col("ts").str.to_uppercase().str.replace(r"^(\d{4}-\d{2}-\d{2}) ", "${1}T"))
-        events = events.with_columns(
-            pl.when(unparsed).then(relaxed).otherwise(pl.col("ts_parsed")).alias("ts_parsed")
-        )
+    )
+    events = events.with_columns(parse_ts(events.get_column("ts")).alias("ts_parsed"))
 
     window_start = dt.datetime.combine(day, dt.time(), dt.UTC) - dt.timedelta(days=max_lateness_days)
     window_end = dt.datetime.combine(day, dt.time(), dt.UTC) + dt.timedelta(
@@ -285,16 +330,19 @@ def _rules(
         )
     rules += [
         (
-            pl.col("ts_parsed").is_null(),
+            pl.col("ts_parsed").is_null() & ~_is_epoch_ms(pl.col("ts")),
             "bad_ts",
             pl.format("ts {} is neither RFC 3339 with a zone nor epoch milliseconds", pl.col("ts")),
         ),
         (
-            (pl.col("ts_parsed") < window_start) | (pl.col("ts_parsed") >= window_end),
+            # Epoch milliseconds beyond EPOCH_MS_RANGE are left unparsed.
+            pl.col("ts_parsed").is_null()
+            | (pl.col("ts_parsed") < window_start)
+            | (pl.col("ts_parsed") >= window_end),
             "ts_out_of_range",
             pl.format(
                 f"ts {{}} is outside the arrival window [{window_start:%Y-%m-%dT%H:%M}Z, {window_end:%Y-%m-%dT%H:%M}Z)",
-                pl.col("ts_parsed").dt.strftime("%Y-%m-%dT%H:%M:%S%.fZ"),
+                pl.coalesce(pl.col("ts_parsed").dt.strftime("%Y-%m-%dT%H:%M:%S%.fZ"), pl.col("ts")),
             ),
         ),
         (
@@ -312,14 +360,53 @@ def _rules(
     return rules
 
 
-def parse_ts(ts: pl.Expr) -> pl.Expr:
-    """RFC 3339 with a zone, or epoch milliseconds (a JSON integer or a string of digits) -> UTC."""
-    is_epoch = ts.str.contains(r"^-?[0-9]{1,17}$")
-    epoch = pl.from_epoch(ts.cast(pl.Int64, strict=False), time_unit="ms").dt.replace_time_zone("UTC")
+def parse_ts(ts: pl.Series) -> pl.Series:
+    """`ts` texts -> UTC timestamps (null where a text is in none of the accepted forms, or is epoch
+    milliseconds outside `EPOCH_MS_RANGE`).
+
+    Accepted: RFC 3339 with a zone, also with a lower-case t/z or a space separator, and epoch milliseconds
+    (a JSON integer or a string of digits). The pipeline and `recsys import` both date events with this.
+    """
+    frame = ts.to_frame("ts")
+    parsed = frame.select(_parse_strict_ts(pl.col("ts"))).to_series()
+    unparsed = parsed.is_null() & ts.is_not_null()
+    if unparsed.any():
+        # RFC 3339 also allows a lower-case t/z and a space separator: normalise only those rows.
+        relaxed = _parse_strict_ts(
+            pl.col("ts").str.to_uppercase().str.replace(r"^(\d{4}-\d{2}-\d{2}) ", "${1}T")
+        )
+        parsed = frame.select(pl.when(unparsed).then(relaxed).otherwise(parsed)).to_series()
+    return parsed.alias(ts.name)
+
+
+def utc_days(ts: Sequence[str | None]) -> list[str | None]:
+    """The UTC day (YYYY-MM-DD) of each `ts` text as the pipeline parses it; None where it does not, or
+    where the day is outside the years 0001-9999 (`0001-01-01T00:00:00+01:00` is in year 0 in UTC)."""
+    epoch_days = parse_ts(pl.Series("ts", ts, dtype=pl.String)).dt.date().to_physical()
+    # Each distinct day is formatted once: a batch of events spans few days.
+    distinct = epoch_days.drop_nulls().unique().to_frame("n").with_columns(day=pl.col("n").cast(pl.Date))
+    names = distinct.filter(pl.col("day").dt.year().is_between(1, 9999)).select(
+        "n", pl.col("day").dt.strftime("%Y-%m-%d")
+    )
+    lookup = dict(names.iter_rows())
+    return [lookup.get(n) for n in epoch_days.to_list()]
+
+
+def _parse_strict_ts(ts: pl.Expr) -> pl.Expr:
+    ms = ts.cast(pl.Int64, strict=False)
+    # Checked before the cast to microseconds, which silently wraps around beyond about year 294000.
+    in_range = ms.is_between(*EPOCH_MS_RANGE)
+    epoch = pl.from_epoch(pl.when(in_range).then(ms), time_unit="ms").dt.replace_time_zone("UTC")
     rfc3339 = ts.str.to_datetime("%Y-%m-%dT%H:%M:%S%.f%#z", time_unit="us", strict=False)
     return (
-        pl.when(is_epoch).then(epoch.dt.cast_time_unit("us")).otherwise(rfc3339.dt.convert_time_zone("UTC"))
+        pl.when(_is_epoch_ms(ts))
+        .then(epoch.dt.cast_time_unit("us"))
+        .otherwise(rfc3339.dt.convert_time_zone("UTC"))
     )
+
+
+def _is_epoch_ms(ts: pl.Expr) -> pl.Expr:
+    return ts.str.contains(EPOCH_MS_PATTERN)
 
 
 def canonical_schema_model() -> pa.DataFrameSchema:

@@ -2,7 +2,8 @@
 
 Supported inputs: contract JSONL (also the recsys suite's exposure-v1 files), MovieLens ratings
 (``ratings.csv``, ``u.data``, ``ratings.dat``) and OTTO session JSONL, each optionally gzip-compressed.
-Every event goes to the folder of its UTC day in one file per source and day,
+Every event goes to the folder of its UTC day (as the pipeline dates it: `contract.utc_days`) in one file
+per source and day,
 ``import-<stem>-<sha256 prefix of the source>.jsonl``, so importing the same file again rewrites identical
 files and never touches anything else. Nothing is dropped: a line that cannot be converted or dated lands,
 verbatim, in the folder of the day the import runs, where the pipeline quarantines it with a reason.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import gzip
 import hashlib
+import itertools
 import math
 import os
 import re
@@ -23,11 +25,12 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from io import BufferedIOBase
 from pathlib import Path
-from typing import TypeGuard
+from typing import Any, TypeGuard, TypeVar
 
 import orjson
 
 from recsys_core.names import validate_name
+from recsys_dagster.ingest import contract
 
 __all__ = ["FORMATS", "ImportReport", "import_file"]
 
@@ -37,13 +40,10 @@ FORMATS = ("auto", "jsonl", "movielens", "otto")
 FLUSH_LINES = 500_000
 FLUSH_BYTES = 64 * 1024 * 1024
 
-# RFC 3339 proper: fromisoformat alone also accepts ISO forms the contract does not (e.g. 20240101T0000Z).
-_RFC3339 = re.compile(
-    r"(\d{4}-\d{2}-\d{2})[Tt ](?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d(?:\.\d+)?([Zz]|[+-]\d{2}:\d{2})"
-)
 _UDATA_LINE = re.compile(rb"\s*\d+\t\d+\t[0-9.]+\t\d+\s*")
 OTTO_EVENT_TYPES = {"clicks": "click", "carts": "add_to_cart", "orders": "purchase"}
-_EPOCH = dt.date(1970, 1, 1)
+# Timestamps are dated in batches of this many (one call of the pipeline's vectorised parser each).
+DATE_BATCH = 65_536
 
 
 @dataclass(frozen=True)
@@ -258,128 +258,145 @@ def _lines(stream: Iterable[bytes], stats: _Stats) -> Iterator[bytes]:
         yield line
 
 
-def _day_of_epoch_days(days: int, cache: dict[int, str | None]) -> str | None:
-    """ISO date `days` after 1970-01-01 (None outside the calendar), memoised: inputs are time-ordered."""
-    if days not in cache:
-        try:
-            cache[days] = (_EPOCH + dt.timedelta(days=days)).isoformat()
-        except OverflowError:
-            cache[days] = None
-    return cache[days]
+_Payload = TypeVar("_Payload")
 
 
-def _contract_day(ts: object, cache: dict[int, str | None], utc_dates: dict[str, bool]) -> str | None:
-    """UTC day of a contract `ts` (RFC 3339 with zone, or epoch ms), None if it cannot be parsed."""
-    if isinstance(ts, int) and not isinstance(ts, bool):
-        return _day_of_epoch_days(ts // 86_400_000, cache)
-    if not isinstance(ts, str) or (match := _RFC3339.fullmatch(ts)) is None:
-        return None
-    date, zone = match.groups()
-    if zone in ("Z", "z"):
-        # Already UTC, so the day is the date part: only its validity (no 2024-02-30) needs a check,
-        # once per distinct date, which keeps the common case off the datetime parser.
-        if date not in utc_dates:
-            utc_dates[date] = _is_date(date)
-        return date if utc_dates[date] else None
-    try:
-        return dt.datetime.fromisoformat(ts.upper()).astimezone(dt.UTC).date().isoformat()
-    except (ValueError, OverflowError):
-        return None
+def _dated(items: Iterable[tuple[str | None, _Payload]]) -> Iterator[tuple[str | None, _Payload]]:
+    """Date each item's `ts` text (None: no usable ts) with `contract.utc_days`, a batch at a time; the
+    items come back in order, each with its UTC day (None where the ts cannot be dated)."""
+    pending = iter(items)
+    while batch := list(itertools.islice(pending, DATE_BATCH)):
+        days = contract.utc_days([ts for ts, _ in batch])
+        yield from zip(days, (payload for _, payload in batch), strict=True)
 
 
-def _is_date(text: str) -> bool:
-    try:
-        dt.date.fromisoformat(text)
-    except ValueError:
-        return False
-    return True
+def _contract_ts(line: bytes, obj: dict[str, Any]) -> str | None:
+    """The line's `ts` as the pipeline reads it (a string, or an integer as its digits), None if unusable.
+
+    orjson keeps the last of repeated keys where the contract keeps the first: a line that may repeat
+    `ts` (twice spelled out, or a key written with escapes) is read again by the contract's parser.
+    """
+    if line.count(b'"ts"') > 1 or b"\\u" in line:
+        parsed = contract.parse_line(line, max_line_bytes=len(line))
+        return parsed["ts"] if isinstance(parsed, dict) else None
+    return contract.string_field(obj.get("ts"))
 
 
 def _convert_jsonl(
     stream: Iterable[bytes], stats: _Stats, tenant: str | None, surface: str | None
 ) -> Iterator[tuple[str | None, bytes]]:
-    cache: dict[int, str | None] = {}
-    utc_dates: dict[str, bool] = {}
     defaults = [(key, value) for key, value in (("tenant", tenant), ("surface", surface)) if value]
-    for line in _lines(stream, stats):
-        try:
-            obj = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            yield None, line
-            continue
-        day = _contract_day(obj.get("ts"), cache, utc_dates) if isinstance(obj, dict) else None
-        if day is None:
-            yield None, line
-            continue
-        missing = [(key, value) for key, value in defaults if key not in obj]
-        if missing:
-            # Splice the missing fields in after "{" rather than re-serialising, so everything the
-            # line already says stays byte for byte as it was.
-            fields = b",".join(orjson.dumps(key) + b":" + orjson.dumps(value) for key, value in missing)
-            brace = line.index(b"{") + 1
-            line = line[:brace] + fields + (b"," if obj else b"") + line[brace:]
-        yield day, line
+
+    # Only bytes and strings wait for their batch to be dated: thousands of parsed objects held at once
+    # would keep the garbage collector busy.
+    def parsed() -> Iterator[tuple[str | None, tuple[bytes, bytes]]]:
+        for line in _lines(stream, stats):
+            try:
+                obj = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                obj = None
+            if not isinstance(obj, dict):
+                yield None, (line, line)
+                continue
+            completed = line
+            missing = [(key, value) for key, value in defaults if key not in obj]
+            if missing:
+                # Splice the missing fields in after "{" rather than re-serialising, so everything the
+                # line already says stays byte for byte as it was.
+                fields = b",".join(orjson.dumps(key) + b":" + orjson.dumps(value) for key, value in missing)
+                brace = line.index(b"{") + 1
+                completed = line[:brace] + fields + (b"," if obj else b"") + line[brace:]
+            yield _contract_ts(line, obj), (line, completed)
+
+    for day, (line, completed) in _dated(parsed()):
+        yield (day, completed) if day is not None else (None, line)
 
 
 def _convert_movielens(
     stream: Iterable[bytes], stats: _Stats, tenant: str | None, surface: str | None
 ) -> Iterator[tuple[str | None, bytes]]:
-    cache: dict[int, str | None] = {}
     compact: dict[str, str] = {}
     scope = f'"tenant":{orjson.dumps(tenant).decode()},"surface":{orjson.dumps(surface).decode()}'
-    separator: bytes | None = None
-    for line in _lines(stream, stats):
-        if separator is None:
-            separator = b"\t" if b"\t" in line else b"::" if b"::" in line else b","
-            if b"movieid" in line.lower():
-                # The header of ratings.csv: not data, so not counted as a line read.
-                stats.lines -= 1
-                continue
-        fields = line.split(separator)
-        if len(fields) != 4:
+
+    def ratings() -> Iterator[tuple[str | None, tuple[bytes, tuple[int, int, float, int] | None]]]:
+        separator: bytes | None = None
+        for line in _lines(stream, stats):
+            if separator is None:
+                separator = b"\t" if b"\t" in line else b"::" if b"::" in line else b","
+                if b"movieid" in line.lower():
+                    # The header of ratings.csv: not data, so not counted as a line read.
+                    stats.lines -= 1
+                    continue
+            rating = _movielens_rating(line, separator)
+            yield None if rating is None else str(rating[3] * 1000), (line, rating)
+
+    for day, (line, rating) in _dated(ratings()):
+        if day is None or rating is None:
             yield None, line
             continue
-        try:
-            user, item = int(fields[0]), int(fields[1])
-            rating, seconds = float(fields[2]), int(fields[3])
-        except ValueError:
-            yield None, line
-            continue
-        day = _day_of_epoch_days(seconds // 86_400, cache)
-        if day is None or not math.isfinite(rating):
-            yield None, line
-            continue
+        user, item, value, seconds = rating
         yyyymmdd = compact.get(day) or compact.setdefault(day, day.replace("-", ""))
         event = (
             f'{{"v":1,"ts":{seconds * 1000},{scope},"session_id":"{user}-{yyyymmdd}","user_id":"{user}",'
-            f'"item_id":"{item}","event_type":"rating","value":{rating!r}}}'
+            f'"item_id":"{item}","event_type":"rating","value":{value!r}}}'
         )
         yield day, event.encode()
+
+
+def _movielens_rating(line: bytes, separator: bytes) -> tuple[int, int, float, int] | None:
+    """(user, movie, rating, epoch seconds) of one ratings line; None if it is not one."""
+    fields = line.split(separator)
+    if len(fields) != 4:
+        return None
+    try:
+        user, item = int(fields[0]), int(fields[1])
+        rating, seconds = float(fields[2]), int(fields[3])
+    except ValueError:
+        return None
+    return (user, item, rating, seconds) if math.isfinite(rating) else None
 
 
 def _convert_otto(
     stream: Iterable[bytes], stats: _Stats, tenant: str | None, surface: str | None
 ) -> Iterator[tuple[str | None, bytes]]:
-    cache: dict[int, str | None] = {}
     scope = f'"tenant":{orjson.dumps(tenant).decode()},"surface":{orjson.dumps(surface).decode()}'
-    for line in _lines(stream, stats):
-        events = _otto_events(line, cache)
-        if events is None:
-            yield None, line
+
+    # One item per event, with its session line and the session's size; a malformed session is one
+    # item without an event.
+    def events() -> Iterator[tuple[str | None, tuple[bytes, tuple[int, int, int, str] | None, int]]]:
+        for line in _lines(stream, stats):
+            parsed = _otto_events(line)
+            if parsed is None:
+                yield None, (line, None, 1)
+            for event in parsed or ():
+                yield str(event[2]), (line, event, len(parsed or ()))
+
+    session: list[tuple[str | None, tuple[int, int, int, str]]] = []
+    for day, (line, event, size) in _dated(events()):
+        if event is None:
+            yield None, line  # malformed: kept whole
             continue
-        for day, session, aid, ts, kind in events:
-            event_type = OTTO_EVENT_TYPES.get(kind)
-            # An unknown type is passed on as is, for the pipeline to reject with a reason.
-            type_json = f'"{event_type}"' if event_type else orjson.dumps(kind).decode()
-            event = (
-                f'{{"v":1,"ts":{ts},{scope},"session_id":"{session}","user_id":"{session}",'
-                f'"item_id":"{aid}","event_type":{type_json}}}'
-            )
-            yield day, event.encode()
+        session.append((day, event))
+        if len(session) < size:
+            continue
+        if any(event_day is None for event_day, _ in session):
+            yield None, line  # an event that cannot be dated: the session is kept whole
+        else:
+            for event_day, (session_id, aid, ts, kind) in session:
+                event_type = OTTO_EVENT_TYPES.get(kind)
+                # An unknown type is passed on as is, for the pipeline to reject with a reason.
+                type_json = f'"{event_type}"' if event_type else orjson.dumps(kind).decode()
+                text = (
+                    f'{{"v":1,"ts":{ts},{scope},"session_id":"{session_id}","user_id":"{session_id}",'
+                    f'"item_id":"{aid}","event_type":{type_json}}}'
+                )
+                yield event_day, text.encode()
+        session = []
 
 
-def _otto_events(line: bytes, cache: dict[int, str | None]) -> list[tuple[str, int, int, int, str]] | None:
-    """Parse one OTTO session line; None if any part of it is malformed (the line is then kept whole)."""
+def _otto_events(line: bytes) -> list[tuple[int, int, int, str]] | None:
+    """(session, aid, ts, type) of each event of one OTTO session line; None if any part of it is
+    malformed (the line is then kept whole)."""
     try:
         obj = orjson.loads(line)
     except orjson.JSONDecodeError:
@@ -396,10 +413,7 @@ def _otto_events(line: bytes, cache: dict[int, str | None]) -> list[tuple[str, i
         aid, ts, kind = event.get("aid"), event.get("ts"), event.get("type")
         if not (_is_int(aid) and _is_int(ts) and isinstance(kind, str)):
             return None
-        day = _day_of_epoch_days(ts // 86_400_000, cache)
-        if day is None:
-            return None
-        out.append((day, session, aid, ts, kind))
+        out.append((session, aid, ts, kind))
     return out
 
 
