@@ -868,8 +868,8 @@ def _sql_params(args: argparse.Namespace, settings: Settings) -> dict:
     import dataclasses
 
     from recsys_core.kinds import ARTIFACT_KINDS
-    from recsys_core.lake import parquet_files, partition_dir
-    from recsys_dagster.ingest.gates import SAMPLE_ROWS, arrival_window
+    from recsys_core.lake import parquet_files, partition_dir, read_summary
+    from recsys_dagster.ingest.gates import SAMPLE_ROWS, arrival_window, exposure_log_files
     from recsys_dagster.transform.aggregates import DAILY_MODELS, daily_aggregate_params
     from recsys_dagster.transform.artifacts import window_inputs
 
@@ -898,10 +898,16 @@ def _sql_params(args: argparse.Namespace, settings: Settings) -> dict:
         raise UsageError(f"canonical_events partition {day} has not been materialized ({folder})")
     if model in DAILY_MODELS:
         return {"paths": paths} | daily_aggregate_params(model, config)
-    # run_gates' arrival window; the resource limits are the checks settings of the same names.
+    # run_gates' arrival window and exposure log files; the limits are the checks settings of those names.
     start, end = arrival_window(day, config.ingest)
     window = {"window_start": start.isoformat(), "window_end": end.isoformat()}
-    return {"paths": paths, "max_rows": SAMPLE_ROWS} | window | dataclasses.asdict(config.checks)
+    summary = read_summary(lake_root, day)
+    exposures = exposure_log_files(summary) if summary else []
+    return (
+        {"paths": paths, "max_rows": SAMPLE_ROWS, "exposure_files": exposures}
+        | window
+        | dataclasses.asdict(config.checks)
+    )
 
 
 if __name__ == "__main__":

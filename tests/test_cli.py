@@ -19,6 +19,7 @@ import pytest
 
 from recsys_cli import cli, ports
 from recsys_core.settings import load_settings
+from recsys_core.storage import locked
 
 REPO = Path(__file__).resolve().parent.parent
 RECSYS = Path(sys.executable).parent / "recsys"
@@ -226,9 +227,15 @@ def test_a_killed_recsys_run_is_marked_failed_by_the_next_one(
     monkeypatch.setenv("RECSYS_START_DATE", _days_ago(3))  # the same in every test: see _generate_one_day
     monkeypatch.setenv("DAGSTER_HOME", str(home / "dagster"))
     _generate_one_day(day)
-    with subprocess.Popen(
-        [str(RECSYS), "run", "--start", day, "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    ) as process:
+    # Holding the day's canonicalization lock keeps the run in progress until it is killed, however fast.
+    staging = home / "lake" / ".staging"
+    staging.mkdir(parents=True, exist_ok=True)
+    with (
+        locked(staging / f"{day}.lock"),
+        subprocess.Popen(
+            [str(RECSYS), "run", "--start", day, "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        ) as process,
+    ):
         deadline = time.monotonic() + 120
         while not (home / "dagster" / "dagster.yaml").exists() and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -242,21 +249,21 @@ def test_a_killed_recsys_run_is_marked_failed_by_the_next_one(
             process.wait(timeout=30)
             [killed] = started
             assert instance.get_run_by_id(killed.run_id).status == dg.DagsterRunStatus.STARTED
-
-            capsys.readouterr()
-            assert cli.main(["run", "--start", day, "--select", "key:canonical_events", "--quiet"]) == 0
-            out = capsys.readouterr().out
-            assert (
-                f"run {killed.run_id}: marked FAILED: the recsys run that executed it on this host was killed"
-                in out
-            )
-            assert instance.get_run_by_id(killed.run_id).status == dg.DagsterRunStatus.FAILURE
-            [failure] = instance.all_logs(killed.run_id, of_type=dg.DagsterEventType.RUN_FAILURE)
-            assert f"(recsys run, pid {process.pid} on {socket.gethostname()})" in failure.message
-            assert "it was killed or crashed" in failure.message
-            # The next run is not touched: its process was alive while it ran, and it ended.
-            statuses = {run.run_id: run.status for run in instance.get_runs()}
-            assert sorted(status.value for status in statuses.values()) == ["FAILURE", "SUCCESS"]
+    with dg.DagsterInstance.from_config(str(home / "dagster")) as instance:
+        capsys.readouterr()
+        assert cli.main(["run", "--start", day, "--select", "key:canonical_events", "--quiet"]) == 0
+        out = capsys.readouterr().out
+        assert (
+            f"run {killed.run_id}: marked FAILED: the recsys run that executed it on this host was killed"
+            in out
+        )
+        assert instance.get_run_by_id(killed.run_id).status == dg.DagsterRunStatus.FAILURE
+        [failure] = instance.all_logs(killed.run_id, of_type=dg.DagsterEventType.RUN_FAILURE)
+        assert f"(recsys run, pid {process.pid} on {socket.gethostname()})" in failure.message
+        assert "it was killed or crashed" in failure.message
+        # The next run is not touched: its process was alive while it ran, and it ended.
+        statuses = {run.run_id: run.status for run in instance.get_runs()}
+        assert sorted(status.value for status in statuses.values()) == ["FAILURE", "SUCCESS"]
 
 
 def test_a_damaged_partition_record_is_named_and_the_other_days_still_shown(

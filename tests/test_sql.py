@@ -165,12 +165,11 @@ def file_params(name: str, lake: Lake) -> dict:
             "window_start": (midnight - dt.timedelta(days=1)).isoformat(),
             "window_end": (midnight + dt.timedelta(days=1)).isoformat(),
         },
-        "checks/canonical_resource_limits": {
+        "checks/canonical_profile": {
             "paths": canonical,
-            "max_events": 100,
-            "max_distinct_items": 10**10,  # a BIGINT: not exceeded
-            "max_sessions": 20,
-            "max_items_per_session": 3,
+            "exposure_files": [],
+            "window_start": (midnight - dt.timedelta(days=1)).isoformat(),
+            "window_end": (midnight + dt.timedelta(days=1)).isoformat(),
         },
         "checks/popularity_invalid_rows": {"paths": [str(_tampered_popularity(lake))]},
         "checks/cooc_invalid_rows": {
@@ -313,9 +312,16 @@ def test_recsys_sql_of_the_canonical_checks_finds_what_the_gates_found(
     assert (
         pasted("canonical_duplicate_event_ids").height == gates["unique_event_id"].metadata["violations"] == 1
     )
+    # The one pass the gates take: each figure is what the gate's own query finds.
+    profile = pasted("canonical_profile").row(0, named=True)
+    assert (profile["null_key_rows"], profile["duplicate_id_rows"], profile["ts_out_of_range_rows"]) == (
+        1,
+        1,
+        1,
+    )
     limits = gates["resource_limits"]
-    assert pasted("canonical_resource_limits").to_dicts() == limits.metadata["exceeded"]
     assert [r["measure"] for r in limits.metadata["exceeded"]] == ["items_per_session", "sessions"]
+    assert all(profile[r["measure"]] == r["observed"] for r in limits.metadata["exceeded"])
     assert pasted("canonical_largest_sessions").to_dicts() == limits.sample
 
 

@@ -430,6 +430,6 @@ def canonical_schema_model() -> pa.DataFrameSchema:
         },
         strict=True,
         ordered=True,
-        # Event ids are idempotency keys per tenant.
-        unique=["tenant", "event_id"],
+        # Uniqueness of (tenant, event_id), the idempotency key, is the unique_event_id gate's: checking it
+        # here too would cost the schema gate most of its time.
     )

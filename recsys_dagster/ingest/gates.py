@@ -41,7 +41,8 @@ from recsys_dagster.transform.sql import run_sql
 
 SAMPLE_ROWS = 10
 # Landing files of the API server's exposure log (recsys_serving.exposures names them so); the resource
-# limits' SQL files leave out the same files.
+# limits leave out the same files (canonical_profile.sql is given them, canonical_largest_sessions.sql
+# matches the pattern).
 EXPOSURE_LOG_FILES = r"(^|/)exposures-[^/]*\.jsonl(\.gz)?$"
 
 GATE_DESCRIPTIONS = {
@@ -157,26 +158,35 @@ def run_gates(lake_root: Path, day: dt.date, ingest: IngestConfig, checks: Check
         for reason, count in summary["reasons"].items()
         if count > exposures.reasons.get(reason, 0)
     }
+    window = {"window_start": window_start.isoformat(), "window_end": window_end.isoformat()}
+    # One pass for every row gate's figure; a gate's own query runs only to sample what it found.
+    profile = run_sql(
+        "checks/canonical_profile", {"paths": paths, "exposure_files": exposure_log_files(summary)} | window
+    ).row(0, named=True)
     results = [
         _schema(paths),
         _rows_gate(
-            "non_null_keys", run_sql("checks/canonical_null_keys", {"paths": paths}), "rows with a null key"
+            "non_null_keys",
+            profile["null_key_rows"],
+            "checks/canonical_null_keys",
+            paths,
+            {},
+            "rows with a null key",
         ),
         _rows_gate(
             "unique_event_id",
-            run_sql("checks/canonical_duplicate_event_ids", {"paths": paths}),
+            profile["duplicate_id_rows"],
+            "checks/canonical_duplicate_event_ids",
+            paths,
+            {},
             "event ids occurring more than once",
         ),
         _rows_gate(
             "ts_in_range",
-            run_sql(
-                "checks/canonical_ts_out_of_range",
-                {
-                    "paths": paths,
-                    "window_start": window_start.isoformat(),
-                    "window_end": window_end.isoformat(),
-                },
-            ),
+            profile["ts_out_of_range_rows"],
+            "checks/canonical_ts_out_of_range",
+            paths,
+            window,
             f"events outside [{window_start:%Y-%m-%d %H:%M}, {window_end:%Y-%m-%d %H:%M}) UTC",
         ),
         _rate_gate(
@@ -194,7 +204,7 @@ def run_gates(lake_root: Path, day: dt.date, ingest: IngestConfig, checks: Check
             {},
         ),
         _volume(lake_root, day, summary["canonical_rows"] - exposures.rows, checks),
-        _resource_limits(paths, checks),
+        _resource_limits(profile, paths, checks),
     ]
     backfilled = day < dt.datetime.now(dt.UTC).date() - dt.timedelta(days=checks.volume_block_recent_days)
     if exposures.files:
@@ -223,11 +233,16 @@ def run_gates(lake_root: Path, day: dt.date, ingest: IngestConfig, checks: Check
     return results
 
 
+def exposure_log_files(summary: SummaryRecord) -> list[str]:
+    """The landing files of a partition that are the API server's exposure log."""
+    return [source for source in summary["files"] if re.search(EXPOSURE_LOG_FILES, source)]
+
+
 def exposure_log_figures(
     lake_root: Path, day: dt.date, summary: SummaryRecord, paths: list[str]
 ) -> ExposureLogFigures:
     """The exposure log's share of the partition of `day` (`paths`: its canonical Parquet files)."""
-    if not any(re.search(EXPOSURE_LOG_FILES, source) for source in summary["files"]):
+    if not exposure_log_files(summary):
         return ExposureLogFigures()
     exposure_files = pl.col("source_file").str.contains(EXPOSURE_LOG_FILES)
     kept = pl.scan_parquet(paths).select("source_file", "source_line").filter(exposure_files).collect()
@@ -296,10 +311,15 @@ def _schema(paths: list[str]) -> GateResult:
     )
 
 
-def _rows_gate(name: str, violations: pl.DataFrame, what: str) -> GateResult:
+def _rows_gate(
+    name: str, found: int, query: str, paths: list[str], params: dict[str, Any], what: str
+) -> GateResult:
+    """A gate that fails on any offending row: `found` from the profile, the rows from `query` if any."""
+    if not found:
+        return GateResult(name, True, True, f"no {what}", {"violations": 0})
+    violations = run_sql(query, {"paths": paths} | params)
     count = violations.height
-    summary = f"{count:,} {what}" if count else f"no {what}"
-    return GateResult(name, count == 0, True, summary, {"violations": count}, _sample(violations))
+    return GateResult(name, False, True, f"{count:,} {what}", {"violations": count}, _sample(violations))
 
 
 def _rate_gate(name: str, count: int, considered: int, limit: float, breakdown: dict) -> GateResult:
@@ -354,19 +374,21 @@ def _volume(lake_root: Path, day: dt.date, rows: int, checks: ChecksConfig) -> G
     )
 
 
-def _resource_limits(paths: list[str], checks: ChecksConfig) -> GateResult:
-    params = {
-        "paths": paths,
-        "max_events": checks.max_events,
-        "max_distinct_items": checks.max_distinct_items,
-        "max_sessions": checks.max_sessions,
-        "max_items_per_session": checks.max_items_per_session,
+def _resource_limits(profile: dict[str, Any], paths: list[str], checks: ChecksConfig) -> GateResult:
+    """The profile's producer figures against the limits; the largest sessions as the sample when exceeded."""
+    limits = {
+        "distinct_items": checks.max_distinct_items,
+        "events": checks.max_events,
+        "items_per_session": checks.max_items_per_session,
+        "sessions": checks.max_sessions,
     }
-    exceeded = run_sql("checks/canonical_resource_limits", params)
-    if exceeded.height:
+    exceeded = [
+        {"measure": measure, "observed": profile[measure], "limit_value": limit}
+        for measure, limit in limits.items()
+        if profile[measure] > limit
+    ]
+    if exceeded:
         largest = run_sql("checks/canonical_largest_sessions", {"paths": paths, "max_rows": SAMPLE_ROWS})
-        summary = "; ".join(f"{m} {o:,} > {lim:,}" for m, o, lim in exceeded.iter_rows())
-        return GateResult(
-            "resource_limits", False, True, summary, {"exceeded": _sample(exceeded)}, _sample(largest)
-        )
+        summary = "; ".join(f"{e['measure']} {e['observed']:,} > {e['limit_value']:,}" for e in exceeded)
+        return GateResult("resource_limits", False, True, summary, {"exceeded": exceeded}, _sample(largest))
     return GateResult("resource_limits", True, True, "all resource limits respected", {})
