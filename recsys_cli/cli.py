@@ -273,9 +273,10 @@ def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
             )
         except ValueError as exc:
             raise UsageError(f"{path}: {exc}") from exc
+        span = f" {report.first_day}..{report.last_day}" if report.first_day else ""
         print(
-            f"{path}: {report.format}, {report.events_written:,} events into {len(report.per_day):,} day(s) "
-            f"{report.first_day}..{report.last_day}"
+            f"{path}: {report.format}, {report.events_written:,} events into {len(report.per_day):,} day(s)"
+            f"{span}"
             + (
                 f", {report.undated_lines:,} undatable line(s) kept for quarantine"
                 if report.undated_lines

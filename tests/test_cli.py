@@ -325,3 +325,16 @@ def test_a_bad_configuration_stops_every_command_naming_the_key(
     assert [line.split(": ")[0] for line in err] == ["recsys run", "recsys status"]
     assert all(key in line for line in err)
     assert not (home / "dagster").exists(), "nothing ran"
+
+
+def test_importing_only_undatable_lines_says_so_without_a_range(
+    home: Path, capsys: pytest.CaptureFixture
+) -> None:
+    source = home.parent / "undatable.jsonl"
+    source.write_text(
+        '{"v":1,"ts":"yesterday","tenant":"t","surface":"s","session_id":"a","item_id":"i","event_type":"click"}\n'
+    )
+    assert cli.main(["import", str(source)]) == cli.EXIT_OK
+    out = capsys.readouterr().out
+    assert "None" not in out
+    assert f"{source}: jsonl, 0 events into 0 day(s), 1 undatable line(s) kept for quarantine" in out
