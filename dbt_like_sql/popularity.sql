@@ -8,12 +8,23 @@
 --   half_life_days  0 = no decay; else a day's events weigh 0.5 ^ ((as_of - day) / half_life_days)
 --   top_n           items kept per tenant and surface
 --
--- score = sum of events * weight * decay; events = the undecayed count of those (weighted) events.
--- Ranked by score desc, then item_id asc; only items with a positive score are listed.
+-- score = sum of scaled_events * weight * decay (scaled_events: the events counted by their value, see
+-- item_daily.sql); events = the undecayed count of those (weighted) events.
+-- Ranked by score desc, then item_id asc.
+-- Only items with a positive score are listed.
 WITH weights AS (
     SELECT w.event_type, w.weight
     FROM (SELECT unnest(getvariable('weights')::STRUCT(event_type VARCHAR, weight DOUBLE)[]) AS w) AS listed
     WHERE w.weight > 0
+),
+
+window_rows AS (
+    -- Partitions built before item_daily had scaled_events lack the column: this typed empty row adds it
+    -- (NULL for their rows, which then count each event fully, as they did when they were built).
+    SELECT * FROM read_parquet(getvariable('paths'), union_by_name = TRUE)
+    UNION ALL BY NAME
+    SELECT NULL::DOUBLE AS scaled_events
+    WHERE FALSE
 ),
 
 terms AS (
@@ -24,7 +35,7 @@ terms AS (
         d.day,
         d.event_type,
         d.events,
-        d.events * w.weight * CASE
+        coalesce(d.scaled_events, d.events) * w.weight * CASE
             WHEN getvariable('half_life_days')::DOUBLE > 0
                 THEN
                     pow(
@@ -33,15 +44,16 @@ terms AS (
                     )
             ELSE 1.0
         END AS score
-    FROM read_parquet(getvariable('paths')) AS d
+    FROM window_rows AS d
     INNER JOIN weights AS w ON d.event_type = w.event_type
 ),
 
 items AS (
-    -- Summed in a fixed order (day, event type) so that equal inputs give bit-identical scores.
+    -- Each term rounded to a fixed-point decimal, then summed exactly: equal inputs give the same bits in any
+    -- order, and items whose sums are equal tie exactly (rounding noise never decides their order).
     SELECT
         tenant, surface, item_id,
-        list_sum(list(score ORDER BY day, event_type))::DOUBLE AS score,
+        sum(score::DECIMAL(38, 9))::DOUBLE AS score,
         sum(events)::BIGINT AS events
     FROM terms
     GROUP BY tenant, surface, item_id

@@ -69,6 +69,7 @@ POPULARITY = ArtifactKind(
         "top_n": config.artifacts.popularity.top_n,
         "half_life_days": config.artifacts.popularity.half_life_days,
         "event_weights": config.interest_weights(),
+        "event_value_scales": config.value_scales(),
     },
     sql_params=lambda config, as_of: {
         "weights": config.interest_weight_rows(),
@@ -137,6 +138,7 @@ USER_HISTORY = ArtifactKind(
         "window_days": config.artifacts.user_history.window_days,
         "max_items": config.artifacts.user_history.max_items,
         "event_weights": config.interest_weights(),
+        "event_value_scales": config.value_scales(),
     },
     sql_params=lambda config, as_of: {"max_items": config.artifacts.user_history.max_items},
 )
@@ -164,6 +166,7 @@ ALS = ArtifactKind(
         "half_life_days": config.artifacts.als.half_life_days,
         "confidence": config.artifacts.als.confidence,
         "event_weights": config.interest_weights(),
+        "event_value_scales": config.value_scales(),
     },
     sql_params=lambda config, as_of: {
         "as_of": as_of.isoformat(),

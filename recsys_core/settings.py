@@ -64,6 +64,7 @@ POSITIVE = (
     "guardrails.min_training_days",
     "tuning.trials",
     "tuning.validation_days",
+    "event_value_scales.*",
 )
 # Keys (fnmatch patterns) with a range of their own: (lowest, highest), both allowed.
 NUMBER_RANGES: dict[str, tuple[float, float]] = {
@@ -266,6 +267,10 @@ class PipelineConfig:
             "rating": 1.0,
         }
     )
+    # Event types whose `value` scales an event's weight: weight x clamp(value / scale, 0, 1), so the value
+    # `scale` (5 stars) counts fully and a 0.5-star rating a tenth of that. Types not listed ignore `value`
+    # (a purchase's price must not inflate it); an event of a listed type without a value counts fully.
+    event_value_scales: Mapping[str, float] = field(default_factory=lambda: {"rating": 5.0})
 
     def interest_weights(self) -> dict[str, float]:
         """Event types that count as interest (weight > 0) and their weights, sorted by type."""
@@ -274,6 +279,14 @@ class PipelineConfig:
     def interest_weight_rows(self) -> list[dict[str, Any]]:
         """`interest_weights` as rows `{event_type, weight}`, the shape the SQL models take."""
         return [{"event_type": name, "weight": w} for name, w in self.interest_weights().items()]
+
+    def value_scales(self) -> dict[str, float]:
+        """`event_value_scales` sorted by type: the event types whose `value` scales their weight."""
+        return {name: float(scale) for name, scale in sorted(self.event_value_scales.items())}
+
+    def value_scale_rows(self) -> list[dict[str, Any]]:
+        """`value_scales` as rows `{event_type, scale}`, the shape the SQL models take."""
+        return [{"event_type": name, "scale": scale} for name, scale in self.value_scales().items()]
 
 
 @dataclass(frozen=True)
@@ -409,22 +422,30 @@ def load_pipeline_config(path: Path | None) -> PipelineConfig:
     if path is None:
         return PipelineConfig()
     raw = _read_yaml(path, "RECSYS_CONFIG")
-    known = {"ingest", "checks", "event_weights", "artifacts", "blend", "guardrails", "tuning"}
+    known = {
+        "ingest",
+        "checks",
+        "event_weights",
+        "event_value_scales",
+        "artifacts",
+        "blend",
+        "guardrails",
+        "tuning",
+    }
     _reject_unknown("", raw, known)
-    weights = dict(PipelineConfig().event_weights)
-    given_weights = raw.get("event_weights") or {}
-    if not isinstance(given_weights, dict):
-        raise ConfigError("event_weights: must be a mapping of event type to weight")
     ingest = _section(IngestConfig(), "ingest", raw.get("ingest"))
-    for name, weight in given_weights.items():
-        if str(name) not in ingest.event_types:
-            raise ConfigError(
-                f"event_weights.{name}: {name!r} is not an accepted event type "
-                f"(ingest.event_types: {', '.join(ingest.event_types)})"
-            )
-        if isinstance(weight, bool) or not isinstance(weight, int | float):
-            raise ConfigError(f"event_weights.{name}: must be a number >= 0, got {weight!r}")
-        weights[str(name)] = _as_float(f"event_weights.{name}", weight)
+    defaults = PipelineConfig()
+    weights = dict(defaults.event_weights) | _event_type_numbers(
+        "event_weights", raw.get("event_weights"), ingest.event_types, "weight", "a number >= 0"
+    )
+    # Given, the mapping replaces the default whole: `event_value_scales: {}` makes every type ignore `value`.
+    value_scales = (
+        _event_type_numbers(
+            "event_value_scales", raw["event_value_scales"], ingest.event_types, "value scale", "a number > 0"
+        )
+        if "event_value_scales" in raw
+        else dict(defaults.event_value_scales)
+    )
     config = PipelineConfig(
         ingest=ingest,
         checks=_section(ChecksConfig(), "checks", raw.get("checks")),
@@ -432,10 +453,33 @@ def load_pipeline_config(path: Path | None) -> PipelineConfig:
         guardrails=_section(GuardrailsConfig(), "guardrails", raw.get("guardrails")),
         tuning=_section(TuningConfig(), "tuning", raw.get("tuning")),
         event_weights=weights,
+        event_value_scales=value_scales,
         blend=_section(BlendWeights(), "blend", raw.get("blend")),
     )
     _validate(config)
     return config
+
+
+def _event_type_numbers(
+    section: str, given: Any, event_types: tuple[str, ...], what: str, expected: str
+) -> dict[str, float]:
+    """The YAML mapping `section` of event type to number: each type accepted (`ingest.event_types`), each
+    value a number (its range is checked with every other setting's, by `_validate`)."""
+    if given is None:
+        return {}
+    if not isinstance(given, dict):
+        raise ConfigError(f"{section}: must be a mapping of event type to {what}")
+    numbers = {}
+    for name, number in given.items():
+        if str(name) not in event_types:
+            raise ConfigError(
+                f"{section}.{name}: {name!r} is not an accepted event type "
+                f"(ingest.event_types: {', '.join(event_types)})"
+            )
+        if isinstance(number, bool) or not isinstance(number, int | float):
+            raise ConfigError(f"{section}.{name}: must be {expected}, got {number!r}")
+        numbers[str(name)] = _as_float(f"{section}.{name}", number)
+    return numbers
 
 
 def _read_yaml(path: Path, what: str) -> dict[str, Any]:

@@ -10,8 +10,10 @@ then weighted and summed over every item of the target's vocabulary:
 - co-occurrence: the recency-weighted summed votes of the seed items (`ranking.cooc_top`), its maximum
   taken over the items that may be returned.
 - popularity: the published popularity score (0 outside the published top N), a prior for every item.
-The top `k` of the sum is exact, items scoring 0 are never returned, and ties are broken by item id
-(vocabulary index). Each returned item carries the weighted contribution of every source.
+The top `k` of the sum is exact and items scoring 0 are never returned. Equal sums are ordered by the
+published popularity ranking (an item of the popular list before any other, whatever the blend's
+popularity weight), then by item id (vocabulary index). Each returned item carries the weighted
+contribution of every source.
 
 Only the items that can reach the top `k` are scored: the popularity and co-occurrence candidates, and the
 items whose ALS score can reach the `k`-th best candidate's. The length of an item's factors bounds its ALS
@@ -26,6 +28,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -118,8 +121,8 @@ def blend(
         else:
             als = None
     total, values = _totals(candidates, als, cooc, prior, weights)
-    # Best first, ties by item id (vocabulary index); items scoring 0 are never returned.
-    order = np.lexsort((candidates, -total))[:k]
+    # Best first, ties by popularity rank, then item id (vocabulary index); items scoring 0 are never returned.
+    order = np.lexsort((candidates, _popularity_ranks(target)[candidates], -total))[:k]
     order = order[total[order] > 0]
     best_totals = total[order].tolist()
     parts = {source: part[order].tolist() for source, part in values.items()}
@@ -277,7 +280,7 @@ class _AlsOrder:
         bound[:-1] = np.maximum.accumulate(lengths[items][::-1])[::-1]
         order = cls(
             # The entry goes when the model does (a swap replaces the target and its model).
-            source=weakref.ref(model.item_factors, _forget(key)),
+            source=weakref.ref(model.item_factors, _forget(_ORDERS, key)),
             popular=weakref.ref(target.popular_items),
             items=items,
             row_of=row_of,
@@ -296,11 +299,30 @@ _ORDERS: dict[int, _AlsOrder] = {}
 _ROWS = 64
 
 
-def _forget(key: int) -> Callable[[weakref.ref[np.ndarray]], None]:
+def _forget(cache: dict[int, Any], key: int) -> Callable[[weakref.ref[np.ndarray]], None]:
     def forget(_: weakref.ref[np.ndarray]) -> None:
-        _ORDERS.pop(key, None)
+        cache.pop(key, None)
 
     return forget
+
+
+# The tie order of every loaded target: its popularity ranks, by the identity of its popular items (each
+# entry is dropped when that array is freed).
+_RANKS: dict[int, tuple[weakref.ref[np.ndarray], np.ndarray]] = {}
+
+
+def _popularity_ranks(target: LoadedTarget) -> np.ndarray:
+    """Each vocabulary item's position in the published popularity ranking (items outside it: after all),
+    the order of equal blended scores. Built once per loaded target."""
+    popular = target.popular_items
+    key = id(popular)
+    cached = _RANKS.get(key)
+    if cached is not None and cached[0]() is popular:
+        return cached[1]
+    ranks = np.full(target.n_items, len(popular), dtype=np.int64)
+    ranks[popular] = np.arange(len(popular))
+    _RANKS[key] = (weakref.ref(popular, _forget(_RANKS, key)), ranks)
+    return ranks
 
 
 def _blend_exhaustive(
@@ -333,7 +355,7 @@ def _blend_exhaustive(
         total += weight[source] * scores
     if excluded:
         total[list(excluded)] = 0.0
-    best = [int(i) for i in _top_indexes(total, k) if total[i] > 0]
+    best = [int(i) for i in _top_indexes(total, _popularity_ranks(target), k) if total[i] > 0]
     return Blended(
         best,
         [float(total[i]) for i in best],
@@ -342,15 +364,15 @@ def _blend_exhaustive(
     )
 
 
-def _top_indexes(scores: np.ndarray, n: int) -> np.ndarray:
-    """Indexes of the `n` highest scores, best first (ties by index)."""
+def _top_indexes(scores: np.ndarray, ties: np.ndarray, n: int) -> np.ndarray:
+    """Indexes of the `n` highest scores, best first (ties by `ties` ascending, then by index)."""
     n = min(n, len(scores))
     if n == 0:
         return np.empty(0, dtype=np.int64)
     if n < len(scores):
         # Every item at least as good as the n-th best, ties at the boundary included, so that the cut
-        # below breaks them by index rather than by where the partition happened to put them.
+        # below breaks them by the tie order rather than by where the partition happened to put them.
         part = np.flatnonzero(scores >= np.partition(scores, len(scores) - n)[len(scores) - n])
     else:
         part = np.arange(len(scores))
-    return part[np.lexsort((part, -scores[part]))][:n]
+    return part[np.lexsort((part, ties[part], -scores[part]))][:n]

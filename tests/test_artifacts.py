@@ -13,6 +13,7 @@ import json
 import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass, replace
+from decimal import Decimal
 from itertools import combinations
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,8 @@ WEIGHTS = [
     {"event_type": "purchase", "weight": 5.0},
 ]
 INTEREST = ["add_to_cart", "click", "purchase"]
+# The default value scales: a rating's stars out of 5.
+SCALES = PipelineConfig().value_scale_rows()
 
 
 def _ts(day: dt.date, seconds: float) -> dt.datetime:
@@ -65,15 +68,16 @@ def _ts(day: dt.date, seconds: float) -> dt.datetime:
 
 
 def write_canonical(lake: Path, day: dt.date, events: list[tuple]) -> None:
-    """One canonical_events partition from (session, item, second of the day[, type[, user[, tenant]]]).
+    """One canonical_events partition from (session, item, second of the day[, type[, user[, tenant[, value]]]]).
 
-    Defaults: type click, user "u-<session>" (None = anonymous), tenant "t"; the surface is "home".
+    Defaults: type click, user "u-<session>" (None = anonymous), tenant "t", no value; the surface is "home".
     """
     rows = []
     for n, (session, item, second, *rest) in enumerate(events):
         event_type = rest[0] if len(rest) > 0 else "click"
         user = rest[1] if len(rest) > 1 else f"u-{session}"
         tenant = rest[2] if len(rest) > 2 else "t"
+        value = rest[3] if len(rest) > 3 else None
         rows.append(
             {
                 "event_id": f"{day}-{n}",
@@ -84,7 +88,7 @@ def write_canonical(lake: Path, day: dt.date, events: list[tuple]) -> None:
                 "user_id": user,
                 "item_id": item,
                 "event_type": event_type,
-                "value": None,
+                "value": value,
                 "rank": None,
                 "request_id": None,
                 "source_file": "test.jsonl",
@@ -211,7 +215,14 @@ def test_a_batch_of_days_writes_the_same_bytes_as_one_day_at_a_time(tmp_path: Pa
     # day); one day without interest events at all (its partitions are still written, empty).
     days = [D1 + dt.timedelta(days=n) for n in range(DAYS_PER_QUERY + 2)]
     for n, day in enumerate(days):
-        events = [("s1", "a", 1), ("s1", f"i{n}", 2, "purchase"), ("s2", "a", 3), ("s2", "b", n + 4)]
+        # Ratings of a varying number of stars (their weights are scaled sums) and a priced purchase.
+        events = [
+            ("s1", "a", 1),
+            ("s1", f"i{n}", 2, "purchase", "u-s1", "t", 19.99),
+            ("s2", "a", 3),
+            ("s2", "b", n + 4),
+            *(("s3", "r", 5 + k, "rating", "u-s3", "t", 0.5 + 0.7 * ((n + k) % 7)) for k in range(3)),
+        ]
         write_canonical(tmp_path / "batch", day, events if n != 3 else [("s1", "a", 1, "exposure")])
         write_canonical(tmp_path / "single", day, events if n != 3 else [("s1", "a", 1, "exposure")])
     config = PipelineConfig()
@@ -269,7 +280,7 @@ def test_a_batch_caps_each_session_of_each_day_and_tenant_on_its_own(tmp_path: P
 def test_a_batch_with_a_missing_day_writes_nothing(tmp_path: Path) -> None:
     write_canonical(tmp_path, D1, [("s1", "a", 1), ("s1", "b", 2)])
     with pytest.raises(FileNotFoundError, match=f"canonical_events partition {D2} has not been materialized"):
-        build_daily_aggregates("item_daily", tmp_path, [D1, D2])
+        build_daily_aggregates("item_daily", tmp_path, [D1, D2], {"value_scales": SCALES})
     assert not partition_dir(tmp_path, "item_daily", D1).exists()
 
 
@@ -292,7 +303,9 @@ def test_user_item_daily_weights_known_users_and_interest_only(tmp_path: Path) -
             ("s4", "a", 8, "click", "u2"),
         ],
     )
-    built = build_daily_aggregate("user_item_daily", tmp_path, D1, {"weights": WEIGHTS})
+    built = build_daily_aggregate(
+        "user_item_daily", tmp_path, D1, {"weights": WEIGHTS, "value_scales": SCALES}
+    )
     frame = pl.read_parquet(built["path"])
     assert frame.columns == ["day", "tenant", "surface", "user_id", "item_id", "weight", "events", "last_ts"]
     assert frame.select("user_id", "item_id", "weight", "events", "last_ts").rows() == [
@@ -317,7 +330,7 @@ def popularity_lake(tmp_path: Path) -> Path:
         [("s3", "a", 1), ("s3", "a", 2), ("s4", "b", 1, "purchase"), ("s5", "x", 1), ("s6", "w", 1)],
     )
     for day in (D1, D2, D3):
-        build_daily_aggregate("item_daily", tmp_path, day)
+        build_daily_aggregate("item_daily", tmp_path, day, {"value_scales": SCALES})
     return tmp_path
 
 
@@ -484,7 +497,7 @@ def test_user_history_most_recent_distinct_items(tmp_path: Path) -> None:
         ],
     )
     for day in (D1, D2):
-        build_daily_aggregate("user_item_daily", tmp_path, day, {"weights": WEIGHTS})
+        build_daily_aggregate("user_item_daily", tmp_path, day, {"weights": WEIGHTS, "value_scales": SCALES})
     paths = aggregate_paths(tmp_path, "user_item_daily", [D1, D2])
     frame = run_sql("user_history", {"paths": paths, "max_items": 2})
     assert frame.columns == ["tenant", "surface", "user_id", "rank", "item_id", "last_ts", "weight"]
@@ -499,6 +512,77 @@ def test_user_history_most_recent_distinct_items(tmp_path: Path) -> None:
         "b",
         "q",
     ]
+
+
+# ------------------------------------------------------------------------------------ value scales
+
+
+def test_a_half_star_rating_weighs_a_tenth_of_a_five_star_one(tmp_path: Path) -> None:
+    # MovieLens-shaped: one user rates movie 10 half a star, movie 20 five stars, movie 30 3.5 stars.
+    ratings = tmp_path / "ratings.csv"
+    ratings.write_text(
+        "userId,movieId,rating,timestamp\n1,10,0.5,1714550400\n1,20,5.0,1714550460\n2,30,3.5,1714550520\n"
+    )
+    import_file(ratings, tmp_path / "raw", fmt="movielens", tenant="ml", surface="movies")
+    canonicalize_partition(tmp_path / "raw", tmp_path / "lake", D1, IngestConfig())
+    config = config_with(popularity=PopularityConfig(window_days=1))
+    build_aggregates(tmp_path / "lake", [D1], config)
+
+    interactions = pl.read_parquet(partition_dir(tmp_path / "lake", "user_item_daily", D1) / AGGREGATE_FILE)
+    weight = dict(interactions.select("item_id", "weight").rows())
+    assert weight == {"10": 0.1, "20": 1.0, "30": 0.7}
+    assert weight["10"] * 10 == weight["20"]
+    (popularity,) = build_window_artifacts(
+        "popularity", tmp_path / "lake", tmp_path / "artifacts", D1, config
+    )
+    items = pl.read_parquet(popularity.path / "items.parquet")
+    assert items.select("item_id", "score", "events").rows() == [
+        ("20", 1.0, 1),
+        ("30", 0.7, 1),
+        ("10", 0.1, 1),
+    ]
+    assert read_meta(popularity.path)["params"]["event_value_scales"] == {"rating": 5.0}
+
+
+def test_only_types_with_a_value_scale_weigh_by_their_value(tmp_path: Path) -> None:
+    write_canonical(
+        tmp_path,
+        D1,
+        [
+            ("s1", "a", 1, "purchase", "u1", "t", 250.0),  # a price: purchases have no scale
+            ("s1", "b", 2, "rating", "u1", "t", 9.0),  # above the scale: counts fully
+            ("s1", "c", 3, "rating", "u1", "t", -2.0),  # below 0: counts nothing
+            ("s1", "d", 4, "rating", "u1", "t", None),  # no value: counts fully
+            ("s1", "d", 5, "rating", "u1", "t", 2.5),
+        ],
+    )
+    weights = [*WEIGHTS, {"event_type": "rating", "weight": 2.0}]
+    user_item = build_daily_aggregate(
+        "user_item_daily", tmp_path, D1, {"weights": weights, "value_scales": SCALES}
+    )
+    assert pl.read_parquet(user_item["path"]).select("item_id", "weight", "events").rows() == [
+        ("a", 5.0, 1),
+        ("b", 2.0, 1),
+        ("c", 0.0, 1),
+        ("d", 3.0, 2),
+    ]
+    item_daily = build_daily_aggregate("item_daily", tmp_path, D1, {"value_scales": SCALES})
+    assert pl.read_parquet(item_daily["path"]).select("item_id", "events", "scaled_events").rows() == [
+        ("a", 1, 1.0),
+        ("b", 1, 1.0),
+        ("c", 1, 0.0),
+        ("d", 2, 1.5),
+    ]
+    # Without scales every event counts fully, whatever its value.
+    item_daily = build_daily_aggregate("item_daily", tmp_path, D1, {"value_scales": []})
+    assert pl.read_parquet(item_daily["path"])["scaled_events"].to_list() == [1.0, 1.0, 1.0, 2.0]
+
+
+def test_popularity_reads_item_daily_partitions_built_before_value_scales(popularity_lake: Path) -> None:
+    # D1's partition as an earlier version wrote it: no scaled_events, so its events count fully.
+    old = partition_dir(popularity_lake, "item_daily", D1) / AGGREGATE_FILE
+    pl.read_parquet(old).drop("scaled_events").write_parquet(old)
+    assert _popularity(popularity_lake, 0.0)[1] == (2, "c", 4.0, 4)
 
 
 # --------------------------------------------------------------------------------- window artifacts
@@ -616,7 +700,7 @@ def test_build_window_artifacts_without_any_aggregate(tmp_path: Path) -> None:
     config = config_with(popularity=PopularityConfig(window_days=2))
     outside = dt.date(2024, 4, 1)  # built, but not in the window
     write_canonical(tmp_path, outside, [("s", "a", 1)])
-    build_daily_aggregate("item_daily", tmp_path, outside)
+    build_daily_aggregate("item_daily", tmp_path, outside, {"value_scales": SCALES})
     with pytest.raises(
         FileNotFoundError, match=r"no item_daily partition in the window 2024-05-02\.\.2024-05-03"
     ):
@@ -708,7 +792,8 @@ def test_popularity_check_returns_each_violating_row(tmp_path: Path) -> None:
 # (CC BY 4.0, (c) OTTO GmbH & Co KG). Expectations are computed straight from the source files in plain
 # Python, with the pipeline's session rule: one session per session id and UTC day (canonical partition).
 
-Event = tuple[dt.date, str, str, str, int, str]  # day, session, user, item, ts (ms), event type
+# day, session, user, item, ts (ms), event type, value (a rating's stars)
+Event = tuple[dt.date, str, str, str, int, str, float | None]
 
 
 @pytest.fixture(scope="module")
@@ -752,11 +837,11 @@ def _source_events(source: Path, fmt: str, window: set[dt.date]) -> list[Event]:
         with open(source, newline="") as handle:
             rows = csv.reader(handle)
             assert next(rows) == ["userId", "movieId", "rating", "timestamp"]
-            for user, movie, _rating, seconds in rows:
+            for user, movie, rating, seconds in rows:
                 ms = int(seconds) * 1000
                 day = day_of(ms)
                 if day in window:
-                    events.add((day, f"{user}-{day:%Y%m%d}", user, movie, ms, "rating"))
+                    events.add((day, f"{user}-{day:%Y%m%d}", user, movie, ms, "rating", float(rating)))
     else:
         types = {"clicks": "click", "carts": "add_to_cart", "orders": "purchase"}
         for line in source.read_text().splitlines():
@@ -764,7 +849,8 @@ def _source_events(source: Path, fmt: str, window: set[dt.date]) -> list[Event]:
             session = str(obj["session"])
             for e in obj["events"]:
                 if day_of(e["ts"]) in window:
-                    events.add((day_of(e["ts"]), session, session, str(e["aid"]), e["ts"], types[e["type"]]))
+                    day = day_of(e["ts"])
+                    events.add((day, session, session, str(e["aid"]), e["ts"], types[e["type"]], None))
     return sorted(events)
 
 
@@ -791,19 +877,30 @@ def otto(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> RealLake:
     return _load(source, tmp_path_factory.mktemp("otto"), "otto", "shop", "pdp", None)
 
 
+def value_share(value: float | None, scale: float | None) -> Decimal:
+    """What one event counts for: clamp(value / scale, 0, 1) for a type with a scale and an event with a
+    value, else 1 (exact: MovieLens stars over 5 are tenths)."""
+    if scale is None or value is None:
+        return Decimal(1)
+    return min(max(Decimal(str(value)) / Decimal(str(scale)), Decimal(0)), Decimal(1))
+
+
 def expected_popularity(
-    events: list[Event], weights: dict[str, float], as_of: dt.date, half_life: float, top_n: int
+    events: list[Event], config: PipelineConfig, as_of: dt.date, half_life: float, top_n: int
 ) -> list[tuple[int, str, float, int]]:
-    per_day: Counter[tuple[str, dt.date, str]] = Counter()
-    for day, _session, _user, item, _ts, event_type in events:
-        if weights.get(event_type, 0) > 0:
-            per_day[(item, day, event_type)] += 1
-    score: dict[str, float] = defaultdict(float)
+    weights, scales = config.event_weights, config.event_value_scales
+    per_day: dict[tuple[str, dt.date, str], Decimal] = defaultdict(Decimal)
     count: Counter[str] = Counter()
-    for (item, day, event_type), n in sorted(per_day.items()):
+    for day, _session, _user, item, _ts, event_type, value in events:
+        if weights.get(event_type, 0) > 0:
+            per_day[(item, day, event_type)] += value_share(value, scales.get(event_type))
+            count[item] += 1
+    # Each day's term rounded to 9 decimals, then summed exactly.
+    sums: dict[str, Decimal] = defaultdict(Decimal)
+    for (item, day, event_type), shares in per_day.items():
         decay = 0.5 ** ((as_of - day).days / half_life) if half_life else 1.0
-        score[item] += n * weights[event_type] * decay
-        count[item] += n
+        sums[item] += Decimal(float(shares) * weights[event_type] * decay).quantize(Decimal("1e-9"))
+    score = {item: float(total) for item, total in sums.items()}
     ranked = sorted(score, key=lambda item: (-score[item], item))[:top_n]
     return [(rank, item, score[item], count[item]) for rank, item in enumerate(ranked, 1)]
 
@@ -819,7 +916,7 @@ def expected_cooc(
 ) -> tuple[dict[str, list[tuple[str, float, int]]], int]:
     """Neighbour lists, and how many sessions the cap cut."""
     first_seen: dict[tuple[dt.date, str], dict[str, int]] = defaultdict(dict)
-    for day, session, _user, item, ts, event_type in events:
+    for day, session, _user, item, ts, event_type, _value in events:
         if event_type in interest:
             seen = first_seen[(day, session)]
             seen[item] = min(seen.get(item, ts), ts)
@@ -858,7 +955,7 @@ def expected_history(
 ) -> list[tuple[str, int, str, int, float]]:
     last: dict[tuple[str, str], int] = {}
     weight: dict[tuple[str, str], float] = defaultdict(float)
-    for _day, _session, user, item, ts, event_type in events:
+    for _day, _session, user, item, ts, event_type, _value in events:
         if weights.get(event_type, 0) > 0:
             last[(user, item)] = max(last.get((user, item), ts), ts)
             weight[(user, item)] += weights[event_type]
@@ -896,11 +993,10 @@ def test_movielens_popularity_and_cooc_match_plain_python(movielens: RealLake) -
     for day in movielens.days:
         for model in ("item_daily", "pair_daily"):
             build_daily_aggregate(model, movielens.lake, day, daily_aggregate_params(model, config))
-    weights = dict(config.event_weights)
     assert len(movielens.events) == 1481
 
     items = _single_build("popularity", movielens, config)
-    expected = expected_popularity(movielens.events, weights, movielens.as_of, 0, 100)
+    expected = expected_popularity(movielens.events, config, movielens.as_of, 0, 100)
     assert items.rows() == expected
     assert _check_rows("popularity_invalid_rows", items, movielens.lake.parent / "checks") == []
     # With a 7-day half-life over every item (no top-N cut to straddle).
@@ -910,7 +1006,7 @@ def test_movielens_popularity_and_cooc_match_plain_python(movielens: RealLake) -
         movielens.as_of,
         replace_kind(config, "popularity", half_life_days=7.0, top_n=10**6),
     )
-    expected = expected_popularity(movielens.events, weights, movielens.as_of, 7.0, 10**6)
+    expected = expected_popularity(movielens.events, config, movielens.as_of, 7.0, 10**6)
     assert decayed.select("rank", "item_id", "events").rows() == [(r, i, n) for r, i, _, n in expected]
     assert decayed["score"].to_list() == pytest.approx([s for _, _, s, _ in expected], rel=1e-12)
 
@@ -927,6 +1023,36 @@ def test_movielens_popularity_and_cooc_match_plain_python(movielens: RealLake) -
     _assert_same_neighbors(
         neighbors_of(frame), expected_cooc(movielens.events, {"rating"}, 50, "cosine", 1, 20, 300)[0]
     )
+
+
+def test_movielens_popularity_favours_high_ratings(movielens: RealLake) -> None:
+    stars: dict[str, list[float]] = defaultdict(list)
+    for *_, item, _ts, _type, value in movielens.events:
+        assert value is not None
+        stars[item].append(value)
+
+    def top(config: PipelineConfig) -> list[str]:
+        for day in movielens.days:
+            build_daily_aggregate(
+                "item_daily", movielens.lake, day, daily_aggregate_params("item_daily", config)
+            )
+        frame, _, _ = compute_window("popularity", movielens.lake, movielens.as_of, config)
+        return frame["item_id"].to_list()
+
+    def mean_stars(items: set[str] | list[str]) -> list[float]:
+        return [sum(stars[item]) / len(stars[item]) for item in items]
+
+    config = _real_config(60)
+    counted = top(replace(config, event_value_scales={}))[:20]  # every rating weighs 1: the most rated
+    weighed = top(config)[:20]
+    # Items rated as often as each other now rank by their stars.
+    for count in {len(stars[item]) for item in weighed}:
+        same = [item for item in weighed if len(stars[item]) == count]
+        assert mean_stars(same) == sorted(mean_stars(same), reverse=True)
+    # The items that enter the top 20 are better rated than those that leave it, and the top gets better.
+    entered, left = set(weighed) - set(counted), set(counted) - set(weighed)
+    assert entered and min(mean_stars(entered)) > max(mean_stars(left))
+    assert sum(mean_stars(weighed)) > sum(mean_stars(counted))
 
 
 @pytest.fixture(scope="module")
@@ -962,7 +1088,7 @@ def test_otto_popularity_and_user_history_match_plain_python(
     assert (otto.days[0], otto.as_of, len(otto.events)) == (dt.date(2022, 7, 31), dt.date(2022, 8, 28), 862)
     weights = dict(config.event_weights)
     items = _single_build("popularity", otto, config)
-    assert items.rows() == expected_popularity(otto.events, weights, otto.as_of, 0, 100)
+    assert items.rows() == expected_popularity(otto.events, config, otto.as_of, 0, 100)
     history = _single_build("user_history", otto, config)
     got = [
         (user, rank, item, int(ts.timestamp() * 1000), weight)

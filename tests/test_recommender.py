@@ -4,9 +4,11 @@ artifacts that the real pipeline steps published (`test_serving`'s fixture data)
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pytest
 from test_serving import (
     SURFACE,
@@ -18,8 +20,12 @@ from test_serving import (
     users_with_cooc,
 )
 
+from recsys_core.kinds import ARTIFACT_KINDS
 from recsys_core.manifest import read_current
 from recsys_core.settings import BlendWeights
+from recsys_dagster.publishing.protocol import publish
+from recsys_dagster.transform.artifact_dir import write_artifact_dir
+from recsys_dagster.transform.artifacts import polars_schema
 from recsys_serving import blend as blend_module
 from recsys_serving import recommender
 from recsys_serving.blend import SOURCE_ALS, blend
@@ -264,3 +270,60 @@ def test_the_blend_scores_only_what_can_reach_the_top_and_agrees_with_the_exhaus
                 )
     if popular is not None:
         assert min(computed) < target.n_items  # some requests did not score every item
+
+
+def test_equal_blended_scores_follow_the_popularity_ranking_then_the_item_id(tmp_path: Path) -> None:
+    """Hand-made artifacts with equal scores, published through the real publishing code: the popularity
+    artifact ranks c, b, a (equal scores, ordered by their reach, not by id)."""
+    root = tmp_path / "artifacts"
+    meta = {"tenant": "ties", "surface": "home", "as_of": "2026-11-21"}
+    popularity = pl.DataFrame(
+        {
+            "rank": [1, 2, 3, 4],
+            "item_id": ["p", "c", "b", "a"],
+            "score": [9.0, 5.0, 5.0, 5.0],
+            "events": [9] + [5] * 3,
+        },
+        schema=polars_schema(ARTIFACT_KINDS["popularity"]),
+    )
+    # Seed s: a, c and z are equally close neighbours.
+    neighbors = pl.DataFrame(
+        {
+            "item_id": ["s"] * 3,
+            "rank": [1, 2, 3],
+            "neighbor_id": ["a", "c", "z"],
+            "score": [0.5] * 3,
+            "count": [3] * 3,
+        },
+        schema=polars_schema(ARTIFACT_KINDS["cooc"]),
+    )
+    paths = {
+        kind: write_artifact_dir(root / "ties" / "home", kind, {**meta, "kind": kind}, {name: frame})[1]
+        for kind, name, frame in (
+            ("popularity", "items.parquet", popularity),
+            ("cooc", "neighbors.parquet", neighbors),
+        )
+    }
+    assert publish(root, "ties", "home", dt.date(2026, 11, 21), paths).action == "publish"
+    target = load_target(root, "ties", "home", read_current(root, "ties", "home"))
+
+    # Popular items only: c, b and a tie at 5/9 of p's score and keep the published order.
+    assert recommend(target, k=4, exclude_seen=False).item_ids == ["p", "c", "b", "a"]
+    # Neighbours only: c is popular before a; z, not popular at all, comes last.
+    cooc_only = BlendWeights(als=0.0, cooc=1.0, popularity=0.0)
+    assert recommend(target, context_items=["s"], k=3, exclude_seen=False, weights=cooc_only).item_ids == [
+        "c",
+        "a",
+        "z",
+    ]
+    for exhaustive in (False, True):
+        blended = blend(
+            target,
+            user_vector=None,
+            seeds=[target.item_index["s"]],
+            excluded={target.item_index["s"]},
+            k=2,
+            weights=cooc_only,
+            exhaustive=exhaustive,
+        )
+        assert [target.item_ids[i] for i in blended.items] == ["c", "a"]

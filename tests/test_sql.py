@@ -371,7 +371,7 @@ ORDER BY ALL
 
 
 def test_the_als_input_weights_are_summed_in_day_order_bit_for_bit(lake: Lake) -> None:
-    params = {"paths": lake.aggregates("user_item_daily"), "as_of": DAY, "half_life_days": 1.5}
+    params = {"paths": lake.aggregates("user_item_daily"), "as_of": DAY, "half_life_days": 0.7}
     got = run_sql("als_interactions", params).sort("tenant", "surface", "user_id", "item_id")
     con = duckdb.connect(":memory:")
     try:

@@ -41,8 +41,9 @@ DAILY_AGGREGATES: Mapping[str, DailyAggregate] = {
     for aggregate in (
         DailyAggregate(
             "item_daily",
-            "Per item and event type: events, distinct sessions and users, last event time.",
-            lambda config: {},
+            "Per item and event type: events, events counted by their value (event_value_scales), distinct "
+            "sessions and users, last event time.",
+            lambda config: {"value_scales": config.value_scale_rows()},
         ),
         DailyAggregate(
             "pair_daily",
@@ -55,8 +56,12 @@ DAILY_AGGREGATES: Mapping[str, DailyAggregate] = {
         ),
         DailyAggregate(
             "user_item_daily",
-            "Per known user and item: event-type-weighted interactions, event count, last event time.",
-            lambda config: {"weights": config.interest_weight_rows()},
+            "Per known user and item: event-type-weighted interactions (scaled by value where "
+            "event_value_scales says), event count, last event time.",
+            lambda config: {
+                "weights": config.interest_weight_rows(),
+                "value_scales": config.value_scale_rows(),
+            },
         ),
     )
 }
