@@ -82,23 +82,33 @@ class DataSet:
 
 
 def interaction_rows(events: pl.DataFrame, tenant: str, surface: str) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Events (ts: UTC datetime, user_id, item_id, event_type) -> (user_item_daily rows, typed rows).
+    """Events (ts: UTC datetime, user_id, item_id, event_type, value) -> (user_item_daily rows, typed rows).
 
-    As `user_item_daily.sql`: per day (UTC), user and item, weight = sum of events x the event type's weight
-    (`PipelineConfig.event_weights`; types of weight 0 do not count), events = their number, last_ts = the
-    latest; exact duplicate events count once, as canonicalization drops them."""
+    As `user_item_daily.sql`: per day (UTC), user and item, weight = sum of each event's type weight
+    (`PipelineConfig.event_weights`; types of weight 0 do not count) x clamp(value / scale, 0, 1) for the types
+    of `event_value_scales` (1 without a value), events = their number, last_ts = the latest; exact duplicate
+    events count once, as canonicalization drops them."""
     weights = CONFIG.interest_weights()
+    scale = pl.col("event_type").replace_strict(CONFIG.value_scales(), default=None)
+    share = (
+        pl.when(scale.is_null() | pl.col("value").is_null())
+        .then(1.0)
+        .otherwise((pl.col("value") / scale).clip(0.0, 1.0))
+    )
     typed = (
         events.unique()
         .filter(pl.col("event_type").is_in(list(weights)))
-        .with_columns(pl.col("ts").dt.date().alias("day"))
+        .with_columns(pl.col("ts").dt.date().alias("day"), share.alias("share"))
         .group_by("day", "user_id", "item_id", "event_type")
         .agg(
             pl.len().cast(pl.Int64).alias("events"),
+            pl.col("share").sum().alias("scaled_events"),
             pl.col("ts").min().alias("first_ts"),
             pl.col("ts").max().alias("last_ts"),
         )
-        .with_columns((pl.col("events") * pl.col("event_type").replace_strict(weights)).alias("weight"))
+        .with_columns(
+            (pl.col("scaled_events") * pl.col("event_type").replace_strict(weights)).alias("weight")
+        )
         .sort("day", "user_id", "item_id", "event_type")
     )
     rows = (
@@ -121,7 +131,7 @@ def interaction_rows(events: pl.DataFrame, tenant: str, surface: str) -> tuple[p
             "first_ts",
         )
     )
-    return rows, typed.select("day", "user_id", "item_id", "event_type", "events")
+    return rows, typed.select("day", "user_id", "item_id", "event_type", "events", "scaled_events")
 
 
 def load_ratings(path: Path) -> DataSet:
@@ -132,6 +142,7 @@ def load_ratings(path: Path) -> DataSet:
         pl.col("userId").cast(pl.String).alias("user_id"),
         pl.col("movieId").cast(pl.String).alias("item_id"),
         pl.lit("rating").alias("event_type"),
+        pl.col("rating").cast(pl.Float64).alias("value"),
     )
     rows, typed = interaction_rows(events, "movielens", "ratings")
     sizes = (
@@ -154,6 +165,7 @@ def load_otto(path: Path) -> DataSet:
         pl.col("session").cast(pl.String).alias("user_id"),
         pl.col("aid").cast(pl.String).alias("item_id"),
         pl.col("type").replace_strict(OTTO_EVENT_TYPES).alias("event_type"),
+        pl.lit(None, pl.Float64).alias("value"),
     )
     rows, typed = interaction_rows(events, "otto", "sessions")
     counts = ", ".join(f"{n} {kind}" for kind, n in raw["type"].value_counts(sort=True).rows())
@@ -255,7 +267,7 @@ def build_fixed(data: DataSet, training: pl.DataFrame, root: Path) -> Built:
             training.select("day", "user_id", "item_id"), on=["day", "user_id", "item_id"], how="semi"
         )
         .group_by("day", "item_id", "event_type")
-        .agg(pl.col("events").sum().cast(pl.Int64))
+        .agg(pl.col("events").sum().cast(pl.Int64), pl.col("scaled_events").sum())
         .select(
             "day",
             pl.lit(data.tenant).alias("tenant"),
@@ -263,6 +275,7 @@ def build_fixed(data: DataSet, training: pl.DataFrame, root: Path) -> Built:
             "item_id",
             "event_type",
             "events",
+            "scaled_events",
         )
         .write_parquet(item_daily)
     )

@@ -10,7 +10,8 @@
 --
 -- score = sum of scaled_events * weight * decay (scaled_events: the events counted by their value, see
 -- item_daily.sql); events = the undecayed count of those (weighted) events.
--- Ranked by score desc, then item_id asc.
+-- Ranked by score desc; equal scores by reach: user-days desc (each day's distinct users of each weighted
+-- event type, summed over the window), then events desc, then the latest event desc, and only then item_id.
 -- Only items with a positive score are listed.
 WITH weights AS (
     SELECT w.event_type, w.weight
@@ -19,11 +20,13 @@ WITH weights AS (
 ),
 
 window_rows AS (
-    -- Partitions built before item_daily had scaled_events lack the column: this typed empty row adds it
-    -- (NULL for their rows, which then count each event fully, as they did when they were built).
+    -- Required columns: day, tenant, surface, item_id, event_type, events. The others default to NULL (this
+    -- typed empty row adds each one a file lacks): without scaled_events (partitions built before item_daily
+    -- had it) each event counts fully, as it did when they were built; without users or last_ts, ties fall
+    -- through to the next key.
     SELECT * FROM read_parquet(getvariable('paths'), union_by_name = TRUE)
     UNION ALL BY NAME
-    SELECT NULL::DOUBLE AS scaled_events
+    SELECT NULL::DOUBLE AS scaled_events, NULL::BIGINT AS users, NULL::TIMESTAMPTZ AS last_ts
     WHERE FALSE
 ),
 
@@ -35,6 +38,8 @@ terms AS (
         d.day,
         d.event_type,
         d.events,
+        d.users,
+        d.last_ts,
         coalesce(d.scaled_events, d.events) * w.weight * CASE
             WHEN getvariable('half_life_days')::DOUBLE > 0
                 THEN
@@ -54,7 +59,9 @@ items AS (
     SELECT
         tenant, surface, item_id,
         sum(score::DECIMAL(38, 9))::DOUBLE AS score,
-        sum(events)::BIGINT AS events
+        sum(events)::BIGINT AS events,
+        sum(users)::BIGINT AS user_days,
+        max(last_ts) AS last_ts
     FROM terms
     GROUP BY tenant, surface, item_id
 )
@@ -62,7 +69,10 @@ items AS (
 SELECT
     tenant,
     surface,
-    row_number() OVER (PARTITION BY tenant, surface ORDER BY score DESC, item_id ASC)::INTEGER AS rank,
+    row_number() OVER (
+        PARTITION BY tenant, surface
+        ORDER BY score DESC, user_days DESC NULLS LAST, events DESC, last_ts DESC NULLS LAST, item_id ASC
+    )::INTEGER AS rank,
     item_id,
     score,
     events

@@ -353,6 +353,41 @@ def test_popularity_weights_ties_and_top_n(popularity_lake: Path) -> None:
     assert [r[1] for r in _popularity(popularity_lake, 0.0, top_n=4)] == ["b", "c", "a", "w"]
 
 
+def test_equal_popularity_scores_rank_by_reach_then_events_then_recency(tmp_path: Path) -> None:
+    # Every item scores 2.0: two clicks (weight 1) or four adds to cart (weight 0.5).
+    write_canonical(
+        tmp_path, D1, [("s1", "p", 1, "click", "u1"), ("s2", "p", 2, "click", "u2"), ("s3", "s", 1)]
+    )
+    write_canonical(
+        tmp_path,
+        D3,
+        [
+            ("s1", "q", 1, "click", "u1"),
+            ("s2", "q", 2, "click", "u2"),
+            ("s3", "s", 1),
+            *(("s4", "r", n, "add_to_cart") for n in range(4)),
+            ("s5", "t", 1),
+            ("s5", "t", 1, "click", "u-s5", "t", 7.0),  # a click's value does not count
+            ("s5", "u", 1),
+            ("s5", "u", 1, "click", "u-s5", "t", 7.0),
+        ],
+    )
+    for day in (D1, D3):
+        build_daily_aggregate("item_daily", tmp_path, day, {"value_scales": SCALES})
+    params = {"weights": WEIGHTS, "as_of": D3.isoformat(), "half_life_days": 0.0, "top_n": 10}
+    frame = run_sql("popularity", {"paths": aggregate_paths(tmp_path, "item_daily", [D1, D3])} | params)
+    # q, s and p: 2 user-days and 2 events each; q's latest event is the latest, p's the earliest (D1).
+    # r: 1 user-day, but 4 events. t and u: 1 user-day, 2 events, the same latest time: by id.
+    assert frame.select("item_id", "score", "events").rows() == [
+        ("q", 2.0, 2),
+        ("s", 2.0, 2),
+        ("p", 2.0, 2),
+        ("r", 2.0, 4),
+        ("t", 2.0, 2),
+        ("u", 2.0, 2),
+    ]
+
+
 def test_popularity_time_decay(popularity_lake: Path) -> None:
     # Half-life 1 day as of D3: D2 counts 1/2, D1 1/4. a = 2 + 0.5, c = 4 * 0.25; events stay undecayed.
     assert _popularity(popularity_lake, 1.0) == [
@@ -666,8 +701,9 @@ def test_build_window_artifacts_layout_meta_and_determinism(tmp_path: Path) -> N
 
     popularity = build_window_artifacts("popularity", lake, artifacts, D3, config)
     t = pl.read_parquet(popularity[0].path / "items.parquet")
-    # t/home: D1 (a 1, b 1) and D3 (a 1, b 1, c 1); D2 (b's purchase) is not built, so not counted.
-    assert t.rows() == [(1, "a", 2.0, 2), (2, "b", 2.0, 2), (3, "c", 1.0, 1)]
+    # t/home: D1 (a 1, b 1) and D3 (a 1, b 1, c 1); D2 (b's purchase) is not built, so not counted. a and b
+    # tie on score, user-days and events: b, clicked last, comes first.
+    assert t.rows() == [(1, "b", 2.0, 2), (2, "a", 2.0, 2), (3, "c", 1.0, 1)]
     cooc = build_window_artifacts("cooc", lake, artifacts, D3, config)
     # t2 has a single one-item session: an explicit empty artifact, which publishing would refuse.
     assert cooc[1].rows == 0
@@ -779,8 +815,9 @@ def test_popularity_check_returns_each_violating_row(tmp_path: Path) -> None:
         ("rank_not_sequential", 2, "c"),
         ("rank_order", 6, "f"),
     ]
+    # Equal scores in any order (the file does not hold the reach that orders them).
     valid = pl.DataFrame(
-        [(1, "b", 2.0, 2), (2, "a", 1.0, 1), (3, "c", 1.0, 1)],
+        [(1, "b", 2.0, 2), (2, "c", 1.0, 1), (3, "a", 1.0, 1)],
         schema=polars_schema(ARTIFACT_KINDS["popularity"]),
         orient="row",
     )
@@ -890,18 +927,28 @@ def expected_popularity(
 ) -> list[tuple[int, str, float, int]]:
     weights, scales = config.event_weights, config.event_value_scales
     per_day: dict[tuple[str, dt.date, str], Decimal] = defaultdict(Decimal)
+    users: dict[tuple[str, dt.date, str], set[str]] = defaultdict(set)
     count: Counter[str] = Counter()
-    for day, _session, _user, item, _ts, event_type, value in events:
+    last: dict[str, int] = {}
+    for day, _session, user, item, ts, event_type, value in events:
         if weights.get(event_type, 0) > 0:
             per_day[(item, day, event_type)] += value_share(value, scales.get(event_type))
+            users[(item, day, event_type)].add(user)
             count[item] += 1
+            last[item] = max(last.get(item, ts), ts)
+    user_days = Counter({item: 0 for item in count})
+    for (item, _day, _type), seen in users.items():
+        user_days[item] += len(seen)
     # Each day's term rounded to 9 decimals, then summed exactly.
     sums: dict[str, Decimal] = defaultdict(Decimal)
     for (item, day, event_type), shares in per_day.items():
         decay = 0.5 ** ((as_of - day).days / half_life) if half_life else 1.0
         sums[item] += Decimal(float(shares) * weights[event_type] * decay).quantize(Decimal("1e-9"))
     score = {item: float(total) for item, total in sums.items()}
-    ranked = sorted(score, key=lambda item: (-score[item], item))[:top_n]
+    # Equal scores: more user-days (distinct users per day and event type), more events, latest event, id.
+    ranked = sorted(
+        score, key=lambda item: (-score[item], -user_days[item], -count[item], -last[item], item)
+    )[:top_n]
     return [(rank, item, score[item], count[item]) for rank, item in enumerate(ranked, 1)]
 
 

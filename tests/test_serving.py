@@ -191,7 +191,9 @@ class Published:
                     key=lambda s: (contributions.get(s, 0.0), s == "als", s == "cooc"),
                 )
                 rows.append((-total, item, main))
-        rows.sort(key=lambda row: (row[0], row[1]))
+        # Equal scores: in the popularity artifact's order (its items before any other), then by id.
+        popular_rank = {item: rank for rank, (item, _) in enumerate(self.popular)}
+        rows.sort(key=lambda row: (row[0], popular_rank.get(row[1], len(popular_rank)), row[1]))
         return [(item, -negated, main) for negated, item, main in rows[:k]]
 
     @property

@@ -2,14 +2,14 @@
 -- Parameters (SET VARIABLE each one first): paths (the artifact's items.parquet).
 -- Problems: null_field, duplicate_item, rank_not_sequential (ranks are not exactly 1..n),
 -- bad_score (negative, NaN or infinite), non_positive_events, rank_order (a rank scores higher than the
--- rank before it, or a tie is not broken by item_id).
+-- rank before it; equal scores are ranked by reach, which this file does not hold, so any order of them
+-- passes).
 WITH items AS (
     SELECT
         rank, item_id, score, events,
         row_number() OVER (ORDER BY rank, item_id) AS expected_rank,
         count(*) OVER (PARTITION BY item_id) AS copies,
-        lag(score) OVER (ORDER BY rank, item_id) AS prev_score,
-        lag(item_id) OVER (ORDER BY rank, item_id) AS prev_item
+        lag(score) OVER (ORDER BY rank, item_id) AS prev_score
     FROM read_parquet(getvariable('paths'))
 ),
 
@@ -22,10 +22,7 @@ problems AS (
             WHEN rank <> expected_rank THEN 'rank_not_sequential'
             WHEN score < 0 OR isnan(score) OR isinf(score) THEN 'bad_score'
             WHEN events <= 0 THEN 'non_positive_events'
-            WHEN
-                prev_score IS NOT NULL
-                AND (score > prev_score OR (score = prev_score AND item_id < prev_item))
-                THEN 'rank_order'
+            WHEN prev_score IS NOT NULL AND score > prev_score THEN 'rank_order'
         END AS problem
     FROM items
 )
