@@ -491,12 +491,14 @@ def _partition_record(settings: Settings, day: dt.date, kind: RecordFile) -> tup
     (None, None) when the file does not exist; (None, problem) when it is not JSON or lacks a field the
     CLI reads, the problem naming the file: one damaged file must not hide the state of every other day.
     """
-    from recsys_core.lake import partition_dir, read_json_record
+    from recsys_core.lake import RecordError, partition_dir, read_json_record
 
     path = partition_dir(settings.lake_root, "canonical_events", day) / kind.name
     try:
         record = read_json_record(path)
-    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8
+    except RecordError as exc:
+        return None, str(exc)
+    except OSError as exc:
         return None, f"{path} cannot be read: {exc}"
     if record is None:
         return None, None

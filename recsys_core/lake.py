@@ -110,12 +110,26 @@ def parquet_files(folder: Path) -> list[Path]:
     return sorted(Path(folder).glob("*.parquet"))
 
 
+class RecordError(ValueError):
+    """A record file of the lake exists but is not JSON (cut short by a full disk, edited by hand)."""
+
+
 def read_json_record(path: Path) -> dict[str, Any] | None:
     """A JSON record file of the lake (summary, checks, builds); None if it does not exist.
 
-    The records are written by the pipeline only, and read back as written, without validation.
+    The records are written by the pipeline only, and read back as written, without validation; one that
+    is not JSON raises RecordError naming the file.
     """
-    return json.loads(Path(path).read_text()) if Path(path).exists() else None
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        record: dict[str, Any] | None = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RecordError(
+            f"{path} cannot be read: not JSON ({exc}); re-materialize the partition it belongs to"
+        ) from exc
+    return record
 
 
 def read_summary(lake_root: Path, day: dt.date) -> SummaryRecord | None:

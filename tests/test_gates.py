@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Callable
 from pathlib import Path
 
 import polars as pl
 import pytest
 
-from recsys_core.lake import confirm_gates_passed, partition_dir, read_checks
+from recsys_core.lake import RecordError, confirm_gates_passed, partition_dir, read_checks
 from recsys_core.settings import ChecksConfig, ConfigError, IngestConfig
 from recsys_dagster.ingest.canonicalize import canonicalize_partition
 from recsys_dagster.ingest.gates import (
@@ -424,3 +425,14 @@ def test_exposure_log_rows_count_neither_in_volume_nor_in_resource_limits(
     # The producers' own events are still held to the limits.
     tight = gates(layout, **(limits | {"max_events": 99}))["resource_limits"]
     assert not tight.passed and tight.summary.startswith("events 100 > 99")
+
+
+def test_a_damaged_record_of_a_neighbouring_day_is_named(layout, write_raw: Callable[..., Path]) -> None:
+    """The volume gate reads the trailing days' summaries: one cut short names its file, not a bare error."""
+    before = DAY - dt.timedelta(days=1)
+    materialize(layout, write_raw, events(5, before), before)
+    materialize(layout, write_raw, events(5))
+    damaged = partition_dir(layout.lake_root, "canonical_events", before) / "_summary.json"
+    damaged.write_text(damaged.read_text()[:30])
+    with pytest.raises(RecordError, match=rf"{re.escape(str(damaged))} cannot be read: not JSON"):
+        gates(layout)
