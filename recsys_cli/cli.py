@@ -382,29 +382,26 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     # Beta/preview notices about Dagster APIs are for developers, not for people running the pipeline.
     for category in (dg.BetaWarning, dg.PreviewWarning):
         warnings.filterwarnings("ignore", category=category)
-    from recsys_dagster.runner import SelectionError, fail_orphaned_runs, materialize_range, prepare_instance
+    from recsys_dagster.runner import SelectionError, fail_orphaned_runs, materialize_ranges, prepare_instance
 
     with prepare_instance(settings) as instance:
         for run_id in fail_orphaned_runs(instance):
             print(
                 f"run {run_id}: marked FAILED: the recsys run that executed it on this host was killed or crashed"
             )
-    outcomes = []
-    for run_start, run_end, selection, what in _run_plan(start, end, args.select, args.every_day):
-        try:
-            outcome = materialize_range(
-                settings, run_start, run_end, selection, "ERROR" if args.quiet else "INFO"
-            )
-        except SelectionError as exc:
-            raise UsageError(f"invalid --select {args.select!r}: {exc}") from exc
-        outcomes.append((outcome, what))
-        if not outcome.ok:
-            break  # the window of the last day holds the failed days: nothing after this could publish
+    plan = _run_plan(start, end, args.select, args.every_day)
+    try:
+        # A failed run ends the plan: the window of the last day holds the failed days, nothing could publish.
+        outcomes = materialize_ranges(
+            settings, [(s, e, selection) for s, e, selection, _ in plan], "ERROR" if args.quiet else "INFO"
+        )
+    except SelectionError as exc:
+        raise UsageError(f"invalid --select {args.select!r}: {exc}") from exc
     _print_partition_table(settings, start, end)
-    for outcome, what in outcomes:
+    for outcome, (_, _, _, what) in zip(outcomes, plan, strict=False):
         print()
         _print_run_outcome(settings, outcome, what, start, end)
-    return EXIT_OK if all(outcome.ok for outcome, _ in outcomes) else EXIT_FAILED
+    return EXIT_OK if all(outcome.ok for outcome in outcomes) else EXIT_FAILED
 
 
 # The assets a range's earlier days need: the window assets of the last day read their aggregates.

@@ -13,9 +13,10 @@ import datetime as dt
 import os
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 
@@ -201,60 +202,77 @@ def code_location_origin() -> InProcessCodeLocationOrigin:
     )
 
 
-def materialize_range(
+def materialize_ranges(
     settings: Settings,
-    start: dt.date,
-    end: dt.date,
-    selection: str | None = None,
+    ranges: Sequence[tuple[dt.date, dt.date, str | None]],
     log_level: str = "INFO",
-) -> RunOutcome:
-    """One run over the partitions [start, end]: the daily job, or the selected assets (Dagster syntax).
+) -> list[RunOutcome]:
+    """One run per (start, end, selection), in order, until one fails: the daily job over the partitions
+    [start, end], or the selected assets (Dagster syntax). Returns the outcomes of the runs made.
 
-    The run is created in the instance the way the UI launches one (a run of `daily_pipeline`, or of the
-    implicit asset job with an asset selection, as the UI's "Materialize" creates), then executed here.
+    Each run is created in the instance the way the UI launches one (a run of `daily_pipeline`, or of the
+    implicit asset job with an asset selection, as the UI's "Materialize" creates), then executed here. The
+    runs share one instance and one loaded code location (loading it builds the definitions).
     """
     instance = prepare_instance(settings)
     run_config = {"loggers": {"console": {"config": {"log_level": log_level}}}}
+    outcomes: list[RunOutcome] = []
     with code_location(instance) as location:
-        repository = location.get_repository(SINGLETON_REPOSITORY_NAME)
-        keys = _selected_keys(repository.asset_graph, selection) if selection else None
-        remote_job = location.get_job(
-            JobSubsetSelector(
-                location_name=location.name,
-                repository_name=repository.name,
-                job_name=IMPLICIT_ASSET_JOB_NAME if keys else DAILY_JOB,
-                op_selection=None,
-                asset_selection=keys,
-            )
-        )
-        plan = location.get_execution_plan(
-            remote_job, run_config, step_keys_to_execute=None, known_state=None, instance=instance
-        )
-        run = instance.create_run(
-            job_name=remote_job.name,
-            run_id=None,
-            run_config=run_config,
-            resolved_op_selection=None,
-            step_keys_to_execute=None,
+        for start, end, selection in ranges:
+            outcomes.append(_run(instance, location, run_config, start, end, selection))
+            if not outcomes[-1].ok:
+                break
+    return outcomes
+
+
+def _run(
+    instance: dg.DagsterInstance,
+    location: CodeLocation,
+    run_config: dict[str, Any],
+    start: dt.date,
+    end: dt.date,
+    selection: str | None,
+) -> RunOutcome:
+    """One run over [start, end] of the daily job or the selected assets, created and executed here."""
+    repository = location.get_repository(SINGLETON_REPOSITORY_NAME)
+    keys = _selected_keys(repository.asset_graph, selection) if selection else None
+    remote_job = location.get_job(
+        JobSubsetSelector(
+            location_name=location.name,
+            repository_name=repository.name,
+            job_name=IMPLICIT_ASSET_JOB_NAME if keys else DAILY_JOB,
             op_selection=None,
-            status=None,
-            root_run_id=None,
-            parent_run_id=None,
-            tags={
-                "dagster/asset_partition_range_start": start.isoformat(),
-                "dagster/asset_partition_range_end": end.isoformat(),
-                "recsys/launched_by": "cli",
-                **_this_process_tags(),
-            },
-            job_snapshot=remote_job.job_snapshot,
-            execution_plan_snapshot=plan.execution_plan_snapshot,
-            parent_job_snapshot=remote_job.parent_job_snapshot,
-            remote_job_origin=remote_job.get_remote_origin(),
-            job_code_origin=remote_job.get_python_origin(),
             asset_selection=keys,
-            asset_check_selection=None,
-            asset_graph=repository.asset_graph,
         )
+    )
+    plan = location.get_execution_plan(
+        remote_job, run_config, step_keys_to_execute=None, known_state=None, instance=instance
+    )
+    run = instance.create_run(
+        job_name=remote_job.name,
+        run_id=None,
+        run_config=run_config,
+        resolved_op_selection=None,
+        step_keys_to_execute=None,
+        op_selection=None,
+        status=None,
+        root_run_id=None,
+        parent_run_id=None,
+        tags={
+            "dagster/asset_partition_range_start": start.isoformat(),
+            "dagster/asset_partition_range_end": end.isoformat(),
+            "recsys/launched_by": "cli",
+            **_this_process_tags(),
+        },
+        job_snapshot=remote_job.job_snapshot,
+        execution_plan_snapshot=plan.execution_plan_snapshot,
+        parent_job_snapshot=remote_job.parent_job_snapshot,
+        remote_job_origin=remote_job.get_remote_origin(),
+        job_code_origin=remote_job.get_python_origin(),
+        asset_selection=keys,
+        asset_check_selection=None,
+        asset_graph=repository.asset_graph,
+    )
     job = recon_job_from_origin(remote_job.get_python_origin())
     result = execute_run(job.get_subset(asset_selection=keys) if keys else job, run, instance)
     outcome = RunOutcome(run_id=result.run_id, success=result.success)
