@@ -13,6 +13,7 @@ import datetime as dt
 import fnmatch
 import math
 import os
+import urllib.parse
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -313,6 +314,9 @@ class Settings:
     serve_header_timeout_seconds: float = 10.0
     serve_keep_alive_seconds: int = 5
     exposure_max_bytes_per_day: int = 1 << 30
+    # Where the Dagster instance keeps runs, event logs and schedules: a PostgreSQL URL, or None for
+    # SQLite files under dagster_home.
+    postgres_url: str | None = None
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
@@ -365,6 +369,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         pipeline=apply_tuned(pipeline, tuned) if applied else pipeline,
         tuned_file=tuned if applied else None,
         executor=_parse_choice("RECSYS_EXECUTOR", env.get("RECSYS_EXECUTOR"), EXECUTORS),
+        postgres_url=_parse_postgres_url(env.get("RECSYS_POSTGRES_URL")),
     )
 
 
@@ -662,6 +667,37 @@ def _parse_alert_sink(value: str) -> str:
     if value in ("log", "file") or value.startswith(("file:", "http://", "https://")):
         return value
     raise ConfigError(f"RECSYS_ALERT_SINK: expected log, file, file:PATH or an http(s) URL, got {value!r}")
+
+
+def _parse_postgres_url(value: str | None) -> str | None:
+    """`value` if it names a PostgreSQL server, user and database. The error never shows the password."""
+    if not value:
+        return None
+    url = urllib.parse.urlsplit(value)
+    problems = [
+        problem
+        for problem, present in (
+            (f"the scheme {url.scheme!r}", url.scheme in ("postgresql", "postgres")),
+            ("no host", bool(url.hostname)),
+            ("no user", bool(url.username)),
+            ("no database", bool(url.path.strip("/"))),
+            ("a port that is not a number from 1 to 65535", _port_valid(url)),
+        )
+        if not present
+    ]
+    if problems:
+        raise ConfigError(
+            "RECSYS_POSTGRES_URL: expected postgresql://USER:PASSWORD@HOST:PORT/DATABASE; the value has "
+            + ", ".join(problems)
+        )
+    return value
+
+
+def _port_valid(url: urllib.parse.SplitResult) -> bool:
+    try:
+        return url.port is None or url.port > 0
+    except ValueError:
+        return False
 
 
 # A longer interval or timeout than this is a mistake (`inf` would silently turn hot reload off).

@@ -13,12 +13,14 @@ import datetime as dt
 import os
 import socket
 import sys
+import urllib.parse
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import yaml
 
 # Creating a run the way the UI does (with its code location's origin) has no public API: these are the
 # pieces `dagster job launch` uses, pinned with the dagster version in uv.lock.
@@ -60,10 +62,17 @@ run_monitoring:
   cancel_timeout_seconds: 180
   max_runtime_seconds: 86400
 """
-# What earlier versions generated: replaced by INSTANCE_CONFIG (a file edited by hand is left alone).
+# What earlier versions generated: replaced by the current configuration (a file edited by hand is left alone).
 EARLIER_INSTANCE_CONFIGS = (
     "telemetry:\n  enabled: false\nrun_retries:\n  enabled: false\nnux:\n  enabled: false\n",
 )
+# With RECSYS_POSTGRES_URL set, the generated configuration reads the URL's password from this variable,
+# which `prepare_instance` sets for its process and the Dagster processes it starts: the password is not
+# written into dagster.yaml.
+POSTGRES_PASSWORD_VAR = "RECSYS_POSTGRES_PASSWORD"
+# SQLAlchemy 2.1 connects to a plain `postgresql://` URL with psycopg 3, which is not installed: name the
+# psycopg2 driver that dagster-postgres is built for.
+POSTGRES_SCHEME = "postgresql+psycopg2"
 # Run tags naming the process that executes a run of `recsys run`.
 HOST_TAG, PID_TAG, PROCESS_STARTED_TAG = "recsys/host", "recsys/pid", "recsys/process_started"
 
@@ -84,16 +93,67 @@ class RunOutcome:
 
 
 def prepare_instance(settings: Settings) -> dg.DagsterInstance:
-    """The persistent instance under DAGSTER_HOME (created with INSTANCE_CONFIG if missing)."""
-    home = settings.dagster_home
-    home.mkdir(parents=True, exist_ok=True)
-    config = home / "dagster.yaml"
-    if not config.exists() or config.read_text() in EARLIER_INSTANCE_CONFIGS:
-        temporary = config.with_name(f".{config.name}.{os.getpid()}.tmp")
-        temporary.write_text(INSTANCE_CONFIG)
-        temporary.replace(config)
-    os.environ["DAGSTER_HOME"] = str(home)
+    """The persistent instance under DAGSTER_HOME, configured by `write_instance_config`."""
+    write_instance_config(settings)
+    if settings.postgres_url is not None:
+        os.environ[POSTGRES_PASSWORD_VAR] = urllib.parse.unquote(
+            urllib.parse.urlsplit(settings.postgres_url).password or ""
+        )
+    os.environ["DAGSTER_HOME"] = str(settings.dagster_home)
     return dg.DagsterInstance.get()
+
+
+def write_instance_config(settings: Settings) -> Path:
+    """DAGSTER_HOME/dagster.yaml as `instance_config` generates it for the settings, if missing; its path.
+
+    A dagster.yaml that recsys generated (now or in an earlier version, with or without Postgres) is
+    replaced by the one the settings call for; one edited by hand is left alone.
+    """
+    settings.dagster_home.mkdir(parents=True, exist_ok=True)
+    config = settings.dagster_home / "dagster.yaml"
+    wanted = instance_config(settings.postgres_url)
+    if not config.exists() or (config.read_text() != wanted and _generated(config.read_text())):
+        temporary = config.with_name(f".{config.name}.{os.getpid()}.tmp")
+        temporary.write_text(wanted)
+        temporary.replace(config)
+    return config
+
+
+def instance_config(postgres_url: str | None) -> str:
+    """The dagster.yaml recsys generates: INSTANCE_CONFIG, with run, event-log and schedule storage in the
+    PostgreSQL database of `postgres_url` if one is given (else SQLite files under DAGSTER_HOME)."""
+    if postgres_url is None:
+        return INSTANCE_CONFIG
+    url = urllib.parse.urlsplit(postgres_url)
+    database: dict[str, Any] = {
+        "username": urllib.parse.unquote(url.username or ""),
+        "hostname": url.hostname,
+        "port": url.port or 5432,
+        "db_name": url.path.lstrip("/"),
+        "scheme": POSTGRES_SCHEME,
+    }
+    if url.password is not None:
+        database["password"] = {"env": POSTGRES_PASSWORD_VAR}
+    if url.query:  # e.g. sslmode=require
+        database["params"] = dict(urllib.parse.parse_qsl(url.query))
+    return INSTANCE_CONFIG + _postgres_storage(database)
+
+
+def _postgres_storage(database: dict[str, Any]) -> str:
+    return yaml.safe_dump({"storage": {"postgres": {"postgres_db": database}}}, sort_keys=False)
+
+
+def _generated(text: str) -> bool:
+    """Whether `text` is a dagster.yaml that recsys generated, for any RECSYS_POSTGRES_URL or none."""
+    if text == INSTANCE_CONFIG or text in EARLIER_INSTANCE_CONFIGS:
+        return True
+    if not text.startswith(INSTANCE_CONFIG):
+        return False
+    try:
+        database = yaml.safe_load(text)["storage"]["postgres"]["postgres_db"]
+    except (yaml.YAMLError, TypeError, KeyError):
+        return False
+    return isinstance(database, dict) and text == INSTANCE_CONFIG + _postgres_storage(database)
 
 
 def fail_orphaned_runs(instance: dg.DagsterInstance) -> list[str]:

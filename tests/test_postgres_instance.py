@@ -1,0 +1,165 @@
+"""The Dagster instance on PostgreSQL (RECSYS_POSTGRES_URL), against a real throwaway PostgreSQL server.
+
+The server is started from the PostgreSQL server binaries (Debian's `postgresql` package); without them
+the tests fail, they are not skipped. As root, initdb refuses to run, so the cluster belongs to the
+`postgres` user.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import urllib.parse
+from collections.abc import Iterator
+from pathlib import Path
+
+import dagster as dg
+import psycopg2
+import pytest
+
+from recsys_core.settings import ConfigError, load_settings
+from recsys_dagster.runner import POSTGRES_PASSWORD_VAR, instance_config, write_instance_config
+
+END = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)
+START = END - dt.timedelta(days=1)
+# Characters that must be escaped in a URL, to show the password reaches the server intact.
+PASSWORD = "s3cret:/@%x"
+
+
+def _server_binaries() -> Path:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]))
+    if not found:
+        pytest.fail(
+            "PostgreSQL server binaries not found under /usr/lib/postgresql: install Debian's postgresql "
+            "package (apt-get install postgresql; .ci/run does)"
+        )
+    return found[-1].parent
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _as_postgres(*command: str | Path) -> None:
+    done = subprocess.run(
+        ["runuser", "-u", "postgres", "--", *map(str, command)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, f"{command[0]} failed: {done.stdout}{done.stderr}"
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A URL of a database `recsys` owned by user `recsys` (password PASSWORD) on a server of its own."""
+    binaries = _server_binaries()
+    # Not under pytest's temporary folder, which only its owner may enter.
+    cluster = Path(tempfile.mkdtemp(prefix="recsys-postgres-"))
+    shutil.chown(cluster, "postgres")
+    port = _free_port()
+    _as_postgres(binaries / "initdb", "-D", cluster, "--auth=scram-sha-256", "--auth-local=trust")
+    options = f"-p {port} -k {cluster} -c listen_addresses=127.0.0.1"
+    # The server's log goes to a file: on the captured output it would hold the pipe open forever.
+    _as_postgres(
+        binaries / "pg_ctl", "-D", cluster, "-o", options, "-l", cluster / "server.log", "-w", "start"
+    )
+    try:
+        psql = (binaries / "psql", "-h", cluster, "-p", str(port), "-d", "postgres", "-v", "ON_ERROR_STOP=1")
+        _as_postgres(*psql, "-c", f"CREATE USER recsys PASSWORD '{PASSWORD}'")
+        _as_postgres(*psql, "-c", "CREATE DATABASE recsys OWNER recsys")
+        yield f"postgresql://recsys:{urllib.parse.quote(PASSWORD, safe='')}@127.0.0.1:{port}/recsys"
+    finally:
+        _as_postgres(binaries / "pg_ctl", "-D", cluster, "-m", "fast", "stop")
+        shutil.rmtree(cluster)
+
+
+def _recsys(env: dict[str, str], *args: str | dt.date) -> None:
+    script = Path(sys.executable).with_name("recsys")
+    done = subprocess.run([script, *map(str, args)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_recsys_run_records_runs_and_partitions_in_postgres(
+    postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = tmp_path / "home"
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(("RECSYS_", "DAGSTER_")) or name == "RECSYS_SHARED_DATA"
+    }
+    env |= {
+        "RECSYS_HOME": str(home),
+        "RECSYS_START_DATE": (START - dt.timedelta(days=5)).isoformat(),
+        "RECSYS_POSTGRES_URL": postgres_url,
+    }
+    _recsys(
+        env, "generate", "--end", END, "--days", 2, "--events-per-day", 2000, "--users", 200, "--items", 100
+    )
+    _recsys(env, "run", "--start", START, "--end", END, "--quiet")
+
+    dagster_home = home / "dagster"
+    config = (dagster_home / "dagster.yaml").read_text()
+    assert "postgresql+psycopg2" in config and f"env: {POSTGRES_PASSWORD_VAR}" in config
+    assert "s3cret" not in config, "the password stays out of dagster.yaml"
+    assert not (dagster_home / "history").exists(), "no SQLite run storage next to it"
+
+    # The instance a Dagster process builds from the generated dagster.yaml (as the UI and daemon do).
+    monkeypatch.setenv("DAGSTER_HOME", str(dagster_home))
+    monkeypatch.setenv(POSTGRES_PASSWORD_VAR, PASSWORD)
+    with dg.DagsterInstance.get() as instance:
+        runs = instance.get_runs()
+        assert runs and {run.status for run in runs} == {dg.DagsterRunStatus.SUCCESS}
+        days = {START.isoformat(), END.isoformat()}
+        assert instance.get_materialized_partitions(dg.AssetKey("canonical_events")) == days
+        assert instance.get_latest_materialization_event(dg.AssetKey("published_manifest")) is not None
+    with psycopg2.connect(postgres_url) as connection, connection.cursor() as cursor:
+        cursor.execute("SELECT run_id, status FROM runs")
+        assert dict(cursor.fetchall()) == {run.run_id: "SUCCESS" for run in runs}
+        cursor.execute("SELECT count(*) FROM event_logs WHERE dagster_event_type = 'ASSET_MATERIALIZATION'")
+        assert cursor.fetchone()[0] > 0
+
+
+def test_the_generated_dagster_yaml_follows_recsys_postgres_url(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RECSYS_HOME", str(tmp_path))
+    for var in ("DAGSTER_HOME", "RECSYS_CONFIG", "RECSYS_POSTGRES_URL", POSTGRES_PASSWORD_VAR):
+        monkeypatch.delenv(var, raising=False)
+    config = tmp_path / "dagster" / "dagster.yaml"
+    sqlite = instance_config(None)
+    on_postgres = instance_config("postgresql://recsys:pw@db.example:6543/recsys?sslmode=require")
+    on_another = instance_config("postgresql://other@db.example/other")
+
+    def prepared(url: str | None) -> str:
+        if url is None:
+            monkeypatch.delenv("RECSYS_POSTGRES_URL", raising=False)
+        else:
+            monkeypatch.setenv("RECSYS_POSTGRES_URL", url)
+        # Only the file: an instance would connect to the server, which does not exist.
+        return write_instance_config(load_settings()).read_text()
+
+    assert prepared("postgresql://recsys:pw@db.example:6543/recsys?sslmode=require") == on_postgres
+    assert "sslmode: require" in on_postgres and "port: 6543" in on_postgres
+    assert prepared("postgresql://other@db.example/other") == on_another
+    assert "password" not in on_another and "port: 5432" in on_another
+    assert prepared(None) == sqlite, "unset again: back to SQLite"
+    edited = on_postgres.replace("max_runtime_seconds: 86400", "max_runtime_seconds: 3600")
+    config.write_text(edited)
+    assert prepared("postgresql://other@db.example/other") == edited, "edited by hand: left alone"
+
+
+def test_a_malformed_recsys_postgres_url_is_refused_without_showing_the_password(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("RECSYS_POSTGRES_URL", "mysql://recsys:hunter2@db.example:99999")
+    with pytest.raises(ConfigError) as error:
+        load_settings()
+    message = str(error.value)
+    assert message.startswith("RECSYS_POSTGRES_URL: ") and "hunter2" not in message
+    assert "'mysql'" in message and "no database" in message and "port" in message
