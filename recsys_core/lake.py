@@ -12,10 +12,11 @@
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, TypedDict, cast
+
+from recsys_core.storage import files_sha256
 
 SUMMARY_FILE = "_summary.json"
 CHECKS_FILE = "_checks.json"
@@ -165,8 +166,4 @@ def confirm_gates_passed(lake_root: Path, day: dt.date) -> str | None:
 
 def content_hash(folder: Path) -> str:
     """SHA-256 over the names and bytes of a partition's Parquet files."""
-    digest = hashlib.sha256()
-    for path in parquet_files(folder):
-        digest.update(path.name.encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
+    return files_sha256(parquet_files(folder), with_names=True)

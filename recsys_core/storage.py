@@ -22,7 +22,7 @@ import hashlib
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 
@@ -144,6 +144,41 @@ def locked(lock_file: Path) -> Iterator[None]:
 
 
 def file_sha256(path: Path) -> str:
-    """SHA-256 hex of a file's bytes, streamed (artifact files can be large)."""
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
+    """SHA-256 hex of a file's bytes (`files_sha256` of the one file)."""
+    return files_sha256([Path(path)], with_names=False)
+
+
+# Hashes already computed in this process, by the files' signatures (see files_sha256).
+_HASH_MEMO_LIMIT = 4096
+_hash_memo: dict[tuple[object, ...], str] = {}
+
+
+def files_sha256(paths: Iterable[Path], *, with_names: bool) -> str:
+    """SHA-256 hex over the bytes of `paths` in the order given, each preceded by its name when
+    `with_names` (a canonical partition's content hash), streamed.
+
+    Data is verified against its recorded hash before each step that uses it, and several steps of one
+    process read the same files: a file is hashed once per process while its inode, size, modification
+    and change times stay the same (a change to a file's bytes always changes its change time).
+    """
+    paths = [Path(p) for p in paths]
+    key = (with_names, *((str(p), *_signature(p)) for p in paths))
+    found = _hash_memo.get(key)
+    if found is not None:
+        return found
+    digest = hashlib.sha256()
+    for path in paths:
+        if with_names:
+            digest.update(path.name.encode())
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1 << 22):
+                digest.update(chunk)
+    if len(_hash_memo) >= _HASH_MEMO_LIMIT:
+        _hash_memo.clear()
+    _hash_memo[key] = digest.hexdigest()
+    return _hash_memo[key]
+
+
+def _signature(path: Path) -> tuple[int, int, int, int]:
+    stat = os.stat(path)
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns

@@ -19,8 +19,8 @@ import polars as pl
 
 from recsys_core.lake import AGGREGATE_FILE, parquet_files, partition_dir
 from recsys_core.settings import PipelineConfig
-from recsys_core.storage import replace_file
-from recsys_dagster.transform.lineage import files_sha256, write_aggregate_lineage
+from recsys_core.storage import files_sha256, replace_file
+from recsys_dagster.transform.lineage import write_aggregate_lineage
 from recsys_dagster.transform.sql import run_sql
 
 DAYS_PER_QUERY = 7

@@ -12,17 +12,14 @@ derived further, and again at publish, the chain is re-verified against the file
   current one (re-materializing a day makes its old aggregates stale, not silently valid).
 
 Whatever order assets are selected in, nothing derived from data that failed a gate, changed after it
-was checked, or no longer exists gets past these checks. Hashes are recomputed from the bytes, with a
-memo keyed by each file's inode, size, mtime and ctime (a change to a file's bytes always changes its
-ctime), so a partition read by several steps of one process is hashed once.
+was checked, or no longer exists gets past these checks. Hashes are recomputed from the bytes
+(`recsys_core.storage.files_sha256`, which hashes a file once per process while it is unchanged).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TypedDict, cast
@@ -30,16 +27,15 @@ from typing import Any, TypedDict, cast
 from recsys_core.lake import (
     AGGREGATE_FILE,
     confirm_gates_passed,
+    content_hash,
     parquet_files,
     partition_dir,
     read_json_record,
     read_summary,
 )
-from recsys_core.storage import write_atomic
+from recsys_core.storage import file_sha256, write_atomic
 
 LINEAGE_FILE = "_lineage.json"
-_MEMO_LIMIT = 4096
-_memo: dict[tuple, str] = {}
 
 
 class AggregateLineage(TypedDict):
@@ -65,35 +61,6 @@ def rerun_hint(day: dt.date, select: str | None = None) -> str:
     return f"recsys run --start {day} --end {day}{selection}"
 
 
-# ------------------------------------------------------------------------------------------ hashing
-
-
-def files_sha256(paths: Iterable[Path], *, with_names: bool) -> str:
-    """SHA-256 over the bytes of `paths` in the order given (and their names when `with_names`, which is
-    how a canonical partition's content hash is defined: recsys_core.lake.content_hash)."""
-    paths = list(paths)
-    key = (with_names, *(_signature(p) for p in paths))
-    found = _memo.get(key)
-    if found is not None:
-        return found
-    digest = hashlib.sha256()
-    for path in paths:
-        if with_names:
-            digest.update(path.name.encode())
-        with open(path, "rb") as handle:
-            while chunk := handle.read(1 << 22):
-                digest.update(chunk)
-    if len(_memo) >= _MEMO_LIMIT:
-        _memo.clear()
-    _memo[key] = digest.hexdigest()
-    return _memo[key]
-
-
-def _signature(path: Path) -> tuple:
-    stat = os.stat(path)
-    return (str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
-
-
 # ------------------------------------------------------------------------------------------ canonical
 
 
@@ -104,7 +71,7 @@ def canonical_problem(lake_root: Path, day: dt.date) -> str | None:
     files = parquet_files(folder)
     if summary is None or not files:
         return f"canonical_events {day} is missing ({folder}): materialize it first ({rerun_hint(day)})"
-    found = files_sha256(files, with_names=True)
+    found = content_hash(folder)
     if found != summary["content_hash"]:
         return (
             f"canonical_events {day}: its files changed after they were written (content hash "
@@ -134,7 +101,7 @@ def write_aggregate_lineage(lake_root: Path, model: str, day: dt.date, canonical
     record: AggregateLineage = {
         "model": model,
         "day": day.isoformat(),
-        "sha256": files_sha256([folder / AGGREGATE_FILE], with_names=False),
+        "sha256": file_sha256(folder / AGGREGATE_FILE),
         "canonical_events": canonical_hash,
     }
     write_atomic(folder / LINEAGE_FILE, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
@@ -158,7 +125,7 @@ def aggregate_problem(lake_root: Path, model: str, day: dt.date) -> str | None:
         return (
             f"{model} {day}: no lineage record ({LINEAGE_FILE}), so its input cannot be confirmed; {rebuild}"
         )
-    found = files_sha256([folder / AGGREGATE_FILE], with_names=False)
+    found = file_sha256(folder / AGGREGATE_FILE)
     if found != lineage["sha256"]:
         return (
             f"{model} {day}: {AGGREGATE_FILE} changed after it was written (sha256 {lineage['sha256'][:12]} "
