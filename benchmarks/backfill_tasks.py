@@ -3,27 +3,13 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
-# What a user's environment could set that would change the runs measured here.
-_RECSYS_VARIABLES = (
-    "RECSYS_CONFIG",
-    "RECSYS_RAW_ROOT",
-    "RECSYS_LAKE_ROOT",
-    "RECSYS_ARTIFACT_ROOT",
-    "DAGSTER_HOME",
-)
+from benchmarks.harness import run_recsys
 
 
 def _recsys(home: str, start_date: str, *args: str) -> None:
-    env = {k: v for k, v in os.environ.items() if k not in _RECSYS_VARIABLES}
-    env |= {"RECSYS_HOME": home, "RECSYS_START_DATE": start_date}
-    command = [str(Path(sys.executable).with_name("recsys")), *args]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
+    run_recsys({"RECSYS_HOME": home, "RECSYS_START_DATE": start_date}, *args)
 
 
 def import_ratings(params: dict) -> dict:

@@ -133,6 +133,17 @@ def measure(task: str, params: dict, *, env: dict[str, str] | None = None) -> Me
     )
 
 
+def run_recsys(variables: dict[str, str], *args: str) -> None:
+    """The installed `recsys` command as a user runs it, in its own process, with `variables` (RECSYS_HOME,
+    ...) set and none of the caller's RECSYS_* or DAGSTER_HOME settings; an error with its output if it
+    fails."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RECSYS_") and k != "DAGSTER_HOME"}
+    command = [str(Path(sys.executable).with_name("recsys")), *args]
+    done = subprocess.run(command, env=env | variables, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
+
+
 def source_fingerprint(*sources: str) -> str:
     """Hash of the named sources, the key that invalidates a cache of data they produced.
 

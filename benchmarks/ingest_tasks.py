@@ -6,22 +6,17 @@ Both measured tasks import the same modules here, so their peak RSS carries the 
 from __future__ import annotations
 
 import datetime as dt
-import os
 import resource
-import subprocess
-import sys
 from pathlib import Path
 
 import polars as pl
 
+from benchmarks.harness import run_recsys
 from recsys_core.settings import ChecksConfig, IngestConfig
 from recsys_dagster.ingest import contract
 from recsys_dagster.ingest.canonicalize import canonicalize_partition
 from recsys_dagster.ingest.gates import run_gates
 from recsys_dagster.ingest.generate import generate_events
-
-# What a user's environment could set that would change the whole run measured here.
-_RECSYS_VARIABLES = ("RECSYS_CONFIG", "RECSYS_LAKE_ROOT", "RECSYS_ARTIFACT_ROOT", "DAGSTER_HOME")
 
 
 def generate(params: dict) -> dict:
@@ -85,21 +80,15 @@ def whole_run(params: dict) -> dict:
     """`recsys run --start DAY --select key:canonical_events --quiet` as a user runs it, in its own process:
     start-up, the Dagster run and its events, canonicalization and the checks (the day re-materialized
     when it already is)."""
-    env = {k: v for k, v in os.environ.items() if k not in _RECSYS_VARIABLES} | {
-        "RECSYS_HOME": params["home"],
-        "RECSYS_RAW_ROOT": params["raw_root"],
-        "RECSYS_START_DATE": params["day"],
-    }
-    command = [
-        str(Path(sys.executable).with_name("recsys")),
+    variables = {"RECSYS_HOME": params["home"], "RECSYS_RAW_ROOT": params["raw_root"]}
+    day = params["day"]
+    run_recsys(
+        variables | {"RECSYS_START_DATE": day},
         "run",
         "--start",
-        params["day"],
+        day,
         "--select",
         "key:canonical_events",
         "--quiet",
-    ]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
+    )
     return {"peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
