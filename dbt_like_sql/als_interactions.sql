@@ -9,35 +9,24 @@
 --
 -- weight = the sum over the window of each day's event-type-weighted interactions, decayed.
 -- Rows in no particular order: the trainer sorts users and items itself, so the order is not part of the
--- artifact (the weights are: each is summed in day order, below).
-WITH pairs AS (
-    SELECT
-        tenant,
-        surface,
-        user_id,
-        item_id,
-        -- A user-item pair has at most one row a day. Both lists of a group are collected from the same
-        -- rows in the same order, whatever that order is; the days put the weights in day order.
-        list(day) AS pair_days,
-        list(
-            weight * CASE
-                WHEN getvariable('half_life_days')::DOUBLE > 0
-                    THEN pow(
-                        0.5,
-                        (getvariable('as_of')::DATE - day)::DOUBLE / getvariable('half_life_days')::DOUBLE
-                    )
-                ELSE 1.0
-            END
-        ) AS pair_weights
-    FROM read_parquet(getvariable('paths'))
-    GROUP BY tenant, surface, user_id, item_id
-)
-
+-- artifact.
 SELECT
     tenant,
     surface,
     user_id,
     item_id,
-    -- Summed in day order so that equal inputs give bit-identical weights.
-    list_sum(list_select(pair_weights, list_grade_up(pair_days)))::DOUBLE AS weight
-FROM pairs;
+    -- Each day's decayed weight rounded to a fixed-point decimal, then summed exactly: the same input
+    -- always gives the same bits, whatever order the days are summed in. (Without decay the daily weights
+    -- are already 6-decimal exact, so nothing is rounded.)
+    sum(
+        (weight * CASE
+            WHEN getvariable('half_life_days')::DOUBLE > 0
+                THEN pow(
+                    0.5,
+                    (getvariable('as_of')::DATE - day)::DOUBLE / getvariable('half_life_days')::DOUBLE
+                )
+            ELSE 1.0
+        END)::DECIMAL(38, 12)
+    )::DOUBLE AS weight
+FROM read_parquet(getvariable('paths'))
+GROUP BY tenant, surface, user_id, item_id;
