@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,6 +184,22 @@ def build_parser() -> argparse.ArgumentParser:
     day.add_argument("--day", type=_date, help="partition of a daily aggregate or canonical check")
     day.add_argument("--as-of", type=_date, help="as-of day of a window artifact")
     sql.add_argument("--lake-root", type=Path, help="lake to read (default: the configured one)")
+
+    rules = sub.add_parser("rules", help="merchandising rules: validate, publish, show")
+    rules_sub = rules.add_subparsers(dest="rules_command", required=True, metavar="ACTION")
+    rules_validate = rules_sub.add_parser(
+        "validate", help="check a rules file (YAML or JSON) without publishing"
+    )
+    rules_validate.add_argument("file", type=Path)
+    rules_publish = rules_sub.add_parser(
+        "publish", help="publish a rules file for one tenant/surface (a new manifest; roll back as usual)"
+    )
+    rules_publish.add_argument("file", type=Path)
+    rules_show = rules_sub.add_parser("show", help="print the rules in force for one tenant/surface")
+    for command in (rules_publish, rules_show):
+        command.add_argument("--tenant", required=True)
+        command.add_argument("--surface", required=True)
+    rules_publish.add_argument("--reason", required=True, help="why (recorded in the registry)")
     return parser
 
 
@@ -219,6 +236,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             "serve": cmd_serve,
             "ui": cmd_ui,
             "sql": cmd_sql,
+            "rules": cmd_rules,
         }
         return handler[args.command](args, settings)
     except (UsageError, ConfigError) as exc:
@@ -908,6 +926,50 @@ def _sql_params(args: argparse.Namespace, settings: Settings) -> dict:
         | window
         | dataclasses.asdict(config.checks)
     )
+
+
+def cmd_rules(args: argparse.Namespace, settings: Settings) -> int:
+    """`recsys rules validate|publish|show` (docs/reference/rules.md)."""
+    import getpass
+
+    from recsys_core.manifest import ManifestError, read_current, resolve_uri
+    from recsys_core.names import UnsafePathError
+    from recsys_core.rules import RULES_KIND, RulesError, read_published_rules, read_rules
+    from recsys_dagster.publishing.protocol import PublishError
+    from recsys_dagster.publishing.rules import publish_rules
+
+    try:
+        if args.rules_command == "show":
+            current = read_current(settings.artifact_root, args.tenant, args.surface)
+            if current is None or RULES_KIND not in current["current"]:
+                print(f"{args.tenant}/{args.surface}: no rules in force")
+                return EXIT_OK
+            folder = resolve_uri(
+                settings.artifact_root, args.tenant, args.surface, current["current"][RULES_KIND]
+            )
+            print(read_published_rules(folder).normalised_json().decode(), end="")
+            return EXIT_OK
+        document = read_rules(args.file)
+        counts = Counter(rule.action for rule in document.rules)
+        summary = ", ".join(f"{n} {action}" for action, n in sorted(counts.items())) or "no rules"
+        if args.rules_command == "validate":
+            print(f"{args.file}: valid ({summary})")
+            return EXIT_OK
+        outcome = publish_rules(
+            settings.artifact_root,
+            args.tenant,
+            args.surface,
+            document,
+            reason=args.reason,
+            actor=os.environ.get("RECSYS_ACTOR") or getpass.getuser(),
+        )
+    except UnsafePathError as exc:
+        raise UsageError(str(exc)) from exc
+    except (RulesError, PublishError, ManifestError) as exc:
+        print(f"recsys rules {args.rules_command}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"{args.tenant}/{args.surface}: rules {summary}: {outcome.message}")
+    return EXIT_OK if outcome.action in ("publish", "noop") else EXIT_FAILED
 
 
 if __name__ == "__main__":

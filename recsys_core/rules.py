@@ -35,6 +35,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ACTIONS = ("block", "pin", "replace", "boost", "bury")
+# The artifact kind that holds a published rules document, and its file (docs/reference/artifacts.md).
+RULES_KIND = "rules"
+RULES_FILE = "rules.json"
 # Segments a rule's audience may name; the server puts each request in one of them (docs/reference/rules.md).
 SEGMENT_COLD_START = "cold_start"
 SEGMENT_ACTIVE = "active"
@@ -182,6 +185,11 @@ def read_rules(path: Path) -> RulesDocument:
     except OSError as exc:
         raise RulesError(f"{path}: cannot read: {exc.strerror}") from None
     return parse_rules(text, str(path))
+
+
+def read_published_rules(artifact_dir: Path) -> RulesDocument:
+    """The rules document of a published `rules` artifact directory (verified by the caller)."""
+    return read_rules(artifact_dir / RULES_FILE)
 
 
 def _describe(exc: ValidationError, raw: dict[str, Any]) -> str:

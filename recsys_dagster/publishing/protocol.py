@@ -299,12 +299,14 @@ def publish(
     checks_summary: Mapping[str, Any] | None = None,
     run_id: str | None = None,
     actor: str = "pipeline",
+    reason: str | None = None,
     blend: Mapping[str, float] | None = None,
 ) -> PublishOutcome:
     """Publish the artifact directories `artifacts` (kind -> `<target>/<kind>/<version>`) as of `as_of`.
 
     `blend` (source -> weight) goes into the manifest, and into its version, for the API server to rank
-    with; without it the server uses its configured weights.
+    with; without it the server uses its configured weights. `actor` and `reason` are recorded with the
+    outcome.
 
     Outcomes (each recorded in the registry): `refused` if an artifact fails validation, `gate_problems`
     is non-empty, or the manifest was rolled back away from (nothing changes); `noop` if it is already
@@ -332,7 +334,7 @@ def publish(
             )
             return PublishOutcome("refused", mv, previous, f"refused: {'; '.join(problems)}", tuple(problems))
         if mv == previous:
-            _append_record(target, _record("noop", mv, previous, day, **common))
+            _append_record(target, _record("noop", mv, previous, day, **common, reason=reason))
             return PublishOutcome("noop", mv, previous, f"manifest {mv[:12]} is already current")
 
         current_as_of = current["as_of"] if current else None
@@ -381,11 +383,11 @@ def publish(
             write_atomic(history_file, json_file_bytes(manifest))
 
         if not forward:
-            _append_record(target, _record("history_only", mv, previous, day, **common))
+            _append_record(target, _record("history_only", mv, previous, day, **common, reason=reason))
             return PublishOutcome(
                 "history_only", mv, previous, f"{day} is older than current {current_as_of}: history only"
             )
-        _append_record(target, _record("publish", mv, previous, day, **common))
+        _append_record(target, _record("publish", mv, previous, day, **common, reason=reason))
         _swap(target, manifest)
         return PublishOutcome("publish", mv, previous, f"published {mv[:12]} as of {day}")
 

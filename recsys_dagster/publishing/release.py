@@ -25,6 +25,7 @@ from recsys_core.settings import Settings
 from recsys_core.storage import write_atomic
 from recsys_dagster.evaluation.offline import read_evaluation
 from recsys_dagster.publishing.protocol import PublishOutcome, publish
+from recsys_dagster.publishing.rules import carried_artifacts
 from recsys_dagster.transform.artifacts import ArtifactBuild
 from recsys_dagster.transform.lineage import artifact_input_problems
 from recsys_dagster.transform.sql import run_sql
@@ -140,7 +141,9 @@ def publish_as_of(settings: Settings, as_of: dt.date, *, run_id: str | None = No
         for entry in record["artifacts"]:
             per_target[(entry["tenant"], entry["surface"])][kind] = Path(entry["path"])
     outcomes = []
-    for (tenant, surface), artifacts in sorted(per_target.items()):
+    for (tenant, surface), built_here in sorted(per_target.items()):
+        # The rules in force stay in force: the pipeline builds the models, not the rules.
+        artifacts = built_here | carried_artifacts(settings.artifact_root, tenant, surface)
         problems, checked = lineage_problems(settings, artifacts)
         absent = [kind for kind in KINDS if kind not in artifacts]
         quality, evaluation = evaluation_problems(settings, as_of, tenant, surface)

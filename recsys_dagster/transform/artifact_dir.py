@@ -28,12 +28,12 @@ def write_artifact_dir(
     target_dir: Path,
     kind: str,
     meta_without_version: Mapping[str, Any],
-    files: Mapping[str, pl.DataFrame | np.ndarray],
+    files: Mapping[str, pl.DataFrame | np.ndarray | bytes],
 ) -> tuple[str, Path]:
     """Write one artifact version directory `<target>/<kind>/<version>/` and return (version, path).
 
-    Frames are written as Parquet (zstd, statistics) and arrays as `.npy` (whose bytes depend only on the
-    array's dtype, shape and values) into `<target>/<kind>/.tmp-<uuid>/`, hashed and
+    Frames are written as Parquet (zstd, statistics), arrays as `.npy` (whose bytes depend only on the
+    array's dtype, shape and values) and bytes as they are (a `.json` document) into `<target>/<kind>/.tmp-<uuid>/`, hashed and
     counted into meta's `files` / `rows`; the version is computed from the meta (see
     `manifest.artifact_version`), meta.json written, and the temp dir renamed into place. Identical
     frames give byte-identical files and so the same version; if that directory already exists (and
@@ -45,7 +45,9 @@ def write_artifact_dir(
         raise ValueError("an artifact needs at least one file")
     for name, data in files.items():
         validate_name("file", name)
-        suffix = ".npy" if isinstance(data, np.ndarray) else ".parquet"
+        suffix = (
+            ".npy" if isinstance(data, np.ndarray) else ".json" if isinstance(data, bytes) else ".parquet"
+        )
         if name.startswith(".") or not name.endswith(suffix):
             raise ValueError(f"file name {name!r} must end with {suffix} and not start with '.'")
     if "version" in meta_without_version:
@@ -63,7 +65,9 @@ def write_artifact_dir(
         rows: dict[str, int] = {}
         for name in sorted(files):
             path = tmp / name
-            rows[name] = _write_file(path, files[name])
+            count = _write_file(path, files[name])
+            if count is not None:
+                rows[name] = count
             fsync_file(path)
             hashes[name] = file_sha256(path)
         meta = {**meta_without_version, "format": FORMAT_VERSION, "kind": kind, "rows": rows, "files": hashes}
@@ -87,8 +91,11 @@ def write_artifact_dir(
     return version, final
 
 
-def _write_file(path: Path, data: pl.DataFrame | np.ndarray) -> int:
-    """Write one artifact file; returns its row count (an array's first dimension)."""
+def _write_file(path: Path, data: pl.DataFrame | np.ndarray | bytes) -> int | None:
+    """Write one artifact file; returns its row count (an array's first dimension; None for a document)."""
+    if isinstance(data, bytes):
+        path.write_bytes(data)
+        return None
     if isinstance(data, np.ndarray):
         with open(path, "wb") as handle:
             np.save(handle, np.ascontiguousarray(data), allow_pickle=False)
