@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from recsys_cli.ports import port_problem
 from recsys_core.lake import partition_dir
-from recsys_core.settings import ConfigError, Settings, load_settings, tuned_file
+from recsys_core.settings import MAX_SERVE_WORKERS, ConfigError, Settings, load_settings, tuned_file
 
 if TYPE_CHECKING:
     from recsys_core.manifest import Manifest
@@ -151,7 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="serve the HTTP API from the current manifests",
         description="Serve the HTTP API from the current manifest of every tenant and surface under "
-        "RECSYS_ARTIFACT_ROOT, swapping in newly published ones without a restart. Ctrl-C stops it.",
+        "RECSYS_ARTIFACT_ROOT, swapping in newly published ones without a restart. Ctrl-C or SIGTERM stops "
+        "it: requests in flight finish (within RECSYS_SERVE_SHUTDOWN_GRACE_SECONDS) and the exposure log "
+        "is written out first.",
     )
     serve.add_argument(
         "--host",
@@ -162,8 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--workers",
         type=int,
-        default=1,
-        help="uvicorn worker processes, >= 1; each loads every artifact into its own memory (default 1)",
+        help="worker processes, 1-256; each loads every artifact into its own memory; /metrics reports "
+        "them all; RECSYS_SERVE_WORKERS sets the default (default 1)",
     )
 
     ui = sub.add_parser(
@@ -766,8 +768,9 @@ def cmd_gc(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from recsys_serving.server import serve
 
-    if args.workers < 1:
-        raise UsageError("--workers must be >= 1")
+    workers = settings.serve_workers if args.workers is None else args.workers
+    if not 1 <= workers <= MAX_SERVE_WORKERS:
+        raise UsageError(f"--workers must be 1-{MAX_SERVE_WORKERS}, got {workers}")
     if not 0 < args.port < 65536:
         raise UsageError("--port must be 1-65535")
     _check_port(args.host, args.port)
@@ -775,7 +778,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     print(f"recsys API on {base} (docs: {base}/docs), serving manifests under {settings.artifact_root}")
     for line in example_requests(settings, base):
         print(f"  {line}")
-    serve(args.host, args.port, args.workers, settings=settings)
+    serve(args.host, args.port, workers, settings=settings)
     return EXIT_OK
 
 

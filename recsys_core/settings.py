@@ -29,6 +29,8 @@ COOC_METRICS = ("cosine", "count", "jaccard", "lift")
 RANKING_METRICS = ("precision", "recall", "ndcg", "map", "hit_rate")
 
 
+# More API server processes than this is a typo, not a deployment (each loads every artifact).
+MAX_SERVE_WORKERS = 256
 # Dagster executors a deployment may choose (RECSYS_EXECUTOR); the first is the default.
 EXECUTORS = ("in_process", "multiprocess")
 # The file tuning writes (under the lake's tuning/ folder) and the sections it may set.
@@ -314,6 +316,10 @@ class Settings:
     serve_header_timeout_seconds: float = 10.0
     serve_keep_alive_seconds: int = 5
     exposure_max_bytes_per_day: int = 1 << 30
+    # API server processes (`recsys serve --workers` overrides it), and how long in-flight requests may
+    # take to finish once the server is told to stop (docs/reference/http-api.md#workers-and-shutdown).
+    serve_workers: int = 1
+    serve_shutdown_grace_seconds: int = 10
     # Where the Dagster instance keeps runs, event logs and schedules: a PostgreSQL URL, or None for
     # SQLite files under dagster_home.
     postgres_url: str | None = None
@@ -365,6 +371,16 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             1 << 30,
             1 << 50,
             "bytes",
+        ),
+        serve_workers=_parse_whole(
+            "RECSYS_SERVE_WORKERS", env.get("RECSYS_SERVE_WORKERS"), 1, MAX_SERVE_WORKERS, "worker processes"
+        ),
+        serve_shutdown_grace_seconds=_parse_whole(
+            "RECSYS_SERVE_SHUTDOWN_GRACE_SECONDS",
+            env.get("RECSYS_SERVE_SHUTDOWN_GRACE_SECONDS"),
+            10,
+            3600,
+            "seconds",
         ),
         pipeline=apply_tuned(pipeline, tuned) if applied else pipeline,
         tuned_file=tuned if applied else None,

@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from recsys_core.settings import Settings, load_settings
 from recsys_serving.exposures import ExposureWriter
-from recsys_serving.metrics import ServingMetrics
+from recsys_serving.metrics import ServingMetrics, shared_metrics_dir
 from recsys_serving.middleware import MeteredMount, RequestContextMiddleware
 from recsys_serving.problems import Problem, invalid_request, problem_response
 from recsys_serving.routes import Endpoints, include_routes
@@ -48,7 +48,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     The artifacts are loaded when the app starts (lifespan), before it accepts connections; a daemon
     thread then polls for new manifests every `settings.serve_poll_seconds`. With
-    `settings.exposure_log`, recommendation responses are logged to `settings.raw_root`.
+    `settings.exposure_log`, recommendation responses are logged to `settings.raw_root`. In a worker of
+    `recsys serve --workers N`, /metrics reports all the workers (`metrics.shared_metrics_dir`).
     """
     settings = settings or load_settings()
     store = ArtifactStore(settings.artifact_root, settings.serve_poll_seconds)
@@ -57,7 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.exposure_log
         else None
     )
-    metrics = ServingMetrics(store, exposures)
+    metrics = ServingMetrics(store, exposures, shared_metrics_dir())
     app = FastAPI(
         title="recsys API",
         version=API_VERSION,
@@ -96,6 +97,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     store: ArtifactStore = app.state.store
     exposures: ExposureWriter | None = app.state.exposures
+    metrics: ServingMetrics = app.state.metrics
     await run_in_threadpool(store.refresh)
     # Loaded artifacts live as long as they are served: keep the collector from rescanning them.
     gc.collect()
@@ -103,12 +105,16 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     store.start()
     if exposures is not None:
         exposures.start()
+    metrics.start()
     try:
         yield
     finally:
+        # The server runs this once every in-flight request has been answered (or the shutdown grace
+        # period is over), so the exposure log holds every response sent.
         store.stop()
         if exposures is not None:
             await run_in_threadpool(exposures.close)
+        await run_in_threadpool(metrics.stop)
         # Frozen objects are never collected, not even when the interpreter exits: give them back to the
         # collector, so that what this process held before the app started (in the test suite, DuckDB
         # connections of the pipeline) is freed rather than reported as leaked at exit.

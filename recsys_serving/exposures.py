@@ -6,8 +6,10 @@ the raw landing folder of the event's UTC day, `<raw root>/dt=YYYY-MM-DD/`. The 
 server (a random token of the writer, the response's sequence number, the rank), never from what the
 client sent: repeated identical requests are distinct exposures, not duplicates for the pipeline's gates.
 
-Each day's log is capped at `max_bytes_per_day` (counting the exposure files already in the day's folder
-when this writer first writes to it); events beyond the cap are counted as dropped, not written.
+Each day's log is capped at `max_bytes_per_day`: the exposure files in the day's folder, whoever wrote
+them. Writers append under a lock on the raw root directory after reading the folder's size, so the
+workers of a server, and servers sharing the raw root on one machine, stay within the cap together; events
+beyond it are counted as dropped, not written.
 
 The request path only appends a tuple to an in-memory queue (bounded: when full, responses are counted as
 dropped instead of slowing requests down). A background thread drains the queue, renders JSON lines and
@@ -26,6 +28,7 @@ import collections
 import contextlib
 import datetime as dt
 import errno
+import fcntl
 import logging
 import os
 import re
@@ -33,6 +36,7 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,7 +102,6 @@ class ExposureWriter:
         # Event ids: this token, then a sequence number per written response, then the rank.
         self._id_token = secrets.token_hex(8)
         self._responses = 0
-        self._day_bytes: dict[str, int] = {}
         self._capped_day: str | None = None
         self._queue: collections.deque[_Served] = collections.deque()
         self._files: dict[str, _OpenFile] = {}
@@ -193,8 +196,18 @@ class ExposureWriter:
     # ------------------------------------------------------------------------------- writing
 
     def _write_pending(self) -> None:
+        if not self._queue:
+            return
+        self.raw_root.mkdir(parents=True, exist_ok=True)
+        # Every writer on this raw root (the other workers, other servers on this machine) reads the
+        # day's size on disk and appends under this lock, so that together they stay within the cap.
+        with _locked_dir(self.raw_root):
+            self._append_pending()
+
+    def _append_pending(self) -> None:
         batches: dict[str, list[bytes]] = {}
         batch_bytes: dict[str, int] = {}
+        day_bytes: dict[str, int] = {}
         queue = self._queue
         while queue:
             served = queue.popleft()
@@ -203,7 +216,9 @@ class ExposureWriter:
             self._responses += 1
             moment = dt.datetime.fromtimestamp(served.ts, dt.UTC)
             day = moment.date().isoformat()
-            budget = self._budget(day) - batch_bytes.get(day, 0)
+            if day not in day_bytes:
+                day_bytes[day] = _exposure_bytes(self.raw_root / f"dt={day}")
+            budget = self.max_bytes_per_day - day_bytes[day] - batch_bytes.get(day, 0)
             lines = self._render(served, moment) if budget > 0 else []
             size = sum(len(line) for line in lines)
             if not lines or size > budget:  # a response is logged whole or not at all
@@ -215,7 +230,6 @@ class ExposureWriter:
             return
         for day in sorted(batches):
             data = b"".join(batches[day])
-            self._day_bytes[day] += len(data)
             handle = self._files.get(day) or self._open(day)
             try:
                 handle.handle.write(data)
@@ -255,15 +269,6 @@ class ExposureWriter:
             event["event_id"] = f"x{self._id_token}-{self._responses}-{rank}"
             lines.append(orjson.dumps(event, option=orjson.OPT_APPEND_NEWLINE))
         return lines
-
-    def _budget(self, day: str) -> int:
-        """Bytes the day's log may still take. A day first seen here starts from the exposure files already
-        in its folder, so that a restarted server (or another worker) does not start the cap over."""
-        if day not in self._day_bytes:
-            self._day_bytes[day] = _exposure_bytes(self.raw_root / f"dt={day}")
-            for old in sorted(self._day_bytes)[:-2]:  # only today and yesterday still get events
-                del self._day_bytes[old]
-        return self.max_bytes_per_day - self._day_bytes[day]
 
     def _over_cap(self, day: str, events: int) -> None:
         if day != self._capped_day:
@@ -372,6 +377,18 @@ def _exposure_bytes(folder: Path) -> int:
             with contextlib.suppress(FileNotFoundError):  # published or recovered meanwhile
                 total += path.stat().st_size
     return total
+
+
+@contextlib.contextmanager
+def _locked_dir(folder: Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on the directory `folder` itself: no lock file is left in the landing
+    zone. Released when the block ends, or when the process dies."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _alive(pid: int) -> bool:

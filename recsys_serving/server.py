@@ -11,9 +11,15 @@ in front of the server remains the place for per-client limits
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
+import os
 import resource
+import shutil
+import signal
+import tempfile
+from collections.abc import Iterator
 from typing import Any, cast
 
 import uvicorn
@@ -28,6 +34,9 @@ MAX_HEADER_BYTES = 64 * 1024
 # File descriptors kept for the server's own files (artifacts being loaded, the exposure log, logs)
 # when the connection limit is fitted under the process's open-file limit.
 RESERVED_FDS = 256
+# The variable that puts prometheus_client in multiprocess mode, read when a process first imports it (so
+# this module does not import it): the directory where the workers of one server share their metrics.
+MULTIPROCESS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 
 log = logging.getLogger(__name__)
 
@@ -131,36 +140,77 @@ def connection_limit(configured: int) -> int:
 def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
-    workers: int = 1,
+    workers: int | None = None,
     *,
     settings: Settings | None = None,
     log_level: str = "info",
     access_log: bool = False,
 ) -> None:
-    """Serve the API until interrupted; settings come from the environment (`load_settings`).
+    """Serve the API until stopped (SIGINT or SIGTERM); settings come from the environment
+    (`load_settings`) unless given.
 
-    Each worker loads the artifacts and polls the manifests itself. The access log is off by default: it
-    costs a large share of throughput, and /metrics plus the X-Request-Id of every response cover it.
-    The connection limits come from `settings` (default: `load_settings()`).
+    `workers` (default: `settings.serve_workers`) processes share the listening socket; each loads the
+    artifacts, polls the manifests and writes its own exposure files. Their metrics meet in a private
+    temporary directory (`metrics.shared_metrics_dir`), removed when the server stops. On SIGTERM or
+    SIGINT the server stops accepting connections, lets in-flight requests finish for up to
+    `settings.serve_shutdown_grace_seconds`, then publishes the exposure log, and returns.
+    The access log is off by default: it costs a large share of throughput, and /metrics plus the
+    X-Request-Id of every response cover it.
     """
+    settings = settings or load_settings()
+    workers = settings.serve_workers if workers is None else workers
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     if not 0 <= port <= 65535:
         raise ValueError(f"port must be 0-65535, got {port}")
-    settings = settings or load_settings()
     protocol = functools.partial(GUARDED_PROTOCOL, header_timeout=settings.serve_header_timeout_seconds)
-    uvicorn.run(
-        APP_FACTORY,
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        log_level=log_level,
-        access_log=access_log,
-        # uvicorn calls the protocol factory like a protocol class (and pickles it for each worker).
-        http=cast(type[asyncio.Protocol], protocol),
-        limit_concurrency=connection_limit(settings.serve_max_connections),
-        timeout_keep_alive=settings.serve_keep_alive_seconds,
-        # In-flight requests get up to 10 s to finish on shutdown (SIGTERM), then connections close.
-        timeout_graceful_shutdown=10,
-    )
+    with _worker_metrics_dir(workers), _sigterm_stops_gracefully():
+        uvicorn.run(
+            APP_FACTORY,
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            log_level=log_level,
+            access_log=access_log,
+            # uvicorn calls the protocol factory like a protocol class (and pickles it for each worker).
+            http=cast(type[asyncio.Protocol], protocol),
+            limit_concurrency=connection_limit(settings.serve_max_connections),
+            timeout_keep_alive=settings.serve_keep_alive_seconds,
+            timeout_graceful_shutdown=settings.serve_shutdown_grace_seconds,
+        )
+
+
+@contextlib.contextmanager
+def _worker_metrics_dir(workers: int) -> Iterator[None]:
+    """With several workers, a fresh directory for their shared metrics, named by the variable that
+    prometheus_client reads when a worker process first imports it; removed afterwards. A process serving
+    alone keeps its metrics in memory, whatever the environment says."""
+    previous = os.environ.pop(MULTIPROCESS_DIR_VARIABLE, None)
+    directory = tempfile.mkdtemp(prefix="recsys-serve-metrics-") if workers > 1 else None
+    if directory is not None:
+        os.environ[MULTIPROCESS_DIR_VARIABLE] = directory
+    try:
+        yield
+    finally:
+        if directory is not None:
+            del os.environ[MULTIPROCESS_DIR_VARIABLE]
+            shutil.rmtree(directory, ignore_errors=True)
+        if previous is not None:
+            os.environ[MULTIPROCESS_DIR_VARIABLE] = previous
+
+
+@contextlib.contextmanager
+def _sigterm_stops_gracefully() -> Iterator[None]:
+    """SIGTERM as Ctrl-C: a graceful stop and a normal return.
+
+    A single uvicorn server handles SIGTERM gracefully, then raises it again once it has stopped, which
+    with the default disposition would kill the process (exit status 143, not 0). As KeyboardInterrupt it
+    is swallowed by `uvicorn.run`, as Ctrl-C is. (The supervisor of several workers handles SIGTERM
+    itself, stopping each worker with SIGTERM, and returns.)
+    """
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
