@@ -25,13 +25,15 @@ RUN_START_DATE = $(or $(RECSYS_START_DATE),$(firstword $(sort $(RECORDED_START_D
 UI_START_DATE = $(or $(RECSYS_START_DATE),$(RECORDED_START_DATE))
 CHECK_PORT = $(VENV)/bin/python -m recsys_cli.ports --host 127.0.0.1
 
-.PHONY: install run ui test lint fmt bench clean help
+.PHONY: install run ui test lint fmt bench clean help up down compose-test extra-ca
 
 help:
 	@echo "make run    install, generate $(RUN_DAYS) days of sample events, materialize them, print a summary, serve the API on port $(PORT)"
 	@echo "make test   install, lint, check the Dagster definitions, run the test suite"
 	@echo "make ui     open the Dagster UI (webserver + daemon) on http://127.0.0.1:$(UI_PORT)"
 	@echo "make bench  benchmarks next to bare-library baselines; figures go to docs/benchmarks.md"
+	@echo "make up     build and start the docker-compose stack (Postgres, Dagster, two API replicas); make down stops it"
+	@echo "make compose-test  build, start and exercise the compose stack end to end, then remove it"
 
 install: $(STAMP)
 
@@ -77,6 +79,31 @@ test: install lint
 
 bench: install
 	$(VENV)/bin/python -m benchmarks.run
+
+# The docker-compose stack (docs/how-to/deploy.md). COMPOSE: docker-compose (1.x) or the docker compose plug-in.
+COMPOSE ?= $(shell command -v docker-compose >/dev/null 2>&1 && echo docker-compose || echo docker compose)
+# A CA bundle for the image builds' downloads behind a TLS-intercepting proxy (empty: none), copied into the
+# build context; by default the one this shell's tools trust.
+EXTRA_CA_FILE ?= $(SSL_CERT_FILE)
+EXTRA_CA_COPY := deploy/extra-ca/extra-ca.pem
+
+up: .env extra-ca
+	$(COMPOSE) up --detach --build
+	@echo "Dagster UI on http://127.0.0.1:$$(sed -n 's/^DAGSTER_WEBSERVER_PORT=//p' .env); API replicas on ports" \
+		"$$(sed -n 's/^API_1_PORT=//p' .env) and $$(sed -n 's/^API_2_PORT=//p' .env); make down stops them"
+
+down:
+	$(COMPOSE) down
+
+# The stack's settings, from the example with a password of its own.
+.env:
+	sed "s/^POSTGRES_PASSWORD=.*/POSTGRES_PASSWORD=$$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')/" .env.example > $@
+
+extra-ca:
+	@if [ -n "$(EXTRA_CA_FILE)" ] && ! cmp -s "$(EXTRA_CA_FILE)" $(EXTRA_CA_COPY); then cp "$(EXTRA_CA_FILE)" $(EXTRA_CA_COPY); fi
+
+compose-test: extra-ca
+	COMPOSE="$(COMPOSE)" $(PYTHON) deploy/compose_test.py
 
 clean:
 	rm -rf $(VENV) $(TOOLS) .pytest_cache .ruff_cache .mypy_cache
