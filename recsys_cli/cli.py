@@ -202,6 +202,16 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--tenant", required=True)
         command.add_argument("--surface", required=True)
     rules_publish.add_argument("--reason", required=True, help="why (recorded in the registry)")
+
+    audit = sub.add_parser("audit", help="look up landed decision traces by request id or by user and time")
+    audit.add_argument("--tenant", required=True)
+    audit.add_argument("--surface", required=True)
+    lookup = audit.add_mutually_exclusive_group(required=True)
+    lookup.add_argument("--request-id", help="the response's request id (X-Request-ID)")
+    lookup.add_argument("--user-id", help="every traced response of this user")
+    audit.add_argument("--since", type=_date, help="with --user-id: from this day (UTC, inclusive)")
+    audit.add_argument("--until", type=_date, help="with --user-id: up to this day (UTC, inclusive)")
+    audit.add_argument("--limit", type=int, default=20, help="newest traces to print (default 20)")
     return parser
 
 
@@ -239,6 +249,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             "ui": cmd_ui,
             "sql": cmd_sql,
             "rules": cmd_rules,
+            "audit": cmd_audit,
         }
         return handler[args.command](args, settings)
     except (UsageError, ConfigError) as exc:
@@ -973,6 +984,40 @@ def cmd_rules(args: argparse.Namespace, settings: Settings) -> int:
         return EXIT_FAILED
     print(f"{args.tenant}/{args.surface}: rules {summary}: {outcome.message}")
     return EXIT_OK if outcome.action in ("publish", "noop") else EXIT_FAILED
+
+
+def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
+    """`recsys audit`: landed decision traces as JSON lines, newest first (docs/reference/decisions.md)."""
+    from recsys_core.decisions import find_decisions, trace_line
+
+    if args.limit < 1:
+        raise UsageError("--limit must be >= 1")
+    if args.request_id and (args.since or args.until):
+        raise UsageError("--since and --until go with --user-id")
+
+    def midnight(day: dt.date | None) -> dt.datetime | None:
+        return None if day is None else dt.datetime.combine(day, dt.time(), dt.UTC)
+
+    traces = find_decisions(
+        settings.lake_root,
+        args.tenant,
+        args.surface,
+        request_id=args.request_id,
+        user_id=args.user_id,
+        since=midnight(args.since),
+        until=midnight(args.until + dt.timedelta(days=1) if args.until else None),
+        limit=args.limit,
+    )
+    for trace in traces:
+        sys.stdout.write(trace_line(trace).decode())
+    if not traces:
+        print(
+            f"recsys audit: no landed trace of {args.tenant}/{args.surface} matches; traces are landed by the "
+            "daily run's decisions asset",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 if __name__ == "__main__":

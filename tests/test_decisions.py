@@ -166,3 +166,22 @@ def test_the_decisions_asset_lands_the_day_with_checks_per_partition(
     assert not checks[QUARANTINE_RATE].passed
     assert checks[QUARANTINE_RATE].severity == dg.AssetCheckSeverity.WARN
     assert (partition_dir(lake, DAY) / DATA_FILE).is_file()
+
+
+def test_recsys_audit_prints_the_landed_traces(
+    roots: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys
+) -> None:
+    from recsys_cli import cli
+
+    raw, lake = roots
+    land_decisions(raw, lake, DAY, MAX_LINE)
+    monkeypatch.setenv("RECSYS_HOME", str(tmp_path))
+    target = ["audit", "--tenant", "demo", "--surface", "home"]
+    assert cli.main([*target, "--request-id", "r2"]) == cli.EXIT_OK
+    (line,) = capsys.readouterr().out.splitlines()
+    assert json.loads(line) == find_decisions(lake, "demo", "home", request_id="r2")[0]
+    assert cli.main([*target, "--user-id", "u1", "--since", "2026-12-03", "--until", "2026-12-03"]) == 0
+    assert [json.loads(row)["request_id"] for row in capsys.readouterr().out.splitlines()] == ["r8", "r1"]
+    assert cli.main([*target, "--user-id", "u1", "--since", "2026-12-04"]) == cli.EXIT_FAILED
+    assert "no landed trace of demo/home matches" in capsys.readouterr().err
+    assert cli.main([*target, "--request-id", "r2", "--since", "2026-12-03"]) == cli.EXIT_USAGE
