@@ -61,6 +61,7 @@ def test_asset_graph_reads_as_the_pipeline_story(defs: dg.Definitions) -> None:
         "als": "artifacts",
         "evaluation": "evaluation",
         "published_manifest": "publishing",
+        "decisions": "audit",
         "tuning": "tuning",
     }
     for node in graph.asset_nodes:
@@ -89,6 +90,8 @@ def test_asset_graph_reads_as_the_pipeline_story(defs: dg.Definitions) -> None:
         "duplicate_rate",
         "volume",
         "resource_limits",
+        "decisions_reconciled",
+        "decisions_quarantine_rate",
     }
 
 

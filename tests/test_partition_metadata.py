@@ -225,7 +225,9 @@ def check_asset_checks(run: dict[str, Any]) -> None:
         key = (data.check_name, data.partition)
         assert key not in evaluations, key
         evaluations[key] = data
-    assert set(evaluations) == {(name, day.isoformat()) for name in GATE_NAMES for day in DAYS}
+    # The gates of canonical_events, and the decision traces' own checks, each once per day.
+    names = (*GATE_NAMES, "decisions_reconciled", "decisions_quarantine_rate")
+    assert set(evaluations) == {(name, day.isoformat()) for name in names for day in DAYS}
 
     for day in DAYS:
         stored = {r["name"]: r for r in read_checks(run["lake"], day)["results"]}
@@ -288,8 +290,9 @@ def check_single_day_run(run: dict[str, Any]) -> None:
     )
     entries = run["instance"].all_logs(run["run_id"], of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION)
     evaluations = [entry.dagster_event.asset_check_evaluation_data for entry in entries]
+    names = (*GATE_NAMES, "decisions_reconciled", "decisions_quarantine_rate")
     assert sorted((e.check_name, e.partition) for e in evaluations) == sorted(
-        (name, END.isoformat()) for name in GATE_NAMES
+        (name, END.isoformat()) for name in names
     )
     volume = next(e for e in evaluations if e.check_name == "volume")
     assert volume.metadata["rows"].value == summary["canonical_rows"]
