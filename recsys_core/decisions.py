@@ -21,7 +21,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.dataset as ds
 
-from recsys_core.lake import day_folder
+from recsys_core import lake
 from recsys_core.names import UnsafePathError, validate_name
 
 TRACE_VERSION = 1
@@ -90,11 +90,11 @@ class TraceError(ValueError):
 
 def landing_dir(raw_root: Path, day: dt.date) -> Path:
     """The folder the server writes day D's traces to."""
-    return Path(raw_root) / DECISIONS / day_folder(day)
+    return lake.landing_dir(Path(raw_root) / DECISIONS, day)
 
 
 def partition_dir(lake_root: Path, day: dt.date, table: str = DECISIONS) -> Path:
-    return Path(lake_root) / table / day_folder(day)
+    return lake.partition_dir(lake_root, table, day)
 
 
 def trace_line(trace: Mapping[str, Any]) -> bytes:
