@@ -145,3 +145,51 @@ def test_the_next_daily_publish_keeps_the_rules_and_rollback_restores_the_old_on
     assert cli.main(["gc", "--keep", "1", "--apply", "--min-age-hours", "0"]) == cli.EXIT_OK
     assert rules_in_force(home) == first_rules
     assert len(list(rules_dir.iterdir())) == 1
+
+
+def test_a_daily_publish_landing_while_rules_are_published_is_built_on(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rules command reads the manifest it adds the rules to under the target's lock: a daily publish
+    that lands after the command started (here: right after it wrote the rules artifact) is kept, and the
+    rules join the new day's models rather than being refused as older (history_only)."""
+    from recsys_dagster.publishing import rules as rules_publishing
+
+    next_day = DAY + dt.timedelta(days=1)
+    settings = settings_for(home, RECSYS_START_DATE=(DAY - dt.timedelta(days=2)).isoformat())
+    write = rules_publishing.write_rules_artifact
+
+    def write_then_let_the_pipeline_publish(*args, **kwargs) -> Path:
+        folder = write(*args, **kwargs)
+        assert [o.outcome.action for o in publish_day(settings, next_day)] == ["publish"]
+        return folder
+
+    monkeypatch.setattr(rules_publishing, "write_rules_artifact", write_then_let_the_pipeline_publish)
+    assert publish(rules_file(tmp_path)) == cli.EXIT_OK
+    current = read_current(home / "artifacts", TENANT, SURFACE)
+    assert current is not None and current["as_of"] == next_day.isoformat()
+    assert "recall-7" in (rules_in_force(home) or "")
+    actions = [(r["action"], r["as_of"]) for r in read_registry(home / "artifacts", TENANT, SURFACE)]
+    assert actions[-2:] == [("publish", next_day.isoformat()), ("publish", next_day.isoformat())]
+
+
+def test_rules_published_while_a_daily_run_builds_stay_in_its_manifest(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daily publish carries the rules in force as they are under the target's lock: rules published
+    while the run was checking its artifacts are in the run's manifest, not dropped by it."""
+    from recsys_dagster.publishing import release
+
+    next_day = DAY + dt.timedelta(days=1)
+    settings = settings_for(home, RECSYS_START_DATE=(DAY - dt.timedelta(days=2)).isoformat())
+    check = release.lineage_problems
+
+    def publish_rules_then_check(*args, **kwargs):
+        assert publish(rules_file(tmp_path)) == cli.EXIT_OK
+        return check(*args, **kwargs)
+
+    monkeypatch.setattr(release, "lineage_problems", publish_rules_then_check)
+    assert [o.outcome.action for o in publish_day(settings, next_day)] == ["publish"]
+    current = read_current(home / "artifacts", TENANT, SURFACE)
+    assert current is not None and current["as_of"] == next_day.isoformat()
+    assert RULES_KIND in current["current"] and "recall-7" in (rules_in_force(home) or "")

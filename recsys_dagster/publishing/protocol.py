@@ -301,12 +301,15 @@ def publish(
     actor: str = "pipeline",
     reason: str | None = None,
     blend: Mapping[str, float] | None = None,
+    carry: Sequence[str] = (),
 ) -> PublishOutcome:
     """Publish the artifact directories `artifacts` (kind -> `<target>/<kind>/<version>`) as of `as_of`.
 
     `blend` (source -> weight) goes into the manifest, and into its version, for the API server to rank
     with; without it the server uses its configured weights. `actor` and `reason` are recorded with the
-    outcome.
+    outcome. The kinds of `carry` that `artifacts` does not give are taken from the current manifest, read
+    under the target's lock (the pipeline carries the rules in force this way: a rules publish that lands
+    while a run builds its models is never dropped).
 
     Outcomes (each recorded in the registry): `refused` if an artifact fails validation, `gate_problems`
     is non-empty, or the manifest was rolled back away from (nothing changes); `noop` if it is already
@@ -315,81 +318,162 @@ def publish(
     names raise `UnsafePathError` before anything is written.
     """
     day = _as_date(as_of).isoformat()
-    for kind in artifacts:
+    for kind in (*artifacts, *carry):
         validate_name("kind", kind)
     target = _prepare_target(artifact_root, tenant, surface)
-    versions = {kind: Path(path).name for kind, path in artifacts.items()}
-    mv = manifest_version(tenant, surface, day, versions, blend)
     with target_lock(target):
         records = read_records(target)
         current = _load_current(target, tenant, surface, records)
-        previous = current["manifest_version"] if current else None
-        common = {"actor": actor, "run_id": run_id}
-
-        problems, metas = _check_inputs(target, tenant, surface, day, artifacts, required_nonempty)
-        problems = [*gate_problems, *problems]
-        if problems:
-            _append_record(
-                target, _record("refused", mv, previous, day, **common, reason="; ".join(problems))
-            )
-            return PublishOutcome("refused", mv, previous, f"refused: {'; '.join(problems)}", tuple(problems))
-        if mv == previous:
-            _append_record(target, _record("noop", mv, previous, day, **common, reason=reason))
-            return PublishOutcome("noop", mv, previous, f"manifest {mv[:12]} is already current")
-
-        current_as_of = current["as_of"] if current else None
-        forward = current_as_of is None or day >= current_as_of
-        rolled = _rolled_back(records).get(mv)
-        if forward and rolled is not None:
-            why = (
-                f"manifest version {mv} was rolled back on {rolled['at'][:10]} ({rolled.get('reason')}); "
-                f"publish it explicitly with recsys rollback --to {mv}"
-            )
-            _append_record(target, _record("refused", mv, previous, day, **common, reason=why))
-            return PublishOutcome("refused", mv, previous, why, (why,))
-
-        manifest: Manifest = {
-            "v": FORMAT_VERSION,
-            "tenant": tenant,
-            "surface": surface,
-            "current": {kind: f"{kind}/{version}" for kind, version in sorted(versions.items())},
-            "updated_at": utc_timestamp(),
-            "manifest_version": mv,
-            "as_of": day,
-            "artifacts": {
-                kind: {
-                    "version": versions[kind],
-                    "uri": f"{kind}/{versions[kind]}",
-                    "rows": sum(metas[kind]["rows"].values()),
-                    "window": metas[kind].get("window"),
-                }
-                for kind in sorted(versions)
-            },
-            "checks": {**(checks_summary or {}), "artifacts": {"passed": True}},
-            "run_id": run_id,
-            "published_by": actor,
+        carried = {
+            kind: resolve_uri(artifact_root, tenant, surface, current["current"][kind])
+            for kind in carry
+            if kind not in artifacts and current is not None and kind in current["current"]
         }
-        if blend is not None:
-            manifest["blend"] = dict(blend)
-        history_dir = target / MANIFESTS_DIR
-        if history_dir.is_symlink():  # would write history outside the target
-            raise UnsafePathError(f"{tenant}/{surface}: {MANIFESTS_DIR}/ is a symlink; refused")
-        history_dir.mkdir(exist_ok=True)
-        history_file = history_dir / f"{mv}.json"
-        try:
-            # Immutable once written: a re-publish keeps the first file (and its run id).
-            manifest = read_manifest(history_file, base=target, tenant=tenant, surface=surface)
-        except (FileNotFoundError, ManifestError):
-            write_atomic(history_file, json_file_bytes(manifest))
+        return _publish_locked(
+            target,
+            tenant,
+            surface,
+            day,
+            {**artifacts, **carried},
+            records,
+            current,
+            required_nonempty=required_nonempty,
+            gate_problems=gate_problems,
+            checks_summary=checks_summary,
+            run_id=run_id,
+            actor=actor,
+            reason=reason,
+            blend=blend,
+        )
 
-        if not forward:
-            _append_record(target, _record("history_only", mv, previous, day, **common, reason=reason))
-            return PublishOutcome(
-                "history_only", mv, previous, f"{day} is older than current {current_as_of}: history only"
-            )
-        _append_record(target, _record("publish", mv, previous, day, **common, reason=reason))
-        _swap(target, manifest)
-        return PublishOutcome("publish", mv, previous, f"published {mv[:12]} as of {day}")
+
+def republish(
+    artifact_root: Path,
+    tenant: str,
+    surface: str,
+    changes: Mapping[str, Path],
+    *,
+    actor: str,
+    reason: str,
+) -> PublishOutcome:
+    """Publish the current manifest with the artifact directories of `changes` (kind -> path) in place of
+    its own: the same day, blend and checks, the other artifacts unchanged. The current manifest is read
+    under the target's lock, so a publish that lands meanwhile (the next day's models) is built on, never
+    undone. Raises `PublishError` when nothing is published there yet."""
+    for kind in changes:
+        validate_name("kind", kind)
+    target = target_dir(artifact_root, tenant, surface)
+    nothing = PublishError(f"{tenant}/{surface}: nothing is published yet; run the pipeline first")
+    if not target.is_dir():
+        raise nothing
+    with target_lock(target):
+        records = read_records(target)
+        current = _load_current(target, tenant, surface, records)
+        if current is None:
+            raise nothing
+        artifacts = {
+            kind: resolve_uri(artifact_root, tenant, surface, uri) for kind, uri in current["current"].items()
+        }
+        return _publish_locked(
+            target,
+            tenant,
+            surface,
+            current["as_of"],
+            {**artifacts, **changes},
+            records,
+            current,
+            checks_summary=current["checks"],
+            actor=actor,
+            reason=reason,
+            blend=current.get("blend"),
+        )
+
+
+def _publish_locked(
+    target: Path,
+    tenant: str,
+    surface: str,
+    day: str,
+    artifacts: Mapping[str, Path],
+    records: Sequence[RegistryRecord],
+    current: Manifest | None,
+    *,
+    required_nonempty: Sequence[str] = REQUIRED_KINDS,
+    gate_problems: Sequence[str] = (),
+    checks_summary: Mapping[str, Any] | None = None,
+    run_id: str | None = None,
+    actor: str,
+    reason: str | None,
+    blend: Mapping[str, float] | None,
+) -> PublishOutcome:
+    """The publish of `publish` and `republish`, under the target's lock, `current` read under it."""
+    versions = {kind: Path(path).name for kind, path in artifacts.items()}
+    mv = manifest_version(tenant, surface, day, versions, blend)
+    previous = current["manifest_version"] if current else None
+    common = {"actor": actor, "run_id": run_id}
+
+    problems, metas = _check_inputs(target, tenant, surface, day, artifacts, required_nonempty)
+    problems = [*gate_problems, *problems]
+    if problems:
+        _append_record(target, _record("refused", mv, previous, day, **common, reason="; ".join(problems)))
+        return PublishOutcome("refused", mv, previous, f"refused: {'; '.join(problems)}", tuple(problems))
+    if mv == previous:
+        _append_record(target, _record("noop", mv, previous, day, **common, reason=reason))
+        return PublishOutcome("noop", mv, previous, f"manifest {mv[:12]} is already current")
+
+    current_as_of = current["as_of"] if current else None
+    forward = current_as_of is None or day >= current_as_of
+    rolled = _rolled_back(records).get(mv)
+    if forward and rolled is not None:
+        why = (
+            f"manifest version {mv} was rolled back on {rolled['at'][:10]} ({rolled.get('reason')}); "
+            f"publish it explicitly with recsys rollback --to {mv}"
+        )
+        _append_record(target, _record("refused", mv, previous, day, **common, reason=why))
+        return PublishOutcome("refused", mv, previous, why, (why,))
+
+    manifest: Manifest = {
+        "v": FORMAT_VERSION,
+        "tenant": tenant,
+        "surface": surface,
+        "current": {kind: f"{kind}/{version}" for kind, version in sorted(versions.items())},
+        "updated_at": utc_timestamp(),
+        "manifest_version": mv,
+        "as_of": day,
+        "artifacts": {
+            kind: {
+                "version": versions[kind],
+                "uri": f"{kind}/{versions[kind]}",
+                "rows": sum(metas[kind]["rows"].values()),
+                "window": metas[kind].get("window"),
+            }
+            for kind in sorted(versions)
+        },
+        "checks": {**(checks_summary or {}), "artifacts": {"passed": True}},
+        "run_id": run_id,
+        "published_by": actor,
+    }
+    if blend is not None:
+        manifest["blend"] = dict(blend)
+    history_dir = target / MANIFESTS_DIR
+    if history_dir.is_symlink():  # would write history outside the target
+        raise UnsafePathError(f"{tenant}/{surface}: {MANIFESTS_DIR}/ is a symlink; refused")
+    history_dir.mkdir(exist_ok=True)
+    history_file = history_dir / f"{mv}.json"
+    try:
+        # Immutable once written: a re-publish keeps the first file (and its run id).
+        manifest = read_manifest(history_file, base=target, tenant=tenant, surface=surface)
+    except (FileNotFoundError, ManifestError):
+        write_atomic(history_file, json_file_bytes(manifest))
+
+    if not forward:
+        _append_record(target, _record("history_only", mv, previous, day, **common, reason=reason))
+        return PublishOutcome(
+            "history_only", mv, previous, f"{day} is older than current {current_as_of}: history only"
+        )
+    _append_record(target, _record("publish", mv, previous, day, **common, reason=reason))
+    _swap(target, manifest)
+    return PublishOutcome("publish", mv, previous, f"published {mv[:12]} as of {day}")
 
 
 def rollback(

@@ -21,11 +21,11 @@ import duckdb
 from recsys_core.kinds import ARTIFACT_KINDS, KINDS
 from recsys_core.lake import BUILDS_FILE, BuildRecord, partition_dir, read_builds
 from recsys_core.manifest import ManifestError, read_meta
+from recsys_core.rules import RULES_KIND
 from recsys_core.settings import Settings
 from recsys_core.storage import write_atomic
 from recsys_dagster.evaluation.offline import read_evaluation
 from recsys_dagster.publishing.protocol import PublishOutcome, publish
-from recsys_dagster.publishing.rules import carried_artifacts
 from recsys_dagster.transform.artifacts import ArtifactBuild
 from recsys_dagster.transform.lineage import artifact_input_problems
 from recsys_dagster.transform.sql import run_sql
@@ -141,9 +141,7 @@ def publish_as_of(settings: Settings, as_of: dt.date, *, run_id: str | None = No
         for entry in record["artifacts"]:
             per_target[(entry["tenant"], entry["surface"])][kind] = Path(entry["path"])
     outcomes = []
-    for (tenant, surface), built_here in sorted(per_target.items()):
-        # The rules in force stay in force: the pipeline builds the models, not the rules.
-        artifacts = built_here | carried_artifacts(settings.artifact_root, tenant, surface)
+    for (tenant, surface), artifacts in sorted(per_target.items()):
         problems, checked = lineage_problems(settings, artifacts)
         absent = [kind for kind in KINDS if kind not in artifacts]
         quality, evaluation = evaluation_problems(settings, as_of, tenant, surface)
@@ -164,6 +162,8 @@ def publish_as_of(settings: Settings, as_of: dt.date, *, run_id: str | None = No
             run_id=run_id,
             # The weights the evaluation just scored the blend with (tuned ones included).
             blend=dataclasses.asdict(settings.pipeline.blend),
+            # The rules in force stay in force: the pipeline builds the models, not the rules.
+            carry=(RULES_KIND,),
         )
         outcomes.append(TargetOutcome(tenant, surface, outcome))
     return outcomes

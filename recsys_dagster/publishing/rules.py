@@ -4,18 +4,18 @@ A rules document (recsys_core.rules) is written as `<target>/rules/<version>/rul
 form, with the usual meta.json. Publishing it makes a new manifest: the current manifest's artifacts, as
 of the same day and with the same blend, plus the new rules. So rules get the manifest's guarantees
 (validated, atomic swap, history, rollback with who and why, gc) and the server picks them up with the
-manifest. The daily publish carries the current manifest's rules into the next one
-(`carried_artifacts`): a pipeline run never drops the rules in force.
+manifest. The daily publish carries the current manifest's rules into the next one (`publish`'s
+`carry`): a pipeline run never drops the rules in force. Both read the current manifest under the
+target's lock, so a rules publish and a daily publish at the same moment both take effect, in either order.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 from pathlib import Path
 
-from recsys_core.manifest import read_current, resolve_uri, target_dir
+from recsys_core.manifest import read_current, target_dir
 from recsys_core.rules import RULES_FILE, RULES_KIND, RulesDocument
-from recsys_dagster.publishing.protocol import PublishError, PublishOutcome, publish
+from recsys_dagster.publishing.protocol import PublishError, PublishOutcome, republish
 from recsys_dagster.transform.artifact_dir import write_artifact_dir
 
 
@@ -40,35 +40,12 @@ def publish_rules(
     Raises `PublishError` when nothing is published there yet or the reason or actor is blank."""
     if not reason.strip() or not actor.strip():
         raise PublishError("publishing rules needs a reason and an actor (they are recorded in the registry)")
-    current = read_current(artifact_root, tenant, surface)
-    if current is None:
+    # Refused before anything is written (nothing is ever unpublished, so a published target stays one);
+    # the manifest the rules join is read again under the target's lock by `republish`.
+    if read_current(artifact_root, tenant, surface) is None:
         raise PublishError(
             f"{tenant}/{surface}: nothing is published yet; run the pipeline first, rules apply to a "
             "published manifest"
         )
-    artifacts = {
-        kind: resolve_uri(artifact_root, tenant, surface, uri)
-        for kind, uri in current["current"].items()
-        if kind != RULES_KIND
-    }
-    artifacts[RULES_KIND] = write_rules_artifact(artifact_root, tenant, surface, document)
-    return publish(
-        artifact_root,
-        tenant,
-        surface,
-        dt.date.fromisoformat(current["as_of"]),
-        artifacts,
-        checks_summary=current["checks"],
-        actor=actor,
-        reason=reason,
-        blend=current.get("blend"),
-    )
-
-
-def carried_artifacts(artifact_root: Path, tenant: str, surface: str) -> dict[str, Path]:
-    """The artifacts of the current manifest that the pipeline does not build (the rules), to publish
-    again with the next manifest."""
-    current = read_current(artifact_root, tenant, surface)
-    if current is None or RULES_KIND not in current["current"]:
-        return {}
-    return {RULES_KIND: resolve_uri(artifact_root, tenant, surface, current["current"][RULES_KIND])}
+    folder = write_rules_artifact(artifact_root, tenant, surface, document)
+    return republish(artifact_root, tenant, surface, {RULES_KIND: folder}, actor=actor, reason=reason)
