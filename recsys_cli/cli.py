@@ -25,6 +25,7 @@ from recsys_core.settings import MAX_SERVE_WORKERS, ConfigError, Settings, load_
 
 if TYPE_CHECKING:
     from recsys_core.manifest import Manifest
+    from recsys_core.rules import RulesDocument
     from recsys_dagster.runner import RunOutcome
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -40,6 +41,18 @@ def _date(text: str) -> dt.date:
         return dt.date.fromisoformat(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a date like 2025-01-31, got {text!r}") from None
+
+
+def _moment(text: str) -> dt.datetime:
+    try:
+        moment = dt.datetime.fromisoformat(text)
+    except ValueError:
+        moment = None
+    if moment is None or moment.utcoffset() is None:
+        raise argparse.ArgumentTypeError(
+            f"expected a time with a time zone like 2026-06-01T00:00:00Z, got {text!r}"
+        )
+    return moment.astimezone(dt.UTC)
 
 
 def _yesterday() -> dt.date:
@@ -202,6 +215,26 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--tenant", required=True)
         command.add_argument("--surface", required=True)
     rules_publish.add_argument("--reason", required=True, help="why (recorded in the registry)")
+    rules_publish.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="publish nothing: replay a sample of recent requests through the rules in force and these "
+        "rules, and report what would change",
+    )
+    rules_publish.add_argument(
+        "--sample",
+        type=int,
+        default=None,
+        help="with --dry-run: requests to replay (default 200, at most 10000)",
+    )
+    rules_publish.add_argument(
+        "--at",
+        type=_moment,
+        default=None,
+        help="with --dry-run: the time rule windows are evaluated at, ISO 8601 with a time zone "
+        "(default: now)",
+    )
+    rules_publish.add_argument("--json", action="store_true", help="with --dry-run: the report as JSON")
 
     audit = sub.add_parser("audit", help="look up landed decision traces by request id or by user and time")
     audit.add_argument("--tenant", required=True)
@@ -946,22 +979,22 @@ def cmd_rules(args: argparse.Namespace, settings: Settings) -> int:
     """`recsys rules validate|publish|show` (docs/reference/rules.md)."""
     import getpass
 
-    from recsys_core.manifest import ManifestError, read_current, resolve_uri
+    from recsys_core.manifest import ManifestError, read_current
     from recsys_core.names import UnsafePathError
-    from recsys_core.rules import RULES_KIND, RulesError, read_published_rules, read_rules
+    from recsys_core.rules import RulesError, read_rules, rules_in_force
     from recsys_dagster.publishing.protocol import PublishError
     from recsys_dagster.publishing.rules import publish_rules
 
+    if args.rules_command == "publish" and not args.dry_run and args.json:
+        raise UsageError("--json goes with --dry-run")
     try:
         if args.rules_command == "show":
             current = read_current(settings.artifact_root, args.tenant, args.surface)
-            if current is None or RULES_KIND not in current["current"]:
+            in_force = current and rules_in_force(settings.artifact_root, current)
+            if not in_force:
                 print(f"{args.tenant}/{args.surface}: no rules in force")
                 return EXIT_OK
-            folder = resolve_uri(
-                settings.artifact_root, args.tenant, args.surface, current["current"][RULES_KIND]
-            )
-            print(read_published_rules(folder).normalised_json().decode(), end="")
+            print(in_force[1].normalised_json().decode(), end="")
             return EXIT_OK
         document = read_rules(args.file)
         counts = Counter(rule.action for rule in document.rules)
@@ -969,6 +1002,8 @@ def cmd_rules(args: argparse.Namespace, settings: Settings) -> int:
         if args.rules_command == "validate":
             print(f"{args.file}: valid ({summary})")
             return EXIT_OK
+        if args.dry_run:
+            return _rules_dry_run(args, settings, document)
         outcome = publish_rules(
             settings.artifact_root,
             args.tenant,
@@ -984,6 +1019,59 @@ def cmd_rules(args: argparse.Namespace, settings: Settings) -> int:
         return EXIT_FAILED
     print(f"{args.tenant}/{args.surface}: rules {summary}: {outcome.message}")
     return EXIT_OK if outcome.action in ("publish", "noop") else EXIT_FAILED
+
+
+def _rules_dry_run(args: argparse.Namespace, settings: Settings, document: RulesDocument) -> int:
+    """`recsys rules publish --dry-run`: the report of recsys_serving.rules_dry_run, nothing published."""
+    from recsys_core.manifest import read_current
+    from recsys_core.rules import DRY_RUN_MAX_SAMPLE, DRY_RUN_SAMPLE
+    from recsys_serving.rules_dry_run import dry_run
+    from recsys_serving.store import LoadError, load_target
+
+    sample = DRY_RUN_SAMPLE if args.sample is None else args.sample
+    if not 1 <= sample <= DRY_RUN_MAX_SAMPLE:
+        raise UsageError(f"--sample must be from 1 to {DRY_RUN_MAX_SAMPLE}, got {sample}")
+    current = read_current(settings.artifact_root, args.tenant, args.surface)
+    if current is None:
+        print(
+            f"recsys rules publish: {args.tenant}/{args.surface}: nothing is published yet; run the pipeline "
+            "first",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    try:
+        target = load_target(settings.artifact_root, args.tenant, args.surface, current)
+    except LoadError as exc:
+        print(f"recsys rules publish: the current manifest cannot be loaded: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    report = dry_run(settings, target, document, sample=sample, at=args.at)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2, ensure_ascii=False))
+        return EXIT_OK
+    source = {"decisions": "the newest landed decision traces", "user_history": "users with history"}
+    print(
+        f"{report.tenant}/{report.surface}: dry run of {args.file} (nothing published) on {report.requests} "
+        f"requests from {source[report.source]}, rules evaluated at {report.as_dict()['at']}"
+    )
+    print(
+        f"requests affected: {report.affected} of {report.requests} ({report.reordered} only reordered); "
+        f"items added {report.items_added} ({report.filled} only filling the list), removed "
+        f"{report.items_removed} ({report.displaced} only pushed out by items placed above them)"
+    )
+    header = f"{'rule':<24}  {'action':<7}  {'change':<9}  {'requests now':>12}  {'requests new':>12}  {'added':>6}  {'removed':>7}"
+    print(header)
+    print("-" * len(header))
+    for effect in report.rules:
+        print(
+            f"{effect.rule_id:<24}  {effect.action:<7}  {effect.change:<9}  {effect.requests_current:>12}  "
+            f"{effect.requests_new:>12}  {effect.items_added:>6}  {effect.items_removed:>7}"
+        )
+    for example in report.examples:
+        who = f"user {example['user_id']}" if example["user_id"] else "no user"
+        request = f"request {example['request_id']} ({who})" if example["request_id"] else who
+        changes = [f"+{item}" for item in example["added"]] + [f"-{item}" for item in example["removed"]]
+        print(f"  {request}: {' '.join(changes) or 'reordered'}")
+    return EXIT_OK
 
 
 def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:

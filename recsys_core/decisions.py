@@ -260,6 +260,43 @@ def find_decisions(
     return [as_response(row) for row in rows[:limit]]
 
 
+# The columns of a trace that say what was asked (not what was answered): what a replay needs.
+REQUEST_COLUMNS = ("request_id", "ts", "user_id", "params")
+
+
+def recent_requests(
+    lake_root: Path,
+    tenant: str,
+    surface: str,
+    *,
+    since: dt.datetime,
+    limit: int,
+    endpoint: str = "recommendations",
+) -> list[dict[str, Any]]:
+    """The newest `limit` landed requests of a tenant, surface and endpoint from `since` on, newest first
+    (by time, then request id), each with only REQUEST_COLUMNS (`params` parsed). Day partitions are read
+    newest first, these columns only, until `limit` are found: a sample of a busy day never loads its
+    candidate lists."""
+    condition = (
+        (ds.field("tenant") == tenant)
+        & (ds.field("surface") == surface)
+        & (ds.field("endpoint") == endpoint)
+        & (ds.field("ts") >= pa.scalar(since.astimezone(dt.UTC), SCHEMA.field("ts").type))
+    )
+    found: list[dict[str, Any]] = []
+    for path in reversed(list(_partitions(lake_root, since, None))):
+        if len(found) >= limit:
+            break
+        table = ds.dataset(str(path), schema=SCHEMA, format="parquet").to_table(
+            columns=list(REQUEST_COLUMNS), filter=condition
+        )
+        newest = table.sort_by([("ts", "descending"), ("request_id", "descending")]).slice(
+            0, limit - len(found)
+        )
+        found.extend({**row, "params": json.loads(row["params"])} for row in newest.to_pylist())
+    return found
+
+
 def _partitions(lake_root: Path, since: dt.datetime | None, until: dt.datetime | None) -> Iterator[Path]:
     first = since.astimezone(dt.UTC).date() if since else None
     last = until.astimezone(dt.UTC).date() if until else None

@@ -34,6 +34,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from recsys_core.manifest import Manifest, resolve_uri, verify_artifact
+
 ACTIONS = ("block", "pin", "replace", "boost", "bury")
 # The artifact kind that holds a published rules document, and its file (docs/reference/artifacts.md).
 RULES_KIND = "rules"
@@ -46,6 +48,9 @@ SEGMENTS = (SEGMENT_COLD_START, SEGMENT_ACTIVE)
 MAX_RULES = 10_000
 MAX_ITEMS_PER_RULE = 1_000
 MAX_POSITION = 1_000
+# The requests a dry run replays (recsys_serving.rules_dry_run): by default, and at most.
+DRY_RUN_SAMPLE = 200
+DRY_RUN_MAX_SAMPLE = 10_000
 
 RuleId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")]
 ItemId = Annotated[str, Field(min_length=1, max_length=512)]
@@ -190,6 +195,19 @@ def read_rules(path: Path) -> RulesDocument:
 def read_published_rules(artifact_dir: Path) -> RulesDocument:
     """The rules document of a published `rules` artifact directory (verified by the caller)."""
     return read_rules(artifact_dir / RULES_FILE)
+
+
+def rules_in_force(artifact_root: Path, manifest: Manifest) -> tuple[str, RulesDocument] | None:
+    """The version and document of the `rules` artifact `manifest` names (verified first: its files and
+    version as published), or None when the manifest has no rules. `RulesError` if it is damaged."""
+    uri = manifest["current"].get(RULES_KIND)
+    if uri is None:
+        return None
+    folder = resolve_uri(artifact_root, manifest["tenant"], manifest["surface"], uri)
+    problems = verify_artifact(folder, False)
+    if problems:
+        raise RulesError(f"{manifest['tenant']}/{manifest['surface']}: rules in force: {'; '.join(problems)}")
+    return folder.name, read_published_rules(folder)
 
 
 def _describe(exc: ValidationError, raw: dict[str, Any]) -> str:
