@@ -175,6 +175,8 @@ def parse_rules(text: str | bytes, source: str) -> RulesDocument:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise RulesError(f"{source}: not valid YAML or JSON: {exc}") from None
+    except RecursionError:
+        raise RulesError(f"{source}: not a rules document: nested too deeply") from None
     if not isinstance(raw, dict):
         raise RulesError(f"{source}: expected a mapping with a `rules` list, got {type(raw).__name__}")
     try:

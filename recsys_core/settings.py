@@ -323,6 +323,9 @@ class Settings:
     # Where the Dagster instance keeps runs, event logs and schedules: a PostgreSQL URL, or None for
     # SQLite files under dagster_home.
     postgres_url: str | None = None
+    # The bearer token of the admin API (RECSYS_ADMIN_TOKEN); None: the admin API is off. Kept out of the
+    # settings' repr, so that printing or logging the settings never shows it.
+    admin_token: str | None = field(default=None, repr=False)
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
@@ -386,6 +389,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         tuned_file=tuned if applied else None,
         executor=_parse_choice("RECSYS_EXECUTOR", env.get("RECSYS_EXECUTOR"), EXECUTORS),
         postgres_url=_parse_postgres_url(env.get("RECSYS_POSTGRES_URL")),
+        admin_token=_parse_admin_token(env.get("RECSYS_ADMIN_TOKEN")),
     )
 
 
@@ -705,6 +709,29 @@ def _parse_postgres_url(value: str | None) -> str | None:
         raise ConfigError(
             "RECSYS_POSTGRES_URL: expected postgresql://USER:PASSWORD@HOST:PORT/DATABASE; the value has "
             + ", ".join(problems)
+        )
+    return value
+
+
+# An admin token shorter than this is guessable; at most this long, it fits in any HTTP header.
+MIN_ADMIN_TOKEN_CHARS = 16
+MAX_ADMIN_TOKEN_CHARS = 512
+
+
+def _parse_admin_token(value: str | None) -> str | None:
+    """The admin API's bearer token: printable ASCII without spaces, 16-512 characters. The error never
+    shows the value."""
+    if not value:
+        return None
+    if not (
+        MIN_ADMIN_TOKEN_CHARS <= len(value) <= MAX_ADMIN_TOKEN_CHARS
+        and all("!" <= char <= "~" for char in value)
+    ):
+        raise ConfigError(
+            f"RECSYS_ADMIN_TOKEN: expected {MIN_ADMIN_TOKEN_CHARS}-{MAX_ADMIN_TOKEN_CHARS} printable ASCII "
+            f"characters without spaces (for example the output of `openssl rand -hex 32`); the value has "
+            f"{len(value)} characters"
+            + ("" if value.isascii() and value.isprintable() and " " not in value else ", some not allowed")
         )
     return value
 

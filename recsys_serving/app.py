@@ -89,6 +89,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     fast_routes = include_routes(app, Endpoints(store, exposures, metrics, settings.pipeline.blend))
     _include_docs(app)
+    if settings.admin_token is not None:
+        # Only then: the admin API (rules publishing) is not even imported by a server without it.
+        from recsys_serving.admin import include_admin
+
+        include_admin(app)
     app.add_middleware(RequestContextMiddleware, metrics=metrics, fast_routes=fast_routes)
     return app
 
