@@ -139,7 +139,7 @@ def dry_run(
     """The dry run of `new` against the rules of `target`'s manifest, on a sample of `sample` recent
     requests (`sample_requests`), ranked with the target's blend as the server does; rule windows are
     evaluated at `at` (default: now). `RulesError` when the rules in force are damaged."""
-    now = dt.datetime.now(dt.UTC)
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
     source, requests = sample_requests(settings.lake_root, target, size=sample, now=now)
     return rules_dry_run(
         target,

@@ -321,3 +321,14 @@ def test_publish_dry_run_prints_the_report_and_publishes_nothing(home: Path, tmp
     with pytest.raises(SystemExit):
         cli.main([*command, "--dry-run", "--at", "2026-07-01"])
     assert "expected a time with a time zone" in capsys.readouterr().err
+
+
+def test_the_runbooks_rules_files_validate_as_written(tmp_path: Path, capsys) -> None:
+    runbook = (Path(__file__).parent.parent / "docs" / "how-to" / "rules.md").read_text()
+    blocks = [block.split("```", 1)[0] for block in runbook.split("```yaml\n")[1:]]
+    assert len(blocks) == 2 and "summer-pin" in blocks[0] and "winter-pin" in blocks[1]
+    for n, block in enumerate(blocks):
+        path = tmp_path / f"rules-{n}.yaml"
+        path.write_text(block)
+        assert cli.main(["rules", "validate", str(path)]) == cli.EXIT_OK
+        assert "valid (1 block, 1 boost, 1 pin, 1 replace)" in capsys.readouterr().out
