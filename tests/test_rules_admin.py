@@ -26,6 +26,7 @@ from test_serving import SURFACE, TENANT, build_published_home, live_server, set
 from recsys_cli import cli
 from recsys_core.manifest import read_current, read_registry
 from recsys_core.rules import RULES_KIND
+from recsys_core.settings import ConfigError, load_settings
 from recsys_serving.app import create_app
 from recsys_serving.middleware import MAX_BODY_BYTES
 
@@ -293,6 +294,7 @@ def test_the_server_with_the_admin_api_never_loads_dagster(home: Path) -> None:
     script = f"""
 import sys
 from fastapi.testclient import TestClient
+from recsys_core.settings import ConfigError, load_settings
 from recsys_serving.app import create_app
 
 app = create_app()
@@ -310,3 +312,18 @@ print("dagster modules:", loaded)
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "dagster modules: []"
+
+
+@pytest.mark.parametrize(
+    "value", ["short-token", "a token with spaces in it", "t\u00f6ken-\u00e9t\u00e9-0123456789"]
+)
+def test_a_malformed_admin_token_is_refused_without_showing_it(value: str) -> None:
+    with pytest.raises(ConfigError, match="RECSYS_ADMIN_TOKEN: expected 16-512 printable ASCII") as refused:
+        load_settings({"RECSYS_ADMIN_TOKEN": value})
+    assert value not in str(refused.value)
+
+
+def test_the_settings_never_show_the_admin_token() -> None:
+    configured = load_settings({"RECSYS_ADMIN_TOKEN": TOKEN})
+    assert configured.admin_token == TOKEN and TOKEN not in repr(configured)
+    assert load_settings({"RECSYS_ADMIN_TOKEN": ""}).admin_token is None
