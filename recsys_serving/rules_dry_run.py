@@ -298,8 +298,11 @@ def _diff(
     before: list[Placed], after: list[Placed], before_rules: list[Rule], after_rules: list[Rule]
 ) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     """The items added and removed, each with the ids of the rules credited (module docstring)."""
-    gone = [rule for rule in before_rules if rule not in after_rules]
-    came = [rule for rule in after_rules if rule not in before_rules]
+    # By id, then content: a rule of the same id and content applies under both (rule ids are unique).
+    before_by_id = {rule.id: rule for rule in before_rules}
+    after_by_id = {rule.id: rule for rule in after_rules}
+    gone = [rule for rule in before_rules if after_by_id.get(rule.id) != rule]
+    came = [rule for rule in after_rules if before_by_id.get(rule.id) != rule]
     gone_ids = {rule.id for rule in gone}
     came_ids = {rule.id for rule in came}
     before_items = {p.item_id: p for p in before}
