@@ -3,7 +3,8 @@
 A sample of requests (`sample_requests`: the newest landed decision traces of the tenant and surface,
 else users of the served user history) is replayed through the served recommender once each, asking for
 more candidates than the request's k, and the rules in force and the new rules are both applied to those
-same candidates (`recsys_core.rules.apply_rules`). The two final lists are diffed (`rules_dry_run`):
+same candidates (`recsys_core.rules.apply_rules`), each set to the candidates the server would give it
+(`candidates_for`). The two final lists are diffed (`rules_dry_run`):
 requests affected, items added and removed, and which rule each change comes from. Nothing is published
 or written; `recsys rules publish --dry-run` and `PUT /v1/admin/rules?dry_run=true` print this report.
 
@@ -50,6 +51,8 @@ SOURCE_DECISIONS = "decisions"
 SOURCE_USER_HISTORY = "user_history"
 # Affected requests listed in full in a report.
 MAX_EXAMPLES = 10
+# With a boost or bury applying, the rules see this many times k candidates (as the server ranks them).
+SCORING_DEPTH = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,11 +197,16 @@ def segment_of(target: LoadedTarget, user_id: str | None, cold_start_max_interac
     return SEGMENT_ACTIVE
 
 
-def candidate_depth(k: int, rules: Sequence[Rule]) -> int:
-    """How many blended candidates a replay ranks for a request of `k` items: twice k (room for boosts to
-    lift an item into the list) plus one per item the rules block (so a blocked list is still filled)."""
+def candidates_for(
+    rules: Sequence[Rule], candidates: Sequence[tuple[str, float]], k: int
+) -> list[tuple[str, float]]:
+    """The candidates the rules of one request are applied to, as the server ranks: the blend's best
+    items that the rules do not block, k of them, or SCORING_DEPTH times k when a boost or bury applies
+    (so that a boosted item from just below the top k can move into it and a buried one can leave it)."""
     blocked = {item for rule in rules if rule.action == "block" for item in rule.items}
-    return 2 * k + len(blocked)
+    scoring = any(rule.action in ("boost", "bury") for rule in rules)
+    depth = k * (SCORING_DEPTH if scoring else 1)
+    return [candidate for candidate in candidates if candidate[0] not in blocked][:depth]
 
 
 def rules_dry_run(
@@ -238,17 +246,21 @@ def rules_dry_run(
             effects[rule.id].requests_current += 1
         for rule in after_rules:
             effects[rule.id].requests_new += 1
+        # One blend per request, deep enough for both rule sets: what each blocks is left out after.
+        blocked = {
+            item for rule in (*before_rules, *after_rules) if rule.action == "block" for item in rule.items
+        }
         blended = recommend(
             target,
             user_id=replay.user_id,
             context_items=list(replay.context_items) or None,
-            k=candidate_depth(replay.k, [*before_rules, *after_rules]),
+            k=SCORING_DEPTH * replay.k + len(blocked),
             exclude_seen=replay.exclude_seen,
             weights=weights,
         )
         candidates = list(zip(blended.item_ids, blended.scores, strict=True))
-        before = apply_rules(before_rules, candidates, replay.k)
-        after = apply_rules(after_rules, candidates, replay.k)
+        before = apply_rules(before_rules, candidates_for(before_rules, candidates, replay.k), replay.k)
+        after = apply_rules(after_rules, candidates_for(after_rules, candidates, replay.k), replay.k)
         if [p.item_id for p in before] == [p.item_id for p in after]:
             continue
         added, removed = _diff(before, after, before_rules, after_rules)

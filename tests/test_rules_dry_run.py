@@ -118,12 +118,13 @@ def test_the_report_matches_the_hand_computed_case(home: Path) -> None:
         weights=BlendWeights(),
         cold_start_max_interactions=3,
     ).as_dict()
-    # Candidates are the popular items in order minus what the user has seen, 2k + blocked items deep.
-    # a: now [i01 i03 i04] (i02 blocked); new: i05 boosted first, i02 unblocked -> [i05 i01 i02].
+    # Candidates are the popular items in order minus what the user has seen and what the rules block: k
+    # of them, 3k with a boost.
+    # a: now i01 i03 i04 (i02 blocked); new: i01..i09, i05 boosted (8/12 x 10) first -> [i05 i01 i02].
     # b: now [i01 i03 i04]; new: the VIP list i11 i12 with i09 pinned second -> [i11 i09 i12].
-    # c: candidates i01 i02 i03 i04 i05 i09; now [i01 i03]; new: i01 blocked (active), i05 boosted,
-    #    i02 unblocked -> [i05 i02].
-    # d: candidates i03 i04 i06 i07 i08; the boosted i05 is not one (seen): [i03 i04] both times.
+    # c (has seen i06 i07 i08 i10): now i01 i03 (i02 blocked); new: i01 blocked (active), candidates
+    #    i02 i03 i04 i05 i09 i11, i05 boosted -> [i05 i02].
+    # d (has seen i01 i02 i05): i03 i04 both times; the boost applies, but i05 is not a candidate.
     assert report["examples"] == [
         {
             "request_id": "a",
