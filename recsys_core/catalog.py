@@ -15,13 +15,16 @@ import datetime as dt
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, cast
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from recsys_core import lake
+from recsys_core.lake import SUMMARY_FILE, read_json_record
 from recsys_core.landing import LINE_REASONS, LineError, iso_timestamp, json_object
 from recsys_core.names import UnsafePathError, validate_name
+from recsys_core.storage import file_sha256
 
 CATALOG_VERSION = 1
 # The folder under the raw root, and the lake tables.
@@ -64,6 +67,24 @@ UPDATES_SCHEMA = pa.schema([*_ITEM_FIELDS, ("source_file", pa.string()), ("sourc
 # `catalog`: one row per (tenant, item_id), the latest update as of the day, sorted by tenant and item_id;
 # `landed_on` is the landing day of that update.
 STATE_SCHEMA = pa.schema([*_ITEM_FIELDS, ("landed_on", pa.date32())])
+
+
+class CatalogRecord(TypedDict):
+    """`lake/catalog/dt=D/_summary.json`: the state as of D and the figures of its checks."""
+
+    day: str
+    items: int
+    available_items: int
+    tenants: dict[str, int]  # items per tenant
+    landing_days: list[str]  # the landing days whose updates the state folds
+    landed_now: list[str]  # the days landed by this materialization (D, and any caught up)
+    reconciled: bool  # every landing day used reconciles
+    duplicate_keys: int  # rows of the written state whose (tenant, item_id) is not unique
+    event_items: int  # distinct (tenant, item_id) in canonical_events D, tenants with a catalog only
+    missing_items: int  # of those, the ones the state lacks
+    missing_share: float
+    sha256: str  # of the state's DATA_FILE
+    passed: bool  # the blocking checks: reconciled and no duplicate key
 
 
 class CatalogError(LineError):
@@ -224,3 +245,28 @@ def as_record(row: Mapping[str, Any]) -> dict[str, Any]:
         .isoformat(timespec="microseconds")
         .replace("+00:00", "Z"),
     }
+
+
+def read_catalog_record(lake_root: Path, day: dt.date) -> CatalogRecord | None:
+    """The `_summary.json` of the catalog state as of `day`; None if it was never materialized."""
+    return cast(CatalogRecord | None, read_json_record(partition_dir(lake_root, day) / SUMMARY_FILE))
+
+
+def catalog_problem(lake_root: Path, day: dt.date) -> str | None:
+    """None if the catalog state as of `day` exists, is unmodified and passed its blocking checks; else
+    why not and what to re-run."""
+    record = read_catalog_record(lake_root, day)
+    rerun = f'recsys run --start {day} --end {day} --select "key:catalog"'
+    if record is None:
+        return f"catalog {day} is missing: materialize it first ({rerun})"
+    found = file_sha256(partition_dir(lake_root, day) / DATA_FILE)
+    if found != record["sha256"]:
+        return f"catalog {day}: {DATA_FILE} changed after it was written; re-materialize it ({rerun})"
+    if not record["passed"]:
+        return f"catalog {day} failed its blocking checks (see its _summary.json); fix the landing and re-run ({rerun})"
+    return None
+
+
+def read_catalog(lake_root: Path, day: dt.date) -> pa.Table:
+    """The catalog state as of `day` (sorted by tenant and item_id)."""
+    return pq.read_table(partition_dir(lake_root, day) / DATA_FILE, schema=STATE_SCHEMA)

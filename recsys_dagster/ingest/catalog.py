@@ -27,7 +27,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypedDict, cast
+from typing import Any, cast
 
 import polars as pl
 import pyarrow as pa
@@ -39,6 +39,7 @@ from recsys_core.catalog import (
     STATE_SCHEMA,
     UPDATES,
     UPDATES_SCHEMA,
+    CatalogRecord,
     landing_days,
     landing_dir,
     parse_item,
@@ -49,24 +50,6 @@ from recsys_core.lake import SUMMARY_FILE, parquet_files, read_json_record
 from recsys_core.lake import partition_dir as lake_partition_dir
 from recsys_core.storage import file_sha256, fsync_file, replace_dir, write_atomic
 from recsys_dagster.ingest.landing import land_lines, landing_files
-
-
-class CatalogRecord(TypedDict):
-    """`lake/catalog/dt=D/_summary.json`: the state as of D and the figures of its checks."""
-
-    day: str
-    items: int
-    available_items: int
-    tenants: dict[str, int]  # items per tenant
-    landing_days: list[str]  # the landing days whose updates the state folds
-    landed_now: list[str]  # the days landed by this materialization (D, and any caught up)
-    reconciled: bool  # every landing day used reconciles
-    duplicate_keys: int  # rows of the written state whose (tenant, item_id) is not unique
-    event_items: int  # distinct (tenant, item_id) in canonical_events D, tenants with a catalog only
-    missing_items: int  # of those, the ones the state lacks
-    missing_share: float
-    sha256: str  # of the state's DATA_FILE
-    passed: bool  # the blocking checks: reconciled and no duplicate key
 
 
 @dataclass(frozen=True)
@@ -205,28 +188,3 @@ def _missing_items(lake_root: Path, day: dt.date, state: pl.DataFrame) -> tuple[
     )
     missing = seen.join(state.select("tenant", "item_id"), on=["tenant", "item_id"], how="anti")
     return seen.height, missing.height
-
-
-def read_catalog_record(lake_root: Path, day: dt.date) -> CatalogRecord | None:
-    """The `_summary.json` of the catalog state as of `day`; None if it was never materialized."""
-    return cast(CatalogRecord | None, read_json_record(partition_dir(lake_root, day) / SUMMARY_FILE))
-
-
-def catalog_problem(lake_root: Path, day: dt.date) -> str | None:
-    """None if the catalog state as of `day` exists, is unmodified and passed its blocking checks; else
-    why not and what to re-run."""
-    record = read_catalog_record(lake_root, day)
-    rerun = f'recsys run --start {day} --end {day} --select "key:catalog"'
-    if record is None:
-        return f"catalog {day} is missing: materialize it first ({rerun})"
-    found = file_sha256(partition_dir(lake_root, day) / DATA_FILE)
-    if found != record["sha256"]:
-        return f"catalog {day}: {DATA_FILE} changed after it was written; re-materialize it ({rerun})"
-    if not record["passed"]:
-        return f"catalog {day} failed its blocking checks (see its _summary.json); fix the landing and re-run ({rerun})"
-    return None
-
-
-def read_catalog(lake_root: Path, day: dt.date) -> pl.DataFrame:
-    """The catalog state as of `day` (sorted by tenant and item_id)."""
-    return pl.read_parquet(partition_dir(lake_root, day) / DATA_FILE)

@@ -116,9 +116,9 @@ def import_file(
     for kind, value in (("tenant", tenant), ("surface", surface)):
         if value is not None:
             validate_name(kind, value)
-    inner_name = source.name[:-3] if source.name.lower().endswith(".gz") else source.name
+    inner_name = _inner_name(source)
     if fmt == "auto":
-        fmt = detect_format(source, inner_name)
+        fmt = detect_format(source)
     if fmt in ("movielens", "otto") and (tenant is None or surface is None):
         raise ValueError(
             f"{fmt} files carry no tenant or surface: pass both tenant and surface (--tenant, --surface)"
@@ -261,6 +261,11 @@ def _open(source: Path) -> BufferedIOBase:
     return open(source, "rb")
 
 
+def _inner_name(source: Path) -> str:
+    """The file's name without a `.gz` suffix."""
+    return source.name[:-3] if source.name.lower().endswith(".gz") else source.name
+
+
 def _sha256(source: Path) -> str:
     digest = hashlib.sha256()
     with open(source, "rb") as stream:
@@ -269,8 +274,9 @@ def _sha256(source: Path) -> str:
     return digest.hexdigest()
 
 
-def detect_format(source: Path, inner_name: str) -> str:
+def detect_format(source: Path) -> str:
     """Guess the format from the first non-blank line, falling back on the file name."""
+    inner_name = _inner_name(Path(source))
     first = b""
     with _open(source) as stream:
         for raw in stream:
@@ -309,6 +315,16 @@ def _lines(stream: Iterable[bytes], stats: _Stats) -> Iterator[bytes]:
         yield line
 
 
+def _json_objects(stream: Iterable[bytes], stats: _Stats) -> Iterator[tuple[bytes, dict[str, Any] | None]]:
+    """Each non-blank line with its JSON object (None when the line is not one)."""
+    for line in _lines(stream, stats):
+        try:
+            obj = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            obj = None
+        yield line, obj if isinstance(obj, dict) else None
+
+
 _Payload = TypeVar("_Payload")
 
 
@@ -341,12 +357,8 @@ def _convert_jsonl(
     # Only bytes and strings wait for their batch to be dated: thousands of parsed objects held at once
     # would keep the garbage collector busy.
     def parsed() -> Iterator[tuple[str | None, tuple[bytes, bytes]]]:
-        for line in _lines(stream, stats):
-            try:
-                obj = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                obj = None
-            if not isinstance(obj, dict):
+        for line, obj in _json_objects(stream, stats):
+            if obj is None:
                 yield None, (line, line)
                 continue
             completed = _spliced(line, obj, [(key, value) for key, value in defaults if key not in obj])
@@ -548,12 +560,8 @@ def _convert_catalog(
     """Catalog JSONL: lines copied byte for byte, a missing tenant spliced in; a line that is not a JSON
     object is passed on as it was (for the pipeline to quarantine)."""
     landing = day.isoformat()
-    for line in _lines(stream, stats):
-        try:
-            obj = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            obj = None
-        if not isinstance(obj, dict):
+    for line, obj in _json_objects(stream, stats):
+        if obj is None:
             yield None, line
         elif tenant is not None and "tenant" not in obj:
             yield landing, _spliced(line, obj, [("tenant", tenant)])
