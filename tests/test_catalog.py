@@ -334,23 +334,12 @@ def test_items_sharing_categories_and_tags_are_the_nearest() -> None:
 
 
 def test_recsys_run_publishes_content_once_a_catalog_has_landed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    home: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     from recsys_cli import cli
     from recsys_core.manifest import read_current, resolve_uri
 
     end = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)
-    home = tmp_path / "home"
-    monkeypatch.setenv("RECSYS_HOME", str(home))
-    monkeypatch.setenv("RECSYS_START_DATE", (end - dt.timedelta(days=5)).isoformat())
-    for var in (
-        "RECSYS_CONFIG",
-        "DAGSTER_HOME",
-        "RECSYS_RAW_ROOT",
-        "RECSYS_LAKE_ROOT",
-        "RECSYS_ARTIFACT_ROOT",
-    ):
-        monkeypatch.delenv(var, raising=False)
 
     def recsys(*args: object) -> int:
         return cli.main([str(a) for a in args])
