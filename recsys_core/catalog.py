@@ -230,23 +230,6 @@ def _updated_at(value: object) -> dt.datetime:
     return iso_timestamp(value, "updated_at", CatalogError)
 
 
-def as_record(row: Mapping[str, Any]) -> dict[str, Any]:
-    """A catalog row (landed or state) as the JSON record of the contract."""
-    return {
-        "tenant": row["tenant"],
-        "item_id": row["item_id"],
-        "title": row["title"],
-        "categories": list(row["categories"]),
-        "tags": list(row["tags"]),
-        "available": row["available"],
-        "attributes": json.loads(row["attributes"]),
-        "updated_at": row["updated_at"]
-        .astimezone(dt.UTC)
-        .isoformat(timespec="microseconds")
-        .replace("+00:00", "Z"),
-    }
-
-
 def read_catalog_record(lake_root: Path, day: dt.date) -> CatalogRecord | None:
     """The `_summary.json` of the catalog state as of `day`; None if it was never materialized."""
     return cast(CatalogRecord | None, read_json_record(partition_dir(lake_root, day) / SUMMARY_FILE))

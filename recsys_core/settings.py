@@ -466,6 +466,7 @@ def load_pipeline_config(path: Path | None) -> PipelineConfig:
         "blend",
         "guardrails",
         "tuning",
+        "catalog",
     }
     _reject_unknown("", raw, known)
     ingest = _section(IngestConfig(), "ingest", raw.get("ingest"))
@@ -487,6 +488,7 @@ def load_pipeline_config(path: Path | None) -> PipelineConfig:
         artifacts=_section(ArtifactsConfig(), "artifacts", raw.get("artifacts")),
         guardrails=_section(GuardrailsConfig(), "guardrails", raw.get("guardrails")),
         tuning=_section(TuningConfig(), "tuning", raw.get("tuning")),
+        catalog=_section(CatalogConfig(), "catalog", raw.get("catalog")),
         event_weights=weights,
         event_value_scales=value_scales,
         blend=_section(BlendWeights(), "blend", raw.get("blend")),
