@@ -76,8 +76,9 @@ class CatalogRecord(TypedDict):
     items: int
     available_items: int
     tenants: dict[str, int]  # items per tenant
-    landing_days: list[str]  # the landing days whose updates the state folds
+    inputs: dict[str, str]  # the landing days whose updates the state folds -> their landing's fingerprint
     landed_now: list[str]  # the days landed by this materialization (D, and any caught up)
+    from_previous_day: bool  # folded from the state as of D - 1 plus D's updates, not from every landing
     reconciled: bool  # every landing day used reconciles
     duplicate_keys: int  # rows of the written state whose (tenant, item_id) is not unique
     event_items: int  # distinct (tenant, item_id) in canonical_events D, tenants with a catalog only

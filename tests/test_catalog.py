@@ -186,6 +186,36 @@ def test_the_latest_update_wins_and_unavailable_items_stay(tmp_path: Path) -> No
     assert state_rows(tmp_path, day3)[("shop", "kept")]["title"] == "fixed"
 
 
+def test_a_daily_run_folds_the_previous_state_with_the_days_updates(tmp_path: Path) -> None:
+    days = [DAY + dt.timedelta(days=n) for n in range(4)]
+    raw = tmp_path / "raw"
+    land(raw, days[0], "a.jsonl", [item_line(record(str(n), title=f"first {n}")) for n in range(30)])
+    land(
+        raw,
+        days[2],
+        "a.jsonl",
+        [
+            item_line(record(str(n), title=f"second {n}", updated_at="2024-05-04T01:00:00Z"))
+            for n in range(0, 30, 3)
+        ]
+        + [item_line(record("new", updated_at="2024-05-04T02:00:00Z"))],
+    )
+    folded = [update(tmp_path, day).record for day in days]
+    assert [r["from_previous_day"] for r in folded] == [False, True, True, True]
+    assert [r["items"] for r in folded] == [30, 30, 31, 31]
+    assert state_rows(tmp_path, days[3])[("shop", "3")]["title"] == "second 3"
+    # The same as folding every landing at once.
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "raw").symlink_to(raw)
+    full = update(fresh, days[3]).record
+    assert not full["from_previous_day"] and full["sha256"] == folded[3]["sha256"]
+    # An earlier landing that changes invalidates the states folded from it.
+    land(raw, days[0], "b.jsonl", [item_line(record("late", updated_at="2024-05-02T09:00:00Z"))])
+    again = update(tmp_path, days[3]).record
+    assert not again["from_previous_day"] and again["items"] == 32
+
+
 def test_the_checks_figures(tmp_path: Path) -> None:
     raw, lake = tmp_path / "raw", tmp_path / "lake"
     land(raw, DAY, "a.jsonl", [item_line(record(item)) for item in ("i1", "i2", "i3")] + [b"oops\n"])

@@ -9,7 +9,8 @@ latest state of each item.
    update whatever days were run before;
 2. the state: of all updates landed on days <= D, per (tenant, item_id) the one with the latest
    `updated_at`; a tie goes to the update landed last (later day, then later file name, then later line).
-   An update with `available: false` keeps the item, as unavailable;
+   An update with `available: false` keeps the item, as unavailable. When the state as of D - 1 was folded
+   from exactly the landings before D as they are now, it is folded with D's updates only;
 3. the figures its checks judge: whether every landing used reconciles, whether (tenant, item_id) is
    unique in the written state, and how many of the items seen in the day's canonical events (of tenants
    that have a catalog) the catalog lacks.
@@ -21,6 +22,7 @@ from it (the content artifact) can confirm it used passed, unmodified data. Noth
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import shutil
 import uuid
@@ -40,10 +42,13 @@ from recsys_core.catalog import (
     UPDATES,
     UPDATES_SCHEMA,
     CatalogRecord,
+    catalog_problem,
     landing_days,
     landing_dir,
     parse_item,
     partition_dir,
+    read_catalog,
+    read_catalog_record,
     record_key,
 )
 from recsys_core.lake import SUMMARY_FILE, parquet_files, read_json_record
@@ -95,18 +100,22 @@ def update_catalog(
     """Land day `day` (and any earlier landing folder not landed as it is now) and write the catalog state
     as of `day` with its figures; see the module docstring."""
     landings: dict[str, dict[str, Any]] = {}
-    used = [d for d in landing_days(raw_root, day) if d != day]
-    for earlier in used:
-        if _landing_summary(lake_root, earlier, raw_root) is None:
-            landings[earlier.isoformat()] = land_catalog(
-                raw_root, lake_root, earlier, max_line_bytes, max_clock_skew
-            )
-    landings[day.isoformat()] = land_catalog(raw_root, lake_root, day, max_line_bytes, max_clock_skew)
-    summaries = [
-        landings.get(d.isoformat()) or cast(dict[str, Any], _landing_summary(lake_root, d, raw_root))
-        for d in [*used, day]
-    ]
-    state = fold_updates(lake_root, [*used, day])
+    summaries: dict[str, dict[str, Any]] = {}
+    for landing_day in landing_days(raw_root, day):
+        summary = None if landing_day == day else _landing_summary(lake_root, landing_day, raw_root)
+        if summary is None:
+            summary = land_catalog(raw_root, lake_root, landing_day, max_line_bytes, max_clock_skew)
+            landings[landing_day.isoformat()] = summary
+        summaries[landing_day.isoformat()] = summary
+    # A day without a landing folder received nothing: its landing is empty, and nothing is written for it.
+    landings.setdefault(day.isoformat(), _empty_landing(day))
+    inputs = {landing: _fingerprint(summary) for landing, summary in summaries.items()}
+    previous = _previous_state(lake_root, day, inputs)
+    state = fold_updates(
+        lake_root,
+        [dt.date.fromisoformat(d) for d in inputs if previous is None or d == day.isoformat()],
+        previous,
+    )
     target = partition_dir(lake_root, day)
     stage = target.with_name(f".stage-{target.name}-{uuid.uuid4().hex[:8]}")
     try:
@@ -116,14 +125,15 @@ def update_catalog(
         written = pl.read_parquet(stage / DATA_FILE, columns=["tenant", "item_id", "available"])
         event_items, missing = _missing_items(lake_root, day, written)
         duplicate_keys = written.height - written.select("tenant", "item_id").n_unique()
-        reconciled = all(summary["reconciled"] for summary in summaries)
+        reconciled = all(summary["reconciled"] for summary in summaries.values())
         record: CatalogRecord = {
             "day": day.isoformat(),
             "items": written.height,
             "available_items": int(written["available"].sum()),
             "tenants": dict(sorted(Counter(written["tenant"].to_list()).items())),
-            "landing_days": [d.isoformat() for d in [*used, day] if _has_updates(lake_root, d)],
+            "inputs": inputs,
             "landed_now": sorted(landings),
+            "from_previous_day": previous is not None,
             "reconciled": reconciled,
             "duplicate_keys": duplicate_keys,
             "event_items": event_items,
@@ -139,6 +149,38 @@ def update_catalog(
     return CatalogDay(record=record, landings=landings)
 
 
+def _empty_landing(day: dt.date) -> dict[str, Any]:
+    """The landing summary of a day without a landing folder."""
+    return {
+        "day": day.isoformat(),
+        "files": [],
+        "lines_read": 0,
+        "updates": 0,
+        "quarantined": 0,
+        "duplicates": 0,
+        "blank_lines": 0,
+        "reasons": {},
+        "reconciled": True,
+    }
+
+
+def _fingerprint(summary: dict[str, Any]) -> str:
+    """What identifies a landing: its summary names its files (never changed once landed) and counts."""
+    return hashlib.sha256(json.dumps(summary, sort_keys=True).encode()).hexdigest()
+
+
+def _previous_state(lake_root: Path, day: dt.date, inputs: dict[str, str]) -> pa.Table | None:
+    """The state as of the day before, when it was folded from exactly the landings before `day` as they
+    are now and its file is unmodified: then the state as of `day` is that state plus the day's updates
+    (a daily run costs the day's updates, not the whole history). None otherwise."""
+    before = day - dt.timedelta(days=1)
+    record = read_catalog_record(lake_root, before)
+    expected = {landing: fingerprint for landing, fingerprint in inputs.items() if landing < day.isoformat()}
+    if record is None or record.get("inputs") != expected or catalog_problem(lake_root, before) is not None:
+        return None
+    return read_catalog(lake_root, before)
+
+
 def _landing_summary(lake_root: Path, day: dt.date, raw_root: Path) -> dict[str, Any] | None:
     """The landing summary of `day` if its partition was landed from the files its folder holds now."""
     summary = read_json_record(partition_dir(lake_root, day, UPDATES) / SUMMARY_FILE)
@@ -149,18 +191,20 @@ def _landing_summary(lake_root: Path, day: dt.date, raw_root: Path) -> dict[str,
     return summary
 
 
-def _has_updates(lake_root: Path, day: dt.date) -> bool:
-    return (partition_dir(lake_root, day, UPDATES) / DATA_FILE).is_file()
-
-
-def fold_updates(lake_root: Path, days: list[dt.date]) -> pa.Table:
-    """The latest update of every (tenant, item_id) among the updates landed on `days`, sorted by tenant
-    and item_id, in STATE_SCHEMA."""
+def fold_updates(lake_root: Path, days: list[dt.date], base: pa.Table | None = None) -> pa.Table:
+    """The latest update of every (tenant, item_id) among `base` (a state folded before, whose rows were
+    all landed before `days`) and the updates landed on `days`, sorted by tenant and item_id, in
+    STATE_SCHEMA."""
+    columns = [*STATE_SCHEMA.names, "source_file", "source_line"]
     frames = [
-        pl.read_parquet(partition_dir(lake_root, d, UPDATES) / DATA_FILE).with_columns(landed_on=pl.lit(d))
+        pl.read_parquet(partition_dir(lake_root, d, UPDATES) / DATA_FILE)
+        .with_columns(landed_on=pl.lit(d))
+        .select(columns)
         for d in days
-        if _has_updates(lake_root, d)
     ]
+    if base is not None:
+        state = cast(pl.DataFrame, pl.from_arrow(base))
+        frames.insert(0, state.with_columns(source_file=pl.lit(""), source_line=pl.lit(0, pl.Int64)))
     if not frames:
         return STATE_SCHEMA.empty_table()
     latest = (

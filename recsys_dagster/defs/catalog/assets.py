@@ -145,7 +145,7 @@ def _check_results(result: CatalogDay, max_missing: float) -> list[dg.AssetCheck
                 "lines": landing["lines_read"],
                 "records": landing["updates"],
                 "quarantined": landing["quarantined"],
-                "landing_days": len(record["landing_days"]),
+                "landing_days": len(record["inputs"]),
             },
             description=None
             if record["reconciled"]
