@@ -87,11 +87,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="malformed lines mixed into each day, each breaking one contract rule (default 0)",
     )
 
-    imp = sub.add_parser("import", help="split foreign event files into the raw landing zone by event date")
+    imp = sub.add_parser(
+        "import",
+        help="split foreign event files into the raw landing zone by event date, and land item catalogs",
+    )
     imp.add_argument("paths", nargs="+", type=Path, help="files to import")
-    imp.add_argument("--format", default="auto", choices=["auto", "jsonl", "movielens", "otto"])
-    imp.add_argument("--tenant", help="tenant for formats without one (MovieLens, OTTO)")
-    imp.add_argument("--surface", help="surface for formats without one (MovieLens, OTTO)")
+    imp.add_argument(
+        "--format", default="auto", choices=["auto", "jsonl", "movielens", "otto", "catalog", "movies"]
+    )
+    imp.add_argument("--tenant", help="tenant for formats without one (MovieLens, OTTO, movies.csv)")
+    imp.add_argument("--surface", help="surface for event formats without one (MovieLens, OTTO)")
+    imp.add_argument(
+        "--day",
+        type=_date,
+        default=None,
+        help="landing day of catalog files (default: the first day events landed, else today)",
+    )
 
     evaluate = sub.add_parser(
         "evaluate", help="run the offline evaluation of a date range and show each day's metrics and verdict"
@@ -319,24 +330,49 @@ def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
-    from recsys_dagster.ingest.importers import import_file
+    from recsys_dagster.ingest.importers import (
+        CATALOG_FORMATS,
+        default_catalog_day,
+        detect_format,
+        import_file,
+    )
 
     for path in args.paths:
         if not path.is_file():
             raise UsageError(f"{path}: no such file")
-    first_days, last_days = [], []
+    formats = {}
     for path in args.paths:
+        try:
+            formats[path] = detect_format(path) if args.format == "auto" else args.format
+        except ValueError as exc:
+            raise UsageError(f"{path}: {exc}") from exc
+    # Events first: a catalog without --day lands on the first day events landed, these ones included.
+    catalogs = [path for path in args.paths if formats[path] in CATALOG_FORMATS]
+    first_days, last_days = [], []
+    for path in [*(p for p in args.paths if p not in catalogs), *catalogs]:
+        catalog_day = args.day
+        if formats[path] in CATALOG_FORMATS and catalog_day is None:
+            catalog_day, why = default_catalog_day(settings.raw_root, dt.datetime.now(dt.UTC).date())
+            print(f"{path}: catalog landing day {catalog_day}: {why} (--day chooses another)")
         try:
             report = import_file(
                 path,
                 settings.raw_root,
-                fmt=args.format,
+                fmt=formats[path],
                 tenant=args.tenant,
                 surface=args.surface,
                 progress=print,
+                catalog_day=catalog_day,
             )
         except ValueError as exc:
             raise UsageError(f"{path}: {exc}") from exc
+        if report.feed == "catalog":
+            print(
+                f"{path}: {report.format}, {report.events_written:,} catalog records into "
+                f"{settings.raw_root / 'catalog' / f'dt={catalog_day}'}; the pipeline's catalog holds "
+                f"them from {catalog_day} on"
+            )
+            continue
         span = f" {report.first_day}..{report.last_day}" if report.first_day else ""
         print(
             f"{path}: {report.format}, {report.events_written:,} events into {len(report.per_day):,} day(s)"

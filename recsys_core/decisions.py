@@ -22,6 +22,12 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 
 from recsys_core import lake
+from recsys_core.landing import (
+    LINE_REASONS,
+    LineError,
+    iso_timestamp,
+    json_object,
+)
 from recsys_core.names import UnsafePathError, validate_name
 
 TRACE_VERSION = 1
@@ -29,15 +35,10 @@ DECISIONS = "decisions"
 QUARANTINE = "decisions_quarantine"
 DATA_FILE = "part-00000.parquet"
 MAX_ID_CHARS = 256
-# The first characters of a quarantined line kept in the quarantine table.
-RAW_PREFIX_CHARS = 4096
 
 # Reason codes of quarantined trace lines, in the order they are checked.
 REASONS = (
-    "line_too_long",
-    "invalid_utf8",
-    "invalid_json",
-    "not_an_object",
+    *LINE_REASONS,
     "unsupported_version",
     "missing_field",
     "bad_type",
@@ -68,24 +69,10 @@ SCHEMA = pa.schema(
         ("items", pa.list_(_ITEM)),
     ]
 )
-QUARANTINE_SCHEMA = pa.schema(
-    [
-        ("file", pa.string()),
-        ("line", pa.int64()),
-        ("reason", pa.string()),
-        ("detail", pa.string()),
-        ("raw", pa.string()),
-    ]
-)
 
 
-class TraceError(ValueError):
+class TraceError(LineError):
     """A trace line that breaks the contract; `reason` is one of REASONS."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 def landing_dir(raw_root: Path, day: dt.date) -> Path:
@@ -105,24 +92,13 @@ def trace_line(trace: Mapping[str, Any]) -> bytes:
 def parse_trace(line: bytes, day: dt.date, max_line_bytes: int) -> dict[str, Any]:
     """The canonical row of one trace line of day `day`'s landing folder; `TraceError` if it breaks the
     contract (docs/reference/decisions.md lists the rules in the order they are checked)."""
-    if len(line) > max_line_bytes:
-        raise TraceError("line_too_long", f"{len(line):,} bytes > {max_line_bytes:,}")
-    try:
-        text = line.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise TraceError("invalid_utf8", str(exc)) from None
-    try:
-        raw = json.loads(text, parse_constant=_no_constant)
-    except (ValueError, RecursionError) as exc:
-        raise TraceError("invalid_json", str(exc)[:200]) from None
-    if not isinstance(raw, dict):
-        raise TraceError("not_an_object", type(raw).__name__)
+    raw = json_object(line, max_line_bytes, TraceError)
     if raw.get("v") != TRACE_VERSION:
         raise TraceError("unsupported_version", f"v={raw.get('v')!r}, expected {TRACE_VERSION}")
     for name in ("request_id", "ts", "tenant", "surface", "manifest_version", "items"):
         if raw.get(name) is None:
             raise TraceError("missing_field", name)
-    moment = _timestamp(raw["ts"])
+    moment = iso_timestamp(raw["ts"], "ts", TraceError)
     items = [_item(entry) for entry in _list(raw, "items")]
     row: dict[str, Any] = {
         "request_id": _text(raw, "request_id"),
@@ -149,10 +125,6 @@ def parse_trace(line: bytes, day: dt.date, max_line_bytes: int) -> dict[str, Any
     return row
 
 
-def _no_constant(name: str) -> None:
-    raise ValueError(f"{name} is not JSON")
-
-
 def _text(raw: Mapping[str, Any], name: str, *, optional: bool = False) -> str | None:
     value = raw.get(name)
     if value is None and optional:
@@ -160,18 +132,6 @@ def _text(raw: Mapping[str, Any], name: str, *, optional: bool = False) -> str |
     if not isinstance(value, str) or not value or len(value) > MAX_ID_CHARS:
         raise TraceError("bad_type", f"{name} must be a string of 1-{MAX_ID_CHARS} characters")
     return value
-
-
-def _timestamp(value: object) -> dt.datetime:
-    if not isinstance(value, str):
-        raise TraceError("bad_ts", "ts must be an ISO 8601 string")
-    try:
-        moment = dt.datetime.fromisoformat(value)
-    except ValueError:
-        raise TraceError("bad_ts", f"ts {value[:40]!r} is not ISO 8601") from None
-    if moment.utcoffset() is None:
-        raise TraceError("bad_ts", f"ts {value[:40]!r} has no time zone")
-    return moment.astimezone(dt.UTC)
 
 
 def _object(raw: Mapping[str, Any], name: str) -> dict[str, Any]:

@@ -5,7 +5,8 @@ A kind says what it is built from (a daily aggregate over a trailing window), ho
 lists them), which configuration shapes it, how its rows are checked before publishing, and whether a
 manifest must have it. Adding a kind is one `ArtifactKind` here plus its builder: a SQL model whose rows
 are the artifact's table, or a SQL model that prepares the input of a trainer (`recsys_dagster.transform`,
-looked up by the kind's name) that writes the artifact's files.
+looked up by the kind's name) that writes the artifact's files. Kinds built from the item catalog rather
+than from events are `CatalogArtifactKind`s (`CATALOG_KINDS`), always optional.
 """
 
 from __future__ import annotations
@@ -181,6 +182,37 @@ ARTIFACT_KINDS: Mapping[str, ArtifactKind] = {
 }
 KINDS: tuple[str, ...] = tuple(ARTIFACT_KINDS)
 REQUIRED_KINDS: tuple[str, ...] = tuple(kind.name for kind in ARTIFACT_KINDS.values() if kind.required)
+
+
+@dataclass(frozen=True)
+class CatalogArtifactKind:
+    """A kind built from a tenant's item catalog as of the day (the `catalog` asset), not from a window of
+    events. Always optional: a tenant without a catalog has none, and its manifests serve without it."""
+
+    name: str
+    description: str
+    table: str
+    schema: pa.Schema
+    served_columns: tuple[str, ...]
+    params: Callable[[PipelineConfig], dict[str, Any]]
+
+
+CONTENT = CatalogArtifactKind(
+    name="content",
+    description=(
+        "Each available catalog item's top-K most similar available items by content: cosine of TF-IDF "
+        "vectors over its categories, tags and title words."
+    ),
+    table="neighbors.parquet",
+    # cooc's neighbour rows without the co-occurrence count: a server reads both the same way.
+    schema=COOC.schema.remove(COOC.schema.get_field_index("count")),
+    served_columns=COOC.served_columns,
+    params=lambda config: {
+        "top_k": config.catalog.content_top_k,
+        "features": ["categories", "tags", "title"],
+    },
+)
+CATALOG_KINDS: Mapping[str, CatalogArtifactKind] = {CONTENT.name: CONTENT}
 
 
 def artifact_kind(name: str) -> ArtifactKind:

@@ -67,12 +67,14 @@ POSITIVE = (
     "guardrails.min_training_days",
     "tuning.trials",
     "tuning.validation_days",
+    "catalog.content_top_k",
     "event_value_scales.*",
 )
 # Keys (fnmatch patterns) with a range of their own: (lowest, highest), both allowed.
 NUMBER_RANGES: dict[str, tuple[float, float]] = {
     "checks.max_quarantine_rate": (0, 1),
     "checks.max_duplicate_rate": (0, 1),
+    "catalog.max_missing_share": (0, 1),
     "guardrails.max_relative_drop": (0, 1),
     # No metric is below 0, so a lift of -1 already never blocks.
     "guardrails.min_*lift_over_popularity.*": (-1, math.inf),
@@ -254,6 +256,17 @@ class TuningConfig:
 
 
 @dataclass(frozen=True)
+class CatalogConfig:
+    """The item catalog (recsys_core.catalog) and the content artifact built from it."""
+
+    # The `catalog_missing_items` check warns when more than this share of the items seen in a day's events
+    # (of tenants that have a catalog) are not in the catalog.
+    max_missing_share: float = 0.05
+    # Neighbours kept per item in the `content` artifact.
+    content_top_k: int = 20
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     checks: ChecksConfig = field(default_factory=ChecksConfig)
@@ -261,6 +274,7 @@ class PipelineConfig:
     blend: BlendWeights = field(default_factory=BlendWeights)
     guardrails: GuardrailsConfig = field(default_factory=GuardrailsConfig)
     tuning: TuningConfig = field(default_factory=TuningConfig)
+    catalog: CatalogConfig = field(default_factory=CatalogConfig)
     event_weights: Mapping[str, float] = field(
         default_factory=lambda: {
             "exposure": 0.0,
@@ -456,6 +470,7 @@ def load_pipeline_config(path: Path | None) -> PipelineConfig:
         "blend",
         "guardrails",
         "tuning",
+        "catalog",
     }
     _reject_unknown("", raw, known)
     ingest = _section(IngestConfig(), "ingest", raw.get("ingest"))
@@ -477,6 +492,7 @@ def load_pipeline_config(path: Path | None) -> PipelineConfig:
         artifacts=_section(ArtifactsConfig(), "artifacts", raw.get("artifacts")),
         guardrails=_section(GuardrailsConfig(), "guardrails", raw.get("guardrails")),
         tuning=_section(TuningConfig(), "tuning", raw.get("tuning")),
+        catalog=_section(CatalogConfig(), "catalog", raw.get("catalog")),
         event_weights=weights,
         event_value_scales=value_scales,
         blend=_section(BlendWeights(), "blend", raw.get("blend")),

@@ -61,3 +61,23 @@ def layout(tmp_path: Path) -> Layout:
     for path in (roots.raw_root, roots.lake_root, roots.artifact_root, roots.dagster_home):
         path.mkdir(parents=True)
     return roots
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh RECSYS_HOME for `recsys` commands run in-process: partitions from 12 days before
+    yesterday on, every other recsys variable unset."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("RECSYS_HOME", str(home))
+    yesterday = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)
+    monkeypatch.setenv("RECSYS_START_DATE", (yesterday - dt.timedelta(days=12)).isoformat())
+    for var in (
+        "RECSYS_CONFIG",
+        "DAGSTER_HOME",
+        "RECSYS_RAW_ROOT",
+        "RECSYS_LAKE_ROOT",
+        "RECSYS_ARTIFACT_ROOT",
+        "RECSYS_UI_URL",
+    ):
+        monkeypatch.delenv(var, raising=False)
+    return home

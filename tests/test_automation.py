@@ -62,6 +62,8 @@ def test_asset_graph_reads_as_the_pipeline_story(defs: dg.Definitions) -> None:
         "evaluation": "evaluation",
         "published_manifest": "publishing",
         "decisions": "audit",
+        "catalog": "catalog",
+        "content": "artifacts",
         "tuning": "tuning",
     }
     for node in graph.asset_nodes:
@@ -79,7 +81,16 @@ def test_asset_graph_reads_as_the_pipeline_story(defs: dg.Definitions) -> None:
     assert upstream["cooc"] == ["pair_daily"]
     assert upstream["als"] == ["user_item_daily"]
     assert upstream["evaluation"] == ["als", "cooc", "popularity", "user_history"]
-    assert upstream["published_manifest"] == ["als", "cooc", "evaluation", "popularity", "user_history"]
+    assert upstream["published_manifest"] == [
+        "als",
+        "content",
+        "cooc",
+        "evaluation",
+        "popularity",
+        "user_history",
+    ]
+    assert upstream["catalog"] == ["canonical_events"]
+    assert upstream["content"] == ["catalog", "popularity"]
     checks = {key.name for key in graph.asset_check_keys}
     assert checks == {
         "schema",
@@ -92,6 +103,9 @@ def test_asset_graph_reads_as_the_pipeline_story(defs: dg.Definitions) -> None:
         "resource_limits",
         "decisions_reconciled",
         "decisions_quarantine_rate",
+        "catalog_reconciled",
+        "catalog_unique_items",
+        "catalog_missing_items",
     }
 
 

@@ -19,6 +19,7 @@ import pytest
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 
 from recsys_cli import cli
+from recsys_core.catalog import item_line, landing_dir, read_catalog_record
 from recsys_core.kinds import KINDS
 from recsys_core.lake import AGGREGATE_FILE, partition_dir, read_builds, read_checks, read_summary
 from recsys_core.manifest import MANIFESTS_DIR, read_registry, target_dir
@@ -32,6 +33,18 @@ DAYS = [END - dt.timedelta(days=offset) for offset in range(3, -1, -1)]
 # A day with too many malformed lines: its quarantine_rate check fails (warn-only), the others pass.
 BAD_DAY = DAYS[1]
 CANONICAL = dg.AssetKey("canonical_events")
+CATALOG_ITEMS = [
+    {
+        "tenant": "demo",
+        "item_id": f"i{n:06d}",
+        "title": f"Item {n}",
+        "categories": [f"c{n % 7}"],
+        "available": True,
+        "updated_at": f"{DAYS[0]}T00:00:00Z",
+    }
+    for n in range(2000)
+]
+CATALOG_CHECKS = ("catalog_reconciled", "catalog_unique_items", "catalog_missing_items")
 
 
 def recsys(*args: object) -> int:
@@ -68,6 +81,11 @@ def test_each_partition_of_a_single_run_backfill_reports_its_own_day(
             == 0
         )
     (home / "raw" / f"dt={BAD_DAY}" / "broken.jsonl").write_text("not json\n" * 300)
+    # A catalog of part of the generated items, landed on the first day: each day's events then miss a
+    # share of their items from it, a figure of its own per day.
+    catalog = landing_dir(home / "raw", DAYS[0])
+    catalog.mkdir(parents=True)
+    (catalog / "items.jsonl").write_bytes(b"".join(item_line(item) for item in CATALOG_ITEMS))
     capsys.readouterr()
     code = recsys("run", "--start", DAYS[0], "--end", DAYS[-1], "--every-day")
     out = capsys.readouterr().out
@@ -84,6 +102,7 @@ def test_each_partition_of_a_single_run_backfill_reports_its_own_day(
         check_canonical_events_and_quarantine(run)
         check_aggregates(run)
         check_artifacts(run)
+        check_catalog(run)
         check_evaluation(run)
         check_published_manifest(run)
         check_asset_checks(run)
@@ -178,6 +197,28 @@ def check_artifacts(run: dict[str, Any]) -> None:
         assert len(set(versions)) == len(DAYS), (kind, versions)
 
 
+def check_catalog(run: dict[str, Any]) -> None:
+    """The catalog state and the content artifact of each day, and the figure of items missing from it,
+    recomputed from the day's canonical events."""
+    lake, known = run["lake"], {item["item_id"] for item in CATALOG_ITEMS}
+    shares = []
+    for day in DAYS:
+        meta = materialization(run, "catalog", day)
+        record = read_catalog_record(lake, day)
+        assert record is not None and record["items"] == meta["items"] == meta["dagster/row_count"] == 2000
+        assert meta["path"] == str(partition_dir(lake, "catalog", day))
+        seen = set(pl.read_parquet(partition_dir(lake, "canonical_events", day) / "*.parquet")["item_id"])
+        share = len(seen - known) / len(seen)
+        assert 0 < share < 1
+        assert meta["missing_share"] == pytest.approx(share) == record["missing_share"]
+        shares.append(share)
+        content = materialization(run, "content", day)
+        (entry,) = read_builds(lake, "content", day)["artifacts"]
+        assert content["version demo/home"] == entry["version"]
+        assert content["rows demo/home"] == entry["rows"] == 2000 * 20
+    assert len(set(shares)) == len(DAYS), shares
+
+
 def check_evaluation(run: dict[str, Any]) -> None:
     scored = {}
     for day in DAYS:
@@ -225,9 +266,21 @@ def check_asset_checks(run: dict[str, Any]) -> None:
         key = (data.check_name, data.partition)
         assert key not in evaluations, key
         evaluations[key] = data
-    # The gates of canonical_events, and the decision traces' own checks, each once per day.
-    names = (*GATE_NAMES, "decisions_reconciled", "decisions_quarantine_rate")
+    # The gates of canonical_events, and the decision traces' and the catalog's own checks, each once per day.
+    names = (*GATE_NAMES, "decisions_reconciled", "decisions_quarantine_rate", *CATALOG_CHECKS)
     assert set(evaluations) == {(name, day.isoformat()) for name in names for day in DAYS}
+    for day in DAYS:
+        record = read_catalog_record(run["lake"], day)
+        missing = evaluations[("catalog_missing_items", day.isoformat())]
+        assert isinstance(missing.metadata["share"], dg.FloatMetadataValue)
+        assert missing.metadata["share"].value == pytest.approx(record["missing_share"])
+        assert missing.metadata["missing_items"].value == record["missing_items"]
+        assert missing.severity == dg.AssetCheckSeverity.WARN and not missing.passed
+        unique = evaluations[("catalog_unique_items", day.isoformat())]
+        assert unique.passed and unique.blocking and unique.metadata["items"].value == 2000
+        reconciled = evaluations[("catalog_reconciled", day.isoformat())]
+        assert reconciled.passed and reconciled.blocking
+        assert reconciled.metadata["records"].value == (2000 if day == DAYS[0] else 0)
 
     for day in DAYS:
         stored = {r["name"]: r for r in read_checks(run["lake"], day)["results"]}
@@ -290,7 +343,7 @@ def check_single_day_run(run: dict[str, Any]) -> None:
     )
     entries = run["instance"].all_logs(run["run_id"], of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION)
     evaluations = [entry.dagster_event.asset_check_evaluation_data for entry in entries]
-    names = (*GATE_NAMES, "decisions_reconciled", "decisions_quarantine_rate")
+    names = (*GATE_NAMES, "decisions_reconciled", "decisions_quarantine_rate", *CATALOG_CHECKS)
     assert sorted((e.check_name, e.partition) for e in evaluations) == sorted(
         (name, END.isoformat()) for name in names
     )

@@ -29,23 +29,6 @@ END = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)
 START = END - dt.timedelta(days=2)
 
 
-@pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    home = tmp_path / "home"
-    monkeypatch.setenv("RECSYS_HOME", str(home))
-    monkeypatch.setenv("RECSYS_START_DATE", (START - dt.timedelta(days=10)).isoformat())
-    for var in (
-        "RECSYS_CONFIG",
-        "DAGSTER_HOME",
-        "RECSYS_RAW_ROOT",
-        "RECSYS_LAKE_ROOT",
-        "RECSYS_ARTIFACT_ROOT",
-        "RECSYS_UI_URL",
-    ):
-        monkeypatch.delenv(var, raising=False)
-    return home
-
-
 def write_config(home: Path, monkeypatch: pytest.MonkeyPatch, text: str) -> None:
     home.mkdir(parents=True, exist_ok=True)
     path = home / "config.yaml"

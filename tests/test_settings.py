@@ -232,6 +232,9 @@ def test_wrong_types_are_rejected_with_the_key(in_tmp: Path, text: str, key: str
         ("checks:\n  max_quarantine_rate: 1.5\n", "checks.max_quarantine_rate"),
         ("checks:\n  max_duplicate_rate: -0.1\n", "checks.max_duplicate_rate"),
         ("checks:\n  volume_trailing_days: 0\n", "checks.volume_trailing_days"),
+        ("catalog:\n  max_missing_share: 1.5\n", "catalog.max_missing_share"),
+        ("catalog:\n  content_top_k: 0\n", "catalog.content_top_k"),
+        ("catalog:\n  top_k: 5\n", "catalog.top_k"),
     ],
 )
 def test_out_of_range_values_are_rejected_with_the_key(in_tmp: Path, text: str, key: str) -> None:

@@ -1,7 +1,7 @@
 """Pieces every domain shares: the settings resource, the daily partitions, metadata helpers."""
 
 import datetime as dt
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from functools import cached_property
 from typing import Any
 
@@ -31,6 +31,26 @@ class RecsysResource(dg.ConfigurableResource):
 
 def daily_partitions(settings: Settings) -> dg.DailyPartitionsDefinition:
     return dg.DailyPartitionsDefinition(start_date=settings.start_date.isoformat(), timezone="UTC")
+
+
+def daily_asset_options(settings: Settings, group: str) -> dict[str, Any]:
+    """The options every daily asset of a group shares: its partitions, single-run backfills, owners."""
+    return {
+        "partitions_def": daily_partitions(settings),
+        "backfill_policy": dg.BackfillPolicy.single_run(),
+        "group_name": group,
+        "owners": OWNERS,
+    }
+
+
+def check_outputs(
+    context: dg.AssetExecutionContext, asset: str, checks: Iterable[str]
+) -> Iterator[dg.Output]:
+    """The empty outputs that close an asset's checks after their per-partition evaluations were yielded
+    (an evaluation with a `partition` does not count as the check's output)."""
+    for name in checks:
+        key = dg.AssetCheckKey(dg.AssetKey(asset), name)
+        yield dg.Output(None, output_name=context.assets_def.get_output_name_for_asset_check_key(key))
 
 
 def partition_days(context: dg.AssetExecutionContext) -> list[dt.date]:

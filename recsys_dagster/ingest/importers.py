@@ -1,7 +1,10 @@
 """Split foreign event files into the landing layout (``<raw root>/dt=YYYY-MM-DD/``).
 
 Supported inputs: contract JSONL (also the recsys suite's exposure-v1 files), MovieLens ratings
-(``ratings.csv``, ``u.data``, ``ratings.dat``) and OTTO session JSONL, each optionally gzip-compressed.
+(``ratings.csv``, ``u.data``, ``ratings.dat``) and OTTO session JSONL, each optionally gzip-compressed; and
+two item catalog formats: catalog JSONL (docs/reference/catalog.md) and MovieLens ``movies.csv``. A catalog
+file is a snapshot without arrival dates: all of it lands in ``<raw root>/catalog/dt=<day>/``, the day the
+caller chooses (`default_catalog_day`).
 Every event goes to the folder of its UTC day (as the pipeline dates it: `contract.utc_days`) in one file
 per source and day,
 ``import-<stem>-<sha256 prefix of the source>.jsonl``, so importing the same file again rewrites identical
@@ -13,9 +16,12 @@ Input is streamed and output buffered per day up to a bounded size, so memory do
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
+import functools
 import gzip
 import hashlib
+import io
 import itertools
 import math
 import os
@@ -25,22 +31,36 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from io import BufferedIOBase
 from pathlib import Path
-from typing import Any, TypeGuard, TypeVar
+from typing import Any, BinaryIO, TypeGuard, TypeVar, cast
 
 import orjson
 
+from recsys_core.catalog import CATALOG
+from recsys_core.lake import day_folder
 from recsys_core.names import validate_name
 from recsys_dagster.ingest import contract
 
-__all__ = ["FORMATS", "ImportReport", "import_file"]
+__all__ = [
+    "CATALOG_FORMATS",
+    "FORMATS",
+    "ImportReport",
+    "default_catalog_day",
+    "detect_format",
+    "import_file",
+]
 
-FORMATS = ("auto", "jsonl", "movielens", "otto")
+FORMATS = ("auto", "jsonl", "movielens", "otto", "catalog", "movies")
+# The formats whose records are catalog items rather than events.
+CATALOG_FORMATS = ("catalog", "movies")
 
 # Output is flushed to the per-day temporary files whenever this much is buffered.
 FLUSH_LINES = 500_000
 FLUSH_BYTES = 64 * 1024 * 1024
 
 _UDATA_LINE = re.compile(rb"\s*\d+\t\d+\t[0-9.]+\t\d+\s*")
+# A MovieLens title ends with its year: "Toy Story (1995)".
+_TITLE_YEAR = re.compile(r"^(?P<title>.*?)\s*\((?P<year>\d{4})\)\s*$")
+NO_GENRES = "(no genres listed)"
 OTTO_EVENT_TYPES = {"clicks": "click", "carts": "add_to_cart", "orders": "purchase"}
 # Timestamps are dated in batches of this many (one call of the pipeline's vectorised parser each).
 DATE_BATCH = 65_536
@@ -53,7 +73,9 @@ class ImportReport:
     `lines_read` counts data lines (a CSV header excluded); for contract JSONL and MovieLens
     ``lines_read = events_written + undated_lines + blank_lines``, for OTTO one line holds a whole session.
     `per_day` counts the events written per UTC day; undated lines are counted apart and land in
-    `undated_day` (the day the import ran).
+    `undated_day` (the day the import ran). A catalog import (`feed` "catalog") writes catalog records,
+    all of them into the one landing day it was given (`per_day` has that day only), and counts them as
+    `events_written`; nothing is undated.
     """
 
     format: str
@@ -66,6 +88,7 @@ class ImportReport:
     undated_lines: int
     blank_lines: int
     undated_day: str | None
+    feed: str = "events"
 
 
 def import_file(
@@ -77,12 +100,15 @@ def import_file(
     surface: str | None = None,
     progress: Callable[[str], None] | None = None,
     today: dt.date | None = None,
+    catalog_day: dt.date | None = None,
 ) -> ImportReport:
     """Import one file into the landing layout under `raw_root`; see the module docstring.
 
     `fmt` is one of `FORMATS`; `auto` detects it from the name and first line. MovieLens and OTTO need
     `tenant` and `surface`; for contract JSONL they only fill in lines that lack the field, and complete
     lines are copied byte for byte. `today` (default: the current UTC date) receives undatable lines.
+    Catalog formats land in the folder of `catalog_day` (default: `default_catalog_day`); `movies` needs
+    `tenant`, and catalog JSONL takes it for the lines that lack one.
     """
     source = Path(source)
     if fmt not in FORMATS:
@@ -90,20 +116,33 @@ def import_file(
     for kind, value in (("tenant", tenant), ("surface", surface)):
         if value is not None:
             validate_name(kind, value)
-    inner_name = source.name[:-3] if source.name.lower().endswith(".gz") else source.name
+    inner_name = _inner_name(source)
     if fmt == "auto":
-        fmt = _detect_format(source, inner_name)
+        fmt = detect_format(source)
     if fmt in ("movielens", "otto") and (tenant is None or surface is None):
         raise ValueError(
             f"{fmt} files carry no tenant or surface: pass both tenant and surface (--tenant, --surface)"
         )
+    if fmt == "movies" and tenant is None:
+        raise ValueError("movies files carry no tenant: pass the tenant whose catalog it is (--tenant)")
 
     digest = _sha256(source)
     stem = re.sub(r"[^A-Za-z0-9._-]", "_", Path(inner_name).stem)[:80] or "source"
-    undated_day = (today or dt.datetime.now(dt.UTC).date()).isoformat()
+    today = today or dt.datetime.now(dt.UTC).date()
+    undated_day = today.isoformat()
+    feed = "catalog" if fmt in CATALOG_FORMATS else "events"
+    converter: Callable[[Iterable[bytes], _Stats, str | None, str | None], Iterator[tuple[str | None, bytes]]]
+    if feed == "catalog":
+        # A snapshot has no arrival dates: every line lands on the one day, and its records are dated by the
+        # day's start (a malformed line lands there too, for the pipeline to quarantine with a reason).
+        landing_day = catalog_day or default_catalog_day(Path(raw_root), today)[0]
+        raw_root, undated_day = Path(raw_root) / CATALOG, landing_day.isoformat()
+        convert_catalog = _convert_catalog if fmt == "catalog" else _convert_movies
+        converter = functools.partial(convert_catalog, day=landing_day)
+    else:
+        converter = {"jsonl": _convert_jsonl, "movielens": _convert_movielens, "otto": _convert_otto}[fmt]
     splitter = _DaySplitter(Path(raw_root), f"import-{stem}-{digest[:12]}.jsonl")
     stats = _Stats()
-    converter = {"jsonl": _convert_jsonl, "movielens": _convert_movielens, "otto": _convert_otto}[fmt]
     try:
         with _open(source) as stream:
             for day, line in converter(stream, stats, tenant, surface):
@@ -134,8 +173,15 @@ def import_file(
         undated_lines=stats.undated,
         blank_lines=stats.blank,
         undated_day=undated_day if stats.undated else None,
+        feed=feed,
     )
-    if progress is not None:
+    if progress is not None and feed == "catalog":
+        malformed = f", {stats.undated:,} malformed line(s) kept for quarantine" if stats.undated else ""
+        progress(
+            f"{source.name} ({fmt}): {report.events_written:,} catalog records -> catalog/dt={undated_day}"
+            f"{malformed}"
+        )
+    elif progress is not None:
         span = f"{report.first_day}..{report.last_day}" if days else "no days"
         undated = f", {report.undated_lines:,} undatable line(s) -> dt={undated_day}" if stats.undated else ""
         progress(
@@ -215,6 +261,11 @@ def _open(source: Path) -> BufferedIOBase:
     return open(source, "rb")
 
 
+def _inner_name(source: Path) -> str:
+    """The file's name without a `.gz` suffix."""
+    return source.name[:-3] if source.name.lower().endswith(".gz") else source.name
+
+
 def _sha256(source: Path) -> str:
     digest = hashlib.sha256()
     with open(source, "rb") as stream:
@@ -223,8 +274,9 @@ def _sha256(source: Path) -> str:
     return digest.hexdigest()
 
 
-def _detect_format(source: Path, inner_name: str) -> str:
+def detect_format(source: Path) -> str:
     """Guess the format from the first non-blank line, falling back on the file name."""
+    inner_name = _inner_name(Path(source))
     first = b""
     with _open(source) as stream:
         for raw in stream:
@@ -232,6 +284,8 @@ def _detect_format(source: Path, inner_name: str) -> str:
                 first = raw.strip()
                 break
     name = inner_name.lower()
+    if first.lower().replace(b'"', b"").startswith(b"movieid,title,genres"):
+        return "movies"
     if first.lower().startswith(b"userid,movieid,rating") or _UDATA_LINE.fullmatch(first):
         return "movielens"
     if name in ("u.data", "ratings.dat", "ratings.csv") or (b"::" in first and first[:1].isdigit()):
@@ -241,7 +295,10 @@ def _detect_format(source: Path, inner_name: str) -> str:
     except orjson.JSONDecodeError:
         obj = None
     if isinstance(obj, dict):
-        return "otto" if "session" in obj and isinstance(obj.get("events"), list) else "jsonl"
+        if "session" in obj and isinstance(obj.get("events"), list):
+            return "otto"
+        # A catalog record is an item with its update time; an event has a session and a time.
+        return "catalog" if "updated_at" in obj and "session_id" not in obj and "ts" not in obj else "jsonl"
     if name.endswith((".jsonl", ".ndjson", ".json")):
         return "jsonl"
     raise ValueError(f"cannot detect the format of {source.name}: pass one of {', '.join(FORMATS[1:])}")
@@ -256,6 +313,16 @@ def _lines(stream: Iterable[bytes], stats: _Stats) -> Iterator[bytes]:
             stats.blank += 1
             continue
         yield line
+
+
+def _json_objects(stream: Iterable[bytes], stats: _Stats) -> Iterator[tuple[bytes, dict[str, Any] | None]]:
+    """Each non-blank line with its JSON object (None when the line is not one)."""
+    for line in _lines(stream, stats):
+        try:
+            obj = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            obj = None
+        yield line, obj if isinstance(obj, dict) else None
 
 
 _Payload = TypeVar("_Payload")
@@ -290,26 +357,25 @@ def _convert_jsonl(
     # Only bytes and strings wait for their batch to be dated: thousands of parsed objects held at once
     # would keep the garbage collector busy.
     def parsed() -> Iterator[tuple[str | None, tuple[bytes, bytes]]]:
-        for line in _lines(stream, stats):
-            try:
-                obj = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                obj = None
-            if not isinstance(obj, dict):
+        for line, obj in _json_objects(stream, stats):
+            if obj is None:
                 yield None, (line, line)
                 continue
-            completed = line
-            missing = [(key, value) for key, value in defaults if key not in obj]
-            if missing:
-                # Splice the missing fields in after "{" rather than re-serialising, so everything the
-                # line already says stays byte for byte as it was.
-                fields = b",".join(orjson.dumps(key) + b":" + orjson.dumps(value) for key, value in missing)
-                brace = line.index(b"{") + 1
-                completed = line[:brace] + fields + (b"," if obj else b"") + line[brace:]
+            completed = _spliced(line, obj, [(key, value) for key, value in defaults if key not in obj])
             yield _contract_ts(line, obj), (line, completed)
 
     for day, (line, completed) in _dated(parsed()):
         yield (day, completed) if day is not None else (None, line)
+
+
+def _spliced(line: bytes, obj: dict[str, Any], missing: list[tuple[str, str]]) -> bytes:
+    """The line with the missing fields spliced in after "{" rather than re-serialised, so that everything
+    the line already says stays byte for byte as it was."""
+    if not missing:
+        return line
+    fields = b",".join(orjson.dumps(key) + b":" + orjson.dumps(value) for key, value in missing)
+    brace = line.index(b"{") + 1
+    return line[:brace] + fields + (b"," if obj else b"") + line[brace:]
 
 
 def _convert_movielens(
@@ -419,3 +485,85 @@ def _otto_events(line: bytes) -> list[tuple[int, int, int, str]] | None:
 
 def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def default_catalog_day(raw_root: Path, today: dt.date) -> tuple[dt.date, str]:
+    """The landing day of a catalog snapshot imported without one, and why.
+
+    The pipeline's catalog as of day D holds what landed on days <= D, so a snapshot lands on the first
+    day events landed (a history imported before it then sees the catalog on every one of its days), or
+    on `today` when no event has landed yet.
+    """
+    days = sorted(
+        folder.name.removeprefix("dt=")
+        for folder in Path(raw_root).glob("dt=*")
+        if folder.is_dir() and any(path.is_file() for path in folder.glob("*.jsonl*"))
+    )
+    for text in days:
+        try:
+            day = dt.date.fromisoformat(text)
+        except ValueError:
+            continue
+        return day, f"the first day events landed ({day_folder(day)} under the raw landing zone)"
+    return today, "today: no events have landed yet"
+
+
+def _item_record(
+    tenant: str, item_id: str, title: str, categories: list[str], attributes: dict[str, Any], day: dt.date
+) -> bytes:
+    record = {
+        "v": 1,
+        "tenant": tenant,
+        "item_id": item_id,
+        "title": title,
+        "categories": categories,
+        "tags": [],
+        "available": True,
+        "attributes": attributes,
+        "updated_at": f"{day.isoformat()}T00:00:00Z",
+    }
+    return orjson.dumps(record)
+
+
+def _convert_movies(
+    stream: Iterable[bytes], stats: _Stats, tenant: str | None, surface: str | None, *, day: dt.date
+) -> Iterator[tuple[str | None, bytes]]:
+    """MovieLens movies.csv (`movieId,title,genres`): title without its trailing "(year)", genres split on
+    "|" as categories ("(no genres listed)" = none), the year in attributes. A row that is not a movie is
+    passed on as it was read (for the pipeline to quarantine)."""
+    landing = day.isoformat()
+    text = io.TextIOWrapper(cast(BinaryIO, stream), encoding="utf-8", errors="replace", newline="")
+    header = True
+    for fields in csv.reader(text):
+        stats.lines += 1
+        if header:
+            header = False
+            stats.lines -= 1  # the header is not data
+            continue
+        if not any(field.strip() for field in fields):
+            stats.blank += 1
+            continue
+        if len(fields) != 3 or not fields[0].strip().isdigit():
+            yield None, ",".join(fields).encode()
+            continue
+        movie_id, title, genres = (field.strip() for field in fields)
+        attributes: dict[str, Any] = {}
+        if found := _TITLE_YEAR.match(title):
+            title, attributes["year"] = found["title"], int(found["year"])
+        categories = [genre for genre in genres.split("|") if genre and genre != NO_GENRES]
+        yield landing, _item_record(cast(str, tenant), movie_id, title, categories, attributes, day)
+
+
+def _convert_catalog(
+    stream: Iterable[bytes], stats: _Stats, tenant: str | None, surface: str | None, *, day: dt.date
+) -> Iterator[tuple[str | None, bytes]]:
+    """Catalog JSONL: lines copied byte for byte, a missing tenant spliced in; a line that is not a JSON
+    object is passed on as it was (for the pipeline to quarantine)."""
+    landing = day.isoformat()
+    for line, obj in _json_objects(stream, stats):
+        if obj is None:
+            yield None, line
+        elif tenant is not None and "tenant" not in obj:
+            yield landing, _spliced(line, obj, [("tenant", tenant)])
+        else:
+            yield landing, line

@@ -18,7 +18,7 @@ from typing import Any
 
 import duckdb
 
-from recsys_core.kinds import ARTIFACT_KINDS, KINDS
+from recsys_core.kinds import ARTIFACT_KINDS, CONTENT, KINDS
 from recsys_core.lake import BUILDS_FILE, BuildRecord, partition_dir, read_builds
 from recsys_core.manifest import ManifestError, read_meta
 from recsys_core.rules import RULES_KIND
@@ -27,6 +27,7 @@ from recsys_core.storage import write_atomic
 from recsys_dagster.evaluation.offline import read_evaluation
 from recsys_dagster.publishing.protocol import PublishOutcome, publish
 from recsys_dagster.transform.artifacts import ArtifactBuild
+from recsys_dagster.transform.content import built_content, catalog_input_problems
 from recsys_dagster.transform.lineage import artifact_input_problems
 from recsys_dagster.transform.sql import run_sql
 
@@ -74,7 +75,7 @@ def lineage_problems(settings: Settings, artifacts: dict[str, Path]) -> tuple[li
         except (ManifestError, OSError):
             continue
         found, _ = artifact_input_problems(settings.lake_root, kind, meta, settings.start_date)
-        problems.extend(found)
+        problems.extend(found + catalog_input_problems(settings.lake_root, kind, meta))
         days.update((meta.get("inputs") or {}).get("canonical_events") or {})
     return problems, len(days)
 
@@ -140,8 +141,12 @@ def publish_as_of(settings: Settings, as_of: dt.date, *, run_id: str | None = No
     for kind, record in built.items():
         for entry in record["artifacts"]:
             per_target[(entry["tenant"], entry["surface"])][kind] = Path(entry["path"])
+    # Optional kinds built from the catalog, for the targets whose tenant has one.
+    content = built_content(settings.lake_root, as_of)
     outcomes = []
     for (tenant, surface), artifacts in sorted(per_target.items()):
+        if (tenant, surface) in content:
+            artifacts[CONTENT.name] = content[(tenant, surface)]
         problems, checked = lineage_problems(settings, artifacts)
         absent = [kind for kind in KINDS if kind not in artifacts]
         quality, evaluation = evaluation_problems(settings, as_of, tenant, surface)

@@ -12,6 +12,7 @@ from recsys_dagster.defs.shared import (
     DayLog,
     RecsysResource,
     add_partition_metadata,
+    check_outputs,
     daily_partitions,
     partition_days,
 )
@@ -91,9 +92,7 @@ def build_audit(settings: Settings) -> dg.Definitions:
                 description=f"{rate:.2%} of {lines:,} lines quarantined (limit {max_rate:.1%})",
                 partition=summary["day"],
             )
-        for name in (RECONCILED, QUARANTINE_RATE):
-            key = dg.AssetCheckKey(dg.AssetKey(DECISIONS), name)
-            yield dg.Output(None, output_name=context.assets_def.get_output_name_for_asset_check_key(key))
+        yield from check_outputs(context, DECISIONS, (RECONCILED, QUARANTINE_RATE))
 
     return dg.Definitions(assets=[decisions])
 

@@ -5,7 +5,7 @@ from typing import Any
 
 import dagster as dg
 
-from recsys_core.kinds import KINDS
+from recsys_core.kinds import CATALOG_KINDS, KINDS
 from recsys_core.manifest import MANIFESTS_DIR, target_dir
 from recsys_core.settings import Settings
 from recsys_dagster.defs.shared import (
@@ -34,7 +34,7 @@ def build_publishing(settings: Settings) -> dg.Definitions:
             "gates of every canonical partition in the window, appends to the registry, then swaps manifest.json "
             "(forward-only in as-of). Format: docs/reference/artifacts.md"
         ),
-        deps=[*KINDS, "evaluation"],
+        deps=[*KINDS, *CATALOG_KINDS, "evaluation"],
         partitions_def=daily_partitions(settings),
         backfill_policy=dg.BackfillPolicy.single_run(),
         kinds={"json"},

@@ -60,13 +60,13 @@ def build_window_artifact_asset(kind: ArtifactKind, settings: Settings) -> dg.As
                     f"{kind.name} {as_of} {build.tenant}/{build.surface}: {build.rows:,} rows, "
                     f"version {build.version[:12]}",
                 )
-            add_partition_metadata(context, as_of, _day_metadata(builds, record))
+            add_partition_metadata(context, as_of, day_metadata(builds, record))
         return dg.MaterializeResult(metadata={"window_days": days})
 
     return window_artifact
 
 
-def _day_metadata(builds: list[ArtifactBuild], record: Path) -> dict[str, Any]:
+def day_metadata(builds: list[ArtifactBuild], record: Path) -> dict[str, Any]:
     """What one as-of day built: its build record, and per tenant and surface the version, path and rows."""
     rows = [
         {
