@@ -493,7 +493,10 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     try:
         # A failed run ends the plan: the window of the last day holds the failed days, nothing could publish.
         outcomes = materialize_ranges(
-            settings, [(s, e, selection) for s, e, selection, _ in plan], "ERROR" if args.quiet else "INFO"
+            settings,
+            [(s, e, selection) for s, e, selection, _ in plan],
+            "ERROR" if args.quiet else "INFO",
+            on_wait=lambda line: print(line, flush=True),
         )
     except SelectionError as exc:
         raise UsageError(f"invalid --select {args.select!r}: {exc}") from exc

@@ -31,6 +31,8 @@ RANKING_METRICS = ("precision", "recall", "ndcg", "map", "hit_rate")
 
 # More API server processes than this is a typo, not a deployment (each loads every artifact).
 MAX_SERVE_WORKERS = 256
+# More runs in progress at once than this is a typo: each is a process holding a day's data in memory.
+MAX_CONCURRENT_RUNS = 1000
 # Dagster executors a deployment may choose (RECSYS_EXECUTOR); the first is the default.
 EXECUTORS = ("in_process", "multiprocess")
 # The file tuning writes (under the lake's tuning/ folder) and the sections it may set.
@@ -340,6 +342,9 @@ class Settings:
     # The bearer token of the admin API (RECSYS_ADMIN_TOKEN); None: the admin API is off. Kept out of the
     # settings' repr, so that printing or logging the settings never shows it.
     admin_token: str | None = field(default=None, repr=False)
+    # How many runs the Dagster daemon's run queue lets be in progress at once (runs that share a day never
+    # are, whatever this says: recsys_dagster.run_queue).
+    max_concurrent_runs: int = 4
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
@@ -404,6 +409,13 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         executor=_parse_choice("RECSYS_EXECUTOR", env.get("RECSYS_EXECUTOR"), EXECUTORS),
         postgres_url=_parse_postgres_url(env.get("RECSYS_POSTGRES_URL")),
         admin_token=_parse_admin_token(env.get("RECSYS_ADMIN_TOKEN")),
+        max_concurrent_runs=_parse_whole(
+            "RECSYS_MAX_CONCURRENT_RUNS",
+            env.get("RECSYS_MAX_CONCURRENT_RUNS"),
+            4,
+            MAX_CONCURRENT_RUNS,
+            "runs",
+        ),
     )
 
 

@@ -16,6 +16,7 @@ import dagster as dg
 from recsys_core.settings import Settings, load_settings
 from recsys_dagster import defs as domains
 from recsys_dagster.defs.shared import ON_DEMAND_GROUP, RecsysResource
+from recsys_dagster.run_queue import day_holding_executor
 
 # The daily schedule runs at 02:00 UTC; a day without a successful materialization warns after 26 hours
 # and fails after 30 (docs/operations.md has the SLO and runbooks).
@@ -56,7 +57,10 @@ def build_definitions() -> dg.Definitions:
     settings = load_settings()
     # In-process by default: on a small machine, a process per step costs more than most steps' work, and
     # the UI's runs then cost what the CLI's do. A deployment with the cores for it picks multiprocess.
-    executor = dg.multiprocess_executor if settings.executor == "multiprocess" else dg.in_process_executor
+    # Either way a run's process holds the run's days while it executes (recsys_dagster.run_queue).
+    executor = day_holding_executor(
+        dg.multiprocess_executor if settings.executor == "multiprocess" else dg.in_process_executor
+    )
     with _known_maturity_notices_ignored():
         defs = dg.Definitions.merge(
             *domain_definitions(settings),

@@ -3,7 +3,8 @@
 Runs are recorded in the Dagster instance under DAGSTER_HOME, so they show up in the UI next to the
 ones launched from there. Each run carries the host and process that execute it, so that a run whose
 process was killed is marked failed by the next start (`fail_orphaned_runs`) instead of showing as
-started forever.
+started forever. A run first takes its days: it waits while another run, from the queue or another
+`recsys run`, holds one of them (`recsys_dagster.run_queue`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import os
 import socket
 import sys
 import urllib.parse
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,9 +36,11 @@ from dagster._core.remote_representation.code_location import CodeLocation
 from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
 from dagster._utils.hosted_user_process import recon_job_from_origin
 
+from recsys_core.day_locks import holding_days
 from recsys_core.settings import Settings
 from recsys_dagster.defs.automation.schedules import DAILY_JOB
 from recsys_dagster.defs.shared import user_error
+from recsys_dagster.run_queue import DayQueuedRunCoordinator, day_tags, waiting_message
 
 # The code location as workspace.yaml names it. The CLI loads it from `current_definitions` below rather
 # than from the module's `defs`, which a process builds once, at import, from the environment it had then.
@@ -48,7 +51,8 @@ LOCATION_NAME = "recsys"
 # first page (`nux`). Run monitoring: the daemon (`recsys ui`) fails runs that never start, hang while
 # cancelling, or are still running after a day. The default run launcher cannot tell whether a started
 # run's process is alive, so the day is what ends a run whose process died with the UI's; a killed
-# `recsys run` is caught sooner, by the next one (`fail_orphaned_runs`).
+# `recsys run` is caught sooner, by the next one (`fail_orphaned_runs`). `instance_config` adds the run
+# queue (`run_queue_config`) and, with RECSYS_POSTGRES_URL, the storage.
 INSTANCE_CONFIG = """\
 telemetry:
   enabled: false
@@ -111,7 +115,7 @@ def write_instance_config(settings: Settings) -> Path:
     """
     settings.dagster_home.mkdir(parents=True, exist_ok=True)
     config = settings.dagster_home / "dagster.yaml"
-    wanted = instance_config(settings.postgres_url)
+    wanted = instance_config(settings.postgres_url, settings.max_concurrent_runs)
     if not config.exists() or (config.read_text() != wanted and _generated(config.read_text())):
         temporary = config.with_name(f".{config.name}.{os.getpid()}.tmp")
         temporary.write_text(wanted)
@@ -119,11 +123,13 @@ def write_instance_config(settings: Settings) -> Path:
     return config
 
 
-def instance_config(postgres_url: str | None) -> str:
-    """The dagster.yaml recsys generates: INSTANCE_CONFIG, with run, event-log and schedule storage in the
-    PostgreSQL database of `postgres_url` if one is given (else SQLite files under DAGSTER_HOME)."""
+def instance_config(postgres_url: str | None, max_concurrent_runs: int) -> str:
+    """The dagster.yaml recsys generates: INSTANCE_CONFIG, the run queue with its limit of runs in progress,
+    and run, event-log and schedule storage in the PostgreSQL database of `postgres_url` if one is given
+    (else SQLite files under DAGSTER_HOME)."""
+    config = INSTANCE_CONFIG + run_queue_config(max_concurrent_runs)
     if postgres_url is None:
-        return INSTANCE_CONFIG
+        return config
     url = urllib.parse.urlsplit(postgres_url)
     database: dict[str, Any] = {
         "username": urllib.parse.unquote(url.username or ""),
@@ -136,7 +142,18 @@ def instance_config(postgres_url: str | None) -> str:
         database["password"] = {"env": POSTGRES_PASSWORD_VAR}
     if url.query:  # e.g. sslmode=require
         database["params"] = dict(urllib.parse.parse_qsl(url.query))
-    return INSTANCE_CONFIG + _postgres_storage(database)
+    return config + _postgres_storage(database)
+
+
+def run_queue_config(max_concurrent_runs: int) -> str:
+    """The `run_coordinator` section: runs are queued for the daemon, which launches at most
+    `max_concurrent_runs` at once and never two that hold the same day."""
+    coordinator = {
+        "module": DayQueuedRunCoordinator.__module__,
+        "class": DayQueuedRunCoordinator.__name__,
+        "config": {"max_concurrent_runs": max_concurrent_runs},
+    }
+    return yaml.safe_dump({"run_coordinator": coordinator}, sort_keys=False)
 
 
 def _postgres_storage(database: dict[str, Any]) -> str:
@@ -144,16 +161,22 @@ def _postgres_storage(database: dict[str, Any]) -> str:
 
 
 def _generated(text: str) -> bool:
-    """Whether `text` is a dagster.yaml that recsys generated, for any RECSYS_POSTGRES_URL or none."""
-    if text == INSTANCE_CONFIG or text in EARLIER_INSTANCE_CONFIGS:
+    """Whether `text` is a dagster.yaml that recsys generated, for any settings: INSTANCE_CONFIG followed by
+    the sections `instance_config` adds (earlier versions had no run queue), exactly as it writes them."""
+    if text in EARLIER_INSTANCE_CONFIGS:
         return True
     if not text.startswith(INSTANCE_CONFIG):
         return False
     try:
-        database = yaml.safe_load(text)["storage"]["postgres"]["postgres_db"]
+        sections = yaml.safe_load(text[len(INSTANCE_CONFIG) :]) or {}
+        rebuilt = INSTANCE_CONFIG
+        if "run_coordinator" in sections:
+            rebuilt += run_queue_config(sections["run_coordinator"]["config"]["max_concurrent_runs"])
+        if "storage" in sections:
+            rebuilt += _postgres_storage(sections["storage"]["postgres"]["postgres_db"])
     except (yaml.YAMLError, TypeError, KeyError):
         return False
-    return isinstance(database, dict) and text == INSTANCE_CONFIG + _postgres_storage(database)
+    return text == rebuilt
 
 
 def fail_orphaned_runs(instance: dg.DagsterInstance) -> list[str]:
@@ -262,38 +285,17 @@ def code_location_origin() -> InProcessCodeLocationOrigin:
     )
 
 
-def materialize_ranges(
-    settings: Settings,
-    ranges: Sequence[tuple[dt.date, dt.date, str | None]],
-    log_level: str = "INFO",
-) -> list[RunOutcome]:
-    """One run per (start, end, selection), in order, until one fails: the daily job over the partitions
-    [start, end], or the selected assets (Dagster syntax). Returns the outcomes of the runs made.
-
-    Each run is created in the instance the way the UI launches one (a run of `daily_pipeline`, or of the
-    implicit asset job with an asset selection, as the UI's "Materialize" creates), then executed here. The
-    runs share one instance and one loaded code location (loading it builds the definitions).
-    """
-    instance = prepare_instance(settings)
-    run_config = {"loggers": {"console": {"config": {"log_level": log_level}}}}
-    outcomes: list[RunOutcome] = []
-    with code_location(instance) as location:
-        for start, end, selection in ranges:
-            outcomes.append(_run(instance, location, run_config, start, end, selection))
-            if not outcomes[-1].ok:
-                break
-    return outcomes
-
-
-def _run(
+def create_run(
     instance: dg.DagsterInstance,
     location: CodeLocation,
     run_config: dict[str, Any],
     start: dt.date,
     end: dt.date,
     selection: str | None,
-) -> RunOutcome:
-    """One run over [start, end] of the daily job or the selected assets, created and executed here."""
+    tags: dict[str, str],
+) -> dg.DagsterRun:
+    """A run over [start, end] of the daily job or the selected assets (Dagster syntax), created in the
+    instance as the UI creates one, not started, with `tags` and the tags of the days it holds."""
     repository = location.get_repository(SINGLETON_REPOSITORY_NAME)
     keys = _selected_keys(repository.asset_graph, selection) if selection else None
     remote_job = location.get_job(
@@ -308,7 +310,7 @@ def _run(
     plan = location.get_execution_plan(
         remote_job, run_config, step_keys_to_execute=None, known_state=None, instance=instance
     )
-    run = instance.create_run(
+    return instance.create_run(
         job_name=remote_job.name,
         run_id=None,
         run_config=run_config,
@@ -321,8 +323,9 @@ def _run(
         tags={
             "dagster/asset_partition_range_start": start.isoformat(),
             "dagster/asset_partition_range_end": end.isoformat(),
-            "recsys/launched_by": "cli",
-            **_this_process_tags(),
+            **tags,
+            # What the daemon's run queue reads: no queued run holding one of these days starts meanwhile.
+            **day_tags(start, end),
         },
         job_snapshot=remote_job.job_snapshot,
         execution_plan_snapshot=plan.execution_plan_snapshot,
@@ -333,7 +336,48 @@ def _run(
         asset_check_selection=None,
         asset_graph=repository.asset_graph,
     )
-    job = recon_job_from_origin(remote_job.get_python_origin())
+
+
+def materialize_ranges(
+    settings: Settings,
+    ranges: Sequence[tuple[dt.date, dt.date, str | None]],
+    log_level: str = "INFO",
+    on_wait: Callable[[str], None] | None = None,
+) -> list[RunOutcome]:
+    """One run per (start, end, selection), in order, until one fails: the daily job over the partitions
+    [start, end], or the selected assets (Dagster syntax). Returns the outcomes of the runs made.
+
+    Each run is created in the instance the way the UI launches one (a run of `daily_pipeline`, or of the
+    implicit asset job with an asset selection, as the UI's "Materialize" creates), then executed here. The
+    runs share one instance and one loaded code location (loading it builds the definitions).
+
+    Before a run is created its days are taken: while another run holds one of them, this waits, and
+    `on_wait` gets a line saying for which runs and days.
+    """
+    instance = prepare_instance(settings)
+    run_config = {"loggers": {"console": {"config": {"log_level": log_level}}}}
+    outcomes: list[RunOutcome] = []
+
+    def announce(busy: list[dt.date]) -> None:
+        if on_wait is not None:
+            on_wait(waiting_message(instance, busy))
+
+    with code_location(instance) as location:
+        for start, end, selection in ranges:
+            with holding_days(settings, start, end, on_wait=announce):
+                tags = {"recsys/launched_by": "cli", **_this_process_tags()}
+                run = create_run(instance, location, run_config, start, end, selection, tags)
+                outcomes.append(_execute(instance, run))
+            if not outcomes[-1].ok:
+                break
+    return outcomes
+
+
+def _execute(instance: dg.DagsterInstance, run: dg.DagsterRun) -> RunOutcome:
+    """Execute a run `create_run` made, here; what came of it."""
+    keys, origin = run.asset_selection, run.job_code_origin
+    assert origin is not None, "create_run records the job's code origin"
+    job = recon_job_from_origin(origin)
     result = execute_run(job.get_subset(asset_selection=keys) if keys else job, run, instance)
     outcome = RunOutcome(run_id=result.run_id, success=result.success)
     for event in result.all_events:

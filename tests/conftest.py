@@ -1,15 +1,16 @@
-"""Shared fixtures: a temporary RECSYS layout and a writer for raw landing files."""
+"""Shared fixtures: a temporary RECSYS layout, a writer for raw landing files, a PostgreSQL server."""
 
 from __future__ import annotations
 
 import datetime as dt
 import gzip
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from postgres_server import PostgresServer, running_server
 
 RawContent = bytes | str | Iterable[bytes | str | dict]
 
@@ -81,3 +82,16 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     ):
         monkeypatch.delenv(var, raising=False)
     return home
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A throwaway PostgreSQL server for the session (tests/postgres_server.py)."""
+    with running_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres_server: PostgresServer) -> str:
+    """The URL of a database `recsys` owned by user `recsys` on the session's PostgreSQL server."""
+    return postgres_server.create_database("recsys")

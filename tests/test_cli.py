@@ -183,16 +183,24 @@ def test_output_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
     assert err == "" and status == cli.EXIT_FAILED
 
 
-def test_the_dagster_instance_has_no_telemetry_retries_or_newsletter_dialog_and_monitors_runs(
+def test_the_dagster_instance_has_no_telemetry_retries_or_newsletter_dialog_and_monitors_and_queues_runs(
     home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from recsys_dagster.runner import EARLIER_INSTANCE_CONFIGS, INSTANCE_CONFIG, prepare_instance
+    from recsys_dagster.run_queue import DayQueuedRunCoordinator
+    from recsys_dagster.runner import (
+        EARLIER_INSTANCE_CONFIGS,
+        INSTANCE_CONFIG,
+        instance_config,
+        prepare_instance,
+    )
 
     # prepare_instance points DAGSTER_HOME at the instance; monkeypatch restores it after the test.
     monkeypatch.setenv("DAGSTER_HOME", str(home / "dagster"))
     settings = load_settings()
     config = settings.dagster_home / "dagster.yaml"
-    for earlier in ("", *EARLIER_INSTANCE_CONFIGS):  # none yet, or one an earlier version generated
+    generated = instance_config(None, 4)
+    # None yet, or one an earlier version generated (before the run queue, or with another limit).
+    for earlier in ("", *EARLIER_INSTANCE_CONFIGS, INSTANCE_CONFIG, instance_config(None, 9)):
         if earlier:
             config.write_text(earlier)
         with prepare_instance(settings) as instance:
@@ -203,8 +211,11 @@ def test_the_dagster_instance_has_no_telemetry_retries_or_newsletter_dialog_and_
             assert instance.run_monitoring_enabled
             assert instance.run_monitoring_start_timeout_seconds == 180
             assert instance.run_monitoring_max_runtime_seconds == 86400
-        assert config.read_text() == INSTANCE_CONFIG
-    edited = INSTANCE_CONFIG.replace("86400", "3600")
+            # Runs from the UI wait in the daemon's queue: at most RECSYS_MAX_CONCURRENT_RUNS at once.
+            assert isinstance(instance.run_coordinator, DayQueuedRunCoordinator)
+            assert instance.get_concurrency_config().run_queue_config.max_concurrent_runs == 4
+        assert config.read_text() == generated
+    edited = generated.replace("86400", "3600")
     config.write_text(edited)
     prepare_instance(settings).dispose()
     assert config.read_text() == edited, "a configuration edited by hand is left alone"

@@ -1,81 +1,24 @@
-"""The Dagster instance on PostgreSQL (RECSYS_POSTGRES_URL), against a real throwaway PostgreSQL server.
-
-The server is started from the PostgreSQL server binaries (Debian's `postgresql` package); without them
-the tests fail, they are not skipped. As root, initdb refuses to run, so the cluster belongs to the
-`postgres` user.
-"""
+"""The Dagster instance on PostgreSQL (RECSYS_POSTGRES_URL), against a real throwaway PostgreSQL server
+(the `postgres_url` fixture of conftest.py)."""
 
 from __future__ import annotations
 
 import datetime as dt
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
-import urllib.parse
-from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
 import psycopg2
 import pytest
+from postgres_server import PASSWORD
 
 from recsys_core.settings import ConfigError, load_settings
 from recsys_dagster.runner import POSTGRES_PASSWORD_VAR, instance_config, write_instance_config
 
 END = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)
 START = END - dt.timedelta(days=1)
-# Characters that must be escaped in a URL, to show the password reaches the server intact.
-PASSWORD = "s3cret:/@%x"
-
-
-def _server_binaries() -> Path:
-    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]))
-    if not found:
-        pytest.fail(
-            "PostgreSQL server binaries not found under /usr/lib/postgresql: install Debian's postgresql "
-            "package (apt-get install postgresql; .ci/run does)"
-        )
-    return found[-1].parent
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def _as_postgres(*command: str | Path) -> None:
-    done = subprocess.run(
-        ["runuser", "-u", "postgres", "--", *map(str, command)], capture_output=True, text=True
-    )
-    assert done.returncode == 0, f"{command[0]} failed: {done.stdout}{done.stderr}"
-
-
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    """A URL of a database `recsys` owned by user `recsys` (password PASSWORD) on a server of its own."""
-    binaries = _server_binaries()
-    # Not under pytest's temporary folder, which only its owner may enter.
-    cluster = Path(tempfile.mkdtemp(prefix="recsys-postgres-"))
-    shutil.chown(cluster, "postgres")
-    port = _free_port()
-    _as_postgres(binaries / "initdb", "-D", cluster, "--auth=scram-sha-256", "--auth-local=trust")
-    options = f"-p {port} -k {cluster} -c listen_addresses=127.0.0.1"
-    # The server's log goes to a file: on the captured output it would hold the pipe open forever.
-    _as_postgres(
-        binaries / "pg_ctl", "-D", cluster, "-o", options, "-l", cluster / "server.log", "-w", "start"
-    )
-    try:
-        psql = (binaries / "psql", "-h", cluster, "-p", str(port), "-d", "postgres", "-v", "ON_ERROR_STOP=1")
-        _as_postgres(*psql, "-c", f"CREATE USER recsys PASSWORD '{PASSWORD}'")
-        _as_postgres(*psql, "-c", "CREATE DATABASE recsys OWNER recsys")
-        yield f"postgresql://recsys:{urllib.parse.quote(PASSWORD, safe='')}@127.0.0.1:{port}/recsys"
-    finally:
-        _as_postgres(binaries / "pg_ctl", "-D", cluster, "-m", "fast", "stop")
-        shutil.rmtree(cluster)
 
 
 def _recsys(env: dict[str, str], *args: str | dt.date) -> None:
@@ -132,9 +75,9 @@ def test_the_generated_dagster_yaml_follows_recsys_postgres_url(
     for var in ("DAGSTER_HOME", "RECSYS_CONFIG", "RECSYS_POSTGRES_URL", POSTGRES_PASSWORD_VAR):
         monkeypatch.delenv(var, raising=False)
     config = tmp_path / "dagster" / "dagster.yaml"
-    sqlite = instance_config(None)
-    on_postgres = instance_config("postgresql://recsys:pw@db.example:6543/recsys?sslmode=require")
-    on_another = instance_config("postgresql://other@db.example/other")
+    sqlite = instance_config(None, 4)
+    on_postgres = instance_config("postgresql://recsys:pw@db.example:6543/recsys?sslmode=require", 4)
+    on_another = instance_config("postgresql://other@db.example/other", 4)
 
     def prepared(url: str | None) -> str:
         if url is None:

@@ -54,6 +54,7 @@ def test_defaults(in_tmp: Path) -> None:
     assert settings.dagster_home == home / "dagster"
     assert settings.start_date == dt.date(2025, 1, 1)
     assert settings.config_file is None
+    assert settings.postgres_url is None and settings.max_concurrent_runs == 4
     assert settings.pipeline == PipelineConfig()
     assert settings.pipeline.ingest.max_line_bytes == 1024 * 1024
     assert settings.pipeline.ingest.max_lateness_days == 7
@@ -354,6 +355,9 @@ def test_the_largest_allowed_values_are_accepted(in_tmp: Path) -> None:
         ("RECSYS_SERVE_POLL_SECONDS", "nan"),
         ("RECSYS_SERVE_POLL_SECONDS", "0"),
         ("RECSYS_SERVE_POLL_SECONDS", "-1"),
+        ("RECSYS_MAX_CONCURRENT_RUNS", "0"),
+        ("RECSYS_MAX_CONCURRENT_RUNS", "1001"),
+        ("RECSYS_MAX_CONCURRENT_RUNS", "two"),
     ],
 )
 def test_bad_environment_overrides_are_refused_with_the_variable(in_tmp: Path, var: str, value: str) -> None:
@@ -363,8 +367,14 @@ def test_bad_environment_overrides_are_refused_with_the_variable(in_tmp: Path, v
 
 def test_environment_overrides_within_bounds_apply(in_tmp: Path) -> None:
     settings = load_settings(
-        {"RECSYS_WINDOW_DAYS": "3660", "RECSYS_TUNING_TRIALS": "5", "RECSYS_SERVE_POLL_SECONDS": "0.5"}
+        {
+            "RECSYS_WINDOW_DAYS": "3660",
+            "RECSYS_TUNING_TRIALS": "5",
+            "RECSYS_SERVE_POLL_SECONDS": "0.5",
+            "RECSYS_MAX_CONCURRENT_RUNS": "1000",
+        }
     )
+    assert settings.max_concurrent_runs == 1000
     assert settings.pipeline.artifacts.als.window_days == 3660
     assert settings.pipeline.tuning.trials == 5
     assert settings.serve_poll_seconds == 0.5
