@@ -295,7 +295,7 @@ def create_run(
     tags: dict[str, str],
 ) -> dg.DagsterRun:
     """A run over [start, end] of the daily job or the selected assets (Dagster syntax), created in the
-    instance as the UI creates one, not started, with `tags` and the tags of the days it holds."""
+    instance as the UI creates one, not started, with `tags`."""
     repository = location.get_repository(SINGLETON_REPOSITORY_NAME)
     keys = _selected_keys(repository.asset_graph, selection) if selection else None
     remote_job = location.get_job(
@@ -324,8 +324,6 @@ def create_run(
             "dagster/asset_partition_range_start": start.isoformat(),
             "dagster/asset_partition_range_end": end.isoformat(),
             **tags,
-            # What the daemon's run queue reads: no queued run holding one of these days starts meanwhile.
-            **day_tags(start, end),
         },
         job_snapshot=remote_job.job_snapshot,
         execution_plan_snapshot=plan.execution_plan_snapshot,
@@ -365,7 +363,9 @@ def materialize_ranges(
     with code_location(instance) as location:
         for start, end, selection in ranges:
             with holding_days(settings, start, end, on_wait=announce):
-                tags = {"recsys/launched_by": "cli", **_this_process_tags()}
+                # The days it holds, as the run queue tags a submitted run: the daemon launches no queued
+                # run holding one of them meanwhile.
+                tags = {"recsys/launched_by": "cli", **_this_process_tags(), **day_tags(start, end)}
                 run = create_run(instance, location, run_config, start, end, selection, tags)
                 outcomes.append(_execute(instance, run))
             if not outcomes[-1].ok:

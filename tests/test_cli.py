@@ -7,7 +7,6 @@ import datetime as dt
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlite_runs import run_ids
 
 from recsys_cli import cli, ports
 from recsys_core.settings import load_settings
@@ -241,35 +241,35 @@ def test_a_killed_recsys_run_is_marked_failed_by_the_next_one(
     # Holding the day's canonicalization lock keeps the run in progress until it is killed, however fast.
     staging = home / "lake" / ".staging"
     staging.mkdir(parents=True, exist_ok=True)
-    with (
-        locked(staging / f"{day}.lock"),
-        subprocess.Popen(
+    with locked(staging / f"{day}.lock"):
+        process = subprocess.Popen(
             [str(RECSYS), "run", "--start", day, "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        ) as process,
-    ):
-        deadline = time.monotonic() + 120
-        while not (home / "dagster" / "dagster.yaml").exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        with dg.DagsterInstance.from_config(str(home / "dagster")) as instance:
-            started: list[dg.DagsterRun] = []
+        )
+        try:
+            # Its run record, read without opening the instance: the child has created the instance's
+            # tables by then, and opening it here before would race that.
+            deadline = time.monotonic() + 120
+            started: list[str] = []
             while not started and process.poll() is None and time.monotonic() < deadline:
-                started = instance.get_runs(dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED]))
-                time.sleep(0.05)
-            assert started, f"the run never started: {process.stderr.read() if process.stderr else ''}"
-            process.send_signal(signal.SIGKILL)  # mid-run: no chance to record the run's end
-            process.wait(timeout=30)
-            [killed] = started
-            assert instance.get_run_by_id(killed.run_id).status == dg.DagsterRunStatus.STARTED
+                started = run_ids(home / "dagster", "STARTED")
+                time.sleep(0.1)
+        finally:
+            # Mid-run: no chance to record the run's end. Killed whatever happened above, so that leaving
+            # the lock's block never waits for a child stuck behind it.
+            process.kill()
+            _, err = process.communicate(timeout=30)
+    assert started, f"the run never started: {err.decode()}"
+    [killed_id] = started
+    assert run_ids(home / "dagster", "STARTED") == [killed_id], "the killed run shows as started"
     with dg.DagsterInstance.from_config(str(home / "dagster")) as instance:
         capsys.readouterr()
         assert cli.main(["run", "--start", day, "--select", "key:canonical_events", "--quiet"]) == 0
         out = capsys.readouterr().out
         assert (
-            f"run {killed.run_id}: marked FAILED: the recsys run that executed it on this host was killed"
-            in out
+            f"run {killed_id}: marked FAILED: the recsys run that executed it on this host was killed" in out
         )
-        assert instance.get_run_by_id(killed.run_id).status == dg.DagsterRunStatus.FAILURE
-        [failure] = instance.all_logs(killed.run_id, of_type=dg.DagsterEventType.RUN_FAILURE)
+        assert instance.get_run_by_id(killed_id).status == dg.DagsterRunStatus.FAILURE
+        [failure] = instance.all_logs(killed_id, of_type=dg.DagsterEventType.RUN_FAILURE)
         assert f"(recsys run, pid {process.pid} on {socket.gethostname()})" in failure.message
         assert "it was killed or crashed" in failure.message
         # The next run is not touched: its process was alive while it ran, and it ended.
