@@ -11,10 +11,12 @@ Runs reach the instance two ways, and both follow one rule.
   before it starts a run (`recsys_core.day_locks`), waiting while another run holds one.
 
 What a run holds: the days of its partition or partition range. Each is a run tag `recsys/day-slot-<day>`,
-added when the run is submitted or created; the daemon counts them on the runs in progress, the CLI's
-included. Dagster's tag limits fit a rule per day only as one key per day: a key's `applyLimitPerUniqueValue`
-limit counts runs by the key's single value, and a single-run backfill covers a range of days, so it
-needs one key per day; the coordinator adds the limit of 1 for the keys of the runs waiting in the queue.
+added when the run is submitted (or, by `recsys run`, created); the daemon counts them on the runs in
+progress, the CLI's included. One key per day, not one key `recsys/day` limited per unique value
+(`applyLimitPerUniqueValue`): a run has one value per key, and a single-run backfill holds every day of its
+range. Dagster's tag limits name their keys in advance, and days are not known in advance, so the
+coordinator adds a limit of one run for each day key of the queued runs whenever the daemon reads the
+queue's configuration (before each pass over the queue).
 
 The queue alone leaves a gap: the daemon decides to launch a run from the runs in progress it read a
 moment before, and a `recsys run` can take the same day in between (its run is not yet recorded). The

@@ -15,7 +15,12 @@ import pytest
 from postgres_server import PASSWORD
 
 from recsys_core.settings import ConfigError, load_settings
-from recsys_dagster.runner import POSTGRES_PASSWORD_VAR, instance_config, write_instance_config
+from recsys_dagster.runner import (
+    INSTANCE_CONFIG,
+    POSTGRES_PASSWORD_VAR,
+    instance_config,
+    write_instance_config,
+)
 
 END = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)
 START = END - dt.timedelta(days=1)
@@ -72,11 +77,18 @@ def test_the_generated_dagster_yaml_follows_recsys_postgres_url(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("RECSYS_HOME", str(tmp_path))
-    for var in ("DAGSTER_HOME", "RECSYS_CONFIG", "RECSYS_POSTGRES_URL", POSTGRES_PASSWORD_VAR):
+    for var in (
+        "DAGSTER_HOME",
+        "RECSYS_CONFIG",
+        "RECSYS_POSTGRES_URL",
+        "RECSYS_MAX_CONCURRENT_RUNS",
+        POSTGRES_PASSWORD_VAR,
+    ):
         monkeypatch.delenv(var, raising=False)
     config = tmp_path / "dagster" / "dagster.yaml"
+    url = "postgresql://recsys:pw@db.example:6543/recsys?sslmode=require"
     sqlite = instance_config(None, 4)
-    on_postgres = instance_config("postgresql://recsys:pw@db.example:6543/recsys?sslmode=require", 4)
+    on_postgres = instance_config(url, 4)
     on_another = instance_config("postgresql://other@db.example/other", 4)
 
     def prepared(url: str | None) -> str:
@@ -87,11 +99,15 @@ def test_the_generated_dagster_yaml_follows_recsys_postgres_url(
         # Only the file: an instance would connect to the server, which does not exist.
         return write_instance_config(load_settings()).read_text()
 
-    assert prepared("postgresql://recsys:pw@db.example:6543/recsys?sslmode=require") == on_postgres
+    assert prepared(url) == on_postgres
     assert "sslmode: require" in on_postgres and "port: 6543" in on_postgres
     assert prepared("postgresql://other@db.example/other") == on_another
     assert "password" not in on_another and "port: 5432" in on_another
     assert prepared(None) == sqlite, "unset again: back to SQLite"
+    config.write_text(INSTANCE_CONFIG + on_postgres.removeprefix(sqlite))  # as generated before the run queue
+    assert prepared(url) == on_postgres
+    monkeypatch.setenv("RECSYS_MAX_CONCURRENT_RUNS", "7")
+    assert prepared(url) == instance_config(url, 7), "the limit follows RECSYS_MAX_CONCURRENT_RUNS"
     edited = on_postgres.replace("max_runtime_seconds: 86400", "max_runtime_seconds: 3600")
     config.write_text(edited)
     assert prepared("postgresql://other@db.example/other") == edited, "edited by hand: left alone"
