@@ -64,19 +64,8 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("RECSYS_HOME", str(home))
     monkeypatch.setenv("RECSYS_START_DATE", (DAY1 - dt.timedelta(days=3)).isoformat())
     monkeypatch.setenv("DAGSTER_HOME", str(home / "dagster"))
-    arguments = [
-        "--end",
-        str(END),
-        "--days",
-        "3",
-        "--events-per-day",
-        "500",
-        "--users",
-        "50",
-        "--items",
-        "40",
-    ]
-    assert cli.main(["generate", *arguments]) == 0
+    arguments = f"generate --end {END} --days 3 --events-per-day 500 --users 50 --items 40"
+    assert cli.main(arguments.split()) == 0
     return home
 
 
@@ -86,27 +75,45 @@ def test_the_daemon_never_runs_two_runs_of_one_day_together_and_at_most_the_limi
     monkeypatch.setenv("RECSYS_POSTGRES_URL", postgres_server.create_database("run_queue"))
     monkeypatch.setenv("RECSYS_MAX_CONCURRENT_RUNS", "2")
     monkeypatch.setenv(POSTGRES_PASSWORD_VAR, PASSWORD)  # prepare_instance sets it; restored after the test
-    instance = prepare_instance(load_settings())
-    assert instance.get_concurrency_config().run_queue_config.max_concurrent_runs == 2, "from the variable"
-    _shorten_dequeue_interval(home / "dagster" / "dagster.yaml")
-    daemon_log = tmp_path / "daemon.log"
+    with prepare_instance(load_settings()) as instance:
+        queue = instance.get_concurrency_config().run_queue_config
+        assert queue is not None and queue.max_concurrent_runs == 2  # RECSYS_MAX_CONCURRENT_RUNS
+        _shorten_dequeue_interval(home / "dagster" / "dagster.yaml")
+        first, ranged, other, second = _queue_runs(instance, home, tmp_path)
+        [cli_run] = [
+            run.run_id for run in instance.get_runs(dg.RunsFilter(tags={"recsys/launched_by": "cli"}))
+        ]
+        executing = {
+            run_id: _executing(instance, run_id) for run_id in (first, ranged, other, second, cli_run)
+        }
+    # Runs sharing a day, one after the other; runs on different days side by side.
+    for one, another in ((first, ranged), (first, cli_run), (ranged, cli_run), (ranged, second)):
+        assert not _overlap(executing[one], executing[another]), (one, another, executing)
+    assert _overlap(executing[first], executing[other])
+    queued = [executing[run_id] for run_id in (first, ranged, other, second)]
+    assert max(sum(start <= moment < end for start, end in queued) for moment, _ in queued) <= 2
+
+
+def _queue_runs(instance: dg.DagsterInstance, home: Path, tmp_path: Path) -> tuple[str, str, str, str]:
+    """Four runs through the daemon's queue and one `recsys run`, checked while they wait and run; the ids
+    of the four, once all five have succeeded."""
+    daemon_log, cli_log = tmp_path / "daemon.log", tmp_path / "cli.log"
     with ExitStack() as stack:
-        stack.callback(instance.dispose)
         location = stack.enter_context(code_location(instance))
         held = {day: stack.enter_context(_canonicalization_held(home, day)) for day in (DAY1, DAY3)}
         stack.enter_context(
             _process([BIN / "dagster-daemon", "run", "-w", REPO / "workspace.yaml"], daemon_log)
         )
         # Submitted as the UI, schedules and backfills submit them: a day, a range (a single-run backfill).
-        first = _submit(instance, location, DAY1, DAY1)  # kept in progress (DAY1 held)
-        ranged = _submit(instance, location, DAY1, DAY2)  # shares DAY1 with `first`: must wait for it
-        other = _submit(instance, location, DAY3, DAY3)  # kept in progress (DAY3 held)
-        second = _submit(
-            instance, location, DAY2, DAY2
-        )  # its day is free, but two runs are in progress already
+        # `first` and `other` are kept in progress by their held days; `ranged` shares DAY1 with `first`;
+        # the day of `second` is free.
+        first = _submit(instance, location, DAY1, DAY1)
+        ranged = _submit(instance, location, DAY1, DAY2)
+        other = _submit(instance, location, DAY3, DAY3)
+        second = _submit(instance, location, DAY2, DAY2)
 
         # The daemon's first pass launches `first` and `other`: `ranged` is held back by its day, so
-        # `other` takes the second place, and then the limit holds back `second`.
+        # `other` takes the second place, and then the limit of 2 holds back `second`.
         _wait_for(lambda: _statuses(instance, first, other) == {"STARTED"}, "first and other to start")
         passes = daemon_log.read_text().count("Maximum is 2, won't launch more")
         _wait_for(
@@ -115,14 +122,9 @@ def test_the_daemon_never_runs_two_runs_of_one_day_together_and_at_most_the_limi
         )
         assert _statuses(instance, ranged, second) == {"QUEUED"}
 
-        # `recsys run` on DAY1 waits for the queued run that holds it.
-        cli_log = tmp_path / "cli.log"
-        cli_run = stack.enter_context(
-            _process(
-                [BIN / "recsys", "run", "--start", DAY1, "--select", "key:canonical_events", "--quiet"],
-                cli_log,
-            )
-        )
+        # `recsys run` on DAY1 waits for the run from the queue that holds it.
+        command = [BIN / "recsys", "run", "--start", DAY1, "--select", "key:canonical_events", "--quiet"]
+        cli_run = stack.enter_context(_process(command, cli_log))
         waiting = f"waiting for run {first} ({DAY1}) to end: it holds {DAY1}"
         _wait_for(lambda: waiting in cli_log.read_text(), f"recsys run to say {waiting!r}")
 
@@ -133,19 +135,7 @@ def test_the_daemon_never_runs_two_runs_of_one_day_together_and_at_most_the_limi
         _wait_for(lambda: cli_run.poll() is not None, "recsys run to end")
         assert cli_run.returncode == 0, cli_log.read_text()
         _wait_for(lambda: _statuses(instance, first, ranged) == {"SUCCESS"}, "first and ranged to succeed")
-
-    [cli_run_id] = [
-        run.run_id for run in instance.get_runs(dg.RunsFilter(tags={"recsys/launched_by": "cli"}))
-    ]
-    executing = {
-        run_id: _executing(instance, run_id) for run_id in (first, ranged, other, second, cli_run_id)
-    }
-    # Runs sharing a day, one after the other; runs on different days side by side.
-    for one, another in ((first, ranged), (first, cli_run_id), (ranged, cli_run_id), (ranged, second)):
-        assert not _overlap(executing[one], executing[another]), (one, another, executing)
-    assert _overlap(executing[first], executing[other])
-    queued = [executing[run_id] for run_id in (first, ranged, other, second)]
-    assert max(sum(start <= moment < end for start, end in queued) for moment, _ in queued) <= 2
+    return first, ranged, other, second
 
 
 def test_recsys_run_waits_while_another_recsys_run_holds_one_of_its_days(home: Path, tmp_path: Path) -> None:
