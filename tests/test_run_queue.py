@@ -26,6 +26,7 @@ from postgres_server import PASSWORD, PostgresServer
 from sqlite_runs import run_ids
 
 from recsys_cli import cli
+from recsys_core.day_locks import holding_days
 from recsys_core.settings import load_settings
 from recsys_core.storage import locked
 from recsys_dagster.run_queue import day_tags, run_days
@@ -135,6 +136,18 @@ def _queue_runs(instance: dg.DagsterInstance, home: Path, tmp_path: Path) -> tup
         _wait_for(lambda: cli_run.poll() is not None, "recsys run to end")
         assert cli_run.returncode == 0, cli_log.read_text()
         _wait_for(lambda: _statuses(instance, first, ranged) == {"SUCCESS"}, "first and ranged to succeed")
+
+        # The queue sees only runs in progress: a `recsys run` that has taken DAY2 but not yet recorded
+        # its run (here: the test holding the day) is not among them. The launched run waits all the same.
+        with holding_days(load_settings(), DAY2, DAY2):
+            guarded = _submit(instance, location, DAY2, DAY2)
+            waiting = f"waiting for another run that holds {DAY2} to end"
+            _wait_for(
+                lambda: waiting in _log_messages(instance, guarded), f"the launched run to log {waiting!r}"
+            )
+            assert _statuses(instance, guarded) == {"STARTED"}
+            assert not instance.all_logs(guarded, of_type=dg.DagsterEventType.STEP_START)
+        _wait_for(lambda: _statuses(instance, guarded) == {"SUCCESS"}, "the launched run to succeed")
     return first, ranged, other, second
 
 
@@ -240,6 +253,10 @@ def _executing(instance: dg.DagsterInstance, run_id: str) -> tuple[float, float]
     ]
     assert starts, f"run {run_id} executed no step"
     return min(starts), max(event.timestamp for event in events)
+
+
+def _log_messages(instance: dg.DagsterInstance, run_id: str) -> str:
+    return "\n".join(record.user_message for record in instance.all_logs(run_id))
 
 
 def _overlap(one: tuple[float, float], another: tuple[float, float]) -> bool:
