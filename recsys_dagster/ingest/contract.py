@@ -226,6 +226,17 @@ def _json_type(value: Any) -> str:
     }.get(type(value), type(value).__name__)
 
 
+def arrival_window(
+    day: dt.date, max_lateness_days: int, max_clock_skew_hours: int
+) -> tuple[dt.datetime, dt.datetime]:
+    """[start, end) of the event times a partition of arrival day `day` may hold."""
+    midnight = dt.datetime.combine(day, dt.time(), dt.UTC)
+    return (
+        midnight - dt.timedelta(days=max_lateness_days),
+        midnight + dt.timedelta(days=1, hours=max_clock_skew_hours),
+    )
+
+
 def validate_events(
     parsed: pl.DataFrame,
     day: dt.date,
@@ -251,10 +262,7 @@ def validate_events(
     )
     events = events.with_columns(parse_ts(events.get_column("ts")).alias("ts_parsed"))
 
-    window_start = dt.datetime.combine(day, dt.time(), dt.UTC) - dt.timedelta(days=max_lateness_days)
-    window_end = dt.datetime.combine(day, dt.time(), dt.UTC) + dt.timedelta(
-        days=1, hours=max_clock_skew_hours
-    )
+    window_start, window_end = arrival_window(day, max_lateness_days, max_clock_skew_hours)
     rules = _rules(events, event_types, window_start, window_end)
     broken = events.select(pl.any_horizontal(cond.fill_null(False) for cond, _, _ in rules)).to_series()
     accepted = events.filter(~broken).with_columns(
