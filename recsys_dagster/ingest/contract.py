@@ -19,13 +19,15 @@ import json
 import math
 import re
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
-import pandera.polars as pa
 import polars as pl
 
 from recsys_core.names import NAME_PATTERN
+
+if TYPE_CHECKING:
+    import pandera.polars as pa
 
 CONTRACT_VERSION = 1
 MAX_ID_CHARS = 256
@@ -419,6 +421,10 @@ def _is_epoch_ms(ts: pl.Expr) -> pl.Expr:
 
 def canonical_schema_model() -> pa.DataFrameSchema:
     """Pandera schema of the canonical_events table (the `schema` gate)."""
+    # Imported here: only the schema gate's validation of the files needs pandera, and a run whose
+    # partitions carry a usable profile does not (docs/reference/checks.md).
+    import pandera.polars as pa
+
     required_text = pa.Check.str_length(min_value=1, max_value=MAX_ID_CHARS)
     return pa.DataFrameSchema(
         {

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pandera.errors
 import polars as pl
 import pyarrow.parquet as pq
 
@@ -342,6 +341,8 @@ def _schema(paths: list[str], profile: CanonicalProfile | None) -> GateResult:
 
 
 def _validated_schema(paths: list[str]) -> GateResult:
+    import pandera.errors  # with contract.canonical_schema_model: only this path needs pandera
+
     frame = pl.read_parquet(paths)
     try:
         contract.canonical_schema_model().validate(frame, lazy=True)
