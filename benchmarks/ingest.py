@@ -51,7 +51,8 @@ WHOLE_RUN_RATIO_TARGET = 1.3
 # "Bounded peak memory": the peak at the largest size may be at most this many times the peak at the
 # smallest size measured. A partition held whole in memory grows about in
 # proportion to its events (the baseline shows it); canonicalization streams blocks of lines to its output
-# files and keeps only 16 bytes of hashes per distinct event, so it should hardly grow.
+# files and keeps only 16 bytes of hashes per distinct event and 16 per producer event (the profile's
+# sessions), so it grows far less.
 MEMORY_GROWTH_LIMIT = 2.0
 
 
@@ -319,8 +320,10 @@ def _render(results: list[SizeResult], machine: str) -> Section:
         f"Memory target: the recsys peak at the largest size may be at most {MEMORY_GROWTH_LIMIT:g}x its "
         "peak at the smallest size measured (a partition held whole in memory grows with its events, as the "
         "baseline does; recsys streams blocks of lines to its files and keeps 16 bytes of hashes per "
-        "distinct event).",
-        "Checks: `run_gates` on the partition just written. Whole run: `recsys run --start DAY --select "
+        "distinct event and 16 per producer event for the profile's sessions).",
+        "Checks: `run_gates` on the partition just written, in a fresh process: it hashes the files to bind "
+        "the profile canonicalization recorded to them, reads their Parquet footers and judges the profile "
+        "(the recsys column includes counting the profile). Whole run: `recsys run --start DAY --select "
         "key:canonical_events --quiet` as a user runs it, in its own process (start-up, the Dagster run "
         "recorded in the SQLite instance with its events, canonicalization and the checks), on a "
         "RECSYS_HOME whose instance an untimed first run created, as a daily run finds it.",

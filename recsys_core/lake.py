@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 from pathlib import Path
-from typing import Any, TypedDict, cast
+from typing import Any, NotRequired, TypedDict, cast
 
 from recsys_core.storage import files_sha256
 
@@ -23,10 +24,46 @@ CHECKS_FILE = "_checks.json"
 BUILDS_FILE = "builds.json"
 # The one file of a daily aggregate partition.
 AGGREGATE_FILE = "part-00000.parquet"
+# Landing files of the API server's exposure log (recsys_serving.exposures names them so): the product's own
+# record of what it served, which the gates do not judge as producer data (docs/reference/checks.md).
+EXPOSURE_LOG_FILES = r"(^|/)exposures-[^/]*\.jsonl(\.gz)?$"
+
+
+def is_exposure_log_file(source: str) -> bool:
+    """Whether a landing file (as `source_file` names it) is the API server's exposure log."""
+    return re.search(EXPOSURE_LOG_FILES, source) is not None
 
 
 # ------------------------------------------------------------------------------------------ records
 # The record files as the pipeline writes them; the types describe the files, they do not shape them.
+
+
+class ExposureLogProfile(TypedDict):
+    """The exposure log's share of a partition, as the gates report it beside their own figures."""
+
+    files: int  # exposure files with a line kept or quarantined
+    lines: int  # per file, the last line number that either table holds
+    rows: int
+    quarantined: int
+    reasons: dict[str, int]
+
+
+class CanonicalProfile(TypedDict):
+    """`profile` of `_summary.json`: the figures of the written rows that the gates judge, counted by
+    canonicalization as it wrote them (the same figures dbt_like_sql/checks/canonical_profile.sql computes
+    from the files). The resource figures count producer rows only (not the exposure log's)."""
+
+    window_start: str  # the arrival window ts_out_of_range_rows was counted against, [start, end) UTC
+    window_end: str
+    null_key_rows: int
+    duplicate_id_rows: int
+    ts_out_of_range_rows: int
+    value_rule_rows: int  # rows breaking a value rule of the canonical schema (the schema gate's rules)
+    events: int
+    distinct_items: int
+    sessions: int
+    items_per_session: int
+    exposure_log: ExposureLogProfile
 
 
 class SummaryRecord(TypedDict):
@@ -45,6 +82,7 @@ class SummaryRecord(TypedDict):
     content_hash: str
     seconds: float | None  # null in the file, so that identical input gives an identical file
     reconciled: bool
+    profile: NotRequired[CanonicalProfile]  # absent in partitions written before it was recorded
 
 
 class GateRecord(TypedDict):
@@ -64,6 +102,9 @@ class ChecksRecord(TypedDict):
     day: str
     content_hash: str  # the `_summary.json` content hash of the data checked
     checked_at: str
+    # Where the figures came from: "profile" (the summary's, bound to the files by their content hash) or
+    # "files" (counted from the files, for a partition without a usable profile).
+    figures_from: NotRequired[str]
     passed: bool  # every blocking gate passed
     results: list[GateRecord]
 

@@ -148,7 +148,7 @@ def file_sha256(path: Path) -> str:
     return files_sha256([Path(path)], with_names=False)
 
 
-# Hashes already computed in this process, by the files' signatures (see files_sha256).
+# Hashes already computed in this process, by the files' identities (see files_sha256).
 _HASH_MEMO_LIMIT = 4096
 _hash_memo: dict[tuple[object, ...], str] = {}
 
@@ -158,11 +158,13 @@ def files_sha256(paths: Iterable[Path], *, with_names: bool) -> str:
     `with_names` (a canonical partition's content hash), streamed.
 
     Data is verified against its recorded hash before each step that uses it, and several steps of one
-    process read the same files: a file is hashed once per process while its inode, size, modification
-    and change times stay the same (a change to a file's bytes always changes its change time).
+    process read the same files: a file is hashed once per process while its device, inode, size,
+    modification and change times stay the same (a change to a file's bytes always changes its change
+    time). The memo is keyed by that identity, not by path, so files hashed in a staging folder are known
+    once the folder is renamed into place (renaming a folder leaves the files in it untouched).
     """
     paths = [Path(p) for p in paths]
-    key = (with_names, *((str(p), *_signature(p)) for p in paths))
+    key = (with_names, *((p.name if with_names else "", *_signature(p)) for p in paths))
     found = _hash_memo.get(key)
     if found is not None:
         return found
@@ -179,6 +181,6 @@ def files_sha256(paths: Iterable[Path], *, with_names: bool) -> str:
     return _hash_memo[key]
 
 
-def _signature(path: Path) -> tuple[int, int, int, int]:
+def _signature(path: Path) -> tuple[int, int, int, int, int]:
     stat = os.stat(path)
-    return stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns

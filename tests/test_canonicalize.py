@@ -604,7 +604,10 @@ def test_a_duplicate_in_a_later_output_file_is_dropped_and_the_first_kept(
     assert rows.filter(pl.col("tenant") == "other")["event_id"].to_list() == ["e1"]
 
 
-def test_seen_keys_match_a_set_across_many_levels() -> None:
+@pytest.mark.parametrize("filter_bits", [canonicalize._SeenKeys.FILTER_BITS, 3])
+def test_seen_keys_match_a_set_across_many_levels(filter_bits: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # With 3 bits (8 filter bits), every key finds its bit set by some other key: all are looked up.
+    monkeypatch.setattr(canonicalize._SeenKeys, "FILTER_BITS", filter_bits)
     rng = random.Random(5)
     seen_keys = canonicalize._SeenKeys()
     reference: set[tuple[str, str]] = set()

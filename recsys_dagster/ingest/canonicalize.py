@@ -11,7 +11,9 @@ How it stays fast and bounded:
 - each block's valid rows are appended, in reading order, to the current output file (in row groups of
   `_CanonicalWriter.ROW_GROUP_ROWS`) on a background thread while the next blocks are parsed, a new file
   every `rows_per_file` rows; duplicates are found through 16 bytes of hashes per distinct event, so
-  memory depends on the block size, not on the partition size.
+  memory depends on the block size, not on the partition size;
+- the rows written are counted, on another background thread, into the figures the gates judge (the
+  summary's `profile`, see `ProfileCounter`), so that the gates need not read the partition again.
 Outputs are written to a staging directory and swapped into place only when complete.
 """
 
@@ -31,6 +33,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import polars as pl
@@ -39,10 +42,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from recsys_core.lake import SUMMARY_FILE, SummaryRecord, content_hash, landing_dir, partition_dir
+from recsys_core.lake import (
+    SUMMARY_FILE,
+    CanonicalProfile,
+    SummaryRecord,
+    content_hash,
+    is_exposure_log_file,
+    landing_dir,
+    partition_dir,
+)
+from recsys_core.names import NAME_PATTERN
 from recsys_core.settings import IngestConfig
 from recsys_core.storage import locked, replace_dir, write_atomic
 from recsys_dagster.ingest import contract
+
+_T = TypeVar("_T")
 
 BLOCK_BYTES = 16 * 1024 * 1024
 PARALLEL_BLOCKS = 3
@@ -80,6 +94,7 @@ class PartitionSummary:
     # SHA-256 over the output Parquet files, computed once at write time so that gates, artifacts and
     # publishing can tie themselves to this exact data without re-reading it.
     content_hash: str = ""
+    profile: CanonicalProfile | None = None
     seconds: float = 0.0
 
     @property
@@ -88,7 +103,7 @@ class PartitionSummary:
 
     def to_json(self) -> SummaryRecord:
         """The summary as `_summary.json` holds it (the file has `seconds` null)."""
-        return {
+        record: SummaryRecord = {
             "day": self.day,
             "files": list(self.files),
             "bytes_read": self.bytes_read,
@@ -103,6 +118,9 @@ class PartitionSummary:
             "seconds": self.seconds,
             "reconciled": self.reconciled,
         }
+        if self.profile is not None:
+            record["profile"] = self.profile
+        return record
 
 
 def landing_files(raw_root: Path, day: dt.date) -> list[Path]:
@@ -168,6 +186,9 @@ def _rebuild_partition(
     canonical_stage.mkdir(parents=True)
     quarantine_stage.mkdir(parents=True)
     canonical = _CanonicalWriter(canonical_stage, config.rows_per_file)
+    profile = _ProfileThread(
+        ProfileCounter(contract.arrival_window(day, config.max_lateness_days, config.max_clock_skew_hours))
+    )
     try:
         quarantine = _QuarantineWriter(quarantine_stage)
         # Blocks are parsed on a small thread pool (polars and numpy release the GIL) and merged in
@@ -178,7 +199,7 @@ def _rebuild_partition(
         def merge(block: Future[_BlockResult]) -> None:
             result = block.result()
             before = lines_merged.get(result.source, 0)
-            result.merge_into(summary, canonical, quarantine, before)
+            result.merge_into(summary, canonical, quarantine, profile, before)
             lines_merged[result.source] = before + result.lines
 
         with ThreadPoolExecutor(PARALLEL_BLOCKS) as pool:
@@ -198,6 +219,7 @@ def _rebuild_partition(
         summary.output_files = canonical.close()
         summary.canonical_rows, summary.duplicates = canonical.rows, canonical.duplicates
         summary.quarantined = quarantine.rows
+        summary.profile = profile.close(distinct_keys=canonical.seen.count)
         if not summary.reconciled:
             raise AssertionError(f"reconciliation failed for {day}: {summary.to_json()}")
         summary.content_hash = content_hash(canonical_stage)
@@ -208,6 +230,7 @@ def _rebuild_partition(
     finally:
         try:
             canonical.shutdown()  # after a failure, a file may still be being written into the staging folder
+            profile.shutdown()
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return summary
@@ -287,6 +310,9 @@ class _BlockResult:
 
     source: str
     valid: pa.Table
+    # The same rows as polars holds them: the profile counts from it (converting the Arrow table back
+    # would cost more than the counting).
+    valid_frame: pl.DataFrame
     keys: tuple[np.ndarray, np.ndarray]  # per valid row, the two hashes of (tenant, event_id)
     quarantined: dict[str, list]
     lines: int
@@ -298,6 +324,7 @@ class _BlockResult:
         summary: PartitionSummary,
         canonical: _CanonicalWriter,
         quarantine: _QuarantineWriter,
+        profile: _ProfileThread,
         lines_before: int,
     ) -> None:
         """Add the block to the outputs; `lines_before` = lines of its file in the blocks before it."""
@@ -309,9 +336,12 @@ class _BlockResult:
         if self.quarantined["reason"]:
             lines = [n + lines_before for n in self.quarantined["source_line"]]
             quarantine.write(self.quarantined | {"source_line": lines})
+            profile.add_quarantined(self.source, lines, self.quarantined["reason"])
         at = self.valid.schema.get_field_index("source_line")
         lines = pc.add(self.valid.column(at), lines_before)
-        canonical.add(self.valid.set_column(at, "source_line", lines), self.keys)
+        kept = canonical.add(self.valid.set_column(at, "source_line", lines), self.keys)
+        if self.valid_frame.height:
+            profile.add_rows(self.source, self.valid_frame, kept, lines_before)
 
 
 def _process_block(block: bytes | _LongLine, source: str, day: dt.date, config: IngestConfig) -> _BlockResult:
@@ -327,7 +357,14 @@ def _process_block(block: bytes | _LongLine, source: str, day: dt.date, config: 
         }
         no_keys = (np.empty(0, np.uint64), np.empty(0, np.uint64))
         return _BlockResult(
-            source, _ARROW_CANONICAL_SCHEMA.empty_table(), no_keys, too_long, 1, 0, block.length + 1
+            source,
+            _ARROW_CANONICAL_SCHEMA.empty_table(),
+            pl.DataFrame(schema=contract.CANONICAL_SCHEMA),
+            no_keys,
+            too_long,
+            1,
+            0,
+            block.length + 1,
         )
     lines = _LineIndex(block)
     parsed, rejected, blank = _parse_block(lines, config.max_line_bytes)
@@ -357,7 +394,7 @@ def _process_block(block: bytes | _LongLine, source: str, day: dt.date, config: 
         "raw": [lines.text(r[0]) for r in rejected],
     }
     return _BlockResult(
-        source, valid.to_arrow(), _key_hashes(valid), quarantined, lines.count, blank, len(block)
+        source, valid.to_arrow(), valid, _key_hashes(valid), quarantined, lines.count, blank, len(block)
     )
 
 
@@ -794,35 +831,58 @@ class _CanonicalWriter:
         self._parts = _ParquetParts(
             out_dir, _ARROW_CANONICAL_SCHEMA, _CANONICAL_PARQUET, self.ROW_GROUP_ROWS, rows_per_file
         )
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="canonical-writer")
-        self._queued: deque[Future[None]] = deque()
+        self._thread = _SerialThread("canonical-writer", self.MAX_QUEUED_WRITES)
 
-    def add(self, rows: pa.Table, keys: tuple[np.ndarray, np.ndarray]) -> None:
-        """Takes the blocks in reading order: the first occurrence of a key is the one kept."""
+    def add(self, rows: pa.Table, keys: tuple[np.ndarray, np.ndarray]) -> np.ndarray | None:
+        """Takes the blocks in reading order: the first occurrence of a key is the one kept. Returns which
+        rows were kept, or None when all were."""
         if not rows.num_rows:
-            return
+            return None
         first = self.seen.first_occurrences(*keys)
-        if not first.all():
-            rows = rows.filter(pa.array(first))
+        kept = None if first.all() else first
+        if kept is not None:
+            rows = rows.filter(pa.array(kept))
         self.duplicates += len(first) - rows.num_rows
         self.rows += rows.num_rows
-        if len(self._queued) >= self.MAX_QUEUED_WRITES:
-            self._queued.popleft().result()
-        self._queued.append(self._pool.submit(self._parts.append, rows))
+        self._thread.submit(self._parts.append, rows)
+        return kept
 
     def close(self) -> list[str]:
         """Finish the last file (an empty one if there were no rows at all); returns the file names."""
+        return self._thread.finish(self._parts.close)
+
+    def shutdown(self) -> None:
+        """Stop writing and close the open file (after a failure, before the staging folder goes)."""
+        self._thread.shutdown()
+        self._parts.abort()
+
+
+class _SerialThread:
+    """Calls run one at a time, in the order submitted, on a thread of its own; at most `max_queued` wait
+    (a submit beyond that waits for the oldest), so that the memory they hold stays bounded."""
+
+    def __init__(self, name: str, max_queued: int) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=name)
+        self._queued: deque[Future[None]] = deque()
+        self._max_queued = max_queued
+
+    def submit(self, call: Callable[..., None], *args: object) -> None:
+        if len(self._queued) >= self._max_queued:
+            self._queued.popleft().result()
+        self._queued.append(self._pool.submit(call, *args))
+
+    def finish(self, last: Callable[[], _T]) -> _T:
+        """Wait for every call submitted (raising the first failure), then run `last` there; stops."""
         try:
             while self._queued:
                 self._queued.popleft().result()
-            return self._pool.submit(self._parts.close).result()
+            return self._pool.submit(last).result()
         finally:
             self._pool.shutdown(wait=True)
 
     def shutdown(self) -> None:
-        """Stop writing and close the open file (after a failure, before the staging folder goes)."""
+        """Drop what has not started and wait for the running call (after a failure)."""
         self._pool.shutdown(wait=True, cancel_futures=True)
-        self._parts.abort()
 
 
 def _key_hashes(events: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -837,11 +897,21 @@ class _SeenKeys:
 
     Two keys are taken to be the same when both hashes agree: 128 bits, the same strength as the derived
     event ids themselves. The pairs are kept in a few arrays ("levels") sorted by the first hash and looked
-    up with binary search.
+    up with binary search. In front of them, a bitmap with one bit per value of the first hash's top
+    `FILTER_BITS` bits (16 MiB) tells most new keys from seen ones without a search: a key whose bit is
+    clear was never seen; only the others (a few percent, until tens of millions of keys) are looked up.
     """
+
+    FILTER_BITS = 27
 
     def __init__(self) -> None:
         self.levels: list[tuple[np.ndarray, np.ndarray]] = []
+        self._filter = np.zeros(1 << (self.FILTER_BITS - 3), dtype=np.uint8)
+
+    @property
+    def count(self) -> int:
+        """Distinct keys remembered."""
+        return sum(len(level[0]) for level in self.levels)
 
     def first_occurrences(self, h1: np.ndarray, h2: np.ndarray) -> np.ndarray:
         """True for each key seen for the first time (earlier keys of the same call included), in the
@@ -859,8 +929,15 @@ class _SeenKeys:
         h1, h2 = h1[order], h2[order]
         new = np.ones(len(order), dtype=bool)
         new[1:] = (h1[1:] != h1[:-1]) | (h2[1:] != h2[:-1])
-        for level in self.levels:
-            new &= ~_contains(level, h1, h2)
+        slot = h1 >> np.uint64(64 - self.FILTER_BITS)
+        byte, bit = slot >> np.uint64(3), np.left_shift(1, slot & np.uint64(7)).astype(np.uint8)
+        maybe_seen = np.flatnonzero(new & (self._filter[byte] & bit).astype(bool))
+        if len(maybe_seen):
+            seen = np.zeros(len(maybe_seen), dtype=bool)
+            for level in self.levels:
+                seen |= _contains(level, h1[maybe_seen], h2[maybe_seen])
+            new[maybe_seen[seen]] = False
+        np.bitwise_or.at(self._filter, byte[new], bit[new])
         self._remember(h1[new], h2[new])
         first = np.empty_like(new)
         first[order] = new
@@ -927,6 +1004,206 @@ class _QuarantineWriter:
 
     def close(self) -> None:
         self._parts.close()
+
+
+# The canonical columns that are never null, the key columns among them, and the text columns whose values
+# are 1 to MAX_ID_CHARS characters (user_id only when it is given): the rules of the schema gate
+# (contract.canonical_schema_model).
+_NOT_NULL = (
+    "event_id",
+    "ts",
+    "tenant",
+    "surface",
+    "session_id",
+    "item_id",
+    "event_type",
+    "source_file",
+    "source_line",
+)
+_KEYS = ("event_id", "ts", "tenant", "surface", "session_id", "item_id")
+_LENGTH_RULED = ("event_id", "session_id", "user_id", "item_id")
+# Seeds of the 64-bit hashes that tell sessions and items apart while counting (kept in memory only).
+_SESSION_SEED, _ITEM_SEED = 0x5E55, 0x17E7
+_SCOPE_HASH = pl.struct("tenant", "surface").hash(0x5C0E)
+
+
+class ProfileCounter:
+    """Counts, over the rows of a partition as they are written, the figures the gates judge: the
+    `CanonicalProfile` of the summary, the same figures dbt_like_sql/checks/canonical_profile.sql computes
+    from the files (tests hold the two together).
+
+    Fed block by block (`add_rows`, `add_quarantined`), it keeps per block only small aggregates, except
+    for the figure that cannot be merged from them: the most distinct items of one session. For that it
+    keeps, per producer row, 64-bit hashes of its session and item (16 bytes a row); each block's
+    per-session counts give, per session, an upper bound (the sum over blocks) and a lower bound (the
+    largest block's count), and only the sessions whose upper bound exceeds the best lower bound are
+    counted exactly from the hashes at the end. Distinct items and sessions are counted through the same
+    64-bit hashes: two different values with the same hash (odds about 1 in 10^6 for ten million distinct
+    values) would be counted once.
+    """
+
+    def __init__(self, window: tuple[dt.datetime, dt.datetime]) -> None:
+        self.window = window
+        self.null_key_rows = 0
+        self.ts_out_of_range_rows = 0
+        self.value_rule_rows = 0
+        self.events = 0
+        self._items: list[pa.Array] = []  # per block, the distinct item hashes of its producer rows
+        self._session_items: list[pl.DataFrame] = []  # per block: session hash, distinct items in the block
+        self._pairs: list[pl.DataFrame] = []  # per block: session hash, item hash (null item: null) per row
+        self._exposure_rows: dict[str, int] = {}
+        self._exposure_last_line: dict[str, int] = {}
+        self._exposure_quarantined: dict[str, int] = {}
+        self._exposure_reasons: dict[str, int] = {}
+
+    def add_rows(self, source: str, frame: pl.DataFrame) -> None:
+        """Count rows written from landing file `source` (canonical columns)."""
+        if not frame.height:
+            return
+        start, end = self.window
+        null_keys, out_of_range = frame.select(
+            pl.any_horizontal(pl.col(_KEYS).is_null()).sum(),
+            ((pl.col("ts") < start) | (pl.col("ts") >= end)).sum(),
+        ).row(0)
+        self.null_key_rows += null_keys
+        self.ts_out_of_range_rows += out_of_range
+        self.value_rule_rows += value_rule_rows(frame)
+        if is_exposure_log_file(source):
+            self._exposure_rows[source] = self._exposure_rows.get(source, 0) + frame.height
+            self._last_line(source, frame.select(pl.col("source_line").max()).item())
+            return
+        self.events += frame.height
+        # (tenant, surface, id) hashed as the id's hash XOR the hash of its (tenant, surface), which is
+        # hashed once when the block has only one (the usual case): a third of the cost of hashing rows.
+        if _single_value(frame, "tenant") and _single_value(frame, "surface"):
+            scope: pl.Expr = pl.lit(frame.head(1).select(_SCOPE_HASH).item(), dtype=pl.UInt64)
+        else:
+            scope = _SCOPE_HASH
+        hashes = frame.select(
+            (pl.col("session_id").hash(_SESSION_SEED) ^ scope).alias("session"),
+            (pl.col("item_id").hash(_ITEM_SEED) ^ scope).alias("item"),
+            pl.col("item_id").is_null().alias("no_item"),
+        )
+        self._items.append(pc.unique(hashes.get_column("item").to_arrow()))
+        # count(DISTINCT item_id) per session does not count a null item id.
+        pairs = hashes.select("session", pl.when(~pl.col("no_item")).then(pl.col("item")).alias("item"))
+        self._pairs.append(pairs)
+        self._session_items.append(pairs.group_by("session").agg(pl.col("item").drop_nulls().n_unique()))
+
+    def add_quarantined(self, source: str, lines: list[int], reasons: list[str]) -> None:
+        """Count lines of landing file `source` that were quarantined (only the exposure log's count)."""
+        if not lines or not is_exposure_log_file(source):
+            return
+        self._exposure_quarantined[source] = self._exposure_quarantined.get(source, 0) + len(lines)
+        self._last_line(source, max(lines))
+        for reason in reasons:
+            self._exposure_reasons[reason] = self._exposure_reasons.get(reason, 0) + 1
+
+    def _last_line(self, source: str, line: int) -> None:
+        self._exposure_last_line[source] = max(self._exposure_last_line.get(source, 0), line)
+
+    def result(self, *, rows: int, distinct_keys: int) -> CanonicalProfile:
+        """The figures; `rows` written in all, `distinct_keys` the distinct (tenant, event_id) among them."""
+        start, end = self.window
+        sessions, items_per_session = self._sessions()
+        items = len(pc.unique(pa.chunked_array(self._items, pa.uint64()))) if self._items else 0
+        return {
+            "window_start": start.isoformat(),
+            "window_end": end.isoformat(),
+            "null_key_rows": self.null_key_rows,
+            "duplicate_id_rows": rows - distinct_keys,
+            "ts_out_of_range_rows": self.ts_out_of_range_rows,
+            "value_rule_rows": self.value_rule_rows,
+            "events": self.events,
+            "distinct_items": items,
+            "sessions": sessions,
+            "items_per_session": items_per_session,
+            "exposure_log": {
+                "files": len(self._exposure_last_line),
+                "lines": sum(self._exposure_last_line.values()),
+                "rows": sum(self._exposure_rows.values()),
+                "quarantined": sum(self._exposure_quarantined.values()),
+                "reasons": dict(sorted(self._exposure_reasons.items())),
+            },
+        }
+
+    def _sessions(self) -> tuple[int, int]:
+        """(sessions, most distinct items in one session) of the producer rows."""
+        if not self._session_items:
+            return 0, 0
+        per_block = pl.concat(self._session_items)
+        lower = int(per_block.get_column("item").max())  # type: ignore[arg-type]
+        bounds = per_block.group_by("session").agg(pl.col("item").sum())
+        candidates = bounds.filter(pl.col("item") > lower).get_column("session")
+        if not len(candidates):
+            return bounds.height, lower
+        exact = (
+            pl.concat(self._pairs)
+            .filter(pl.col("session").is_in(candidates.implode()))
+            .group_by("session")
+            .agg(pl.col("item").drop_nulls().n_unique())
+            .get_column("item")
+            .max()
+        )
+        return bounds.height, max(lower, int(exact))  # type: ignore[arg-type]
+
+
+def value_rule_rows(rows: pl.DataFrame) -> int:
+    """Rows of canonical columns that break a rule of the schema gate (`contract.canonical_schema_model`):
+    a null where the column allows none, a text of 0 or more than MAX_ID_CHARS characters, a tenant or
+    surface that is not a name, a negative rank, a source line below 1."""
+    broken = [pl.col(name).is_null() for name in _NOT_NULL]
+    longest = rows.select(pl.col(_LENGTH_RULED).str.len_bytes().max()).row(0, named=True)
+    for name in _LENGTH_RULED:
+        broken.append(pl.col(name).str.len_bytes() == 0)
+        if (longest[name] or 0) > contract.MAX_ID_CHARS:
+            # A text has at most as many characters as bytes: characters are counted only when needed.
+            broken.append(pl.col(name).str.len_chars() > contract.MAX_ID_CHARS)
+    for name in ("tenant", "surface"):
+        # Few distinct values, often one: each is matched once.
+        column = rows.get_column(name)
+        values = column.head(1) if _single_value(rows, name) else column.unique()
+        wrong = values.filter(~values.str.contains(NAME_PATTERN))
+        if len(wrong):
+            broken.append(pl.col(name).is_in(wrong.implode()))
+    broken += [pl.col("rank") < 0, pl.col("source_line") < 1]
+    return int(rows.select(pl.any_horizontal(rule.fill_null(False) for rule in broken).sum()).item())
+
+
+def _single_value(rows: pl.DataFrame, name: str) -> bool:
+    """Whether every row has the first row's value in column `name` (null counting as a value)."""
+    column = rows.get_column(name)
+    return bool(column.eq_missing(column[0]).all()) if len(column) else True
+
+
+class _ProfileThread:
+    """A `ProfileCounter` fed on a thread of its own, in the order the blocks are written."""
+
+    MAX_QUEUED = 4
+
+    def __init__(self, counter: ProfileCounter) -> None:
+        self.counter = counter
+        self.rows = 0
+        self._thread = _SerialThread("canonical-profile", self.MAX_QUEUED)
+
+    def add_rows(self, source: str, block: pl.DataFrame, kept: np.ndarray | None, lines_before: int) -> None:
+        """Count the rows of a block that were written: `kept` of them (all if None), their line numbers
+        counted from the block's first line, which is line `lines_before` + 1 of `source`."""
+        self.rows += block.height if kept is None else int(np.count_nonzero(kept))
+        self._thread.submit(self._count, source, block, kept, lines_before)
+
+    def _count(self, source: str, block: pl.DataFrame, kept: np.ndarray | None, lines_before: int) -> None:
+        rows = block if kept is None else block.filter(pl.Series(kept))
+        self.counter.add_rows(source, rows.with_columns(pl.col("source_line") + lines_before))
+
+    def add_quarantined(self, source: str, lines: list[int], reasons: list[str]) -> None:
+        self._thread.submit(self.counter.add_quarantined, source, lines, reasons)
+
+    def close(self, *, distinct_keys: int) -> CanonicalProfile:
+        return self._thread.finish(lambda: self.counter.result(rows=self.rows, distinct_keys=distinct_keys))
+
+    def shutdown(self) -> None:
+        self._thread.shutdown()
 
 
 def _json_bytes(payload: SummaryRecord) -> bytes:

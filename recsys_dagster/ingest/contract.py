@@ -19,13 +19,15 @@ import json
 import math
 import re
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
-import pandera.polars as pa
 import polars as pl
 
 from recsys_core.names import NAME_PATTERN
+
+if TYPE_CHECKING:
+    import pandera.polars as pa
 
 CONTRACT_VERSION = 1
 MAX_ID_CHARS = 256
@@ -226,6 +228,17 @@ def _json_type(value: Any) -> str:
     }.get(type(value), type(value).__name__)
 
 
+def arrival_window(
+    day: dt.date, max_lateness_days: int, max_clock_skew_hours: int
+) -> tuple[dt.datetime, dt.datetime]:
+    """[start, end) of the event times a partition of arrival day `day` may hold."""
+    midnight = dt.datetime.combine(day, dt.time(), dt.UTC)
+    return (
+        midnight - dt.timedelta(days=max_lateness_days),
+        midnight + dt.timedelta(days=1, hours=max_clock_skew_hours),
+    )
+
+
 def validate_events(
     parsed: pl.DataFrame,
     day: dt.date,
@@ -251,10 +264,7 @@ def validate_events(
     )
     events = events.with_columns(parse_ts(events.get_column("ts")).alias("ts_parsed"))
 
-    window_start = dt.datetime.combine(day, dt.time(), dt.UTC) - dt.timedelta(days=max_lateness_days)
-    window_end = dt.datetime.combine(day, dt.time(), dt.UTC) + dt.timedelta(
-        days=1, hours=max_clock_skew_hours
-    )
+    window_start, window_end = arrival_window(day, max_lateness_days, max_clock_skew_hours)
     rules = _rules(events, event_types, window_start, window_end)
     broken = events.select(pl.any_horizontal(cond.fill_null(False) for cond, _, _ in rules)).to_series()
     accepted = events.filter(~broken).with_columns(
@@ -411,6 +421,10 @@ def _is_epoch_ms(ts: pl.Expr) -> pl.Expr:
 
 def canonical_schema_model() -> pa.DataFrameSchema:
     """Pandera schema of the canonical_events table (the `schema` gate)."""
+    # Imported here: only the schema gate's validation of the files needs pandera, and a run whose
+    # partitions carry a usable profile does not (docs/reference/checks.md).
+    import pandera.polars as pa
+
     required_text = pa.Check.str_length(min_value=1, max_value=MAX_ID_CHARS)
     return pa.DataFrameSchema(
         {

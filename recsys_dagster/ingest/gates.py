@@ -5,6 +5,12 @@ The results of a partition are stored beside its data (`_checks.json`, tied to t
 hash), so that anything downstream, publishing above all, can confirm that the exact partition it
 consumes passed, whichever run checked it.
 
+The figures the gates judge come from the `profile` canonicalization recorded in `_summary.json` while it
+wrote the rows, when that profile is bound to the files checked (their content hash is the summary's) and
+was counted against the same arrival window; otherwise (a partition written before profiles were recorded,
+files changed since) from one SQL pass over the files (canonical_profile.sql) and a pandera validation.
+Either way a gate that finds something reads the files for its sample.
+
 Lines from the API server's exposure log (landing files `exposures-*.jsonl`) are the product's own record
 of what it served, not producer data, and a client of the API decides how many there are: the quarantine,
 duplicate, volume and resource-limit gates judge producer lines only, and report the exposure log's
@@ -15,20 +21,23 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pandera.errors
 import polars as pl
+import pyarrow.parquet as pq
 
 from recsys_core.lake import (
     CHECKS_FILE,
+    EXPOSURE_LOG_FILES,
+    CanonicalProfile,
     ChecksRecord,
     GateRecord,
     SummaryRecord,
+    content_hash,
+    is_exposure_log_file,
     parquet_files,
     partition_dir,
     read_checks,
@@ -40,10 +49,8 @@ from recsys_dagster.ingest import contract
 from recsys_dagster.transform.sql import run_sql
 
 SAMPLE_ROWS = 10
-# Landing files of the API server's exposure log (recsys_serving.exposures names them so); the resource
-# limits leave out the same files (canonical_profile.sql is given them, canonical_largest_sessions.sql
-# matches the pattern).
-EXPOSURE_LOG_FILES = r"(^|/)exposures-[^/]*\.jsonl(\.gz)?$"
+# The resource limits leave out the exposure log's files (EXPOSURE_LOG_FILES): canonicalization's profile
+# does, canonical_profile.sql is given them, canonical_largest_sessions.sql matches the pattern.
 
 GATE_DESCRIPTIONS = {
     "schema": "Columns, types and value rules of the canonical table (pandera).",
@@ -115,6 +122,17 @@ class ExposureLogFigures:
         # after a file's last kept line is not seen here, and so stays counted against the producers.
         return self.lines - self.rows - self.quarantined
 
+    @classmethod
+    def from_profile(cls, profile: CanonicalProfile) -> ExposureLogFigures:
+        recorded = profile["exposure_log"]
+        return cls(
+            recorded["files"],
+            recorded["lines"],
+            recorded["rows"],
+            recorded["quarantined"],
+            recorded["reasons"],
+        )
+
     def to_metadata(self) -> dict[str, Any]:
         """Flat keys beside a gate's own figures (the Dagster UI shows numbers, not nested objects)."""
         return {
@@ -135,11 +153,7 @@ def check_warn_only(checks: ChecksConfig) -> None:
 
 def arrival_window(day: dt.date, ingest: IngestConfig) -> tuple[dt.datetime, dt.datetime]:
     """[start, end) of the event times a partition of arrival day `day` may hold (the ts_in_range gate)."""
-    midnight = dt.datetime.combine(day, dt.time(), dt.UTC)
-    return (
-        midnight - dt.timedelta(days=ingest.max_lateness_days),
-        midnight + dt.timedelta(days=1, hours=ingest.max_clock_skew_hours),
-    )
+    return contract.arrival_window(day, ingest.max_lateness_days, ingest.max_clock_skew_hours)
 
 
 def run_gates(lake_root: Path, day: dt.date, ingest: IngestConfig, checks: ChecksConfig) -> list[GateResult]:
@@ -151,20 +165,26 @@ def run_gates(lake_root: Path, day: dt.date, ingest: IngestConfig, checks: Check
     if summary is None or not paths:
         raise FileNotFoundError(f"canonical_events partition {day} has not been materialized ({folder})")
     window_start, window_end = arrival_window(day, ingest)
-    exposures = exposure_log_figures(lake_root, day, summary, paths)
+    window = {"window_start": window_start.isoformat(), "window_end": window_end.isoformat()}
+    recorded = recorded_profile(folder, summary, window)
+    if recorded is not None:
+        exposures = ExposureLogFigures.from_profile(recorded)
+        profile: dict[str, Any] = dict(recorded)
+    else:
+        # One pass for every row gate's figure; a gate's own query runs only to sample what it found.
+        exposures = exposure_log_figures(lake_root, day, summary, paths)
+        profile = run_sql(
+            "checks/canonical_profile",
+            {"paths": paths, "exposure_files": exposure_log_files(summary)} | window,
+        ).row(0, named=True)
     producer_lines = summary["lines_read"] - summary["blank_lines"] - exposures.lines
     producer_reasons = {
         reason: count - exposures.reasons.get(reason, 0)
         for reason, count in summary["reasons"].items()
         if count > exposures.reasons.get(reason, 0)
     }
-    window = {"window_start": window_start.isoformat(), "window_end": window_end.isoformat()}
-    # One pass for every row gate's figure; a gate's own query runs only to sample what it found.
-    profile = run_sql(
-        "checks/canonical_profile", {"paths": paths, "exposure_files": exposure_log_files(summary)} | window
-    ).row(0, named=True)
     results = [
-        _schema(paths),
+        _schema(paths, recorded),
         _rows_gate(
             "non_null_keys",
             profile["null_key_rows"],
@@ -226,6 +246,7 @@ def run_gates(lake_root: Path, day: dt.date, ingest: IngestConfig, checks: Check
         "day": day.isoformat(),
         "content_hash": summary["content_hash"],
         "checked_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "figures_from": "profile" if recorded is not None else "files",
         "passed": all(r.passed for r in results if r.blocking),
         "results": [r.to_record() for r in results],
     }
@@ -233,9 +254,20 @@ def run_gates(lake_root: Path, day: dt.date, ingest: IngestConfig, checks: Check
     return results
 
 
+def recorded_profile(folder: Path, summary: SummaryRecord, window: dict[str, str]) -> CanonicalProfile | None:
+    """The summary's profile if the gates may judge it instead of the files: it was recorded, for the files
+    in `folder` as they are now (their content hash is the summary's), against the arrival `window`."""
+    profile = summary.get("profile")
+    if profile is None or content_hash(folder) != summary["content_hash"]:
+        return None
+    if (profile["window_start"], profile["window_end"]) != (window["window_start"], window["window_end"]):
+        return None
+    return profile
+
+
 def exposure_log_files(summary: SummaryRecord) -> list[str]:
     """The landing files of a partition that are the API server's exposure log."""
-    return [source for source in summary["files"] if re.search(EXPOSURE_LOG_FILES, source)]
+    return [source for source in summary["files"] if is_exposure_log_file(source)]
 
 
 def exposure_log_figures(
@@ -273,6 +305,8 @@ def _producer_rows(lake_root: Path, day: dt.date) -> int | None:
     summary = read_summary(lake_root, day)
     if summary is None:
         return None
+    if "profile" in summary:
+        return summary["canonical_rows"] - summary["profile"]["exposure_log"]["rows"]
     record = read_checks(lake_root, day)
     if record is not None and record["content_hash"] == summary["content_hash"]:
         volume = next((r for r in record["results"] if r["name"] == "volume"), None)
@@ -290,7 +324,25 @@ def _plain(value: Any) -> Any:
     return value.isoformat() if isinstance(value, dt.datetime | dt.date) else value
 
 
-def _schema(paths: list[str]) -> GateResult:
+def _schema(paths: list[str], profile: CanonicalProfile | None) -> GateResult:
+    """Columns and types from the files' Parquet footers, value rules from the profile's count of the rows
+    written; the files themselves are validated (pandera) without a profile, or when either finds a fault,
+    for the failure cases."""
+    if profile is not None and not profile["value_rule_rows"]:
+        rows = 0
+        for path in paths:
+            metadata = pq.read_metadata(path)
+            columns = pl.DataFrame(metadata.schema.to_arrow_schema().empty_table()).schema
+            if list(columns.items()) != list(contract.CANONICAL_SCHEMA.items()):
+                return _validated_schema(paths)
+            rows += metadata.num_rows
+        return GateResult("schema", True, True, f"{rows:,} rows match the canonical schema", {"rows": rows})
+    return _validated_schema(paths)
+
+
+def _validated_schema(paths: list[str]) -> GateResult:
+    import pandera.errors  # with contract.canonical_schema_model: only this path needs pandera
+
     frame = pl.read_parquet(paths)
     try:
         contract.canonical_schema_model().validate(frame, lazy=True)
