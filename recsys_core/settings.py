@@ -32,7 +32,7 @@ RANKING_METRICS = ("precision", "recall", "ndcg", "map", "hit_rate")
 # More API server processes than this is a typo, not a deployment (each loads every artifact).
 MAX_SERVE_WORKERS = 256
 # Dagster executors a deployment may choose (RECSYS_EXECUTOR); the first is the default.
-EXECUTORS = ("in_process", "multiprocess")
+EXECUTORS = ("in_process", "multiprocess", "k8s")
 # The file tuning writes (under the lake's tuning/ folder) and the sections it may set.
 TUNED_FILE = "tuned.yaml"
 TUNED_SECTIONS = ("artifacts", "blend")
@@ -304,7 +304,8 @@ class Settings:
     pipeline: PipelineConfig
     # The tuned parameters applied over the configuration file (None: none applied).
     tuned_file: Path | None = None
-    # How Dagster runs the steps of a run (EXECUTORS): in the run's process, or one process per step.
+    # How Dagster runs the steps of a run (EXECUTORS): in the run's process, one process per step, or one
+    # Kubernetes job per step.
     executor: str = "in_process"
     alert_sink: str = "log"
     # API server: how often it looks for a new manifest, and whether it logs served items as exposures.
