@@ -34,7 +34,7 @@ MAX_SERVE_WORKERS = 256
 # More runs in progress at once than this is a typo: each is a process holding a day's data in memory.
 MAX_CONCURRENT_RUNS = 1000
 # Dagster executors a deployment may choose (RECSYS_EXECUTOR); the first is the default.
-EXECUTORS = ("in_process", "multiprocess")
+EXECUTORS = ("in_process", "multiprocess", "k8s")
 # The file tuning writes (under the lake's tuning/ folder) and the sections it may set.
 TUNED_FILE = "tuned.yaml"
 TUNED_SECTIONS = ("artifacts", "blend")
@@ -320,7 +320,8 @@ class Settings:
     pipeline: PipelineConfig
     # The tuned parameters applied over the configuration file (None: none applied).
     tuned_file: Path | None = None
-    # How Dagster runs the steps of a run (EXECUTORS): in the run's process, or one process per step.
+    # How Dagster runs the steps of a run (EXECUTORS): in the run's process, one process per step, or one
+    # Kubernetes job per step.
     executor: str = "in_process"
     alert_sink: str = "log"
     # API server: how often it looks for a new manifest, and whether it logs served items as exposures.

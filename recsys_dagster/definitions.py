@@ -53,14 +53,22 @@ def _known_maturity_notices_ignored() -> Iterator[None]:
         yield
 
 
+def _executor(name: str) -> dg.ExecutorDefinition:
+    if name == "k8s":
+        # Imported only here: the Kubernetes client is not needed by any other deployment.
+        from dagster_k8s import k8s_job_executor
+
+        return k8s_job_executor
+    return dg.multiprocess_executor if name == "multiprocess" else dg.in_process_executor
+
+
 def build_definitions() -> dg.Definitions:
     settings = load_settings()
     # In-process by default: on a small machine, a process per step costs more than most steps' work, and
-    # the UI's runs then cost what the CLI's do. A deployment with the cores for it picks multiprocess.
-    # Either way a run's process holds the run's days while it executes (recsys_dagster.run_queue).
-    executor = day_holding_executor(
-        dg.multiprocess_executor if settings.executor == "multiprocess" else dg.in_process_executor
-    )
+    # the UI's runs then cost what the CLI's do. A deployment with the cores for it picks multiprocess, one
+    # on Kubernetes may give each step its own pod. Whichever it is, a run's process holds the run's days
+    # while it executes (recsys_dagster.run_queue).
+    executor = day_holding_executor(_executor(settings.executor))
     with _known_maturity_notices_ignored():
         defs = dg.Definitions.merge(
             *domain_definitions(settings),
