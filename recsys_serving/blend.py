@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from recsys_core.kinds import BLEND_SOURCES
 from recsys_core.settings import BlendWeights
 from recsys_serving import ranking
 from recsys_serving.store import LoadedTarget
@@ -121,9 +122,19 @@ def blend(
         else:
             als = None
     total, values = _totals(candidates, als, cooc, prior, weights)
-    # Best first, ties by popularity rank, then item id (vocabulary index); items scoring 0 are never returned.
-    order = np.lexsort((candidates, _popularity_ranks(target)[candidates], -total))[:k]
-    order = order[total[order] > 0]
+    return _best(target, candidates, total, values, k, weights)
+
+
+def _best(
+    target: LoadedTarget,
+    candidates: np.ndarray,
+    total: np.ndarray,
+    values: dict[str, np.ndarray],
+    k: int,
+    weights: BlendWeights,
+) -> Blended:
+    """The `k` best of the scored `candidates` (their totals and each source's scaled scores)."""
+    order = _best_order(target, candidates, total, k)
     best_totals = total[order].tolist()
     parts = {source: part[order].tolist() for source, part in values.items()}
     weight = {SOURCE_ALS: weights.als, SOURCE_COOC: weights.cooc, SOURCE_POPULARITY: weights.popularity}
@@ -132,6 +143,104 @@ def blend(
         for n in range(len(best_totals))
     ]
     return Blended(candidates[order].tolist(), best_totals, contributions, set(values))
+
+
+def _best_order(target: LoadedTarget, candidates: np.ndarray, total: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the `k` best candidates: best first, ties by popularity rank, then item id (vocabulary
+    index); items scoring 0 are never returned."""
+    order = np.lexsort((candidates, _popularity_ranks(target)[candidates], -total))[:k]
+    return order[total[order] > 0]
+
+
+@dataclass(frozen=True, slots=True)
+class BlendRequest:
+    """One user's blend inputs, as `blend` takes them (see recommender.blend_inputs)."""
+
+    user_vector: np.ndarray | None
+    seeds: list[int]
+    excluded: set[int]
+
+
+@dataclass(frozen=True, slots=True)
+class BlendedArrays:
+    """A `Blended` as arrays: items best first and each source's weighted contribution (a column per
+    source of BLEND_SOURCES, 0 where it did not score the item); the blended score is their sum in that order."""
+
+    items: np.ndarray
+    contributions: np.ndarray
+    sources_used: frozenset[str]
+
+
+def blend_users(
+    target: LoadedTarget, requests: list[BlendRequest], *, k: int, weights: BlendWeights
+) -> list[BlendedArrays]:
+    """`blend` of many users at once: the ALS scores of every user with factors in one matrix product.
+
+    Each result is the documented sum, as `blend` returns it (up to the last bits of the ALS scores: a
+    matrix product may round its dot products differently from one user's matrix-vector product).
+    Each user's top `k` is taken from the items that can reach it: the co-occurrence and popularity
+    candidates and the items with the `k + len(excluded)` best ALS scores (ties included); any other item
+    scores by ALS alone, below `k` eligible items.
+    """
+    weight = {SOURCE_ALS: weights.als, SOURCE_COOC: weights.cooc, SOURCE_POPULARITY: weights.popularity}
+    n_items = target.n_items
+    prior = target.popularity_prior if weights.popularity > 0 else None
+    popular = target.popular_items if prior is not None else np.empty(0, dtype=np.int64)
+    use_als = target.als is not None and weights.als > 0
+    with_vector = [n for n, request in enumerate(requests) if use_als and request.user_vector is not None]
+    scores = np.empty((0, n_items))
+    if with_vector:
+        assert target.als is not None
+        vectors = np.stack([requests[n].user_vector for n in with_vector])  # type: ignore[misc]
+        scores = vectors @ target.als.item_factors.T
+    row_of = {n: row for row, n in enumerate(with_vector)}
+    results = []
+    for n, request in enumerate(requests):
+        member = np.zeros(n_items, dtype=bool)
+        member[popular] = True
+        cooc: np.ndarray | None = None
+        if request.seeds and weights.cooc > 0:
+            items, votes = ranking.cooc_top(target, request.seeds, n_items, request.excluded)
+            if items and votes[0] > 0:
+                cooc = np.zeros(n_items)
+                cooc[items] = np.asarray(votes) / votes[0]
+                member[items] = True
+        als: np.ndarray | None = None
+        top = np.float64(0.0)
+        row = row_of.get(n)
+        if row is not None:
+            als = np.maximum(scores[row], 0.0)
+            top = als.max(initial=0.0)
+            reach = min(k + len(request.excluded), n_items)
+            if top > 0 and reach:
+                member |= scores[row] >= np.partition(scores[row], n_items - reach)[n_items - reach]
+            else:
+                als = None
+        member[list(request.excluded)] = False
+        candidates = np.flatnonzero(member)
+        values: dict[str, np.ndarray] = {}
+        if als is not None:
+            values[SOURCE_ALS] = als[candidates] / top
+        if cooc is not None:
+            values[SOURCE_COOC] = cooc[candidates]
+        if prior is not None:
+            values[SOURCE_POPULARITY] = prior[candidates]
+        order = _best_order(target, candidates, _sum(values, weights, len(candidates)), k)
+        contributions = np.zeros((len(order), len(BLEND_SOURCES)))
+        for column, source in enumerate(BLEND_SOURCES):
+            if source in values:
+                contributions[:, column] = weight[source] * values[source][order]
+        results.append(BlendedArrays(candidates[order], contributions, frozenset(values)))
+    return results
+
+
+def _sum(values: dict[str, np.ndarray], weights: BlendWeights, n: int) -> np.ndarray:
+    """The blended score: each source's scaled scores times its weight, summed in the order of `values`."""
+    weight = {SOURCE_ALS: weights.als, SOURCE_COOC: weights.cooc, SOURCE_POPULARITY: weights.popularity}
+    total = np.zeros(n)
+    for source, part in values.items():
+        total += weight[source] * part
+    return total
 
 
 def _totals(
@@ -149,11 +258,7 @@ def _totals(
         values[SOURCE_COOC] = cooc[items]
     if prior is not None:
         values[SOURCE_POPULARITY] = prior[items]
-    weight = {SOURCE_ALS: weights.als, SOURCE_COOC: weights.cooc, SOURCE_POPULARITY: weights.popularity}
-    total = np.zeros(len(items))
-    for source, scores in values.items():
-        total += weight[source] * scores
-    return total, values
+    return _sum(values, weights, len(items)), values
 
 
 # Rows of one matrix-vector product. Block offsets and sizes are multiples of 64, so each row's dot product
