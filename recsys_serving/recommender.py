@@ -10,7 +10,9 @@ plug in here.
 
 A user the ALS model knows, asking without context items and with `exclude_seen`, gets the same blend
 precomputed (the `user_topn` artifact, built by calling `blend_inputs` and `blend.blend_users`) when the
-target has it for the weights in force and `k` is within its depth: a lookup instead of the blend.
+target has it for the weights in force and `k` is within its depth: a lookup instead of the blend. The
+lookup gives what `blend` gives for the same `k` (the best `k` candidates as a `Blended`), so whatever
+comes after the blend applies to both alike.
 """
 
 from __future__ import annotations
@@ -113,14 +115,15 @@ def _precomputed(topn: UserTopN, user_id: str, k: int, weights: BlendWeights) ->
         return None
     start = int(topn.offsets[row])
     end = min(int(topn.offsets[row + 1]), start + k)
-    parts = topn.contributions[start:end]
-    # The blend's own sum: 0.0 plus each source's contribution in BLEND_SOURCES order (an unused source
-    # adds 0.0, which changes nothing), so the scores are the live blend's to the bit.
-    totals = (parts[:, 0] + parts[:, 1] + parts[:, 2]).tolist()
-    contributions = [
-        {source: value for source, value in zip(BLEND_SOURCES, values, strict=True) if value > 0}
-        for values in parts.tolist()
-    ]
+    totals = []
+    contributions = []
+    for values in topn.contributions[start:end].tolist():
+        # The blend's own sum: 0.0 plus each source's contribution in BLEND_SOURCES order (an unused
+        # source adds 0.0, which changes nothing), so the scores are those the batch blend ranked by.
+        totals.append(values[0] + values[1] + values[2])
+        contributions.append(
+            {source: value for source, value in zip(BLEND_SOURCES, values, strict=True) if value > 0}
+        )
     items: list[int] = topn.vocabulary[topn.items[start:end]].tolist()
     return Blended(items, totals, contributions, set(topn.sources[row]))
 

@@ -722,9 +722,10 @@ def _user_topn(
             depth=depth,
             user_index={user: i for i, user in enumerate(users["user_id"].to_pylist())},
             offsets=offsets.astype(np.int64, copy=False),
-            items=items,
+            # Plain arrays over the mapped memory: slicing an np.memmap costs a subclass round trip.
+            items=items.view(np.ndarray),
             vocabulary=vocabulary,
-            contributions=contributions,
+            contributions=contributions.view(np.ndarray),
             sources=sources,
         ),
         None,

@@ -34,8 +34,8 @@ from recsys_serving.blend import SOURCE_POPULARITY, blend_users
 from recsys_serving.recommender import blend_inputs
 from recsys_serving.store import LoadedTarget
 
-# Users ranked per matrix product: 512 x 20k items of float64 scores is 80 MB.
-BLOCK_USERS = 512
+# Users whose blend inputs are held at once (blend_users scores them by smaller blocks).
+BLOCK_USERS = 4096
 
 
 def build_user_topn(
