@@ -7,6 +7,9 @@ manifest must have it. Adding a kind is one `ArtifactKind` here plus its builder
 are the artifact's table, or a SQL model that prepares the input of a trainer (`recsys_dagster.transform`,
 looked up by the kind's name) that writes the artifact's files. Kinds built from the item catalog rather
 than from events are `CatalogArtifactKind`s (`CATALOG_KINDS`), always optional.
+
+A derived kind (`derived_from`) is computed from other kinds' artifacts of the same as-of day rather than
+from an aggregate (`user_topn`: the served blend precomputed per user); it has no aggregate or SQL model.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ from recsys_core.settings import PipelineConfig
 class ArtifactKind:
     name: str
     description: str
-    # The daily aggregate whose partitions of the trailing window the artifact is computed from.
-    aggregate: str
+    # The daily aggregate whose partitions of the trailing window the artifact is computed from (None for
+    # a derived kind).
+    aggregate: str | None
     # The artifact's data file and its columns (names, types, order).
     table: str
     schema: pa.Schema
@@ -35,21 +39,36 @@ class ArtifactKind:
     # Required kinds must be in every manifest and have at least one row; the others are optional, so a
     # manifest published before an optional kind existed still serves.
     required: bool
-    # The dbt_like_sql model that computes the kind (or, for a trained kind, its input) over the window.
-    sql_model: str
+    # The dbt_like_sql model that computes the kind (or, for a trained kind, its input) over the window
+    # (None for a derived kind).
+    sql_model: str | None
     # What shapes the content, recorded in meta.json (and so part of the version).
     params: Callable[[PipelineConfig], dict[str, Any]]
-    # The SQL model's parameters besides `paths`.
-    sql_params: Callable[[PipelineConfig, dt.date], dict[str, Any]]
+    # The SQL model's parameters besides `paths` (None for a derived kind).
+    sql_params: Callable[[PipelineConfig, dt.date], dict[str, Any]] | None
     # A dbt_like_sql/checks query over `table` that returns the rows breaking the kind's contract.
     row_check: str | None = None
     # True when a trainer turns the SQL model's rows into the files (`table` and `files`).
     trained: bool = False
-    # The files a trainer writes besides `table` (e.g. factor arrays).
+    # The files a trainer (or a derived kind's builder) writes besides `table` (e.g. factor arrays).
     files: tuple[str, ...] = ()
+    # The kinds whose artifacts of the same as-of day a derived kind is computed from.
+    derived_from: tuple[str, ...] = ()
+
+    def window_model(self) -> tuple[str, str, Callable[[PipelineConfig, dt.date], dict[str, Any]]]:
+        """(aggregate, SQL model, SQL parameters) of a kind computed over a window of aggregates;
+        ValueError for a derived kind."""
+        if self.aggregate is None or self.sql_model is None or self.sql_params is None:
+            raise ValueError(
+                f"{self.name} is derived from {', '.join(self.derived_from)}, not computed over a window"
+            )
+        return self.aggregate, self.sql_model, self.sql_params
 
     def window_days(self, config: PipelineConfig) -> int:
-        """The length of the kind's trailing window (`artifacts.<kind>.window_days`)."""
+        """The length of the kind's trailing window (`artifacts.<kind>.window_days`; a derived kind's is
+        the widest of its inputs')."""
+        if self.derived_from:
+            return max(ARTIFACT_KINDS[name].window_days(config) for name in self.derived_from)
         days: int = getattr(config.artifacts, self.name).window_days
         return days
 
@@ -177,10 +196,38 @@ ALS = ArtifactKind(
     files=("users.parquet", "user_factors.npy", "item_factors.npy"),
 )
 
+# Source names, in the order the blend sums them (`user_topn` stores one contribution column per source).
+BLEND_SOURCES = ("als", "cooc", "popularity")
+
+USER_TOPN = ArtifactKind(
+    name="user_topn",
+    description=(
+        "Each ALS-known user's top N candidates of the served blend (seen items excluded), precomputed from "
+        "the day's als, cooc, popularity and user_history artifacts with the configured blend weights."
+    ),
+    aggregate=None,
+    # Row u of users.parquet owns rows offsets[u]:offsets[u + 1] of items.npy and contributions.npy.
+    table="users.parquet",
+    schema=pa.schema([("user_id", pa.string()), ("sources", pa.string())]),
+    served_columns=("user_id", "sources"),
+    required=False,
+    sql_model=None,
+    params=lambda config: {
+        "top_n": config.artifacts.user_topn.top_n,
+        "blend": {source: getattr(config.blend, source) for source in BLEND_SOURCES},
+    },
+    sql_params=None,
+    files=("item_ids.parquet", "offsets.npy", "items.npy", "contributions.npy"),
+    derived_from=("popularity", "cooc", "user_history", "als"),
+)
+
 ARTIFACT_KINDS: Mapping[str, ArtifactKind] = {
-    kind.name: kind for kind in (POPULARITY, COOC, USER_HISTORY, ALS)
+    kind.name: kind for kind in (POPULARITY, COOC, USER_HISTORY, ALS, USER_TOPN)
 }
+# Every kind, inputs before the kinds derived from them.
 KINDS: tuple[str, ...] = tuple(ARTIFACT_KINDS)
+# The kinds computed from the daily aggregates of their window (what the evaluation and tuning retrain).
+WINDOW_KINDS: tuple[str, ...] = tuple(kind.name for kind in ARTIFACT_KINDS.values() if not kind.derived_from)
 REQUIRED_KINDS: tuple[str, ...] = tuple(kind.name for kind in ARTIFACT_KINDS.values() if kind.required)
 
 

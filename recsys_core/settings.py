@@ -64,6 +64,7 @@ POSITIVE = (
     "artifacts.als.iterations",
     "artifacts.als.regularization",
     "artifacts.als.alpha",
+    "artifacts.user_topn.top_n",
     "guardrails.k",
     "guardrails.holdout_days",
     "guardrails.min_training_days",
@@ -181,11 +182,22 @@ class AlsConfig:
 
 
 @dataclass(frozen=True)
+class UserTopNConfig:
+    """The `user_topn` artifact: each ALS-known user's served blend, precomputed (no window of its own: it
+    is computed from the day's als, cooc, popularity and user_history artifacts)."""
+
+    # Candidates kept per user: requests for up to this many items are answered from the list. The API's
+    # largest k is 100; each candidate costs 28 bytes (item, three float64 contributions).
+    top_n: int = 100
+
+
+@dataclass(frozen=True)
 class ArtifactsConfig:
     popularity: PopularityConfig = field(default_factory=PopularityConfig)
     cooc: CoocConfig = field(default_factory=CoocConfig)
     user_history: UserHistoryConfig = field(default_factory=UserHistoryConfig)
     als: AlsConfig = field(default_factory=AlsConfig)
+    user_topn: UserTopNConfig = field(default_factory=UserTopNConfig)
 
 
 @dataclass(frozen=True)
@@ -463,6 +475,8 @@ def _with_window_override(config: PipelineConfig, value: str | None) -> Pipeline
         artifacts=ArtifactsConfig(
             **{
                 kind: dataclasses.replace(getattr(artifacts, kind), window_days=days)
+                if hasattr(getattr(artifacts, kind), "window_days")
+                else getattr(artifacts, kind)
                 for kind in _artifact_sections()
             }
         ),

@@ -52,7 +52,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     `recsys serve --workers N`, /metrics reports all the workers (`metrics.shared_metrics_dir`).
     """
     settings = settings or load_settings()
-    store = ArtifactStore(settings.artifact_root, settings.serve_poll_seconds)
+    store = ArtifactStore(
+        settings.artifact_root, settings.serve_poll_seconds, weights=settings.pipeline.blend
+    )
     exposures = (
         ExposureWriter(settings.raw_root, max_bytes_per_day=settings.exposure_max_bytes_per_day)
         if settings.exposure_log

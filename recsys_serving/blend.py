@@ -21,6 +21,9 @@ score (score <= |item factors| * |user factors|), so the items are scored in ord
 first, until the bound rules out the rest; on the benchmark's model (20k items, 64 factors) a request
 scores about a tenth of the catalog. The result is the exhaustive sum's, bit for bit (the tests compare
 them).
+
+`blend_users` computes the same for many users at once, for the precomputed `user_topn` artifact: the ALS
+scores of a block of users in one matrix product, then per user only the items that can reach the top `k`.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from recsys_core.kinds import BLEND_SOURCES
 from recsys_core.settings import BlendWeights
 from recsys_serving import ranking
 from recsys_serving.store import LoadedTarget
@@ -53,12 +57,18 @@ class Blended:
 
     def sources(self) -> list[str]:
         """The main source of each item: the one that contributed most (ties: als, cooc, popularity)."""
-        order = (SOURCE_ALS, SOURCE_COOC, SOURCE_POPULARITY)
+        return [_main_source(c) for c in self.contributions]
 
-        def main_source(contribution: dict[str, float]) -> str:
-            return max(order, key=lambda s: (contribution.get(s, 0.0), -order.index(s)))
 
-        return [main_source(c) for c in self.contributions]
+def _main_source(contribution: dict[str, float]) -> str:
+    # Compared by hand (a max() with a key costs about three times as much, on every item served).
+    best, most = SOURCE_ALS, contribution.get(SOURCE_ALS, 0.0)
+    value = contribution.get(SOURCE_COOC, 0.0)
+    if value > most:
+        best, most = SOURCE_COOC, value
+    if contribution.get(SOURCE_POPULARITY, 0.0) > most:
+        best = SOURCE_POPULARITY
+    return best
 
 
 def blend(
@@ -121,9 +131,19 @@ def blend(
         else:
             als = None
     total, values = _totals(candidates, als, cooc, prior, weights)
-    # Best first, ties by popularity rank, then item id (vocabulary index); items scoring 0 are never returned.
-    order = np.lexsort((candidates, _popularity_ranks(target)[candidates], -total))[:k]
-    order = order[total[order] > 0]
+    return _best(target, candidates, total, values, k, weights)
+
+
+def _best(
+    target: LoadedTarget,
+    candidates: np.ndarray,
+    total: np.ndarray,
+    values: dict[str, np.ndarray],
+    k: int,
+    weights: BlendWeights,
+) -> Blended:
+    """The `k` best of the scored `candidates` (their totals and each source's scaled scores)."""
+    order = _best_order(target, candidates, total, k)
     best_totals = total[order].tolist()
     parts = {source: part[order].tolist() for source, part in values.items()}
     weight = {SOURCE_ALS: weights.als, SOURCE_COOC: weights.cooc, SOURCE_POPULARITY: weights.popularity}
@@ -132,6 +152,123 @@ def blend(
         for n in range(len(best_totals))
     ]
     return Blended(candidates[order].tolist(), best_totals, contributions, set(values))
+
+
+def _best_order(target: LoadedTarget, candidates: np.ndarray, total: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the `k` best candidates: best first, ties by popularity rank, then item id (vocabulary
+    index); items scoring 0 are never returned."""
+    positions = _top_indexes(total, _popularity_ranks(target)[candidates], k, labels=candidates)
+    best: np.ndarray = positions[total[positions] > 0]
+    return best
+
+
+@dataclass(frozen=True, slots=True)
+class BlendRequest:
+    """One user's blend inputs, as `blend` takes them (see recommender.blend_inputs)."""
+
+    user_vector: np.ndarray | None
+    seeds: list[int]
+    excluded: set[int]
+
+
+@dataclass(frozen=True, slots=True)
+class BlendedArrays:
+    """A `Blended` as arrays: items best first and each source's weighted contribution (a column per
+    source of BLEND_SOURCES, 0 where it did not score the item); the blended score is their sum in that order."""
+
+    items: np.ndarray
+    contributions: np.ndarray
+    sources_used: frozenset[str]
+
+
+def blend_users(
+    target: LoadedTarget, requests: list[BlendRequest], *, k: int, weights: BlendWeights
+) -> list[BlendedArrays]:
+    """`blend` of many users at once, their ALS scores computed by blocks of users in matrix products.
+
+    Each result is the documented sum, as `blend` returns it (up to the last bits of the ALS scores: a
+    matrix product may round its dot products differently from one user's matrix-vector product).
+    Each user's top `k` is taken from the items that can reach it: the co-occurrence and popularity
+    candidates and the items whose ALS score reaches the user's `k + len(excluded)`-th best (any other
+    item scores by ALS alone, below `k` eligible items). That threshold is bounded from below by the
+    same rank among the scores of the `_PROBE_ITEMS` items with the longest factors (a partition of a
+    few thousand scores rather than of the catalog), which keeps every item that can reach it and few
+    others.
+    """
+    weight = {SOURCE_ALS: weights.als, SOURCE_COOC: weights.cooc, SOURCE_POPULARITY: weights.popularity}
+    n_items = target.n_items
+    prior = target.popularity_prior if weights.popularity > 0 else None
+    base = np.zeros(n_items, dtype=bool)
+    if prior is not None:
+        base[target.popular_items] = True
+    model = target.als if weights.als > 0 else None
+    factors = np.ascontiguousarray(model.item_factors.T) if model is not None else np.empty((0, n_items))
+    probe = _probe_items(model.item_factors) if model is not None else np.empty(0, dtype=np.int64)
+    cooc = np.zeros(n_items)  # one user's co-occurrence source at a time, reset after use
+    results = []
+    for block in range(0, len(requests), _BLOCK_USERS):
+        chunk = requests[block : block + _BLOCK_USERS]
+        scored = [r.user_vector is not None and model is not None for r in chunk]
+        scores = np.zeros((len(chunk), n_items))
+        if any(scored):
+            vectors = np.stack([r.user_vector for r, s in zip(chunk, scored, strict=True) if s])  # type: ignore[misc]
+            scores[scored] = vectors @ factors
+        # max(0, best score): the scale of the ALS source, as `_AlsScores.top` and the exhaustive sum.
+        tops = np.maximum(scores.max(axis=1), 0.0)
+        probes = scores[:, probe]
+        for n, request in enumerate(chunk):
+            member = base.copy()
+            cooc_items: list[int] = []
+            if request.seeds and weights.cooc > 0:
+                cooc_items, votes = ranking.cooc_top(target, request.seeds, n_items, request.excluded)
+                if cooc_items and votes[0] > 0:
+                    cooc[cooc_items] = np.asarray(votes) / votes[0]
+                    member[cooc_items] = True
+                else:
+                    cooc_items = []
+            top = tops[n] if scored[n] else 0.0
+            if top > 0:
+                reach = min(k + len(request.excluded), n_items)
+                row = probes[n] if reach <= len(probe) else scores[n]
+                member |= scores[n] >= np.partition(row, len(row) - reach)[len(row) - reach]
+            member[list(request.excluded)] = False
+            candidates = np.flatnonzero(member)
+            values: dict[str, np.ndarray] = {}
+            if top > 0:
+                values[SOURCE_ALS] = np.maximum(scores[n, candidates], 0.0) / top
+            if cooc_items:
+                values[SOURCE_COOC] = cooc[candidates]
+                cooc[cooc_items] = 0.0
+            if prior is not None:
+                values[SOURCE_POPULARITY] = prior[candidates]
+            order = _best_order(target, candidates, _sum(values, weights, len(candidates)), k)
+            contributions = np.zeros((len(order), len(BLEND_SOURCES)))
+            for column, source in enumerate(BLEND_SOURCES):
+                if source in values:
+                    contributions[:, column] = weight[source] * values[source][order]
+            results.append(BlendedArrays(candidates[order], contributions, frozenset(values)))
+    return results
+
+
+# Users scored by one matrix product (64 x 20k float64 scores: 10 MB, which stays in the cache between
+# the passes over it), and the items whose scores bound a user's ALS threshold.
+_BLOCK_USERS = 64
+_PROBE_ITEMS = 2048
+
+
+def _probe_items(item_factors: np.ndarray) -> np.ndarray:
+    """The `_PROBE_ITEMS` items with the longest factors, by index."""
+    lengths = np.einsum("ij,ij->i", item_factors, item_factors)
+    return np.sort(np.argsort(-lengths, kind="stable")[:_PROBE_ITEMS])
+
+
+def _sum(values: dict[str, np.ndarray], weights: BlendWeights, n: int) -> np.ndarray:
+    """The blended score: each source's scaled scores times its weight, summed in the order of `values`."""
+    weight = {SOURCE_ALS: weights.als, SOURCE_COOC: weights.cooc, SOURCE_POPULARITY: weights.popularity}
+    total = np.zeros(n)
+    for source, part in values.items():
+        total += weight[source] * part
+    return total
 
 
 def _totals(
@@ -149,11 +286,7 @@ def _totals(
         values[SOURCE_COOC] = cooc[items]
     if prior is not None:
         values[SOURCE_POPULARITY] = prior[items]
-    weight = {SOURCE_ALS: weights.als, SOURCE_COOC: weights.cooc, SOURCE_POPULARITY: weights.popularity}
-    total = np.zeros(len(items))
-    for source, scores in values.items():
-        total += weight[source] * scores
-    return total, values
+    return _sum(values, weights, len(items)), values
 
 
 # Rows of one matrix-vector product. Block offsets and sizes are multiples of 64, so each row's dot product
@@ -364,8 +497,11 @@ def _blend_exhaustive(
     )
 
 
-def _top_indexes(scores: np.ndarray, ties: np.ndarray, n: int) -> np.ndarray:
-    """Indexes of the `n` highest scores, best first (ties by `ties` ascending, then by index)."""
+def _top_indexes(
+    scores: np.ndarray, ties: np.ndarray, n: int, labels: np.ndarray | None = None
+) -> np.ndarray:
+    """Indexes of the `n` highest scores, best first (ties by `ties` ascending, then by `labels`, ascending
+    and distinct; default: the index)."""
     n = min(n, len(scores))
     if n == 0:
         return np.empty(0, dtype=np.int64)
@@ -375,4 +511,5 @@ def _top_indexes(scores: np.ndarray, ties: np.ndarray, n: int) -> np.ndarray:
         part = np.flatnonzero(scores >= np.partition(scores, len(scores) - n)[len(scores) - n])
     else:
         part = np.arange(len(scores))
-    return part[np.lexsort((part, ties[part], -scores[part]))][:n]
+    last = part if labels is None else labels[part]
+    return part[np.lexsort((last, ties[part], -scores[part]))][:n]

@@ -3,8 +3,8 @@
 For every (tenant, surface) with a current manifest under the artifact root, the artifacts it names are
 verified (the publishing protocol's checks: meta.json, file hashes, row counts, version) and loaded once
 into an immutable `LoadedTarget`: an integer item vocabulary sorted by item id, popularity as index and
-score arrays, co-occurrence and user history as CSR arrays. Requests only index into these arrays; nothing
-is parsed per request.
+score arrays, co-occurrence and user history as CSR arrays, the precomputed per-user blend (`user_topn`)
+as arrays mapped from its files. Requests only index into these arrays; nothing is parsed per request.
 
 `ArtifactStore` holds a snapshot `{(tenant, surface): LoadedTarget}` and replaces it by one reference
 assignment, so a request sees either the old or the new version of a target, never a mix. A daemon thread
@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from recsys_core.kinds import ARTIFACT_KINDS, KINDS, REQUIRED_KINDS, ArtifactKind
+from recsys_core.kinds import ARTIFACT_KINDS, BLEND_SOURCES, KINDS, REQUIRED_KINDS, USER_TOPN, ArtifactKind
 from recsys_core.manifest import Manifest, list_targets, read_current, read_meta, resolve_uri, verify_artifact
 from recsys_core.settings import BlendWeights
 
@@ -99,6 +99,27 @@ class AlsModel:
 
 
 @dataclass(frozen=True, slots=True, eq=False)
+class UserTopN:
+    """The `user_topn` artifact of a target: each listed user's best candidates of the blend, precomputed.
+
+    User `u` (of `user_index`) owns rows `offsets[u]:offsets[u + 1]`, best first: `items` (indexes into
+    the artifact's own item ids, `vocabulary` maps them to the target's) and `contributions` (one column
+    per source of `BLEND_SOURCES`, 0 where the source did not score the item). The two large arrays are
+    memory-mapped from the (immutable, content-addressed) artifact files, so loading reads only the
+    offsets and ids, and processes serving the same version share the pages.
+    """
+
+    weights: BlendWeights  # the blend weights the lists were computed with
+    depth: int  # top_n: the longest list
+    user_index: dict[str, int]
+    offsets: np.ndarray  # int64, one more than users
+    items: np.ndarray  # int32
+    vocabulary: np.ndarray  # int32: the target's vocabulary index of each of the artifact's items
+    contributions: np.ndarray  # float64, (rows, len(BLEND_SOURCES))
+    sources: list[frozenset[str]]  # per user, the sources that scored their blend
+
+
+@dataclass(frozen=True, slots=True, eq=False)
 class LoadedTarget:
     """Everything one published manifest of one tenant and surface serves, immutable once built.
 
@@ -139,6 +160,10 @@ class LoadedTarget:
     # The weight (summed event weights in the window) of each history item, aligned with history_items.
     history_weights: np.ndarray
     als: AlsModel | None
+    # The precomputed per-user blend; None when the manifest has none or it does not fit this manifest
+    # (`user_topn_note` says why).
+    user_topn: UserTopN | None
+    user_topn_note: str | None
     # Python-list copies of what the plain-Python ranking reads element by element (about 40 bytes per
     # co-occurrence row: a pointer to a shared int object, a pointer to a float object and the float).
     cooc_ptr: list[int]
@@ -203,7 +228,22 @@ class LoadedTarget:
             "users": self.n_users,
             "run_id": self.manifest.get("run_id"),
             "blend": self.manifest.get("blend"),
+            "user_topn": _describe_topn(self.user_topn, self.user_topn_note),
         }
+
+
+def _describe_topn(topn: UserTopN | None, note: str | None) -> dict[str, Any]:
+    """Whether known users are answered from the precomputed blend, or why they get the live one."""
+    if topn is None:
+        return {"served": False, "reason": note}
+    return {
+        "served": True,
+        "users": len(topn.user_index),
+        "top_n": topn.depth,
+        "blend": dataclasses.asdict(topn.weights),
+        "reason": "requests ranked with other blend weights, with context items, without exclude_seen or "
+        f"for more than {topn.depth} items use the live blend",
+    }
 
 
 @dataclass
@@ -244,7 +284,12 @@ class ArtifactStore:
     """The loaded targets of an artifact root, kept current by a background poller."""
 
     def __init__(
-        self, artifact_root: Path, poll_seconds: float = 2.0, *, retry_seconds: float | None = None
+        self,
+        artifact_root: Path,
+        poll_seconds: float = 2.0,
+        *,
+        retry_seconds: float | None = None,
+        weights: BlendWeights | None = None,
     ) -> None:
         if not poll_seconds > 0:
             raise ValueError(f"poll_seconds must be > 0, got {poll_seconds!r}")
@@ -254,6 +299,9 @@ class ArtifactStore:
         self.retry_seconds = (
             float(retry_seconds) if retry_seconds is not None else max(30.0, 5 * poll_seconds)
         )
+        # The server's configured blend weights (a manifest's own `blend` takes precedence), against which
+        # a precomputed `user_topn` is checked at load.
+        self.weights = weights
         self._snapshot = Snapshot()
         self._status: dict[tuple[str, str], TargetStatus] = {}
         self._refresh_lock = threading.Lock()
@@ -322,7 +370,7 @@ class ArtifactStore:
             if status.failing and status.failing_version == version and now < status.retry_at:
                 continue
             try:
-                target = load_target(self.artifact_root, tenant, surface, manifest)
+                target = load_target(self.artifact_root, tenant, surface, manifest, weights=self.weights)
             except Exception as exc:  # any failure to load keeps the last good version serving
                 self._record_failure(status, version, str(exc), now)
                 continue
@@ -391,8 +439,19 @@ class ArtifactStore:
 # ------------------------------------------------------------------------------------------ loading
 
 
-def load_target(artifact_root: Path, tenant: str, surface: str, manifest: Manifest) -> LoadedTarget:
-    """Verify and load the artifacts `manifest` names into a `LoadedTarget`; `LoadError` if unusable."""
+def load_target(
+    artifact_root: Path,
+    tenant: str,
+    surface: str,
+    manifest: Manifest,
+    *,
+    weights: BlendWeights | None = None,
+) -> LoadedTarget:
+    """Verify and load the artifacts `manifest` names into a `LoadedTarget`; `LoadError` if unusable.
+
+    `weights`: the blend weights requests will be ranked with when the manifest records none; a
+    `user_topn` computed with other weights than those in force is not loaded (the live blend serves).
+    """
     started = time.perf_counter()
     current: Mapping[str, str] = manifest["current"]
     missing = sorted(set(REQUIRED_KINDS) - set(current))
@@ -483,6 +542,16 @@ def load_target(artifact_root: Path, tenant: str, surface: str, manifest: Manife
         else None
     )
 
+    blend = BlendWeights(**manifest["blend"]) if "blend" in manifest else None
+    topn: UserTopN | None = None
+    topn_note: str | None = None
+    if "user_topn" in tables:
+        topn, topn_note = _user_topn(
+            artifact_root, tenant, surface, manifest, tables["user_topn"], item_index, blend or weights
+        )
+    else:
+        topn_note = "the manifest has no user_topn artifact"
+
     updated_at = str(manifest.get("updated_at", ""))
     return LoadedTarget(
         tenant=tenant,
@@ -490,7 +559,7 @@ def load_target(artifact_root: Path, tenant: str, surface: str, manifest: Manife
         manifest=manifest.copy(),
         manifest_version=manifest["manifest_version"],
         as_of=manifest["as_of"],
-        blend=BlendWeights(**manifest["blend"]) if "blend" in manifest else None,
+        blend=blend,
         updated_at=updated_at,
         updated_at_epoch=_epoch(updated_at),
         loaded_at=time.time(),
@@ -510,6 +579,8 @@ def load_target(artifact_root: Path, tenant: str, surface: str, manifest: Manife
         history_items=history_items,
         history_weights=history_weights,
         als=als_model,
+        user_topn=topn,
+        user_topn_note=topn_note,
         cooc_keys=cooc_neighbors.astype(np.int64) << 32,
         cooc_ptr=cooc_indptr.tolist(),
         cooc_neighbor_list=_shared_ints(cooc_neighbors, n_items),
@@ -585,6 +656,79 @@ def _als_model(
         regularization=regularization,
         alpha=alpha,
         confidence=confidence,
+    )
+
+
+def _user_topn(
+    artifact_root: Path,
+    tenant: str,
+    surface: str,
+    manifest: Manifest,
+    users: pa.Table,
+    item_index: dict[str, int],
+    weights: BlendWeights | None,
+) -> tuple[UserTopN | None, str | None]:
+    """The verified `user_topn` artifact's arrays, or None and why when it does not fit the manifest.
+
+    It fits when it was computed from the very artifact versions the manifest serves and with the blend
+    weights in force (`weights`; None: not known here, checked per request only). A user_topn that does
+    not fit is not an error: the live blend serves, as for a manifest without one.
+    """
+    folder = resolve_uri(artifact_root, tenant, surface, manifest["current"][USER_TOPN.name])
+    meta = read_meta(folder)
+    inputs: dict[str, Any] = dict(meta.get("inputs") or {})
+    built_from: dict[str, str] = inputs.get("artifacts") or {}
+    for kind in USER_TOPN.derived_from:
+        entry = manifest["artifacts"].get(kind)
+        served = entry["version"] if entry else None
+        if built_from.get(kind) != served:
+            return None, (
+                f"user_topn was computed from {kind} {str(built_from.get(kind))[:12]}, the manifest serves "
+                f"{str(served)[:12]}: live blend"
+            )
+    params = meta.get("params", {})
+    try:
+        recorded = BlendWeights(**params["blend"])
+        depth = int(params["top_n"])
+        item_ids = pq.read_table(folder / "item_ids.parquet", columns=["item_id"]).column(0)
+        offsets = np.load(folder / "offsets.npy", allow_pickle=False)
+        items = np.load(folder / "items.npy", mmap_mode="r", allow_pickle=False)
+        contributions = np.load(folder / "contributions.npy", mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, KeyError, TypeError, pa.ArrowException) as exc:
+        raise LoadError(f"user_topn artifact {folder.name[:12]}: unreadable ({exc})") from exc
+    if weights is not None and recorded != weights:
+        return None, (
+            f"user_topn was computed with blend weights {dataclasses.asdict(recorded)}, requests are ranked "
+            f"with {dataclasses.asdict(weights)}: live blend"
+        )
+    vocabulary = np.array([item_index.get(item, -1) for item in item_ids.to_pylist()], dtype=np.int32)
+    rows = len(items)
+    if (
+        offsets.shape != (users.num_rows + 1,)
+        or items.dtype != np.int32
+        or contributions.shape != (rows, len(BLEND_SOURCES))
+        or contributions.dtype != np.float64
+        or (users.num_rows and (offsets[0] != 0 or offsets[-1] != rows or np.any(np.diff(offsets) < 0)))
+        or (rows and (int(items.min()) < 0 or int(items.max()) >= len(vocabulary)))
+        or np.any(vocabulary < 0)
+    ):
+        raise LoadError(f"user_topn artifact {folder.name[:12]}: arrays do not match their id tables")
+    names = users["sources"].combine_chunks().dictionary_encode()
+    kinds_of = [frozenset(filter(None, str(text).split(","))) for text in names.dictionary.to_pylist()]
+    sources = [kinds_of[code] for code in names.indices.to_numpy(zero_copy_only=False).tolist()]
+    return (
+        UserTopN(
+            weights=recorded,
+            depth=depth,
+            user_index={user: i for i, user in enumerate(users["user_id"].to_pylist())},
+            offsets=offsets.astype(np.int64, copy=False),
+            # Plain arrays over the mapped memory: slicing an np.memmap costs a subclass round trip.
+            items=items.view(np.ndarray),
+            vocabulary=vocabulary,
+            contributions=contributions.view(np.ndarray),
+            sources=sources,
+        ),
+        None,
     )
 
 

@@ -22,7 +22,7 @@ import polars as pl
 import pytest
 from shared_data import shared_data_dir
 
-from recsys_core.kinds import ARTIFACT_KINDS, KINDS
+from recsys_core.kinds import ARTIFACT_KINDS, WINDOW_KINDS
 from recsys_core.lake import AGGREGATE_FILE, SUMMARY_FILE, content_hash, partition_dir
 from recsys_core.manifest import artifact_version, read_meta, verify_artifact
 from recsys_core.settings import (
@@ -660,7 +660,7 @@ def test_build_window_artifacts_layout_meta_and_determinism(tmp_path: Path) -> N
         als=AlsConfig(window_days=3, factors=4, iterations=2),
     )
     _two_tenant_lake(lake, config)
-    for kind in KINDS:
+    for kind in WINDOW_KINDS:
         builds = build_window_artifacts(kind, lake, artifacts, D3, config, run_id="run-1")
         assert [(b.tenant, b.surface, b.kind) for b in builds] == [
             ("t", "home", kind),

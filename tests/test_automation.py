@@ -59,6 +59,7 @@ def test_asset_graph_reads_as_the_pipeline_story(defs: dg.Definitions) -> None:
         "cooc": "artifacts",
         "user_history": "artifacts",
         "als": "artifacts",
+        "user_topn": "artifacts",
         "evaluation": "evaluation",
         "published_manifest": "publishing",
         "decisions": "audit",
@@ -80,6 +81,7 @@ def test_asset_graph_reads_as_the_pipeline_story(defs: dg.Definitions) -> None:
     assert upstream["item_daily"] == ["canonical_events"]
     assert upstream["cooc"] == ["pair_daily"]
     assert upstream["als"] == ["user_item_daily"]
+    assert upstream["user_topn"] == ["als", "cooc", "popularity", "user_history"]
     assert upstream["evaluation"] == ["als", "cooc", "popularity", "user_history"]
     assert upstream["published_manifest"] == [
         "als",
@@ -88,6 +90,7 @@ def test_asset_graph_reads_as_the_pipeline_story(defs: dg.Definitions) -> None:
         "evaluation",
         "popularity",
         "user_history",
+        "user_topn",
     ]
     assert upstream["catalog"] == ["canonical_events"]
     assert upstream["content"] == ["catalog", "popularity"]

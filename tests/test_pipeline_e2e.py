@@ -82,7 +82,7 @@ def test_generate_run_publish_and_rerun_is_idempotent(
     assert urls == [run_id for run_id, _ in runs]
     manifest = read_current(home / "artifacts", "demo", "home")
     assert manifest is not None and manifest["v"] == 1 and manifest["as_of"] == END.isoformat()
-    assert set(manifest["current"]) == {"popularity", "cooc", "user_history", "als"}
+    assert set(manifest["current"]) == {"popularity", "cooc", "user_history", "als", "user_topn"}
     # Only the last day's manifest can become current (forward-only): the earlier days are not published.
     assert [r["action"] for r in read_registry(home / "artifacts", "demo", "home")] == ["publish"]
     first_bytes = {day: canonical_bytes(home, day) for day in (START, END)}

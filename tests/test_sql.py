@@ -24,7 +24,7 @@ import pytest
 from polars.testing import assert_frame_equal
 
 from recsys_cli import cli
-from recsys_core.kinds import ARTIFACT_KINDS, KINDS
+from recsys_core.kinds import ARTIFACT_KINDS, WINDOW_KINDS
 from recsys_core.lake import AGGREGATE_FILE, parquet_files, partition_dir
 from recsys_core.settings import Settings, load_settings
 from recsys_dagster.ingest.canonicalize import canonicalize_partition
@@ -99,7 +99,7 @@ def lake(tmp_path_factory: pytest.TempPathFactory) -> Lake:
     (partition_dir(settings.lake_root, "pair_daily", MISSING) / AGGREGATE_FILE).unlink()
     artifacts = {
         kind: build_window_artifacts(kind, settings.lake_root, settings.artifact_root, DAY, config)[0].path
-        for kind in KINDS
+        for kind in WINDOW_KINDS
     }
     _add_broken_rows(settings.lake_root)
     return Lake(env, settings, artifacts)
@@ -261,7 +261,7 @@ def test_recsys_sql_of_a_daily_aggregate_gives_the_partition_the_pipeline_wrote(
     assert_frame_equal(paste(printed), written, check_exact=True)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", WINDOW_KINDS)
 def test_recsys_sql_of_a_window_artifact_gives_the_rows_of_compute_window(
     kind: str, lake: Lake, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:

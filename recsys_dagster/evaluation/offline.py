@@ -24,14 +24,10 @@ from typing import Any
 
 import polars as pl
 
-from recsys_core.kinds import ARTIFACT_KINDS, KINDS
+from recsys_core.kinds import ARTIFACT_KINDS, WINDOW_KINDS
 from recsys_core.lake import AGGREGATE_FILE, partition_dir, read_builds, read_json_record
 from recsys_core.manifest import (
-    FORMAT_VERSION,
-    Manifest,
-    manifest_version,
     read_current,
-    utc_timestamp,
 )
 from recsys_core.settings import BlendWeights, GuardrailsConfig, Settings
 from recsys_core.storage import write_atomic
@@ -39,9 +35,9 @@ from recsys_dagster.evaluation.evaluate import EvaluationResult, Ranker, evaluat
 from recsys_dagster.evaluation.guardrails import check_guardrails
 from recsys_dagster.evaluation.holdout import Holdout, item_popularity, temporal_holdout
 from recsys_dagster.evaluation.report import write_report
-from recsys_dagster.transform.artifacts import build_window_artifacts, window_days
+from recsys_dagster.transform.artifacts import build_window_artifacts, load_built, window_days
 from recsys_serving import recommender
-from recsys_serving.store import LoadedTarget, load_target
+from recsys_serving.store import LoadedTarget
 
 EVALUATION_ASSET = "evaluation"
 EVALUATION_FILE = "evaluation.json"
@@ -101,30 +97,6 @@ def _recommend(target: LoadedTarget, weights: BlendWeights, user: str, k: int) -
     return recommender.recommend(target, user_id=user, k=k, exclude_seen=True, weights=weights).item_ids
 
 
-def load_built(
-    artifact_root: Path, tenant: str, surface: str, as_of: dt.date, paths: dict[str, Path]
-) -> LoadedTarget:
-    """A target loaded from artifact directories that were built but not published (an in-memory manifest)."""
-    versions = {kind: path.name for kind, path in paths.items()}
-    manifest: Manifest = {
-        "v": FORMAT_VERSION,
-        "tenant": tenant,
-        "surface": surface,
-        "current": {kind: f"{kind}/{version}" for kind, version in versions.items()},
-        "updated_at": utc_timestamp(),
-        "manifest_version": manifest_version(tenant, surface, as_of, versions),
-        "as_of": as_of.isoformat(),
-        "artifacts": {
-            kind: {"version": version, "uri": f"{kind}/{version}", "rows": 0, "window": None}
-            for kind, version in versions.items()
-        },
-        "checks": {},
-        "run_id": None,
-        "published_by": "evaluation",
-    }
-    return load_target(artifact_root, tenant, surface, manifest)
-
-
 def evaluate_day(settings: Settings, as_of: dt.date) -> list[TargetEvaluation]:
     """Evaluate every tenant and surface with data in the window ending at `as_of`, and record it."""
     config, lake_root = settings.pipeline, settings.lake_root
@@ -132,7 +104,7 @@ def evaluate_day(settings: Settings, as_of: dt.date) -> list[TargetEvaluation]:
     train_day = as_of - dt.timedelta(days=guardrails.holdout_days)
     scratch = partition_dir(lake_root, EVALUATION_ASSET, as_of) / "artifacts"
     built: dict[tuple[str, str], dict[str, Path]] = {}
-    for kind in KINDS:
+    for kind in WINDOW_KINDS:
         try:
             builds = build_window_artifacts(kind, lake_root, scratch, train_day, config)
         except FileNotFoundError:

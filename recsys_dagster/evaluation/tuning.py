@@ -37,7 +37,7 @@ from typing import Any
 import polars as pl
 import yaml
 
-from recsys_core.kinds import KINDS, artifact_kind
+from recsys_core.kinds import WINDOW_KINDS, artifact_kind
 from recsys_core.lake import partition_dir
 from recsys_core.settings import ALS_CONFIDENCE, AlsConfig, BlendWeights, PipelineConfig, Settings, tuned_file
 from recsys_core.storage import write_atomic
@@ -252,7 +252,7 @@ def _lake_objective(settings: Settings, train_day: dt.date, last_day: dt.date, s
     config, lake_root = settings.pipeline, settings.lake_root
     guardrails = config.guardrails
     fixed: dict[tuple[str, str], dict[str, Path]] = {}
-    for kind in KINDS:
+    for kind in WINDOW_KINDS:
         if artifact_kind(kind).trained:
             continue
         try:
@@ -261,7 +261,7 @@ def _lake_objective(settings: Settings, train_day: dt.date, last_day: dt.date, s
             raise TuningError(f"nothing to train on as of {train_day}: {exc}") from exc
         for build in builds:
             fixed.setdefault((build.tenant, build.surface), {})[kind] = build.path
-    window = max(artifact_kind(kind).window_days(config) for kind in KINDS)
+    window = max(artifact_kind(kind).window_days(config) for kind in WINDOW_KINDS)
     interactions = window_interactions(lake_root, last_day, window)
     holdouts: dict[tuple[str, str], Holdout] = {}
     for tenant, surface in sorted(fixed):

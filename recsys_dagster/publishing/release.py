@@ -18,7 +18,7 @@ from typing import Any
 
 import duckdb
 
-from recsys_core.kinds import ARTIFACT_KINDS, CONTENT, KINDS
+from recsys_core.kinds import ARTIFACT_KINDS, CONTENT, KINDS, USER_TOPN
 from recsys_core.lake import BUILDS_FILE, BuildRecord, partition_dir, read_builds
 from recsys_core.manifest import ManifestError, read_meta
 from recsys_core.rules import RULES_KIND
@@ -102,6 +102,34 @@ def artifact_row_problems(artifacts: dict[str, Path], min_support: int) -> list[
     return problems
 
 
+def derived_problems(artifacts: dict[str, Path], blend: dict[str, float]) -> list[str]:
+    """Why a derived artifact (`user_topn`) does not fit what is published with it: computed from other
+    versions of its input kinds, or with other blend weights than the manifest's."""
+    path = artifacts.get(USER_TOPN.name)
+    if path is None:
+        return []
+    try:
+        meta: dict[str, Any] = dict(read_meta(path))
+    except (ManifestError, OSError):
+        return []  # publish's own validation says what is wrong with it
+    problems = []
+    built_from = (meta.get("inputs") or {}).get("artifacts") or {}
+    for kind in USER_TOPN.derived_from:
+        published = artifacts[kind].name if kind in artifacts else None
+        if built_from.get(kind) != published:
+            problems.append(
+                f"artifact user_topn was computed from {kind} {str(built_from.get(kind))[:12]}, not the "
+                f"{kind} {str(published)[:12]} published with it; re-materialize user_topn"
+            )
+    recorded = (meta.get("params") or {}).get("blend")
+    if recorded != blend:
+        problems.append(
+            f"artifact user_topn was computed with blend weights {recorded}, the manifest publishes {blend}; "
+            "re-materialize user_topn"
+        )
+    return problems
+
+
 def evaluation_problems(
     settings: Settings, as_of: dt.date, tenant: str, surface: str
 ) -> tuple[list[str], dict[str, Any]]:
@@ -150,6 +178,7 @@ def publish_as_of(settings: Settings, as_of: dt.date, *, run_id: str | None = No
         problems, checked = lineage_problems(settings, artifacts)
         absent = [kind for kind in KINDS if kind not in artifacts]
         quality, evaluation = evaluation_problems(settings, as_of, tenant, surface)
+        blend = dataclasses.asdict(settings.pipeline.blend)
         outcome = publish(
             settings.artifact_root,
             tenant,
@@ -159,6 +188,7 @@ def publish_as_of(settings: Settings, as_of: dt.date, *, run_id: str | None = No
             gate_problems=problems
             + [f"artifact {kind} was not built for this tenant/surface" for kind in absent]
             + artifact_row_problems(artifacts, settings.pipeline.artifacts.cooc.min_support)
+            + derived_problems(artifacts, blend)
             + quality,
             checks_summary={
                 "canonical_events": {"days": checked, "passed": not problems},
@@ -166,7 +196,7 @@ def publish_as_of(settings: Settings, as_of: dt.date, *, run_id: str | None = No
             },
             run_id=run_id,
             # The weights the evaluation just scored the blend with (tuned ones included).
-            blend=dataclasses.asdict(settings.pipeline.blend),
+            blend=blend,
             # The rules in force stay in force: the pipeline builds the models, not the rules.
             carry=(RULES_KIND,),
         )

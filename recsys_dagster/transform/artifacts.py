@@ -19,14 +19,15 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from recsys_core.kinds import ARTIFACT_KINDS, ArtifactKind, artifact_kind
+from recsys_core.kinds import ARTIFACT_KINDS, WINDOW_KINDS, ArtifactKind, artifact_kind
 from recsys_core.lake import AGGREGATE_FILE, partition_dir
-from recsys_core.manifest import target_dir
+from recsys_core.manifest import FORMAT_VERSION, Manifest, manifest_version, target_dir, utc_timestamp
 from recsys_core.settings import PipelineConfig
 from recsys_dagster.transform.als import train_als
 from recsys_dagster.transform.artifact_dir import write_artifact_dir
 from recsys_dagster.transform.lineage import read_aggregate_lineage, require_aggregates
 from recsys_dagster.transform.sql import run_sql
+from recsys_serving.store import LoadedTarget, load_target
 
 FORMAT = 1
 # The trainers of trained kinds (`ArtifactKind.trained`): SQL rows of one tenant and surface + the kind's
@@ -64,8 +65,9 @@ def require_retraining_inputs(
 ) -> None:
     """Verify every daily aggregate of the widest window ending at `as_of` (what the evaluation and tuning
     retrain every kind from) with `lineage.require_aggregates`."""
-    widest = max(kind.window_days(config) for kind in ARTIFACT_KINDS.values())
-    aggregates = sorted({kind.aggregate for kind in ARTIFACT_KINDS.values()} | {"item_daily"})
+    kinds = [ARTIFACT_KINDS[name] for name in WINDOW_KINDS]
+    widest = max(kind.window_days(config) for kind in kinds)
+    aggregates = sorted({str(kind.aggregate) for kind in kinds} | {"item_daily"})
     require_aggregates(lake_root, aggregates, window_days(as_of, widest), start_date)
 
 
@@ -81,7 +83,7 @@ def window_inputs(
     used and the days missing; FileNotFoundError when no partition of the window exists."""
     kind = artifact_kind(name)
     days = window_days(as_of, kind.window_days(config))
-    aggregate = kind.aggregate
+    aggregate, _, sql_params = kind.window_model()
     used = [d for d in days if (partition_dir(lake_root, aggregate, d) / AGGREGATE_FILE).is_file()]
     missing = [d for d in days if d not in used]
     if not used:
@@ -90,7 +92,7 @@ def window_inputs(
             f"under {lake_root / aggregate}; materialize {aggregate} for these days first"
         )
     paths = [str(partition_dir(lake_root, aggregate, d) / AGGREGATE_FILE) for d in used]
-    return {"paths": paths} | kind.sql_params(config, as_of), used, missing
+    return {"paths": paths} | sql_params(config, as_of), used, missing
 
 
 def compute_window(
@@ -98,7 +100,7 @@ def compute_window(
 ) -> tuple[pl.DataFrame, list[dt.date], list[dt.date]]:
     """Run the kind's SQL over the window: (rows for every tenant and surface, days used, days missing)."""
     params, used, missing = window_inputs(name, lake_root, as_of, config)
-    return run_sql(artifact_kind(name).sql_model, params), used, missing
+    return run_sql(artifact_kind(name).window_model()[1], params), used, missing
 
 
 def build_window_artifacts(
@@ -117,11 +119,18 @@ def build_window_artifacts(
     survives the model (only exposures, only anonymous users): an empty artifact says so explicitly, and
     the publisher decides whether that kind may be empty, rather than the tenant silently keeping an older
     version or missing a kind. Raises FileNotFoundError when no aggregate partition of the window exists.
+    A derived kind (`user_topn`) is built from its input kinds' artifacts of the day instead
+    (`transform.user_topn`).
     """
     lake_root, artifact_root = Path(lake_root), Path(artifact_root)
     kind = artifact_kind(name)
+    if kind.derived_from:
+        # Imported here: it loads the artifacts this module builds, through the serving code.
+        from recsys_dagster.transform.user_topn import build_user_topn
+
+        return build_user_topn(lake_root, artifact_root, as_of, config, run_id)
     frame, used, missing = compute_window(name, lake_root, as_of, config)
-    aggregate = kind.aggregate
+    aggregate = kind.window_model()[0]
     days = window_days(as_of, kind.window_days(config))
     scopes = _scopes(lake_root, aggregate, used)
     schema = polars_schema(kind)
@@ -175,6 +184,30 @@ def build_window_artifacts(
             )
         )
     return builds
+
+
+def load_built(
+    artifact_root: Path, tenant: str, surface: str, as_of: dt.date, paths: dict[str, Path]
+) -> LoadedTarget:
+    """A target loaded from artifact directories that were built but not published (an in-memory manifest)."""
+    versions = {kind: path.name for kind, path in paths.items()}
+    manifest: Manifest = {
+        "v": FORMAT_VERSION,
+        "tenant": tenant,
+        "surface": surface,
+        "current": {kind: f"{kind}/{version}" for kind, version in versions.items()},
+        "updated_at": utc_timestamp(),
+        "manifest_version": manifest_version(tenant, surface, as_of, versions),
+        "as_of": as_of.isoformat(),
+        "artifacts": {
+            kind: {"version": version, "uri": f"{kind}/{version}", "rows": 0, "window": None}
+            for kind, version in versions.items()
+        },
+        "checks": {},
+        "run_id": None,
+        "published_by": "evaluation",
+    }
+    return load_target(artifact_root, tenant, surface, manifest)
 
 
 def _split_by_scope(frame: pl.DataFrame) -> dict[tuple[str, str], pl.DataFrame]:

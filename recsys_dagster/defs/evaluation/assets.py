@@ -4,7 +4,7 @@ from typing import Any
 
 import dagster as dg
 
-from recsys_core.kinds import KINDS
+from recsys_core.kinds import WINDOW_KINDS
 from recsys_core.settings import Settings
 from recsys_dagster.defs.shared import (
     OWNERS,
@@ -32,7 +32,7 @@ def build_evaluation(settings: Settings) -> dg.Definitions:
             "lake/evaluation/dt=<day>/<tenant>/<surface>/report/report.md. Reference: "
             "docs/reference/configuration.md#guardrails"
         ),
-        deps=list(KINDS),
+        deps=list(WINDOW_KINDS),
         partitions_def=daily_partitions(settings),
         backfill_policy=dg.BackfillPolicy.single_run(),
         kinds={"python", "parquet"},

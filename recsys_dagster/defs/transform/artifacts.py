@@ -1,4 +1,5 @@
-"""Window artifacts as of each day, from the trailing daily aggregates: one asset per kind of recsys_core.kinds."""
+"""Window artifacts as of each day, from the trailing daily aggregates (a derived kind: from the same day's
+artifacts of its input kinds): one asset per kind of recsys_core.kinds."""
 
 from pathlib import Path
 from typing import Any
@@ -25,19 +26,23 @@ MAX_TARGETS_SHOWN = 3
 
 def build_window_artifact_asset(kind: ArtifactKind, settings: Settings) -> dg.AssetsDefinition:
     days = kind.window_days(settings.pipeline)
-
-    @dg.asset(
-        name=kind.name,
-        description=f"{kind.description} Window: {days} days. Format: docs/reference/artifacts.md",
-        ins={
+    if kind.aggregate is None:
+        ins = {name: dg.AssetIn(dagster_type=dg.Nothing) for name in kind.derived_from}
+    else:
+        ins = {
             kind.aggregate: dg.AssetIn(
                 partition_mapping=dg.TimeWindowPartitionMapping(start_offset=-(days - 1), end_offset=0),
                 dagster_type=dg.Nothing,
             )
-        },
+        }
+
+    @dg.asset(
+        name=kind.name,
+        description=f"{kind.description} Window: {days} days. Format: docs/reference/artifacts.md",
+        ins=ins,
         partitions_def=daily_partitions(settings),
         backfill_policy=dg.BackfillPolicy.single_run(),
-        kinds={"duckdb", "parquet"},
+        kinds={"duckdb", "parquet"} if kind.aggregate is not None else {"numpy", "parquet"},
         group_name="artifacts",
         owners=OWNERS,
     )
@@ -45,11 +50,12 @@ def build_window_artifact_asset(kind: ArtifactKind, settings: Settings) -> dg.As
         cfg = recsys.settings
         log = DayLog(context)
         for as_of in partition_days(context):
-            # The window's aggregates (and item_daily, which lists the tenants and surfaces) must be
-            # unmodified and built from the current, passed canonical content of their days.
-            require_aggregates(
-                cfg.lake_root, {kind.aggregate, "item_daily"}, window_days(as_of, days), cfg.start_date
-            )
+            if kind.aggregate is not None:
+                # The window's aggregates (and item_daily, which lists the tenants and surfaces) must be
+                # unmodified and built from the current, passed canonical content of their days.
+                require_aggregates(
+                    cfg.lake_root, {kind.aggregate, "item_daily"}, window_days(as_of, days), cfg.start_date
+                )
             builds = build_window_artifacts(
                 kind.name, cfg.lake_root, cfg.artifact_root, as_of, cfg.pipeline, run_id=context.run.run_id
             )
