@@ -5,19 +5,27 @@ the calibrated blend (`blend`).
 the user's ALS factors (the model's own for a user it knows, else folded in from the seed items), what to
 leave out (the seeds, plus every item of the user's window history with `exclude_seen`), runs the blend and
 says in warnings where it fell back. It is pure: no HTTP, no metrics, no exposure logging (the route does
-those with its result), so the offline evaluation calls exactly this, and business rules and diversity
-plug in here.
+those with its result), so the offline evaluation calls exactly this, and diversity plugs in here.
+
+Merchandising rules (`rules_at`: the request's time) are applied to the blend's candidate list in one
+place, `_apply_rules`, after the blend and before the cut to k. The offline evaluation passes no time and
+so measures the models alone: rules are a merchandiser's override of what the models rank, published
+after the evaluation that gated the models, and a metric that moved with every campaign would no longer
+compare models from one day to the next.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NotRequired, TypedDict
 
+from recsys_core.rules import apply_rules
 from recsys_core.settings import BlendWeights
 from recsys_serving import ranking
 from recsys_serving.blend import SOURCE_POPULARITY, blend
+from recsys_serving.rules import Selection
 from recsys_serving.store import LoadedTarget
 
 DEFAULT_WEIGHTS = BlendWeights()
@@ -29,6 +37,8 @@ CONTEXT_ITEMS_UNKNOWN = "context_items_unknown"
 NO_COOC_CANDIDATES = "no_cooc_candidates_popularity_fallback"
 FEWER_ITEMS = "fewer_items_than_requested"
 WARNING_CODES = (UNKNOWN_USER, ANONYMOUS, CONTEXT_ITEMS_UNKNOWN, NO_COOC_CANDIDATES, FEWER_ITEMS)
+# The `source` of an item a rule placed that the blend did not score (a pin or a replace list's item).
+SOURCE_RULE = "rule"
 
 
 class RecommendationWarning(TypedDict):
@@ -42,13 +52,22 @@ class RecommendationWarning(TypedDict):
 # Not frozen: a frozen dataclass's __init__ costs about 0.35 us more, on every request.
 @dataclass(slots=True)
 class Recommendation:
-    """Ranked items, best first: parallel lists of ids, scores, main sources and per-source contributions."""
+    """Ranked items, best first: parallel lists of ids, scores (None: placed by a rule without a score),
+    main sources, per-source contributions and the ids of the rules that touched each item; and the
+    blend's candidates the rules were applied to (what a decision trace records)."""
 
     item_ids: list[str]
-    scores: list[float]
+    scores: list[float | None]
     sources: list[str]
     contributions: list[dict[str, float]]
     warnings: list[RecommendationWarning]
+    # Per item; None when no rule touched any item.
+    rule_ids: list[list[str]] | None = None
+    # The `rules` artifact version applied (None: no rules published, or none asked for).
+    rules_version: str | None = None
+    candidate_ids: list[str] = field(default_factory=list)
+    candidate_scores: list[float] = field(default_factory=list)
+    candidate_contributions: list[dict[str, float]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.item_ids)
@@ -62,6 +81,7 @@ def recommend(
     k: int,
     exclude_seen: bool,
     weights: BlendWeights = DEFAULT_WEIGHTS,
+    rules_at: dt.datetime | None = None,
 ) -> Recommendation:
     """The top `k` items for a user and/or context items from `target`, with warnings where it degraded.
 
@@ -70,7 +90,8 @@ def recommend(
     model's for a user it knows, else folded in from the seeds (the user's items with their weights, or the
     context items with weight 1). Seeds are never returned; with `exclude_seen`, neither is anything in
     the user's window history. `context_items` are expected validated (at most `ranking.MAX_CONTEXT_ITEMS`
-    trimmed ids, as the API accepts them).
+    trimmed ids, as the API accepts them). With `rules_at` (UTC), the target's rules in force then are
+    applied; without it, none are.
     """
     warnings: list[RecommendationWarning] = []
     history = target.history_with_weights(user_id) if user_id else None
@@ -107,7 +128,13 @@ def recommend(
     excluded = set(seeds)
     if exclude_seen and history:
         excluded.update(history[0])
-    blended = blend(target, user_vector=user_vector, seeds=seeds, excluded=excluded, k=k, weights=weights)
+    selection: Selection | None = None
+    depth = k
+    if rules_at is not None and target.rules is not None:
+        selection = target.rules.select(rules_at, user_id, len(history[0]) if history else 0, context_items)
+        excluded.update(selection.blocked)
+        depth = k * selection.depth_factor
+    blended = blend(target, user_vector=user_vector, seeds=seeds, excluded=excluded, k=depth, weights=weights)
     personal = blended.sources_used - {SOURCE_POPULARITY}
     if not personal:
         if seeds:
@@ -121,11 +148,56 @@ def recommend(
             warnings.append({"code": UNKNOWN_USER, "message": "unknown user: popular items"})
         else:
             warnings.append({"code": ANONYMOUS, "message": "no known user or context item: popular items"})
-    if len(blended.items) < k:
-        warnings.append(
-            {"code": FEWER_ITEMS, "message": f"only {len(blended.items)} items left to recommend"}
-        )
     ids = target.item_ids
-    return Recommendation(
-        [ids[i] for i in blended.items], blended.scores, blended.sources(), blended.contributions, warnings
+    candidate_ids = [ids[i] for i in blended.items]
+    sources = blended.sources()
+    result = Recommendation(
+        candidate_ids[:k],
+        list(blended.scores[:k]),
+        sources[:k],
+        blended.contributions[:k],
+        warnings,
+        candidate_ids=candidate_ids,
+        candidate_scores=blended.scores,
+        candidate_contributions=blended.contributions,
     )
+    if selection is not None:
+        _apply_rules(result, selection, sources, k)
+    if len(result) < k:
+        warnings.append({"code": FEWER_ITEMS, "message": f"only {len(result)} items left to recommend"})
+    return result
+
+
+def _apply_rules(result: Recommendation, selection: Selection, sources: list[str], k: int) -> None:
+    """Replace `result`'s items by the first `k` after the selected rules change its candidate list.
+
+    The blocked items were left out of the blend already; the candidate list is deeper than k when a
+    boost or bury may apply (`Selection.depth_factor`). A rescored item's contributions are scaled with
+    its score, so that its score stays the sum of its sources.
+    """
+    result.rules_version = selection.version
+    candidates = result.candidate_ids
+    rules = selection.rules_for(candidates)
+    if not rules:
+        return
+    scores, contributions = result.candidate_scores, result.candidate_contributions
+    placed = apply_rules(rules, list(zip(candidates, scores, strict=True)), k)
+    position = {item: n for n, item in enumerate(candidates)}
+    result.item_ids, result.scores, result.sources, result.contributions = [], [], [], []
+    result.rule_ids = []
+    for entry in placed:
+        n = position.get(entry.item_id)
+        result.item_ids.append(entry.item_id)
+        result.scores.append(entry.score)
+        result.rule_ids.append(entry.rule_ids)
+        if n is None:
+            result.sources.append(SOURCE_RULE)
+            result.contributions.append({})
+            continue
+        result.sources.append(sources[n])
+        base = scores[n]
+        if entry.score is None or entry.score == base or base <= 0:
+            result.contributions.append(contributions[n])
+        else:
+            factor = entry.score / base
+            result.contributions.append({source: part * factor for source, part in contributions[n].items()})
