@@ -22,7 +22,6 @@ import orjson
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
-from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.routing import Route
 from starlette.types import Scope
@@ -110,16 +109,15 @@ def include_routes(app: FastAPI, endpoints: Endpoints) -> dict[str, Route]:
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            # FastAPI routes the app includes (the audit and admin endpoints, when enabled) document
-            # themselves.
-            included = [route for route in app.router.routes if isinstance(route, APIRoute)]
+            # The FastAPI routes and routers the app includes (the audit endpoint, when enabled) document
+            # themselves; the plain routes above are documented by `documented`'s twins.
             app.openapi_schema = _errors_as_problem_json(
                 get_openapi(
                     title=app.title,
                     version=app.version,
                     summary=app.summary,
                     description=app.description,
-                    routes=[*documented.routes, *included],
+                    routes=[*documented.routes, *app.routes],
                 )
             )
         return app.openapi_schema

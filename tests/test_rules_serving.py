@@ -12,7 +12,6 @@ import dataclasses
 import datetime as dt
 import json
 import re
-import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +27,7 @@ from test_serving import (
     Published,
     build_published_home,
     live_server,
+    private_copy,
     read_published,
     recs_url,
     settings_for,
@@ -63,10 +63,7 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def clone(home: Path, tmp_path: Path) -> Path:
-    """A private copy of the published home: the tests publish rules into it."""
-    copy = tmp_path / "home"
-    shutil.copytree(home, copy, symlinks=True)
-    return copy
+    return private_copy(home, tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +96,13 @@ def server(home: Path, **env: str) -> Iterator[httpx.Client]:
         httpx.Client(base_url=url, timeout=10) as client,
     ):
         yield client
+
+
+def user_and_campaign(published: Published) -> tuple[str, str]:
+    """A user with co-occurrence candidates, and a campaign item: one the user has seen, which the blend
+    never returns to them (only a pin shows it)."""
+    user = users_with_cooc(published, 2)[0]
+    return user, published.history[user][0]
 
 
 def listed(client: httpx.Client, **params: object) -> list[tuple[str, list[str]]]:
@@ -211,8 +215,7 @@ def test_a_blocked_item_never_appears_even_when_the_list_runs_short(
 def test_rules_are_in_force_only_inside_their_window_at_request_time(
     clone: Path, published: Published
 ) -> None:
-    user = users_with_cooc(published, 2)[0]
-    campaign = published.history[user][0]
+    user, campaign = user_and_campaign(published)
     with server(clone) as client:
         start = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=2)
         end = start + dt.timedelta(seconds=2)
@@ -241,8 +244,7 @@ def test_rules_are_in_force_only_inside_their_window_at_request_time(
 def test_published_rules_are_picked_up_within_the_poll_interval_and_rollback_restores(
     clone: Path, published: Published
 ) -> None:
-    user = users_with_cooc(published, 2)[0]
-    campaign = published.history[user][0]
+    user, campaign = user_and_campaign(published)
     with server(clone) as client:
         baseline = ids(client, user_id=user, k=10)
         old = client.get(MANIFEST_URL).json()["manifest_version"]
@@ -293,8 +295,7 @@ def test_metrics_count_the_responses_each_rule_changed(clone: Path, published: P
 def test_a_rules_artifact_that_does_not_validate_is_never_served(clone: Path, published: Published) -> None:
     """Rules that reach the artifact root without `recsys rules publish` (written by hand, a bug, a
     different version) are validated again at load: the previous manifest keeps serving."""
-    user = users_with_cooc(published, 2)[0]
-    campaign = published.history[user][0]
+    user, campaign = user_and_campaign(published)
     root = clone / "artifacts"
     with server(clone) as client:
         good = publish_document(clone, [{"id": "pin", "action": "pin", "items": [campaign], "position": 1}])

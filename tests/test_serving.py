@@ -119,12 +119,17 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_published_home(tmp_path_factory.mktemp("serving"))
 
 
-@pytest.fixture
-def clone(home: Path, tmp_path: Path) -> Path:
-    """A private copy of the published home, for tests that publish, roll back or damage it."""
+def private_copy(home: Path, tmp_path: Path) -> Path:
+    """A copy of the published home under `tmp_path`."""
     copy = tmp_path / "home"
     shutil.copytree(home, copy, symlinks=True)
     return copy
+
+
+@pytest.fixture
+def clone(home: Path, tmp_path: Path) -> Path:
+    """A private copy of the published home, for tests that publish, roll back or damage it."""
+    return private_copy(home, tmp_path)
 
 
 @dataclass(frozen=True)
