@@ -53,12 +53,21 @@ class Blended:
 
     def sources(self) -> list[str]:
         """The main source of each item: the one that contributed most (ties: als, cooc, popularity)."""
-        order = (SOURCE_ALS, SOURCE_COOC, SOURCE_POPULARITY)
+        return main_sources(self.contributions)
 
-        def main_source(contribution: dict[str, float]) -> str:
-            return max(order, key=lambda s: (contribution.get(s, 0.0), -order.index(s)))
 
-        return [main_source(c) for c in self.contributions]
+_SOURCE_ORDER = (SOURCE_ALS, SOURCE_COOC, SOURCE_POPULARITY)
+
+
+def main_sources(contributions: list[dict[str, float]]) -> list[str]:
+    """The main source of each of `contributions`: the one that contributed most (ties: als, cooc,
+    popularity)."""
+    order = _SOURCE_ORDER
+
+    def main_source(contribution: dict[str, float]) -> str:
+        return max(order, key=lambda s: (contribution.get(s, 0.0), -order.index(s)))
+
+    return [main_source(c) for c in contributions]
 
 
 def blend(

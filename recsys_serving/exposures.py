@@ -47,6 +47,7 @@ class ExposureWriter(LandingWriter[_Served]):
 
     FILE_PREFIX = FILE_PREFIX
     LOG_NAME = "exposure log"
+    RECORDS = "exposures"
     CAP_VARIABLE = "RECSYS_EXPOSURE_MAX_BYTES_PER_DAY"
     OVER_CAP_METRIC = "recsys_exposure_events_over_cap_total"
 

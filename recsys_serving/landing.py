@@ -75,6 +75,7 @@ class LandingWriter(ABC, Generic[RecordT]):
 
     FILE_PREFIX = ""
     LOG_NAME = ""
+    RECORDS = ""  # what its lines are, in messages
     CAP_VARIABLE = ""
     OVER_CAP_METRIC = ""
 
@@ -243,12 +244,12 @@ class LandingWriter(ABC, Generic[RecordT]):
         if day != self._capped_day:
             self._capped_day = day
             log.warning(
-                "%s: %s reached its cap of %d bytes (%s); the day's further lines are counted in %s, not "
-                "written",
+                "%s: %s reached its cap of %d bytes (%s); the day's further %s are counted in %s, not written",
                 self.LOG_NAME,
                 day,
                 self.max_bytes_per_day,
                 self.CAP_VARIABLE,
+                self.RECORDS,
                 self.OVER_CAP_METRIC,
             )
         self.events_over_cap += events

@@ -32,8 +32,9 @@ from recsys_core.rules import (
 )
 
 # With a boost or bury in force, the blend is asked for this many times k candidates, so that a boosted
-# item from just below the top k can move into it and a buried one can leave it.
-SCORING_DEPTH = 3
+# item from just below the top k can move into it and a buried one can leave it. Deeper costs every such
+# request more: the blend's ALS scoring prunes against the depth-th best candidate.
+SCORING_DEPTH = 2
 _SCORING = ("boost", "bury")
 _PLACING = ("pin", "replace")
 
@@ -100,6 +101,8 @@ class ServedRules:
             }
         )
         self._in_force: _InForce | None = None
+        # Whether any audience names a segment (then every request's segment is worked out).
+        self._segments = any(rule.audience is not None and rule.audience.segment for rule in document.rules)
 
     def __len__(self) -> int:
         return len(self.document.rules)
@@ -120,7 +123,7 @@ class ServedRules:
         if user_id is not None and self._by_user:
             found += self._by_user.get(user_id, ())
         segment = None
-        if self._by_segment:
+        if self._segments:
             segment = (
                 SEGMENT_COLD_START if history_items <= self.cold_start_max_interactions else SEGMENT_ACTIVE
             )
@@ -173,9 +176,7 @@ class Selection:
         self._in_force = in_force
         self._targeted = targeted
         targeted_blocks = [rule for rule in targeted if rule.action == "block"]
-        # Blocked items are left out of the blend itself (its `excluded` set) rather than filtered from a
-        # deeper candidate list afterwards: the blend then fills the k places from the next candidates
-        # whatever the number of blocked items, and no candidate is scored only to be dropped.
+        # Vocabulary indexes of every item blocked for this request.
         self.blocked: frozenset[int] | set[int] = (
             in_force.blocked.union(served.indexes(i for rule in targeted_blocks for i in rule.items))
             if targeted_blocks

@@ -89,6 +89,7 @@ class DecisionWriter(LandingWriter[Decision]):
 
     FILE_PREFIX = FILE_PREFIX
     LOG_NAME = "decision log"
+    RECORDS = "traces"
     CAP_VARIABLE = "RECSYS_DECISION_MAX_BYTES_PER_DAY"
     OVER_CAP_METRIC = "recsys_decision_traces_over_cap_total"
 

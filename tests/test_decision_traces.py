@@ -128,8 +128,8 @@ def test_a_trace_looked_up_by_request_id_is_the_response_that_was_returned(
         assert trace["rules_version"] == manifest["artifacts"][RULES_KIND]["version"]
         assert "pin-campaign" in trace["rules_applied"]
         assert started <= dt.datetime.fromisoformat(trace["ts"]) <= dt.datetime.now(dt.UTC)
-        # The candidates the rules were applied to: 3k of them (a boost is in force), with each source's share.
-        assert len(trace["candidates"]) == 15 and campaign not in [c["item_id"] for c in trace["candidates"]]
+        # The candidates the rules were applied to: 2k of them (a boost is in force), with each source's share.
+        assert len(trace["candidates"]) == 10 and campaign not in [c["item_id"] for c in trace["candidates"]]
         for candidate in trace["candidates"]:
             assert candidate["score"] == pytest.approx(sum(candidate["sources"].values()), rel=1e-12)
         unruled = {i["item_id"]: i["score"] for i in body["items"] if not i["rules"]}
