@@ -33,6 +33,7 @@ from test_serving import (
     settings_for,
     users_with_cooc,
 )
+from test_serving_workers import eventually, recsys_serve, scrape, value
 
 from recsys_cli import cli
 from recsys_core.manifest import read_current, resolve_uri
@@ -292,6 +293,24 @@ def test_metrics_count_the_responses_each_rule_changed(clone: Path, published: P
     assert (count("pin-a"), count("vip-b")) == (5.0, 2.0)
 
 
+def test_rule_counts_add_up_over_the_workers_of_a_server(clone: Path, published: Published) -> None:
+    user, campaign = user_and_campaign(published)
+    publish_document(clone, [{"id": "pin-a", "action": "pin", "items": [campaign], "position": 1}])
+    with recsys_serve(clone, "--workers", "2", TMPDIR=str(clone)) as server:
+        for _ in range(30):  # a new connection each time: either worker may accept it
+            assert httpx.get(server.url + recs_url(user_id=user, k=3)).json()["items"][0]["rules"] == [
+                "pin-a"
+            ]
+        for _ in range(4):  # whichever worker answers the scrape
+            samples = scrape(server.url)
+            assert value(samples, "recsys_rule_applications_total", rule_id="pin-a", tenant=TENANT) == 30
+        eventually(
+            lambda: value(scrape(server.url), "recsys_decision_traces_written_total") == 30,
+            "the decision trace counters of the workers do not add up",
+        )
+        assert server.stop() == 0
+
+
 def test_a_rules_artifact_that_does_not_validate_is_never_served(clone: Path, published: Published) -> None:
     """Rules that reach the artifact root without `recsys rules publish` (written by hand, a bug, a
     different version) are validated again at load: the previous manifest keeps serving."""
@@ -383,15 +402,15 @@ def target(home: Path):
 
 
 class Catalog:
-    """The served catalog's id <-> index maps (its repr stays short in hypothesis's reports)."""
+    """The served target and its id <-> index maps (its repr stays short in hypothesis's reports)."""
 
-    def __init__(self, item_ids: list[str], item_index: dict[str, int]) -> None:
-        self.item_ids, self.item_index = item_ids, item_index
+    def __init__(self, target) -> None:
+        self.target, self.item_ids, self.item_index = target, target.item_ids, target.item_index
 
 
 @pytest.fixture(scope="module")
 def catalog(target) -> Catalog:
-    return Catalog(target.item_ids, target.item_index)
+    return Catalog(target)
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -430,6 +449,12 @@ def test_the_servers_index_selects_exactly_the_rules_that_apply(
     kept = [(item, score) for item, score in candidates if item not in blocked]
     got = apply_rules(selection.rules_for([item for item, _ in kept]), kept, k)
     assert got == expected
+    # And the whole recommendation with these rules: never an error, never a blocked item, at most k.
+    ruled = dataclasses.replace(catalog.target, rules=served)
+    result = recommender.recommend(
+        ruled, user_id=user, context_items=context, k=k, exclude_seen=True, rules_at=when
+    )
+    assert len(result) <= k and not set(result.item_ids) & blocked
 
 
 def test_validity_bounds_are_exact_at_the_microsecond(target) -> None:
