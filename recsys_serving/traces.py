@@ -31,8 +31,11 @@ from recsys_core.decisions import DECISIONS, TRACE_VERSION, TraceError, as_respo
 from recsys_serving.landing import LandingWriter
 from recsys_serving.recommender import Recommendation
 
-# Traces kept in memory per worker, newest last.
-RECENT_TRACES = 10_000
+# Traces kept in memory per worker, newest last, and queued for writing at most: each holds its response's
+# candidates (up to 2 x 100 with their per-source shares, some 50 kB), so the bounds keep a worker's
+# traces within a few hundred MB even then (a few MB at k = 10).
+RECENT_TRACES = 2_000
+MAX_PENDING_TRACES = 10_000
 FILE_PREFIX = "decisions-"
 _CRC_RANGE = 1 << 32
 
@@ -94,7 +97,7 @@ class DecisionWriter(LandingWriter[Decision]):
     OVER_CAP_METRIC = "recsys_decision_traces_over_cap_total"
 
     def __init__(self, raw_root: Path, *, sample_rate: float = 1.0, **options: Any) -> None:
-        super().__init__(Path(raw_root) / DECISIONS, **options)
+        super().__init__(Path(raw_root) / DECISIONS, **({"max_pending": MAX_PENDING_TRACES} | options))
         if not 0 <= sample_rate <= 1:
             raise ValueError(f"sample_rate must be from 0 to 1, got {sample_rate!r}")
         self.sample_rate = sample_rate
