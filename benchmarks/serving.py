@@ -753,7 +753,7 @@ def _rules_variant(
     ruled = published.manifest_version
 
     def serve(version: str) -> None:
-        if _get_json(manifest_url)["manifest_version"] != version:
+        if _served_manifest(run_root)["manifest_version"] != version:
             rollback(
                 run_root, TENANT, SURFACE, to_version=version, reason="benchmark rules", actor="benchmark"
             )
@@ -765,10 +765,12 @@ def _rules_variant(
 
     serve(ruled)
     blocked = {i for rule in document["rules"] if rule["action"] == "block" for i in rule["items"]}
+    # The users with a replace list and no other rule of their own get exactly their list first.
+    targeted = [rule["audience"]["users"][0] for rule in document["rules"] if "audience" in rule]
     vip = {
         rule["audience"]["users"][0]: rule["items"]
         for rule in document["rules"]
-        if rule["action"] == "replace"
+        if rule["action"] == "replace" and targeted.count(rule["audience"]["users"][0]) == 1
     }
     touched = served_blocked = vip_ok = 0
     for _, path in paths[: CHECKED_PER_KIND * 4]:
@@ -779,9 +781,7 @@ def _rules_variant(
         items = _get_json(f"{api.url}/v1/recommendations?tenant={TENANT}&surface={SURFACE}&user_id={user}")[
             "items"
         ]
-        vip_ok += [item["item_id"] for item in items[: len(listed)]] == listed or any(
-            "pin-" in rule for item in items for rule in item["rules"]
-        )
+        vip_ok += [item["item_id"] for item in items[: len(listed)]] == listed
     checked = (
         f"of the first {CHECKED_PER_KIND * 4} request paths, {touched} had an item changed by a rule and "
         f"{served_blocked} a blocked item; {vip_ok} of {min(10, len(vip))} users with a replace list got it"

@@ -186,8 +186,9 @@ def _candidates(
     co-occurrence scores), and a request does not pay for a long exclusion list when, as nearly always,
     none of the blocked items is among its best candidates. The blend is asked for a few more than `depth`
     (a quarter more, at least 5: blocking 2% of a catalog leaves a blocked item among the best 30 of nearly
-    half the requests, rarely more than 5); when more are blocked, it is asked again for twice as many,
-    until `depth` items are left or the catalog runs out.
+    half the requests, rarely more than 5); when more are blocked, it is asked again for as many as the
+    share of blocked items among those suggests (at least twice as many), until `depth` items are left or
+    the catalog runs out.
     """
     blocked = selection.blocked
     wanted = depth + min(len(blocked), max(5, depth // 4))
@@ -206,7 +207,8 @@ def _candidates(
                 [blended.contributions[n] for n in kept],
                 blended.sources_used,
             )
-        wanted *= 2
+        share_kept = max(len(kept), 1) / len(blended.items)
+        wanted = max(2 * wanted, int(1.5 * depth / share_kept) + depth)
 
 
 def _apply_rules(result: Recommendation, selection: Selection, k: int) -> None:
