@@ -133,9 +133,7 @@ def recommend(
     selection: Selection | None = None
     if rules_at is not None and target.rules is not None:
         selection = target.rules.select(rules_at, user_id, len(history[0]) if history else 0, context_items)
-        blended = _candidates(
-            target, user_vector, seeds, excluded, k * selection.depth_factor, weights, selection
-        )
+        blended = _candidates(target, user_vector, seeds, excluded, k, weights, selection)
     else:
         blended = blend(target, user_vector=user_vector, seeds=seeds, excluded=excluded, k=k, weights=weights)
     personal = blended.sources_used - {SOURCE_POPULARITY}
@@ -156,15 +154,15 @@ def recommend(
     result = Recommendation(
         candidate_ids[:k],
         list(blended.scores[:k]),
-        main_sources(blended.contributions[:k]),
+        [],
         blended.contributions[:k],
         warnings,
         candidate_ids=candidate_ids,
         candidate_scores=blended.scores,
         candidate_contributions=blended.contributions,
     )
-    if selection is not None:
-        _apply_rules(result, selection, k)
+    if selection is None or not _apply_rules(result, selection, k):
+        result.sources = main_sources(result.contributions)
     if len(result) < k:
         warnings.append({"code": FEWER_ITEMS, "message": f"only {len(result)} items left to recommend"})
     return result
@@ -175,23 +173,25 @@ def _candidates(
     user_vector: np.ndarray | None,
     seeds: list[int],
     excluded: set[int],
-    depth: int,
+    k: int,
     weights: BlendWeights,
     selection: Selection,
 ) -> Blended:
-    """The blend's best `depth` items that the selected rules do not block.
+    """The blend's best items that the selected rules do not block: `k` times the selection's depth factor
+    of them (at least `k` when the catalog has them).
 
     Blocked items are removed from the blend's list rather than handed to it as excluded items: the
     remaining items keep exactly the scores they have without the rules (exclusion would rescale the
     co-occurrence scores), and a request does not pay for a long exclusion list when, as nearly always,
-    none of the blocked items is among its best candidates. The blend is asked for a few more than `depth`
-    (a quarter more, at least 5: blocking 2% of a catalog leaves a blocked item among the best 30 of nearly
-    half the requests, rarely more than 5); when more are blocked, it is asked again for as many as the
-    share of blocked items among those suggests (at least twice as many), until `depth` items are left or
-    the catalog runs out.
+    none of the blocked items is among its best candidates. Any blocked items are looked for among a few
+    more than `k` (a deeper list, or a quarter more, at least 5: blocking 2% of a catalog leaves a blocked
+    item among the best 30 of nearly half the requests, rarely more than 5); when fewer than `k` are left,
+    the blend is asked again for as many as the share of blocked items among those suggests (at least
+    twice as many), until `k` are left or the catalog runs out.
     """
     blocked = selection.blocked
-    wanted = depth + min(len(blocked), max(5, depth // 4))
+    depth = k * selection.depth_factor
+    wanted = max(depth, k + min(len(blocked), max(5, k // 4)))
     while True:
         blended = blend(
             target, user_vector=user_vector, seeds=seeds, excluded=excluded, k=wanted, weights=weights
@@ -199,7 +199,7 @@ def _candidates(
         if not blocked:
             return blended
         kept = [n for n, item in enumerate(blended.items) if item not in blocked]
-        if len(kept) >= depth or len(blended.items) < wanted:
+        if len(kept) >= k or len(blended.items) < wanted:
             kept = kept[:depth]
             return Blended(
                 [blended.items[n] for n in kept],
@@ -208,11 +208,12 @@ def _candidates(
                 blended.sources_used,
             )
         share_kept = max(len(kept), 1) / len(blended.items)
-        wanted = max(2 * wanted, int(1.5 * depth / share_kept) + depth)
+        wanted = max(2 * wanted, int(1.5 * k / share_kept) + k)
 
 
-def _apply_rules(result: Recommendation, selection: Selection, k: int) -> None:
-    """Replace `result`'s items by the first `k` after the selected rules change its candidate list.
+def _apply_rules(result: Recommendation, selection: Selection, k: int) -> bool:
+    """Replace `result`'s items (and sources) by the first `k` after the selected rules change its
+    candidate list; False when no selected rule concerns the list, which is then left as it is.
 
     The blocked items are out of the candidate list already (`_candidates`); the list is deeper than k
     when a boost or bury may apply (`Selection.depth_factor`). A rescored item's contributions are scaled
@@ -222,7 +223,7 @@ def _apply_rules(result: Recommendation, selection: Selection, k: int) -> None:
     candidates = result.candidate_ids
     rules = selection.rules_for(candidates)
     if not rules:
-        return
+        return False
     scores, contributions = result.candidate_scores, result.candidate_contributions
     placed = apply_rules(rules, list(zip(candidates, scores, strict=True)), k)
     position = {item: n for n, item in enumerate(candidates)}
@@ -244,3 +245,4 @@ def _apply_rules(result: Recommendation, selection: Selection, k: int) -> None:
         source if entry.item_id in position else SOURCE_RULE
         for entry, source in zip(placed, main_sources(result.contributions), strict=True)
     ]
+    return True
