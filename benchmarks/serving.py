@@ -581,6 +581,9 @@ def run(options: Options) -> Section:
         "RECSYS_ARTIFACT_ROOT": str(run_root),
         "RECSYS_SERVE_POLL_SECONDS": str(POLL_SECONDS),
         "RECSYS_EXPOSURE_LOG": "false",
+        # Decision traces are on, as deployed; written under this run's tree, so that every run starts
+        # below their daily cap (a run writes some hundreds of MB of them).
+        "RECSYS_RAW_ROOT": str(run_root.parent / "raw"),
     }
     hello = _start("hello-world", "benchmarks.serving:hello_app", {}, "/v1/recommendations")
     api = None
