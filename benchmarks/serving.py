@@ -14,7 +14,10 @@ orjson body, ignoring the query string):
   unknown users with context items, whose factors are folded in, some unknown users alone) vs the
   hello-world, runs alternating, best run of each reported;
 - a manifest swap under load: a new as-of day is published, then rolled back, while wrk runs; every
-  non-2xx response and socket error counts as a failed request.
+  non-2xx response and socket error counts as a failed request;
+- the same load with 1,000 active merchandising rules published (blocks, boosts and buries for everyone,
+  pins and replace lists for users of the request mix), in runs alternating with runs without rules (the
+  manifest rolled back and forth between them), reported as a ratio to the runs without rules.
 
 `wrk` is installed with apt-get when missing (only when this benchmark runs). The event-count sizes of
 `benchmarks.run --sizes` do not apply here.
@@ -75,6 +78,11 @@ SWAP_DURATION_SECONDS = 14
 POLL_SECONDS = 0.5
 DEFAULT_RUNS = 3
 REQUEST_PATHS = 2_000
+
+# The rules variant: how many active rules, of which action (the rest are pins and replace lists for
+# users of the request mix), and how many items each names.
+RULES_COUNT = 1_000
+RULES_MIX = (("block", 400, 1), ("boost", 300, 2), ("bury", 150, 2), ("pin", 100, 1), ("replace", 50, 5))
 
 # Thresholds this benchmark judges (the targets are listed in docs/benchmarks.md#targets), against the
 # hello-world measured in the same run: its throughput and its p99.
@@ -583,6 +591,9 @@ def run(options: Options) -> Section:
         "RECSYS_ARTIFACT_ROOT": str(run_root),
         "RECSYS_SERVE_POLL_SECONDS": str(POLL_SECONDS),
         "RECSYS_EXPOSURE_LOG": "false",
+        # Decision traces are on, as deployed; written under this run's tree, so that every run starts
+        # below their daily cap (a run writes some hundreds of MB of them).
+        "RECSYS_RAW_ROOT": str(run_root.parent / "raw"),
     }
     hello = _start("hello-world", "benchmarks.serving:hello_app", {}, "/v1/recommendations")
     api = None
@@ -619,13 +630,14 @@ def run(options: Options) -> Section:
             f"{_secs(swap.publish_seen_after_s)}, rollback seen after {_secs(swap.rollback_seen_after_s)}",
             flush=True,
         )
+        rules = _rules_variant(wrk, api, script, run_root, paths, runs, options.seed)
     finally:
         hello.stop()
         if api is not None:
             api.stop()
     counts = {kind: sum(of_kind == kind for of_kind, _ in paths) for kind, _ in MIX}
     topn_seconds = json.loads((home / "_built.json").read_text())["built"]["user_topn_seconds"]
-    return _render(machine, served, rss_mib, als_served, counts, mix, results, swap, topn_seconds)
+    return _render(machine, served, rss_mib, als_served, counts, mix, results, swap, topn_seconds, rules)
 
 
 def _swap_under_load(wrk: str, api: Server, script: Path, home: Path, run_root: Path) -> SwapResult:
@@ -681,6 +693,134 @@ def _swap_under_load(wrk: str, api: Server, script: Path, home: Path, run_root: 
     )
 
 
+@dataclass
+class RulesResult:
+    with_rules: list[WrkResult]
+    without: list[WrkResult]
+    checked: str  # what was checked before the load
+
+
+def _rules_document(run_root: Path, paths: list[tuple[str, str]], seed: int) -> dict:
+    """RULES_COUNT rules, all in force now (half of them inside a validity window), by RULES_MIX: blocks,
+    boosts and buries of random catalog items for every request; pins and replace lists for users of the
+    request mix. No pinned item is blocked (the validator refuses that)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from recsys_core.manifest import resolve_uri
+
+    manifest = _served_manifest(run_root)
+    als_dir = resolve_uri(run_root, TENANT, SURFACE, manifest["current"]["als"])
+    items = pq.read_table(als_dir / "items.parquet", columns=["item_id"])["item_id"].to_pylist()
+    users = sorted({path.split("user_id=")[1].split("&")[0] for kind, path in paths if kind == KNOWN_USERS})
+    rng = np.random.default_rng(seed)
+    now = dt.datetime.now(dt.UTC)
+    window = {
+        "from": (now - dt.timedelta(days=1)).isoformat(),
+        "until": (now + dt.timedelta(days=30)).isoformat(),
+    }
+    blocked: set[str] = set()
+    rules = []
+    for action, count, per_rule in RULES_MIX:
+        for n in range(count):
+            pool = items if action in ("block", "boost", "bury") else [i for i in items if i not in blocked]
+            chosen = [pool[i] for i in rng.choice(len(pool), size=per_rule, replace=False)]
+            rule: dict = {"id": f"{action}-{n}", "action": action, "items": chosen, "reason": "benchmark"}
+            if action == "block":
+                blocked.update(chosen)
+            if action == "boost":
+                rule["factor"] = round(float(rng.uniform(1.2, 3.0)), 2)
+            if action == "bury":
+                rule["factor"] = round(float(rng.uniform(0.2, 0.8)), 2)
+            if action == "pin":
+                rule["position"] = int(rng.integers(1, 6))
+            if action in ("pin", "replace"):
+                rule["audience"] = {"users": [users[int(rng.integers(len(users)))]]}
+            if n % 2:
+                rule |= window
+            rules.append(rule)
+    if len(rules) != RULES_COUNT:
+        raise BenchmarkError(f"RULES_MIX makes {len(rules)} rules, not {RULES_COUNT}")
+    return {"rules": rules}
+
+
+def _rules_variant(
+    wrk: str, api: Server, script: Path, run_root: Path, paths: list[tuple[str, str]], runs: int, seed: int
+) -> RulesResult:
+    """Publish RULES_COUNT rules; check they are applied; then wrk runs alternating with and without them
+    (the manifest rolled back to the one without rules, then forward again, between runs)."""
+    from recsys_core.rules import RulesDocument
+    from recsys_dagster.publishing.protocol import rollback
+    from recsys_dagster.publishing.rules import publish_rules
+
+    manifest_url = f"{api.url}/v1/manifest?tenant={TENANT}&surface={SURFACE}"
+    plain = _get_json(manifest_url)["manifest_version"]
+    document = _rules_document(run_root, paths, seed)
+    published = publish_rules(
+        run_root,
+        TENANT,
+        SURFACE,
+        RulesDocument.model_validate(document),
+        reason="benchmark",
+        actor="benchmark",
+    )
+    if published.action != "publish":
+        raise BenchmarkError(f"publishing the benchmark's rules: {published.message}")
+    ruled = published.manifest_version
+
+    def serve(version: str) -> None:
+        if _served_manifest(run_root)["manifest_version"] != version:
+            rollback(
+                run_root, TENANT, SURFACE, to_version=version, reason="benchmark rules", actor="benchmark"
+            )
+        deadline = time.monotonic() + 15
+        while _get_json(manifest_url)["manifest_version"] != version:
+            if time.monotonic() > deadline:
+                raise BenchmarkError(f"the server did not pick up manifest {version[:12]}")
+            time.sleep(0.05)
+
+    serve(ruled)
+    blocked = {i for rule in document["rules"] if rule["action"] == "block" for i in rule["items"]}
+    # The users with a replace list and no other rule of their own get exactly their list first.
+    targeted = [rule["audience"]["users"][0] for rule in document["rules"] if "audience" in rule]
+    vip = {
+        rule["audience"]["users"][0]: rule["items"]
+        for rule in document["rules"]
+        if rule["action"] == "replace" and targeted.count(rule["audience"]["users"][0]) == 1
+    }
+    touched = served_blocked = vip_ok = 0
+    for _, path in paths[: CHECKED_PER_KIND * 4]:
+        items = _get_json(api.url + path)["items"]
+        touched += any(item["rules"] for item in items)
+        served_blocked += any(item["item_id"] in blocked for item in items)
+    for user, listed in list(vip.items())[:10]:
+        items = _get_json(f"{api.url}/v1/recommendations?tenant={TENANT}&surface={SURFACE}&user_id={user}")[
+            "items"
+        ]
+        vip_ok += [item["item_id"] for item in items[: len(listed)]] == listed
+    checked = (
+        f"of the first {CHECKED_PER_KIND * 4} request paths, {touched} had an item changed by a rule and "
+        f"{served_blocked} a blocked item; {vip_ok} of {min(10, len(vip))} users with a replace list got it"
+    )
+    if served_blocked or not touched or vip_ok < min(10, len(vip)):
+        raise BenchmarkError(f"the rules are not applied as expected: {checked}")
+    print(f"[{NAME}] {RULES_COUNT:,} rules in force: {checked}", flush=True)
+    result = RulesResult([], [], checked)
+    for attempt in range(1, runs + 1):
+        for version, runs_of in ((ruled, result.with_rules), (plain, result.without)):
+            serve(version)
+            _wrk(wrk, api.url, script, WARMUP_SECONDS)
+            measured = _wrk(wrk, api.url, script, DURATION_SECONDS)
+            runs_of.append(measured)
+            label = f"{RULES_COUNT:,} rules" if version == ruled else "no rules"
+            print(
+                f"[{NAME}] rules run {attempt}/{runs} {label}: {measured.rps:,.0f} req/s, "
+                f"p50 {measured.p50_ms:.2f} ms, p99 {measured.p99_ms:.2f} ms, errors {measured.errors}",
+                flush=True,
+            )
+    return result
+
+
 def _rss_mib(pid: int) -> float:
     import psutil
 
@@ -702,6 +842,21 @@ def _met(ok: bool) -> str:
     return "met" if ok else "NOT MET"
 
 
+def _best_run_row(name: str, runs: list[WrkResult]) -> list[str]:
+    """A table row of the best run (by req/s) of `runs`: name, runs, req/s, latencies, requests, failed."""
+    r = max(runs, key=lambda run: run.rps)
+    return [
+        name,
+        str(len(runs)),
+        f"{r.rps:,.0f}",
+        f"{r.p50_ms:.2f}",
+        f"{r.p90_ms:.2f}",
+        f"{r.p99_ms:.2f}",
+        f"{r.requests:,}",
+        str(r.errors),
+    ]
+
+
 def _render(
     machine: str,
     served: dict,
@@ -712,24 +867,13 @@ def _render(
     results: dict[str, list[WrkResult]],
     swap: SwapResult,
     topn_seconds: dict[str, float],
+    rules: RulesResult,
 ) -> Section:
     best = {name: max(runs, key=lambda r: r.rps) for name, runs in results.items()}
     base, ours = best["hello-world"], best["recsys API"]
     ratio = ours.rps / base.rps
     headers = ["server", "runs", "req/s (best run)", "p50 ms", "p90 ms", "p99 ms", "requests", "failed"]
-    rows = [
-        [
-            name,
-            str(len(results[name])),
-            f"{r.rps:,.0f}",
-            f"{r.p50_ms:.2f}",
-            f"{r.p90_ms:.2f}",
-            f"{r.p99_ms:.2f}",
-            f"{r.requests:,}",
-            str(r.errors),
-        ]
-        for name, r in best.items()
-    ]
+    rows = [_best_run_row(name, results[name]) for name in best]
     all_runs = "; ".join(
         f"{name}: " + ", ".join(f"{r.rps:,.0f} req/s p99 {r.p99_ms:.2f} ms" for r in runs)
         for name, runs in results.items()
@@ -770,6 +914,36 @@ def _render(
             f"({swap.load.errors} failed of {swap.load.requests:,})",
         ],
     ]
+    with_rules = max(rules.with_rules, key=lambda r: r.rps)
+    without_rules = max(rules.without, key=lambda r: r.rps)
+    rules_headers = [
+        "manifest",
+        "runs",
+        "req/s (best run)",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "requests",
+        "failed",
+    ]
+    rules_rows = [
+        _best_run_row(f"{RULES_COUNT:,} active rules", rules.with_rules),
+        _best_run_row("no rules", rules.without),
+    ]
+    rules_rps_ratio = with_rules.rps / without_rules.rps
+    rules_p99_ratio = with_rules.p99_ms / without_rules.p99_ms
+    rules_vs_hello = with_rules.p99_ms / base.p99_ms
+    target_rows.append(
+        [
+            f"p99 recsys with {RULES_COUNT:,} active rules / hello-world <= {P99_RATIO_TARGET:.1f} at "
+            f"{CONNECTIONS} connections",
+            f"{_met(rules_vs_hello <= P99_RATIO_TARGET)} ({rules_vs_hello:.2f}: {with_rules.p99_ms:.2f} ms vs "
+            f"{base.p99_ms:.2f} ms)",
+        ]
+    )
+    rules_summary = (
+        f"With {RULES_COUNT:,} rules / without: throughput {rules_rps_ratio:.2f}, p99 {rules_p99_ratio:.2f}"
+    )
     # The als entry's rows count the rows of all its files; its size is stated above.
     rows_text = ", ".join(
         f"{kind} {entry['rows']:,}" for kind, entry in served["artifacts"].items() if kind != "als"
@@ -799,6 +973,13 @@ def _render(
         f"server serves it the manifest is rolled back; the server polls every {POLL_SECONDS:g} s. "
         "Failed = non-2xx responses + socket errors (connect, read, write, timeout).",
         f"All runs: {all_runs}.",
+        f"Rules: {RULES_COUNT:,} rules in force ("
+        + ", ".join(f"{count} {action}" for action, count, _ in RULES_MIX)
+        + "; blocks, boosts and buries apply to every request, pins and replace lists to one user of the "
+        "request mix each; half of the rules inside a validity window), published with `recsys rules "
+        f"publish`'s code on the served manifest. Checked before the load: {rules.checked}. Runs with and "
+        f"without the rules alternate ({WARMUP_SECONDS} s warm-up each, after the server picked up the "
+        "manifest); the best run of each is compared.",
         "Throughput and p99 targets are judged on the rows above: the best run (by req/s) of each server.",
         f"wrk keeps all {CONNECTIONS} connections busy, so the mean latency is about {CONNECTIONS} / req/s: "
         f"recsys API {CONNECTIONS / ours.rps * 1e3:.2f} ms, hello-world {CONNECTIONS / base.rps * 1e3:.2f} ms "
@@ -814,6 +995,10 @@ def _render(
             "",
             "Manifest swap under load",
             text_table(swap_headers, swap_rows),
+            "",
+            f"{RULES_COUNT:,} active merchandising rules",
+            text_table(rules_headers, rules_rows),
+            rules_summary,
             "",
             "Targets (docs/benchmarks.md#targets)",
             text_table(target_headers, target_rows),
@@ -836,6 +1021,12 @@ def _render(
             "Manifest swap under load (publish a new as-of day, then roll back):",
             "",
             markdown_table(swap_headers, swap_rows),
+            "",
+            f"{RULES_COUNT:,} active merchandising rules, runs alternating with runs without rules:",
+            "",
+            markdown_table(rules_headers, rules_rows),
+            "",
+            f"{rules_summary}.",
             "",
             "Targets (see [Targets](#targets)):",
             "",

@@ -252,10 +252,13 @@ class Placed:
 
 def applicable(document: RulesDocument, request: Request) -> list[Rule]:
     """The rules that apply to `request`, in document order."""
-    return [rule for rule in document.rules if rule.active_at(request.when) and _matches(rule, request)]
+    return [
+        rule for rule in document.rules if rule.active_at(request.when) and audience_matches(rule, request)
+    ]
 
 
-def _matches(rule: Rule, request: Request) -> bool:
+def audience_matches(rule: Rule, request: Request) -> bool:
+    """Whether `request` is in `rule`'s audience (its validity window aside)."""
     audience = rule.audience
     if audience is None:
         return True

@@ -352,6 +352,10 @@ class Settings:
     # Where the Dagster instance keeps runs, event logs and schedules: a PostgreSQL URL, or None for
     # SQLite files under dagster_home.
     postgres_url: str | None = None
+    # API server: the share of recommendation responses that get a decision trace (0 = none, 1 = all),
+    # and the traces' daily cap in the landing zone (docs/reference/decisions.md).
+    decision_sample_rate: float = 1.0
+    decision_max_bytes_per_day: int = 1 << 30
     # The bearer token of the admin API (RECSYS_ADMIN_TOKEN); None: the admin API is off. Kept out of the
     # settings' repr, so that printing or logging the settings never shows it.
     admin_token: str | None = field(default=None, repr=False)
@@ -421,6 +425,16 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         tuned_file=tuned if applied else None,
         executor=_parse_choice("RECSYS_EXECUTOR", env.get("RECSYS_EXECUTOR"), EXECUTORS),
         postgres_url=_parse_postgres_url(env.get("RECSYS_POSTGRES_URL")),
+        decision_sample_rate=_parse_fraction(
+            "RECSYS_DECISION_SAMPLE_RATE", env.get("RECSYS_DECISION_SAMPLE_RATE"), 1.0
+        ),
+        decision_max_bytes_per_day=_parse_whole(
+            "RECSYS_DECISION_MAX_BYTES_PER_DAY",
+            env.get("RECSYS_DECISION_MAX_BYTES_PER_DAY"),
+            1 << 30,
+            1 << 50,
+            "bytes",
+        ),
         admin_token=_parse_admin_token(env.get("RECSYS_ADMIN_TOKEN")),
         max_concurrent_runs=_parse_whole(
             "RECSYS_MAX_CONCURRENT_RUNS",
@@ -793,13 +807,28 @@ MAX_SECONDS = 3600.0
 def _parse_seconds(var: str, value: str | None, default: float) -> float:
     if not value:
         return default
-    try:
-        parsed = float(value)
-    except ValueError:
-        parsed = math.nan
+    parsed = _float_or_nan(value)
     if not 0 < parsed <= MAX_SECONDS:  # also refuses nan and inf
         raise ConfigError(f"{var}: expected a number of seconds > 0 and <= {MAX_SECONDS:g}, got {value!r}")
     return parsed
+
+
+def _parse_fraction(var: str, value: str | None, default: float) -> float:
+    """A number from 0 to 1; `default` if unset."""
+    if not value:
+        return default
+    parsed = _float_or_nan(value)
+    if not 0 <= parsed <= 1:  # also refuses nan
+        raise ConfigError(f"{var}: expected a number from 0 to 1, got {value!r}")
+    return parsed
+
+
+def _float_or_nan(value: str) -> float:
+    """`value` as a number; nan (which every range check refuses) when it is not one."""
+    try:
+        return float(value)
+    except ValueError:
+        return math.nan
 
 
 def _parse_whole(var: str, value: str | None, default: int, maximum: int, unit: str) -> int:

@@ -81,11 +81,12 @@ def require_admin(request: Request) -> None:
         raise Unauthorized("the bearer token is not the admin token")
 
 
-def include_admin(app: FastAPI) -> None:
-    """Serve the admin routes on `app`, each behind `require_admin`, and document them in its OpenAPI."""
+def include_admin(app: FastAPI, audit: APIRouter) -> None:
+    """Serve the admin routes on `app`, each behind `require_admin`, and document them in its OpenAPI:
+    the rules routes and `audit` (GET /v1/audit/decisions, recsys_serving/audit.py)."""
     router = APIRouter(dependencies=[Depends(require_admin)])
     router.include_router(rules_router())
-    # GET /v1/audit/decisions (recsys_serving/audit.py) is included here, behind the same dependency.
+    router.include_router(audit)
     app.include_router(router)
     app.add_exception_handler(Unauthorized, _unauthorized)
     _document(app, router)

@@ -25,12 +25,14 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from recsys_core.settings import Settings, load_settings
+from recsys_serving.audit import audit_router
 from recsys_serving.exposures import ExposureWriter
 from recsys_serving.metrics import ServingMetrics, shared_metrics_dir
 from recsys_serving.middleware import MeteredMount, RequestContextMiddleware
 from recsys_serving.problems import Problem, invalid_request, problem_response
 from recsys_serving.routes import Endpoints, include_routes
 from recsys_serving.store import ArtifactStore
+from recsys_serving.traces import DecisionWriter
 
 log = logging.getLogger(__name__)
 
@@ -48,19 +50,33 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     The artifacts are loaded when the app starts (lifespan), before it accepts connections; a daemon
     thread then polls for new manifests every `settings.serve_poll_seconds`. With
-    `settings.exposure_log`, recommendation responses are logged to `settings.raw_root`. In a worker of
-    `recsys serve --workers N`, /metrics reports all the workers (`metrics.shared_metrics_dir`).
+    `settings.exposure_log`, recommendation responses are logged to `settings.raw_root`, and with a
+    `settings.decision_sample_rate` above 0 they are traced there too (`traces`). In a worker of
+    `recsys serve --workers N`, /metrics reports all the workers (`metrics.shared_metrics_dir`). The audit
+    endpoint is served only with an admin token configured.
     """
     settings = settings or load_settings()
     store = ArtifactStore(
-        settings.artifact_root, settings.serve_poll_seconds, weights=settings.pipeline.blend
+        settings.artifact_root,
+        settings.serve_poll_seconds,
+        weights=settings.pipeline.blend,
+        cold_start_max_interactions=settings.pipeline.guardrails.cold_start_max_interactions,
     )
     exposures = (
         ExposureWriter(settings.raw_root, max_bytes_per_day=settings.exposure_max_bytes_per_day)
         if settings.exposure_log
         else None
     )
-    metrics = ServingMetrics(store, exposures, shared_metrics_dir())
+    decisions = (
+        DecisionWriter(
+            settings.raw_root,
+            sample_rate=settings.decision_sample_rate,
+            max_bytes_per_day=settings.decision_max_bytes_per_day,
+        )
+        if settings.decision_sample_rate > 0
+        else None
+    )
+    metrics = ServingMetrics(store, exposures, shared_metrics_dir(), decisions)
     app = FastAPI(
         title="recsys API",
         version=API_VERSION,
@@ -88,14 +104,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.store = store
     app.state.exposures = exposures
+    app.state.decisions = decisions
     app.state.metrics = metrics
-    fast_routes = include_routes(app, Endpoints(store, exposures, metrics, settings.pipeline.blend))
+    fast_routes = include_routes(
+        app, Endpoints(store, exposures, metrics, settings.pipeline.blend, decisions)
+    )
     _include_docs(app)
     if settings.admin_token is not None:
         # Only then: the admin API (rules publishing) is not even imported by a server without it.
         from recsys_serving.admin import include_admin
 
-        include_admin(app)
+        include_admin(app, audit_router(decisions, settings.lake_root))
     app.add_middleware(RequestContextMiddleware, metrics=metrics, fast_routes=fast_routes)
     return app
 
@@ -104,23 +123,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     store: ArtifactStore = app.state.store
     exposures: ExposureWriter | None = app.state.exposures
+    decisions: DecisionWriter | None = app.state.decisions
     metrics: ServingMetrics = app.state.metrics
     await run_in_threadpool(store.refresh)
     # Loaded artifacts live as long as they are served: keep the collector from rescanning them.
     gc.collect()
     gc.freeze()
     store.start()
-    if exposures is not None:
-        exposures.start()
+    for writer in (exposures, decisions):
+        if writer is not None:
+            writer.start()
     metrics.start()
     try:
         yield
     finally:
         # The server runs this once every in-flight request has been answered (or the shutdown grace
-        # period is over), so the exposure log holds every response sent.
+        # period is over), so the exposure log and the decision traces hold every response sent.
         store.stop()
-        if exposures is not None:
-            await run_in_threadpool(exposures.close)
+        for writer in (exposures, decisions):
+            if writer is not None:
+                await run_in_threadpool(writer.close)
         await run_in_threadpool(metrics.stop)
         # Frozen objects are never collected, not even when the interpreter exits: give them back to the
         # collector, so that what this process held before the app started (in the test suite, DuckDB

@@ -57,7 +57,13 @@ class Blended:
 
     def sources(self) -> list[str]:
         """The main source of each item: the one that contributed most (ties: als, cooc, popularity)."""
-        return [_main_source(c) for c in self.contributions]
+        return main_sources(self.contributions)
+
+
+def main_sources(contributions: list[dict[str, float]]) -> list[str]:
+    """The main source of each of `contributions`: the one that contributed most (ties: als, cooc,
+    popularity)."""
+    return [_main_source(c) for c in contributions]
 
 
 def _main_source(contribution: dict[str, float]) -> str:

@@ -1,5 +1,6 @@
-"""Prometheus metrics of the API: request counts and latencies, recommendation fallbacks, and the state
-of the served manifests and of the exposure log (read from their owners at scrape time).
+"""Prometheus metrics of the API: request counts and latencies, recommendation fallbacks, merchandising
+rule applications, and the state of the served manifests, of the exposure log and of the decision traces
+(read from their owners at scrape time).
 
 A process serving alone keeps everything in memory. The workers of `recsys serve --workers N` share a
 directory (`PROMETHEUS_MULTIPROC_DIR`, made by `recsys_serving.server.serve`), so that a scrape, whichever
@@ -7,7 +8,7 @@ worker answers it, reports the whole server:
 
 - request counters and latency histograms use prometheus_client's multiprocess mode: each worker's values
   live in memory-mapped files there, summed at scrape time (a worker that died still counts);
-- the state read from the store and the exposure writer is written by each worker to a small JSON file
+- the state read from the store and the log writers is written by each worker to a small JSON file
   there (`worker-<pid>-<token>.json`) every WORKER_STATE_SECONDS, when it answers a scrape, and when it
   stops. Counters are summed over every worker that ever ran; gauges are reported per live worker, with a
   `pid` label. A worker whose file is older than WORKER_LIVE_SECONDS, or that stopped, is not live.
@@ -39,8 +40,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from recsys_serving.exposures import ExposureWriter
+from recsys_serving.landing import LandingWriter
 from recsys_serving.server import MULTIPROCESS_DIR_VARIABLE
 from recsys_serving.store import ArtifactStore
+from recsys_serving.traces import DecisionWriter
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 # How often a worker writes its state for the others, and how old a state may be for its worker to count
@@ -59,6 +62,18 @@ EXPOSURE_COUNTERS = (
     ("recsys_exposure_write_errors", "Failed exposure log writes", "write_errors"),
     ("recsys_exposure_files_published", "Exposure files made visible", "files_published"),
 )
+# The same counters of the decision log's writer (one line per traced response).
+DECISION_COUNTERS = (
+    ("recsys_decision_traces_written", "Decision traces written to raw landing", "events_written"),
+    ("recsys_decision_traces_dropped", "Decision traces not logged: queue full", "responses_dropped"),
+    (
+        "recsys_decision_traces_over_cap",
+        "Decision traces not written: the day's log reached RECSYS_DECISION_MAX_BYTES_PER_DAY",
+        "events_over_cap",
+    ),
+    ("recsys_decision_write_errors", "Failed decision log writes", "write_errors"),
+    ("recsys_decision_files_published", "Decision trace files made visible", "files_published"),
+)
 
 
 def shared_metrics_dir() -> Path | None:
@@ -73,7 +88,11 @@ class ServingMetrics:
     """Prometheus metrics of one app (its own registry, so several apps can live in one process)."""
 
     def __init__(
-        self, store: ArtifactStore, exposures: ExposureWriter | None, shared_dir: Path | None = None
+        self,
+        store: ArtifactStore,
+        exposures: ExposureWriter | None,
+        shared_dir: Path | None = None,
+        decisions: DecisionWriter | None = None,
     ) -> None:
         # `*_created` series double the size of /metrics and no dashboard here uses them (a process-wide
         # switch of prometheus_client).
@@ -98,11 +117,20 @@ class ServingMetrics:
             ["tenant", "surface", "reason"],
             registry=self.registry,
         )
+        # Labelled by rule id: a published document holds at most recsys_core.rules.MAX_RULES rules, so
+        # the series stay bounded by what merchandisers publish, never by what clients send.
+        self.rule_applications = Counter(
+            "recsys_rule_applications",
+            "Recommendation responses in which a merchandising rule changed a returned item",
+            ["tenant", "surface", "rule_id"],
+            registry=self.registry,
+        )
         self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self._fallback_children: dict[tuple[str, str, str], Any] = {}
+        self._rule_children: dict[tuple[str, str, str], Any] = {}
 
         def sample() -> WorkerState:
-            return WorkerState.of(store, exposures)
+            return WorkerState.of(store, exposures, decisions)
 
         self.workers: SharedWorkerStates | None = None
         if shared_dir is None:
@@ -142,6 +170,16 @@ class ServingMetrics:
             child = self._fallback_children[key] = self.fallbacks.labels(*key)
         child.inc()
 
+    def rules_applied(self, tenant: str, surface: str, rule_ids: list[list[str]]) -> None:
+        """Count each rule that touched one of a response's items once."""
+        children = self._rule_children
+        for rule_id in {rule_id for ids in rule_ids for rule_id in ids}:
+            key = (tenant, surface, rule_id)
+            child = children.get(key)
+            if child is None:
+                child = children[key] = self.rule_applications.labels(*key)
+            child.inc()
+
     def render(self) -> bytes:
         return generate_latest(self.exposition)
 
@@ -172,17 +210,21 @@ class TargetLoads:
 
 @dataclass(frozen=True)
 class WorkerState:
-    """The served manifests, load bookkeeping and exposure log counts of one worker at one moment."""
+    """The served manifests, load bookkeeping and log counts of one worker at one moment."""
 
     served: tuple[ServedTarget, ...]
     loads: tuple[TargetLoads, ...]
     poll_errors: int
-    # ExposureWriter counter attribute -> value, and the queue length; None with the exposure log off.
+    # Each log writer's counter attribute -> value, and its queue length; None with the log off.
     exposure_counts: dict[str, int] | None
     exposure_pending: int | None
+    decision_counts: dict[str, int] | None = None
+    decision_pending: int | None = None
 
     @classmethod
-    def of(cls, store: ArtifactStore, exposures: ExposureWriter | None) -> WorkerState:
+    def of(
+        cls, store: ArtifactStore, exposures: ExposureWriter | None, decisions: DecisionWriter | None = None
+    ) -> WorkerState:
         return cls(
             served=tuple(
                 ServedTarget(
@@ -201,10 +243,10 @@ class WorkerState:
                 TargetLoads(s.tenant, s.surface, s.loads, s.failures, s.failing) for s in store.statuses()
             ),
             poll_errors=store.poll_errors,
-            exposure_counts=None
-            if exposures is None
-            else {attribute: getattr(exposures, attribute) for _, _, attribute in EXPOSURE_COUNTERS},
+            exposure_counts=_counts(exposures, EXPOSURE_COUNTERS),
             exposure_pending=None if exposures is None else exposures.pending,
+            decision_counts=_counts(decisions, DECISION_COUNTERS),
+            decision_pending=None if decisions is None else decisions.pending,
         )
 
     @classmethod
@@ -215,7 +257,15 @@ class WorkerState:
             poll_errors=data["poll_errors"],
             exposure_counts=data["exposure_counts"],
             exposure_pending=data["exposure_pending"],
+            decision_counts=data.get("decision_counts"),
+            decision_pending=data.get("decision_pending"),
         )
+
+
+def _counts(
+    writer: LandingWriter[Any] | None, counters: tuple[tuple[str, str, str], ...]
+) -> dict[str, int] | None:
+    return None if writer is None else {attribute: getattr(writer, attribute) for _, _, attribute in counters}
 
 
 @dataclass(frozen=True)
@@ -359,14 +409,29 @@ class _StateCollector:
         polls.add_metric([], sum(r.state.poll_errors for r in reports))
         yield from (info, age, loaded, items, users, loads, failures, failing, polls)
 
-        writing = [r for r in reports if r.state.exposure_counts is not None]
-        if writing:
-            for name, help_text, attribute in EXPOSURE_COUNTERS:
+        logs = (
+            (
+                "exposure",
+                EXPOSURE_COUNTERS,
+                "recsys_exposure_pending_responses",
+                "Responses queued for the log",
+            ),
+            ("decision", DECISION_COUNTERS, "recsys_decision_pending_traces", "Traces queued for the log"),
+        )
+        for log_name, counters, pending_name, pending_help in logs:
+            states = [
+                (report, counts, getattr(report.state, f"{log_name}_pending"))
+                for report in reports
+                if (counts := getattr(report.state, f"{log_name}_counts")) is not None
+            ]
+            if not states:
+                continue
+            for name, help_text, attribute in counters:
                 family = CounterMetricFamily(name, help_text)
-                family.add_metric([], sum((r.state.exposure_counts or {})[attribute] for r in writing))
+                family.add_metric([], sum(counts[attribute] for _, counts, _ in states))
                 yield family
-            pending = worker_gauge("recsys_exposure_pending_responses", "Responses queued for the log", [])
-            for report in writing:
+            pending = worker_gauge(pending_name, pending_help, [])
+            for report, _, queued in states:
                 if report.live:
-                    pending.add_metric(pid(report), report.state.exposure_pending or 0)
+                    pending.add_metric(pid(report), queued or 0)
             yield pending

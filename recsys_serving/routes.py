@@ -12,6 +12,7 @@ apps can live in one process, and reading an attribute of `self` is nearly free,
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,6 +59,7 @@ from recsys_serving.schemas import (
     SimilarResponse,
 )
 from recsys_serving.store import ArtifactStore, LoadedTarget
+from recsys_serving.traces import Decision, DecisionWriter
 
 EndpointMethod = TypeVar("EndpointMethod", bound=Callable[..., Any])
 
@@ -107,13 +109,15 @@ def include_routes(app: FastAPI, endpoints: Endpoints) -> dict[str, Route]:
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
+            # The FastAPI routes and routers the app includes (the audit endpoint, when enabled) document
+            # themselves; the plain routes above are documented by `documented`'s twins.
             app.openapi_schema = _errors_as_problem_json(
                 get_openapi(
                     title=app.title,
                     version=app.version,
                     summary=app.summary,
                     description=app.description,
-                    routes=documented.routes,
+                    routes=[*documented.routes, *app.routes],
                 )
             )
         return app.openapi_schema
@@ -139,6 +143,10 @@ def _errors_as_problem_json(spec: dict[str, Any]) -> dict[str, Any]:
     return spec
 
 
+# The request parameters a decision trace records (tenant, surface and user have fields of their own).
+_TRACED_PARAMS = ("k", "exclude_seen", "context_items", "session_id")
+
+
 def _scored_items(item_ids: list[str], scores: list[float], sources: list[str]) -> list[dict[str, Any]]:
     return [
         {"item_id": item_id, "score": score, "source": source}
@@ -159,7 +167,8 @@ def _respond(target: LoadedTarget, body: dict[str, Any]) -> Response:
 
 
 class Endpoints:
-    """The API's endpoints over one app's store, exposure writer (None: no exposure log) and metrics."""
+    """The API's endpoints over one app's store, exposure writer (None: no exposure log), metrics and
+    decision trace writer (None: no traces)."""
 
     def __init__(
         self,
@@ -167,11 +176,13 @@ class Endpoints:
         exposures: ExposureWriter | None,
         metrics: ServingMetrics,
         weights: BlendWeights,
+        decisions: DecisionWriter | None = None,
     ) -> None:
         self.store = store
         self.exposures = exposures
         self.metrics = metrics
         self.weights = weights
+        self.decisions = decisions
 
     def _resolve(self, tenant: str, surface: str) -> LoadedTarget:
         snapshot = self.store.snapshot
@@ -188,11 +199,12 @@ class Endpoints:
             f"surface {surface!r} is not served for tenant {tenant!r} (served: {', '.join(surfaces)})",
         )
 
-    def _recommendations(self, scope: Scope, args: dict[str, Any]) -> Response:
+    def _recommendations(self, scope: Scope, args: dict[str, Any], endpoint: str) -> Response:
         """GET /v1/recommendations and POST /v1/recommend once their parameters are parsed."""
         tenant, surface, user_id, k = args["tenant"], args["surface"], args["user_id"], args["k"]
         target = self._resolve(tenant, surface)
         request_id = scope["state"]["request_id"]
+        now = dt.datetime.now(dt.UTC)
         result = recommender.recommend(
             target,
             user_id=user_id,
@@ -200,9 +212,33 @@ class Endpoints:
             k=k,
             exclude_seen=args["exclude_seen"],
             weights=target.blend or self.weights,
+            rules_at=now,
         )
         for warning in result.warnings:
             self.metrics.fallback(tenant, surface, warning["code"])
+        rule_ids = result.rule_ids
+        if rule_ids:
+            self.metrics.rules_applied(tenant, surface, rule_ids)
+        else:
+            # One shared empty list: the items' `rules` when no rule touched any of them.
+            rule_ids = [[]] * len(result.item_ids)
+        decisions = self.decisions
+        if decisions is not None and decisions.sampled(request_id):
+            params = {name: args[name] for name in _TRACED_PARAMS}
+            decisions.record(
+                Decision(
+                    now.timestamp(),
+                    request_id,
+                    tenant,
+                    surface,
+                    user_id,
+                    endpoint,
+                    params,
+                    target.manifest_version,
+                    target.artifact_versions,
+                    result,
+                )
+            )
         if self.exposures is not None and result.item_ids:
             self.exposures.record(
                 tenant=tenant,
@@ -223,9 +259,20 @@ class Endpoints:
                 "as_of": target.as_of,
                 "request_id": request_id,
                 "items": [
-                    {"item_id": item_id, "score": score, "source": source, "sources": contribution}
-                    for item_id, score, source, contribution in zip(
-                        result.item_ids, result.scores, result.sources, result.contributions, strict=True
+                    {
+                        "item_id": item_id,
+                        "score": score,
+                        "source": source,
+                        "sources": contribution,
+                        "rules": rules,
+                    }
+                    for item_id, score, source, contribution, rules in zip(
+                        result.item_ids,
+                        result.scores,
+                        result.sources,
+                        result.contributions,
+                        rule_ids,
+                        strict=True,
                     )
                 ],
                 "warnings": result.warnings,
@@ -244,7 +291,9 @@ class Endpoints:
         """Co-occurrence neighbours of the user's most recent items (or of the context items), weighted
         by recency, then popular items to fill; the user's seen items are excluded by default; ties are
         broken by item id. An unknown user (or none) gets popular items with a warning."""
-        return self._recommendations(request.scope, parse_query(request.scope, RECOMMEND_PARAMS))
+        return self._recommendations(
+            request.scope, parse_query(request.scope, RECOMMEND_PARAMS), "recommendations"
+        )
 
     @_route(
         "POST",
@@ -283,7 +332,7 @@ class Endpoints:
                     for key in unknown
                 ]
             )
-        return self._recommendations(request.scope, parse(RECOMMEND_PARAMS, body, "body"))
+        return self._recommendations(request.scope, parse(RECOMMEND_PARAMS, body, "body"), "recommend")
 
     @_route(
         "GET",

@@ -48,8 +48,20 @@ class ScoredItem(BaseModel):
 
 
 class BlendedItem(ScoredItem):
+    score: float | None = Field(  # type: ignore[assignment]  # a rule may place an item without a score
+        description="The blended score (sum of `sources`), after any boost or bury; null for an item a "
+        "merchandising rule placed that the blend did not score"
+    )
+    source: str = Field(
+        description="als, cooc or popularity: the source that contributed most; rule: placed by a rule "
+        "without a score"
+    )
     sources: dict[str, float] = Field(
         description="Each contributing source (als, cooc, popularity) and its weighted share of `score`"
+    )
+    rules: list[str] = Field(
+        description="The ids of the merchandising rules that changed this item (pin, replace, boost, bury), "
+        "in the rules document's order; empty when none did"
     )
 
 

@@ -12,6 +12,9 @@ re-reads every `manifest.json` each poll interval and loads a changed manifest o
 version that fails to load leaves the previous one serving; the failure is kept (and retried after a
 back-off) for /readyz and /metrics.
 
+A manifest may also name a `rules` artifact (merchandising rules, `recsys_core.rules`): it is parsed and
+indexed once at load (`recsys_serving.rules.ServedRules`); a manifest without one serves without rules.
+
 Reading manifests and resolving URIs goes through `recsys_core.manifest`, which imports no Dagster.
 """
 
@@ -34,7 +37,9 @@ import pyarrow.parquet as pq
 
 from recsys_core.kinds import ARTIFACT_KINDS, BLEND_SOURCES, KINDS, REQUIRED_KINDS, USER_TOPN, ArtifactKind
 from recsys_core.manifest import Manifest, list_targets, read_current, read_meta, resolve_uri, verify_artifact
-from recsys_core.settings import BlendWeights
+from recsys_core.rules import RULES_KIND, RulesDocument, RulesError, read_published_rules
+from recsys_core.settings import BlendWeights, GuardrailsConfig
+from recsys_serving.rules import ServedRules
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +47,8 @@ log = logging.getLogger(__name__)
 # manifest (published by a newer pipeline) are listed as not served rather than refused, so publishing a
 # new kind never breaks serving.
 SERVED_KINDS = KINDS
+# The segment rule of a rules audience, unless the server is told otherwise (docs/reference/rules.md).
+DEFAULT_COLD_START_MAX_INTERACTIONS = GuardrailsConfig().cold_start_max_interactions
 
 _EMPTY_I32 = np.empty(0, dtype=np.int32)
 _EMPTY_F64 = np.empty(0, dtype=np.float64)
@@ -171,6 +178,10 @@ class LoadedTarget:
     cooc_score_list: list[float]
     popular_list: list[int]
     popular_score_list: list[float]
+    # The version of every artifact served, by kind (what a decision trace records).
+    artifact_versions: dict[str, str] = field(default_factory=dict)
+    # The manifest's merchandising rules, indexed; None when it has no `rules` artifact.
+    rules: ServedRules | None = None
 
     @property
     def n_items(self) -> int:
@@ -290,11 +301,13 @@ class ArtifactStore:
         *,
         retry_seconds: float | None = None,
         weights: BlendWeights | None = None,
+        cold_start_max_interactions: int = DEFAULT_COLD_START_MAX_INTERACTIONS,
     ) -> None:
         if not poll_seconds > 0:
             raise ValueError(f"poll_seconds must be > 0, got {poll_seconds!r}")
         self.artifact_root = Path(artifact_root)
         self.poll_seconds = float(poll_seconds)
+        self.cold_start_max_interactions = cold_start_max_interactions
         # A version that failed is retried after this long (a rebuilt artifact directory may fix it).
         self.retry_seconds = (
             float(retry_seconds) if retry_seconds is not None else max(30.0, 5 * poll_seconds)
@@ -370,7 +383,14 @@ class ArtifactStore:
             if status.failing and status.failing_version == version and now < status.retry_at:
                 continue
             try:
-                target = load_target(self.artifact_root, tenant, surface, manifest, weights=self.weights)
+                target = load_target(
+                    self.artifact_root,
+                    tenant,
+                    surface,
+                    manifest,
+                    weights=self.weights,
+                    cold_start_max_interactions=self.cold_start_max_interactions,
+                )
             except Exception as exc:  # any failure to load keeps the last good version serving
                 self._record_failure(status, version, str(exc), now)
                 continue
@@ -446,11 +466,13 @@ def load_target(
     manifest: Manifest,
     *,
     weights: BlendWeights | None = None,
+    cold_start_max_interactions: int = DEFAULT_COLD_START_MAX_INTERACTIONS,
 ) -> LoadedTarget:
     """Verify and load the artifacts `manifest` names into a `LoadedTarget`; `LoadError` if unusable.
 
     `weights`: the blend weights requests will be ranked with when the manifest records none; a
     `user_topn` computed with other weights than those in force is not loaded (the live blend serves).
+    `cold_start_max_interactions` puts users in the segments that rules audiences name.
     """
     started = time.perf_counter()
     current: Mapping[str, str] = manifest["current"]
@@ -552,6 +574,17 @@ def load_target(
     else:
         topn_note = "the manifest has no user_topn artifact"
 
+    rules = (
+        ServedRules(
+            manifest["artifacts"][RULES_KIND]["version"],
+            _read_rules(artifact_root, tenant, surface, manifest),
+            item_index,
+            cold_start_max_interactions,
+        )
+        if RULES_KIND in current
+        else None
+    )
+    kinds = tuple(kind for kind in SERVED_KINDS if kind in current) + ((RULES_KIND,) if rules else ())
     updated_at = str(manifest.get("updated_at", ""))
     return LoadedTarget(
         tenant=tenant,
@@ -564,8 +597,8 @@ def load_target(
         updated_at_epoch=_epoch(updated_at),
         loaded_at=time.time(),
         load_seconds=time.perf_counter() - started,
-        kinds=tuple(kind for kind in SERVED_KINDS if kind in current),
-        ignored_kinds=tuple(sorted(kind for kind in current if kind not in SERVED_KINDS)),
+        kinds=kinds,
+        ignored_kinds=tuple(sorted(kind for kind in current if kind not in kinds)),
         item_ids=item_ids,
         item_index=item_index,
         popular_items=pop_items,
@@ -587,7 +620,29 @@ def load_target(
         cooc_score_list=cooc_scores.tolist(),
         popular_list=pop_items.tolist(),
         popular_score_list=pop_scores.tolist(),
+        artifact_versions={
+            kind: str(manifest["artifacts"][kind]["version"])
+            for kind in kinds
+            if kind in manifest["artifacts"]
+        },
+        rules=rules,
     )
+
+
+def _read_rules(artifact_root: Path, tenant: str, surface: str, manifest: Manifest) -> RulesDocument:
+    """The rules document of a verified `rules` artifact (parsed and validated again: a document that
+    reached the artifact root some other way than `recsys rules publish` is refused, not served)."""
+    uri = manifest["current"][RULES_KIND]
+    folder = resolve_uri(artifact_root, tenant, surface, uri)
+    problems = verify_artifact(folder, required_nonempty=False)
+    if problems:
+        raise LoadError(f"rules artifact {uri} is not valid: {'; '.join(problems)}")
+    if read_meta(folder).get("version") != manifest["artifacts"][RULES_KIND]["version"]:
+        raise LoadError(f"rules artifact {uri}: meta.json version does not match the manifest's")
+    try:
+        return read_published_rules(folder)
+    except RulesError as exc:
+        raise LoadError(f"rules artifact {uri}: {exc}") from exc
 
 
 def _read_artifact(artifact_root: Path, tenant: str, surface: str, manifest: Manifest, kind: str) -> pa.Table:
