@@ -258,7 +258,7 @@ def rules_dry_run(
             exclude_seen=replay.exclude_seen,
             weights=weights,
         )
-        candidates = list(zip(blended.item_ids, blended.scores, strict=True))
+        candidates = list(zip(blended.candidate_ids, blended.candidate_scores, strict=True))
         before = apply_rules(before_rules, candidates_for(before_rules, candidates, replay.k), replay.k)
         after = apply_rules(after_rules, candidates_for(after_rules, candidates, replay.k), replay.k)
         if [p.item_id for p in before] == [p.item_id for p in after]:

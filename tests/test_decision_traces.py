@@ -42,6 +42,8 @@ from recsys_serving.traces import DecisionWriter
 
 TOKEN = "s3cret-admin-token"
 AUDIT = f"/v1/audit/decisions?tenant={TENANT}&surface={SURFACE}"
+# The audit endpoint is an admin route: every lookup carries the admin token.
+ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 MAX_LINE = 1 << 20
 
 
@@ -85,7 +87,9 @@ def server(home: Path, **env: str) -> Iterator[httpx.Client]:
 
 
 def audit(client: httpx.Client, **params: str) -> list[dict]:
-    response = client.get(AUDIT + "".join(f"&{name}={value}" for name, value in params.items()))
+    response = client.get(
+        AUDIT + "".join(f"&{name}={value}" for name, value in params.items()), headers=ADMIN
+    )
     assert response.status_code == 200, response.text
     return response.json()["decisions"]
 
@@ -182,10 +186,10 @@ def test_a_trace_in_memory_and_in_the_lake_is_answered_once(clone: Path, publish
         client.get(recs_url(user_id=user), headers={"X-Request-Id": "twice"})
         writer: DecisionWriter = client.app.state.decisions
         writer.flush(publish_all=True)
-        (from_memory,) = client.get(AUDIT + "&request_id=twice").json()["decisions"]
+        (from_memory,) = client.get(AUDIT + "&request_id=twice", headers=ADMIN).json()["decisions"]
         land_decisions(clone / "raw", clone / "lake", dt.datetime.now(dt.UTC).date(), MAX_LINE)
         assert find_decisions(clone / "lake", TENANT, SURFACE, request_id="twice") == [from_memory]
-        assert client.get(AUDIT + "&request_id=twice").json()["decisions"] == [from_memory]
+        assert client.get(AUDIT + "&request_id=twice", headers=ADMIN).json()["decisions"] == [from_memory]
 
 
 def test_the_audit_endpoint_exists_only_with_an_admin_token(clone: Path) -> None:
@@ -193,7 +197,8 @@ def test_the_audit_endpoint_exists_only_with_an_admin_token(clone: Path) -> None
         assert client.get(AUDIT + "&request_id=x").status_code == 404
         assert "/v1/audit/decisions" not in client.get("/openapi.json").json()["paths"]
     with TestClient(create_app(settings_for(clone, RECSYS_ADMIN_TOKEN=TOKEN))) as client:
-        assert client.get(AUDIT + "&request_id=x").status_code == 200
+        assert client.get(AUDIT + "&request_id=x").status_code == 401
+        assert client.get(AUDIT + "&request_id=x", headers=ADMIN).status_code == 200
         documented = client.get("/openapi.json").json()["paths"]["/v1/audit/decisions"]["get"]
         assert {p["name"] for p in documented["parameters"]} >= {"tenant", "surface", "request_id", "user_id"}
         assert TOKEN not in repr(client.app.state.settings)
@@ -211,9 +216,9 @@ def test_the_audit_endpoint_exists_only_with_an_admin_token(clone: Path) -> None
 )
 def test_bad_audit_lookups_are_refused(clone: Path, query: str, code: str) -> None:
     with TestClient(create_app(settings_for(clone, RECSYS_ADMIN_TOKEN=TOKEN))) as client:
-        response = client.get(AUDIT + query)
+        response = client.get(AUDIT + query, headers=ADMIN)
         assert response.status_code == 422 and response.json()["code"] == code, response.text
-        missing = client.get(f"/v1/audit/decisions?surface={SURFACE}&request_id=r")
+        missing = client.get(f"/v1/audit/decisions?surface={SURFACE}&request_id=r", headers=ADMIN)
         assert missing.status_code == 422 and missing.json()["code"] == "missing_parameter"
 
 
