@@ -93,10 +93,12 @@ def _render(seconds: float, runs: list[dict], machine: str) -> Section:
             "",
             markdown_table(["target", "result"], target),
             "",
-            "- Every stored event (a materialization, a check result, a planned materialization, a log line) "
-            "costs about 10 ms on the SQLite instance; a day's ingestion records 2 materializations and 8 "
-            "check results, and each asset of a range one planned materialization per day before the run "
-            "starts.",
+            "- A day's ingestion records 2 materializations and 8 check results, and each asset of a range one "
+            "planned materialization per day before the run starts: about 4,000 stored events. With Dagster's "
+            "default SQLite event log each cost 5-10 ms (a connection opened and closed per event, each close "
+            "checkpointing and flushing the write-ahead log to disk): 61.8 s for this backfill before recsys's "
+            "storage kept the connections open and committed without a flush per event "
+            "(docs/operations.md#dagster-instance-on-postgresql).",
         ]
     )
     return Section(text=text, markdown=markdown)

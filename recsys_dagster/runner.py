@@ -52,7 +52,8 @@ LOCATION_NAME = "recsys"
 # cancelling, or are still running after a day. The default run launcher cannot tell whether a started
 # run's process is alive, so the day is what ends a run whose process died with the UI's; a killed
 # `recsys run` is caught sooner, by the next one (`fail_orphaned_runs`). `instance_config` adds the run
-# queue (`run_queue_config`) and, with RECSYS_POSTGRES_URL, the storage.
+# queue (`run_queue_config`) and the storage: SQLite files under DAGSTER_HOME whose event log does not flush
+# the disk per event (`recsys_dagster.sqlite_storage`), or with RECSYS_POSTGRES_URL, PostgreSQL.
 INSTANCE_CONFIG = """\
 telemetry:
   enabled: false
@@ -70,6 +71,17 @@ run_monitoring:
 EARLIER_INSTANCE_CONFIGS = (
     "telemetry:\n  enabled: false\nrun_retries:\n  enabled: false\nnux:\n  enabled: false\n",
 )
+# Without PostgreSQL: Dagster's SQLite files under DAGSTER_HOME (the default layout, so an instance keeps its
+# history), with an event log that keeps its connections open and does not flush the disk per event.
+SQLITE_STORAGE = """\
+storage:
+  custom:
+    module: recsys_dagster.sqlite_storage
+    class: KeptOpenSqliteStorage
+    config:
+      base_dir:
+        env: DAGSTER_HOME
+"""
 # With RECSYS_POSTGRES_URL set, the generated configuration reads the URL's password from this variable,
 # which `prepare_instance` sets for its process and the Dagster processes it starts: the password is not
 # written into dagster.yaml.
@@ -126,10 +138,10 @@ def write_instance_config(settings: Settings) -> Path:
 def instance_config(postgres_url: str | None, max_concurrent_runs: int) -> str:
     """The dagster.yaml recsys generates: INSTANCE_CONFIG, the run queue with its limit of runs in progress,
     and run, event-log and schedule storage in the PostgreSQL database of `postgres_url` if one is given
-    (else SQLite files under DAGSTER_HOME)."""
+    (else SQLite files under DAGSTER_HOME, `SQLITE_STORAGE`)."""
     config = INSTANCE_CONFIG + run_queue_config(max_concurrent_runs)
     if postgres_url is None:
-        return config
+        return config + SQLITE_STORAGE
     url = urllib.parse.urlsplit(postgres_url)
     database: dict[str, Any] = {
         "username": urllib.parse.unquote(url.username or ""),
@@ -172,7 +184,9 @@ def _generated(text: str) -> bool:
         rebuilt = INSTANCE_CONFIG
         if "run_coordinator" in sections:
             rebuilt += run_queue_config(sections["run_coordinator"]["config"]["max_concurrent_runs"])
-        if "storage" in sections:
+        if sections.get("storage") == yaml.safe_load(SQLITE_STORAGE)["storage"]:
+            rebuilt += SQLITE_STORAGE
+        elif "storage" in sections:
             rebuilt += _postgres_storage(sections["storage"]["postgres"]["postgres_db"])
     except (yaml.YAMLError, TypeError, KeyError):
         return False

@@ -19,6 +19,7 @@ from recsys_dagster.runner import (
     INSTANCE_CONFIG,
     POSTGRES_PASSWORD_VAR,
     instance_config,
+    run_queue_config,
     write_instance_config,
 )
 
@@ -104,7 +105,8 @@ def test_the_generated_dagster_yaml_follows_recsys_postgres_url(
     assert prepared("postgresql://other@db.example/other") == on_another
     assert "password" not in on_another and "port: 5432" in on_another
     assert prepared(None) == sqlite, "unset again: back to SQLite"
-    config.write_text(INSTANCE_CONFIG + on_postgres.removeprefix(sqlite))  # as generated before the run queue
+    # As generated before the run queue.
+    config.write_text(INSTANCE_CONFIG + on_postgres.removeprefix(INSTANCE_CONFIG + run_queue_config(4)))
     assert prepared(url) == on_postgres
     monkeypatch.setenv("RECSYS_MAX_CONCURRENT_RUNS", "7")
     assert prepared(url) == instance_config(url, 7), "the limit follows RECSYS_MAX_CONCURRENT_RUNS"
