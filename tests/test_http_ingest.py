@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import math
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,13 +16,18 @@ from types import SimpleNamespace
 from typing import Any
 
 import httpx
+import polars as pl
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_serving import live_server
 
 from recsys_cli import cli
 from recsys_core.catalog import read_catalog
+from recsys_core.event_contract import Rejection, validate_event
 from recsys_core.settings import Settings, load_settings
+from recsys_dagster.ingest.contract import PARSED_SCHEMA, validate_events
 from recsys_serving import ingest
 from recsys_serving.ingest import IngestLog, NotStored
 
@@ -273,3 +279,63 @@ def test_over_the_daily_cap_nothing_is_acknowledged(tmp_path: Path) -> None:
             log.append([b"y" * 60 + b"\n"], now).result(timeout=10)
     finally:
         log.close()
+
+
+# ------------------------------------------------- the server's validator and the pipeline's agree
+
+_TS = [
+    "2026-03-10T12:00:00Z",
+    "2026-03-10t12:00:00.5z",
+    "2026-03-10 23:30:00.123456789+01:00",
+    "2026-03-11T00:30:00-00:00",
+    "2026-03-11T01:00:00Z",
+    "2026-03-03T00:00:00Z",
+    "2026-03-02T23:59:59.999999Z",
+    "1773144000000",
+    "99999999999999999",
+    "0001-01-01T00:00:00+01:00",
+    "2026-02-30T00:00:00Z",
+    "2026-03-10T12:00:00",
+    "2026-03-10T12:00:00+24:00",
+    "yesterday",
+    "",
+]
+_NAMES = ["shop", " shop\t", "", "   ", "a/b", ".", "x" * 65, "\u2003tenant\u3000", None]
+_IDS = ["s1", " s1 ", "", " ", "\x1cs\x1c", "s" * 256, "s" * 257, None]
+
+
+@given(
+    st.fixed_dictionaries(
+        {
+            "v": st.sampled_from([None, 1, 2]),
+            "ts": st.sampled_from([*_TS, None]),
+            "tenant": st.sampled_from(_NAMES),
+            "surface": st.sampled_from(_NAMES),
+            "session_id": st.sampled_from(_IDS),
+            "user_id": st.sampled_from(_IDS),
+            "item_id": st.sampled_from(_IDS),
+            "event_type": st.sampled_from([None, "click", "hover", " click"]),
+            "request_id": st.sampled_from(_IDS),
+            "event_id": st.sampled_from(_IDS),
+            "value": st.sampled_from([None, 1.5, -2.0, math.inf, math.nan]),
+            "rank": st.sampled_from([None, 0, 3, -1]),
+        }
+    )
+)
+@settings(max_examples=400, deadline=None)
+def test_validate_event_agrees_with_the_pipelines_validate_events(row: dict[str, Any]) -> None:
+    """One row through the server's `validate_event` and through the pipeline's `validate_events`: the same
+    reason code, or the same event. The one allowed difference: a `ts` outside the strict RFC 3339 grammar
+    the server reads is bad_ts there (documented), wherever the pipeline's lenient reader takes it."""
+    day = dt.date(2026, 3, 10)
+    rules = {"event_types": ("click", "exposure"), "max_lateness_days": 7, "max_clock_skew_hours": 1}
+    served = validate_event(dict(row), day, **rules)
+    landed = validate_events(pl.DataFrame([row], schema=PARSED_SCHEMA), day, **rules)
+    reason = landed.get_column("reason")[0]
+    if isinstance(served, Rejection):
+        strict_form = row["ts"] is None or row["ts"] in _TS[:10]
+        if served.reason != "bad_ts" or strict_form:
+            assert served.reason == reason, (served, landed.get_column("detail")[0])
+        return
+    assert reason is None, landed.get_column("detail")[0]
+    assert served == landed.drop("reason", "detail").row(0, named=True)
