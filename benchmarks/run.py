@@ -13,13 +13,14 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import artifacts, backfill, ingest, quality, serving
+from benchmarks import artifacts, backfill, ingest, ingest_http, quality, serving
 from benchmarks.harness import DEFAULT_WORKDIR, DOC_PATH, REPO_ROOT, Benchmark, Options, record_section
 
 # Extension point: every benchmark is listed here (`artifacts.BENCHMARKS`: co-occurrence, daily-run, als).
 BENCHMARKS: list[Benchmark] = [
     ingest.BENCHMARK,
     serving.BENCHMARK,
+    ingest_http.BENCHMARK,
     *artifacts.BENCHMARKS,
     quality.BENCHMARK,
     backfill.BENCHMARK,

@@ -359,6 +359,13 @@ class Settings:
     # The bearer token of the admin API (RECSYS_ADMIN_TOKEN); None: the admin API is off. Kept out of the
     # settings' repr, so that printing or logging the settings never shows it.
     admin_token: str | None = field(default=None, repr=False)
+    # The ingestion API (docs/reference/http-api.md#ingestion-api): its bearer token (RECSYS_INGEST_TOKEN;
+    # None: off, kept out of the repr like the admin token), the events or items a request may carry, its
+    # body size limit, and the daily cap of what it writes to the landing zone.
+    ingest_token: str | None = field(default=None, repr=False)
+    ingest_max_events: int = 1000
+    ingest_max_body_bytes: int = 4 << 20
+    ingest_max_bytes_per_day: int = 1 << 36
     # How many runs the Dagster daemon's run queue lets be in progress at once (runs that share a day never
     # are, whatever this says: recsys_dagster.run_queue).
     max_concurrent_runs: int = 4
@@ -436,6 +443,20 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             "bytes",
         ),
         admin_token=_parse_admin_token(env.get("RECSYS_ADMIN_TOKEN")),
+        ingest_token=_parse_admin_token(env.get("RECSYS_INGEST_TOKEN"), "RECSYS_INGEST_TOKEN"),
+        ingest_max_events=_parse_whole(
+            "RECSYS_INGEST_MAX_EVENTS", env.get("RECSYS_INGEST_MAX_EVENTS"), 1000, 100_000, "events"
+        ),
+        ingest_max_body_bytes=_parse_whole(
+            "RECSYS_INGEST_MAX_BODY_BYTES", env.get("RECSYS_INGEST_MAX_BODY_BYTES"), 4 << 20, 1 << 30, "bytes"
+        ),
+        ingest_max_bytes_per_day=_parse_whole(
+            "RECSYS_INGEST_MAX_BYTES_PER_DAY",
+            env.get("RECSYS_INGEST_MAX_BYTES_PER_DAY"),
+            1 << 36,
+            1 << 50,
+            "bytes",
+        ),
         max_concurrent_runs=_parse_whole(
             "RECSYS_MAX_CONCURRENT_RUNS",
             env.get("RECSYS_MAX_CONCURRENT_RUNS"),
@@ -775,9 +796,9 @@ MIN_ADMIN_TOKEN_CHARS = 16
 MAX_ADMIN_TOKEN_CHARS = 512
 
 
-def _parse_admin_token(value: str | None) -> str | None:
-    """The admin API's bearer token: printable ASCII without spaces, 16-512 characters. The error never
-    shows the value."""
+def _parse_admin_token(value: str | None, variable: str = "RECSYS_ADMIN_TOKEN") -> str | None:
+    """A bearer token (the admin API's, or the ingestion API's): printable ASCII without spaces, 16-512
+    characters. The error never shows the value."""
     if not value:
         return None
     if not (
@@ -785,7 +806,7 @@ def _parse_admin_token(value: str | None) -> str | None:
         and all("!" <= char <= "~" for char in value)
     ):
         raise ConfigError(
-            f"RECSYS_ADMIN_TOKEN: expected {MIN_ADMIN_TOKEN_CHARS}-{MAX_ADMIN_TOKEN_CHARS} printable ASCII "
+            f"{variable}: expected {MIN_ADMIN_TOKEN_CHARS}-{MAX_ADMIN_TOKEN_CHARS} printable ASCII "
             f"characters without spaces (for example the output of `openssl rand -hex 32`); the value has "
             f"{len(value)} characters"
             + ("" if value.isascii() and value.isprintable() and " " not in value else ", some not allowed")

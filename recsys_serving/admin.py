@@ -15,7 +15,6 @@ The server picks a published manifest up like any other, at its next poll.
 
 from __future__ import annotations
 
-import hmac
 import re
 from typing import Any
 
@@ -28,6 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from recsys_core.manifest import Manifest, ManifestError, read_current
 from recsys_core.rules import RulesDocument, RulesError, parse_rules, rules_in_force
 from recsys_core.settings import ConfigError, Settings
+from recsys_serving.bearer import Unauthorized, check_bearer, unauthorized
 from recsys_serving.middleware import MAX_BODY_BYTES
 from recsys_serving.params import SURFACE, TENANT, Param, parse_query, query_doc
 from recsys_serving.problems import (
@@ -35,7 +35,6 @@ from recsys_serving.problems import (
     EncodedJSONResponse,
     Problem,
     invalid_request,
-    problem_response,
 )
 from recsys_serving.rules_dry_run import dry_run
 from recsys_serving.store import ArtifactStore
@@ -62,23 +61,11 @@ RULES_YAML = "application/yaml"
 _SCHEMA_REF = "#/components/schemas/"
 
 
-class Unauthorized(Problem):
-    """A request to an admin route without the right bearer token (answered with WWW-Authenticate)."""
-
-    def __init__(self, detail: str) -> None:
-        super().__init__(401, "unauthorized", detail)
-
-
 def require_admin(request: Request) -> None:
     """The dependency of every admin route: the request carries `Authorization: Bearer <token>` with the
     configured admin token. Compared in constant time; a missing or wrong token raises `Unauthorized`."""
     settings: Settings = request.app.state.settings
-    expected = settings.admin_token
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not given.strip():
-        raise Unauthorized("this admin route needs an Authorization: Bearer <token> header")
-    if expected is None or not hmac.compare_digest(given.strip().encode(), expected.encode()):
-        raise Unauthorized("the bearer token is not the admin token")
+    check_bearer(request, settings.admin_token, "admin")
 
 
 def include_admin(app: FastAPI, audit: APIRouter) -> None:
@@ -88,15 +75,8 @@ def include_admin(app: FastAPI, audit: APIRouter) -> None:
     router.include_router(rules_router())
     router.include_router(audit)
     app.include_router(router)
-    app.add_exception_handler(Unauthorized, _unauthorized)
+    app.add_exception_handler(Unauthorized, unauthorized)
     _document(app, router)
-
-
-async def _unauthorized(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, Unauthorized)
-    response = problem_response(request.scope, exc)
-    response.headers["www-authenticate"] = 'Bearer realm="recsys-admin"'
-    return response
 
 
 def _document(app: FastAPI, router: APIRouter) -> None:

@@ -115,7 +115,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         from recsys_serving.admin import include_admin
 
         include_admin(app, audit_router(decisions, settings.lake_root))
-    app.add_middleware(RequestContextMiddleware, metrics=metrics, fast_routes=fast_routes)
+    app.state.ingest_logs = []
+    limits: dict[str, int] = {}
+    if settings.ingest_token is not None:
+        from recsys_serving.ingest import body_limits, include_ingest
+
+        app.state.ingest_logs = include_ingest(app, settings)
+        limits = body_limits(settings)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics, fast_routes=fast_routes, body_limits=limits)
     return app
 
 
@@ -130,7 +137,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     gc.collect()
     gc.freeze()
     store.start()
-    for writer in (exposures, decisions):
+    writers = (exposures, decisions, *app.state.ingest_logs)
+    for writer in writers:
         if writer is not None:
             writer.start()
     metrics.start()
@@ -140,7 +148,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         # The server runs this once every in-flight request has been answered (or the shutdown grace
         # period is over), so the exposure log and the decision traces hold every response sent.
         store.stop()
-        for writer in (exposures, decisions):
+        for writer in writers:
             if writer is not None:
                 await run_in_threadpool(writer.close)
         await run_in_threadpool(metrics.stop)

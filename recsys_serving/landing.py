@@ -187,6 +187,9 @@ class LandingWriter(ABC, Generic[RecordT]):
 
     def _append_pending(self) -> None:
         batches: dict[str, list[bytes]] = {}
+        records_of_day: dict[str, list[RecordT]] = {}
+        written: list[RecordT] = []
+        refused: list[RecordT] = []
         batch_bytes: dict[str, int] = {}
         day_bytes: dict[str, int] = {}
         queue = self._queue
@@ -205,10 +208,13 @@ class LandingWriter(ABC, Generic[RecordT]):
             size = sum(len(line) for line in lines)
             if not lines or size > budget:  # a record is logged whole or not at all
                 self._over_cap(day, count)
+                refused.append(record)
                 continue
             batch_bytes[day] = batch_bytes.get(day, 0) + size
             batches.setdefault(day, []).extend(lines)
+            records_of_day.setdefault(day, []).append(record)
         if not batches:
+            self._settle(written, refused)
             return
         for day in sorted(batches):
             data = b"".join(batches[day])
@@ -224,13 +230,20 @@ class LandingWriter(ABC, Generic[RecordT]):
                 # Cut back to the last complete line so the file never holds a torn event.
                 with contextlib.suppress(OSError):
                     handle.handle.truncate(handle.size)
+                refused.extend(records_of_day[day])
                 continue
             handle.size += len(data)
             self.events_written += len(batches[day])
+            written.extend(records_of_day[day])
         # A newer day has started: files of earlier days are complete (late events included).
         newest = max(batches)
         for day in [d for d in self._files if d < newest]:
             self._publish(day)
+        self._settle(written, refused)
+
+    def _settle(self, written: list[RecordT], refused: list[RecordT]) -> None:
+        """Called after each write with the records written (handed to the OS, not yet fsync'd) and those
+        refused (over the cap, or a failed write); a log whose clients wait for their records hooks in here."""
 
     @abstractmethod
     def _lines_of(self, record: RecordT) -> int:

@@ -59,11 +59,14 @@ class RequestContextMiddleware:
         metrics: ServingMetrics,
         fast_routes: dict[str, Route] | None = None,
         max_body_bytes: int = MAX_BODY_BYTES,
+        body_limits: dict[str, int] | None = None,
     ) -> None:
         self.app = app
         self.metrics = metrics
         self.fast_routes = fast_routes if fast_routes is not None else {}
         self.max_body_bytes = max_body_bytes
+        # Paths whose bodies may be larger (the ingestion API's batches) -> their limit.
+        self.body_limits = body_limits or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -94,13 +97,10 @@ class RequestContextMiddleware:
                 message["headers"] = headers
             await send(message)
 
+        limit = self.body_limits.get(scope["path"], self.max_body_bytes)
         try:
-            if content_length is not None and (
-                not content_length.isdigit() or int(content_length) > self.max_body_bytes
-            ):
-                problem = Problem(
-                    413, "body_too_large", f"request bodies are limited to {self.max_body_bytes} bytes"
-                )
+            if content_length is not None and (not content_length.isdigit() or int(content_length) > limit):
+                problem = Problem(413, "body_too_large", f"request bodies are limited to {limit} bytes")
                 await problem_response(scope, problem)(scope, receive, send_with_id)
                 return
             fast = self.fast_routes.get(scope["path"]) if scope["method"] == "GET" else None
@@ -113,7 +113,7 @@ class RequestContextMiddleware:
                 await response(scope, receive, send_with_id)
                 return
             if scope["method"] in _BODY_METHODS:
-                receive = self._limited(receive)
+                receive = self._limited(receive, limit)
             await self.app(scope, receive, send_with_id)
         finally:
             route = scope.get("route")
@@ -122,10 +122,9 @@ class RequestContextMiddleware:
             method = scope["method"] if scope["method"] in _KNOWN_METHODS else "OTHER"
             self.metrics.observe(path, method, status, time.perf_counter() - started)
 
-    def _limited(self, receive: Receive) -> Receive:
+    def _limited(self, receive: Receive, limit: int) -> Receive:
         """Stop a chunked body (no Content-Length) at the limit too."""
         received = 0
-        limit = self.max_body_bytes
 
         async def limited_receive() -> Message:
             nonlocal received

@@ -1,80 +1,72 @@
-"""Event contract v1: the one definition of what a valid raw event is.
+"""Event contract v1 in the pipeline: the value-level rules applied to whole frames of parsed rows at once
+(polars), the canonical table's schema and the quarantine's.
 
-A raw line becomes an event in two stages, and each rule lives in exactly one of them:
-
-1. *parse*: bytes -> a row of typed fields, or a parse-level rejection (`line_too_long`,
-   `invalid_utf8`, `invalid_json`, `not_an_object`, `bad_type`). `parse_line` is the reference
-   implementation, one line at a time; `canonicalize` has a vectorised fast path that must agree with it
-   (a property test holds them together) and falls back to `parse_line` for anything unusual.
-2. *validate*: `validate_events` applies every value-level rule (required fields, identifier rules,
-   timestamps, ranges) to a whole frame of parsed rows at once, so the rules are written once.
-
-Documented in `docs/reference/event-contract.md`.
+The contract's constants, reason codes and line parser are `recsys_core.event_contract`'s (standard library
+only, so that the API server validates posted events with them); this module applies the same rules to a
+frame, in the same order, and a property test holds `validate_events` and the core's one-row
+`validate_event` together. Documented in `docs/reference/event-contract.md`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
-import math
-import re
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING
 
-import numpy as np
 import polars as pl
 
+from recsys_core.event_contract import (
+    CONTRACT_VERSION,
+    EPOCH_MS_PATTERN,
+    EPOCH_MS_RANGE,
+    FIELD_TYPES,
+    MAX_ID_CHARS,
+    MAX_NESTING,
+    PARSE_REASONS,
+    RAW_PREFIX_CHARS,
+    REASONS,
+    REQUIRED_FIELDS,
+    STRING_FIELDS,
+    VALIDATION_REASONS,
+    Rejection,
+    arrival_window,
+    line_too_long,
+    parse_line,
+    string_field,
+)
 from recsys_core.names import NAME_PATTERN
 
 if TYPE_CHECKING:
     import pandera.polars as pa
 
-CONTRACT_VERSION = 1
-MAX_ID_CHARS = 256
-RAW_PREFIX_CHARS = 4096
-# Deeper nesting is invalid_json. The fast path's reader takes up to about 1000 levels; lines with more
-# than this many `[` and `{` go to parse_line instead (see canonicalize), which applies the limit.
-MAX_NESTING = 512
+__all__ = [
+    "CANONICAL_SCHEMA",
+    "CONTRACT_VERSION",
+    "EPOCH_MS_RANGE",
+    "MAX_ID_CHARS",
+    "MAX_NESTING",
+    "PARSED_SCHEMA",
+    "PARSE_REASONS",
+    "QUARANTINE_SCHEMA",
+    "RAW_PREFIX_CHARS",
+    "REASONS",
+    "REQUIRED_FIELDS",
+    "STRING_FIELDS",
+    "VALIDATION_REASONS",
+    "Rejection",
+    "arrival_window",
+    "canonical_schema_model",
+    "line_too_long",
+    "parse_line",
+    "parse_ts",
+    "string_field",
+    "utc_days",
+    "validate_events",
+]
 
 # Parsed-row columns and their types; everything optional in JSON is nullable here.
-STRING_FIELDS = (
-    "ts",
-    "tenant",
-    "surface",
-    "session_id",
-    "user_id",
-    "item_id",
-    "event_type",
-    "request_id",
-    "event_id",
-)
-PARSED_SCHEMA: dict[str, pl.DataType] = {
-    "v": pl.Int64(),
-    **{name: pl.String() for name in STRING_FIELDS},
-    "value": pl.Float64(),
-    "rank": pl.Int64(),
-}
-REQUIRED_FIELDS = ("ts", "tenant", "surface", "session_id", "item_id")
-# `ts` in epoch milliseconds: up to 17 digits, and only the years 0001-9999 (the years RFC 3339 can
-# write); a value outside them is quarantined as ts_out_of_range, like any ts outside the arrival window.
-EPOCH_MS_PATTERN = r"^-?[0-9]{1,17}$"
-EPOCH_MS_RANGE = (-62_135_596_800_000, 253_402_300_799_999)
-
-# Reason codes, in the order the rules are applied: a line gets the first that applies.
-PARSE_REASONS = ("line_too_long", "invalid_utf8", "invalid_json", "not_an_object", "bad_type")
-VALIDATION_REASONS = (
-    "unsupported_version",
-    "missing_field",
-    "empty_id",
-    "id_too_long",
-    "bad_identifier",
-    "bad_ts",
-    "ts_out_of_range",
-    "unknown_event_type",
-    "negative_rank",
-    "non_finite_value",
-)
-REASONS = PARSE_REASONS + VALIDATION_REASONS
+_POLARS_TYPES = {"str": pl.String(), "int": pl.Int64(), "float": pl.Float64()}
+PARSED_SCHEMA: dict[str, pl.DataType] = {name: _POLARS_TYPES[kind] for name, kind in FIELD_TYPES.items()}
 
 CANONICAL_SCHEMA: dict[str, pl.DataType] = {
     "event_id": pl.String(),
@@ -98,145 +90,6 @@ QUARANTINE_SCHEMA: dict[str, pl.DataType] = {
     "detail": pl.String(),
     "raw": pl.String(),
 }
-
-
-class Rejection(NamedTuple):
-    """Why a line cannot be parsed into typed fields."""
-
-    reason: str
-    detail: str
-
-
-def line_too_long(length: int, max_line_bytes: int) -> Rejection:
-    """The rejection of a line of `length` bytes (without its line end) over the limit."""
-    return Rejection("line_too_long", f"line is {length} bytes, limit is {max_line_bytes}")
-
-
-_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
-
-
-def _nesting_depth(line: bytes) -> int:
-    """How deeply arrays and objects nest in a JSON line (an upper bound if the line is not JSON)."""
-    if line.count(b"[") + line.count(b"{") <= MAX_NESTING:
-        return 0  # cannot be deeper than the limit: not worth counting
-    code = np.frombuffer(_JSON_STRING.sub(b"", line), np.uint8)
-    opens = (code == ord("[")) | (code == ord("{"))
-    closes = (code == ord("]")) | (code == ord("}"))
-    return int(np.cumsum(opens.astype(np.int64) - closes).max(initial=0))
-
-
-def _first_key_wins(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """A repeated key keeps its first value, as the vectorised reader does."""
-    obj: dict[str, Any] = {}
-    for key, value in pairs:
-        obj.setdefault(key, value)
-    return obj
-
-
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def parse_line(line: bytes, max_line_bytes: int) -> dict[str, Any] | Rejection | None:
-    """Parse one raw line (without its newline) into typed fields.
-
-    Returns None for a blank line, a Rejection for a parse-level failure, else a dict with exactly the
-    keys of PARSED_SCHEMA (None where absent or null).
-    """
-    line = line.removesuffix(b"\r")
-    if len(line) > max_line_bytes:
-        return line_too_long(len(line), max_line_bytes)
-    try:
-        text = line.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return Rejection("invalid_utf8", f"invalid UTF-8 at byte {exc.start}")
-    if not text.strip(" \t\r\n"):
-        return None
-    if _nesting_depth(line) > MAX_NESTING:
-        # Checked first because json.loads fails on deep nesting at a depth that depends on the caller's
-        # stack: this keeps the outcome of a line the same wherever it is parsed.
-        return Rejection("invalid_json", f"arrays and objects nested deeper than {MAX_NESTING} levels")
-    try:
-        obj = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_first_key_wins)
-    except (ValueError, RecursionError) as exc:
-        return Rejection("invalid_json", str(exc)[:200])
-    if not isinstance(obj, dict):
-        return Rejection("not_an_object", f"JSON {type(obj).__name__} is not an object")
-    row: dict[str, Any] = {}
-    for name, dtype in PARSED_SCHEMA.items():
-        value = obj.get(name)
-        if value is None:
-            row[name] = None
-            continue
-        converted = _convert(value, dtype)
-        if converted is _BAD:
-            expected = (
-                "a string"
-                if dtype == pl.String()
-                else "a 64-bit integer"
-                if dtype == pl.Int64()
-                else "a number"
-            )
-            return Rejection("bad_type", f"field {name!r} must be {expected}, got {_json_type(value)}")
-        row[name] = converted
-    return row
-
-
-_BAD = object()
-
-
-def string_field(value: Any) -> str | None:
-    """A JSON value as a string field (an identifier or `ts`) holds it; None if its type is not allowed.
-
-    Integers are accepted because many producers emit numeric ids (and `ts` as epoch milliseconds).
-    """
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return None  # a lone surrogate escape
-        return value
-    return str(value) if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def _convert(value: Any, dtype: pl.DataType) -> Any:
-    if isinstance(value, bool):
-        return _BAD
-    if dtype == pl.String():
-        text = string_field(value)
-        return _BAD if text is None else text
-    if dtype == pl.Int64():
-        return value if isinstance(value, int) and -(2**63) <= value < 2**63 else _BAD
-    if isinstance(value, int):
-        try:
-            return float(value)
-        except OverflowError:
-            # An integer beyond the float range reads like the float literal 1e999 does: infinite, so
-            # the value rule rejects it as non_finite_value.
-            return math.inf if value > 0 else -math.inf
-    return value if isinstance(value, float) else _BAD
-
-
-def _json_type(value: Any) -> str:
-    return {
-        bool: "boolean",
-        int: "integer",
-        float: "number",
-        str: "string",
-        list: "array",
-        dict: "object",
-    }.get(type(value), type(value).__name__)
-
-
-def arrival_window(
-    day: dt.date, max_lateness_days: int, max_clock_skew_hours: int
-) -> tuple[dt.datetime, dt.datetime]:
-    """[start, end) of the event times a partition of arrival day `day` may hold."""
-    midnight = dt.datetime.combine(day, dt.time(), dt.UTC)
-    return (
-        midnight - dt.timedelta(days=max_lateness_days),
-        midnight + dt.timedelta(days=1, hours=max_clock_skew_hours),
-    )
 
 
 def validate_events(
