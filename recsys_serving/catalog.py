@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from recsys_core.kinds import CONTENT, CONTENT_ITEMS_FILE, CONTENT_VECTOR_FILES
@@ -80,9 +81,14 @@ class ServedCatalog:
 
     def __init__(self, tables: ContentTables, item_index: Mapping[str, int], n_items: int) -> None:
         self.version = tables.version
+        # Items outside the vocabulary are left out (a server's vocabulary has every item of the artifact;
+        # an evaluation's, trained on fewer days, may not).
         items = tables.items
-        ids = items["item_id"].to_pylist()
-        rows = np.array([item_index[item] for item in ids], dtype=np.int64)
+        inside = pc.is_in(items["item_id"], value_set=pa.array(list(item_index), pa.string()))
+        items = items.filter(inside)
+        rows = np.array([item_index[item] for item in items["item_id"].to_pylist()], dtype=np.int64)
+        indptr = tables.vector_indptr
+        kept = np.flatnonzero(inside.to_numpy(zero_copy_only=False))
         # Items the catalog does not list are available.
         self.available = np.ones(n_items, dtype=bool)
         self.available[rows] = np.asarray(items["available"].to_pylist(), dtype=bool)
@@ -108,20 +114,28 @@ class ServedCatalog:
         self._by_category = {name: np.array(members, dtype=np.int64) for name, members in by_category.items()}
         # Vectors re-indexed to the vocabulary: vocabulary item i owns entries vector_ptr[i]:vector_ptr[i + 1].
         lengths = np.zeros(n_items, dtype=np.int64)
-        lengths[rows] = np.diff(tables.vector_indptr)
+        lengths[rows] = np.diff(indptr)[kept]
         self.vector_ptr = np.zeros(n_items + 1, dtype=np.int64)
         np.cumsum(lengths, out=self.vector_ptr[1:])
-        order = np.argsort(rows, kind="stable")
+        # The table's rows (of the vocabulary) in vocabulary order.
+        order = kept[np.argsort(rows, kind="stable")]
         self.vector_features = np.concatenate(
-            [tables.vector_features[tables.vector_indptr[r] : tables.vector_indptr[r + 1]] for r in order]
+            [tables.vector_features[indptr[r] : indptr[r + 1]] for r in order]
             or [np.empty(0, dtype=np.int32)]
         )
         self.vector_values = np.concatenate(
-            [tables.vector_values[tables.vector_indptr[r] : tables.vector_indptr[r + 1]] for r in order]
+            [tables.vector_values[indptr[r] : indptr[r + 1]] for r in order]
             or [np.empty(0, dtype=np.float64)]
         )
         # Content neighbours as CSR over the vocabulary, in published rank order.
         neighbors = tables.neighbors
+        vocabulary = pa.array(list(item_index), pa.string())
+        neighbors = neighbors.filter(
+            pc.and_(
+                pc.is_in(neighbors["item_id"], value_set=vocabulary),
+                pc.is_in(neighbors["neighbor_id"], value_set=vocabulary),
+            )
+        )
         src = np.array([item_index[i] for i in neighbors["item_id"].to_pylist()], dtype=np.int64)
         dst = np.array([item_index[i] for i in neighbors["neighbor_id"].to_pylist()], dtype=np.int64)
         ranks = np.asarray(neighbors["rank"].to_pylist(), dtype=np.int64)

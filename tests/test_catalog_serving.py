@@ -22,9 +22,13 @@ from recsys_cli import cli
 from recsys_core.catalog import item_line
 from recsys_core.manifest import read_current
 from recsys_core.rules import Match, matches, parse_rules
-from recsys_core.settings import load_settings
+from recsys_core.settings import BlendWeights, load_settings
+from recsys_dagster.evaluation.diversity import diversity_tradeoff
+from recsys_dagster.evaluation.holdout import temporal_holdout
+from recsys_dagster.evaluation.offline import window_interactions
 from recsys_dagster.publishing.rules import publish_rules
 from recsys_serving.diversity import intra_list_diversity, mmr_order
+from recsys_serving.store import load_target
 
 TENANT, SURFACE = "demo", "home"
 CATEGORIES = ("drama", "comedy", "horror", "western", "sci-fi", "musical")
@@ -288,3 +292,21 @@ def test_mmr_trades_relevance_for_dissimilarity_and_keeps_fixed_positions() -> N
     assert intra_list_diversity(similarity[np.ix_([0, 2], [0, 2])]) == 1.0
     with pytest.raises(ValueError, match="diversity"):
         mmr_order(scores, similarity, categories, diversity=1.5, max_per_category=None, k=3)
+
+
+def test_the_offline_tradeoff_reports_diversity_next_to_accuracy_per_setting(home: Path) -> None:
+
+    manifest = read_current(home / "artifacts", TENANT, SURFACE)
+    assert manifest is not None
+    target = load_target(home / "artifacts", TENANT, SURFACE, manifest)
+    as_of = dt.date.fromisoformat(manifest["as_of"])
+    rows = window_interactions(home / "lake", as_of, 2)
+    holdout = temporal_holdout(rows, holdout_days=1, as_of=as_of)
+    off, on, capped = diversity_tradeoff(
+        target, holdout, 10, BlendWeights(), settings=((0.0, None), (0.8, None), (0.0, 1))
+    )
+    assert on.intra_list_diversity > off.intra_list_diversity
+    assert on.categories_per_list >= off.categories_per_list
+    # At most one item per category: every item of a list adds a category.
+    assert capped.intra_list_diversity >= off.intra_list_diversity
+    assert all(0 <= row.ndcg <= 1 and 0 < row.category_coverage <= 1 for row in (off, on, capped))
