@@ -6,14 +6,13 @@ writes its section of docs/quality.md.
 MovieLens latest-small's ratings become the product's artifacts built from the training rows of the
 per-user random split (`benchmarks.quality.build_fixed`, default ALS and blend), and its movies.csv, imported
 with `recsys import`'s code, becomes the catalog: the content artifact's files are built by the pipeline's
-`transform.content.content_files` and served by the server's `ServedCatalog`. Every setting ranks through
+`transform.content.content_files` and served by the server's `ServedCatalog` (`evaluation.diversity.with_catalog`). Every setting ranks through
 `recommender.recommend` and is scored by `evaluation.diversity.diversity_tradeoff`.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import tempfile
@@ -24,11 +23,9 @@ import polars as pl
 from benchmarks.harness import markdown_table, record_section
 from benchmarks.quality import CONFIG, RATINGS, TEST_FRACTION, K, build_fixed, find_data, load_ratings
 from recsys_core.catalog import CATALOG
-from recsys_dagster.evaluation.diversity import DiversityRow, diversity_tradeoff
+from recsys_dagster.evaluation.diversity import DiversityRow, diversity_tradeoff, with_catalog
 from recsys_dagster.evaluation.holdout import random_holdout
 from recsys_dagster.ingest.importers import import_file
-from recsys_dagster.transform.content import content_files
-from recsys_serving.catalog import ContentTables, ServedCatalog
 
 MOVIES = Path("ml-latest-small") / "movies.csv"
 DOC_PATH = Path(__file__).resolve().parents[1] / "docs" / "quality.md"
@@ -60,16 +57,7 @@ def measure(ratings: Path, movies: Path, seed: int) -> list[DiversityRow]:
     with tempfile.TemporaryDirectory() as folder:
         scratch = Path(folder)
         target = build_fixed(data, holdout.training, scratch / "built").target(CONFIG.artifacts.als)
-        files = content_files(movie_catalog(movies, scratch), CONFIG.catalog.content_top_k)
-        tables = ContentTables(
-            "benchmark",
-            files["neighbors.parquet"].to_arrow(),  # type: ignore[union-attr]
-            files["items.parquet"].to_arrow(),  # type: ignore[union-attr]
-            files["vector_indptr.npy"],  # type: ignore[arg-type]
-            files["vector_features.npy"],  # type: ignore[arg-type]
-            files["vector_values.npy"],  # type: ignore[arg-type]
-        )
-        target = dataclasses.replace(target, catalog=ServedCatalog(tables, target.item_index, target.n_items))
+        target = with_catalog(target, movie_catalog(movies, scratch), CONFIG.catalog.content_top_k)
         return diversity_tradeoff(target, holdout, K, CONFIG.blend)
 
 

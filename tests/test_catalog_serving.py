@@ -23,9 +23,9 @@ from recsys_core.catalog import item_line
 from recsys_core.manifest import read_current
 from recsys_core.rules import Match, matches, parse_rules
 from recsys_core.settings import BlendWeights, load_settings
-from recsys_dagster.evaluation.diversity import diversity_tradeoff
+from recsys_dagster.evaluation.diversity import DIVERSITY_SETTINGS, diversity_tradeoff
 from recsys_dagster.evaluation.holdout import temporal_holdout
-from recsys_dagster.evaluation.offline import window_interactions
+from recsys_dagster.evaluation.offline import read_evaluation, window_interactions
 from recsys_dagster.publishing.rules import publish_rules
 from recsys_serving.diversity import intra_list_diversity, mmr_order
 from recsys_serving.store import load_target
@@ -310,3 +310,9 @@ def test_the_offline_tradeoff_reports_diversity_next_to_accuracy_per_setting(hom
     # At most one item per category: every item of a list adds a category.
     assert capped.intra_list_diversity >= off.intra_list_diversity
     assert all(0 <= row.ndcg <= 1 and 0 < row.category_coverage <= 1 for row in (off, on, capped))
+    # `recsys run`'s evaluation recorded the same figures for every configured setting.
+    record = read_evaluation(home / "lake", as_of, TENANT, SURFACE)
+    assert record is not None and record["result"] is not None
+    assert [(row["diversity"], row["max_per_category"]) for row in record["diversity"]] == list(
+        DIVERSITY_SETTINGS
+    )

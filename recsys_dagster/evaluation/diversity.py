@@ -8,18 +8,26 @@ accuracy against held-out items and for diversity against the catalog.
 - category coverage: the distinct categories of all lists over the categories of the catalog's available
   items.
 
-Nothing here imports Dagster.
+`with_catalog` gives a target the catalog as the server would serve it (the content artifact's files built
+from a catalog state by the pipeline's own `content_files`). Nothing here imports Dagster.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+import polars as pl
+
+from recsys_core.kinds import CONTENT, CONTENT_ITEMS_FILE, CONTENT_VECTOR_FILES
 from recsys_core.settings import BlendWeights
 from recsys_dagster.evaluation.holdout import Holdout
 from recsys_dagster.evaluation.metrics import score_users
+from recsys_dagster.transform.content import content_files
 from recsys_serving import recommender
+from recsys_serving.catalog import ContentTables, ServedCatalog
 from recsys_serving.diversity import intra_list_diversity
 from recsys_serving.store import LoadedTarget
 
@@ -47,6 +55,22 @@ class DiversityRow:
     intra_list_diversity: float
     categories_per_list: float
     category_coverage: float
+
+
+def with_catalog(target: LoadedTarget, catalog: pl.DataFrame, top_k: int) -> LoadedTarget:
+    """`target` serving the catalog state `catalog` (one tenant's items: `item_id`, `title`, `categories`,
+    `tags`, `available`, `attributes`) as its content artifact would."""
+    files = content_files(catalog, top_k)
+    frames = {name: data for name, data in files.items() if isinstance(data, pl.DataFrame)}
+    arrays = [files[name] for name in CONTENT_VECTOR_FILES]
+    assert all(isinstance(array, np.ndarray) for array in arrays)
+    tables = ContentTables(
+        "offline",
+        frames[CONTENT.table].to_arrow(),
+        frames[CONTENT_ITEMS_FILE].to_arrow(),
+        *arrays,  # type: ignore[arg-type]
+    )
+    return dataclasses.replace(target, catalog=ServedCatalog(tables, target.item_index, target.n_items))
 
 
 def diversity_tradeoff(
