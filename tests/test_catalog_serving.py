@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,7 +17,7 @@ import httpx
 import numpy as np
 import pytest
 from conftest import use_home
-from test_serving import live_server
+from test_serving import live_server, private_copy
 
 from recsys_cli import cli
 from recsys_core.catalog import item_line
@@ -316,3 +317,33 @@ def test_the_offline_tradeoff_reports_diversity_next_to_accuracy_per_setting(hom
     assert [(row["diversity"], row["max_per_category"]) for row in record["diversity"]] == list(
         DIVERSITY_SETTINGS
     )
+
+
+def test_an_item_marked_unavailable_disappears_from_every_endpoint_after_the_next_run(
+    home: Path, tmp_path: Path, catalog: dict[str, dict], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    copy = private_copy(home, tmp_path)
+    use_home(monkeypatch, copy)
+    manifest = read_current(copy / "artifacts", TENANT, SURFACE)
+    assert manifest is not None
+    end = dt.date.fromisoformat(manifest["as_of"])
+    with server(copy) as client:
+        popular = [i["item_id"] for i in get(client, "/v1/popular", k=5)["items"]]
+        top = popular[0]
+        # The catalog says the best seller is out of stock; the next run publishes it.
+        update = {**catalog[top], "available": False, "updated_at": f"{end.isoformat()}T12:00:00Z"}
+        source = tmp_path / "stock.jsonl"
+        source.write_bytes(item_line(update))
+        assert recsys("import", "--tenant", TENANT, "--day", end, source) == cli.EXIT_OK
+        assert recsys("run", "--start", end, "--end", end, "--quiet") == cli.EXIT_OK
+        republished = read_current(copy / "artifacts", TENANT, SURFACE)
+        assert republished is not None and republished["manifest_version"] != manifest["manifest_version"]
+        deadline = time.monotonic() + 10
+        while get(client, "/v1/manifest")["manifest_version"] != republished["manifest_version"]:
+            assert time.monotonic() < deadline, "the server did not pick up the new manifest"
+            time.sleep(0.05)
+        served = {i["item_id"] for i in get(client, "/v1/popular", k=100)["items"]}
+        for user in users(copy)[:20]:
+            served.update(i["item_id"] for i in recs(client, user_id=user, k=20))
+        served.update(i["item_id"] for i in get(client, f"/v1/items/{popular[1]}/similar", k=50)["items"])
+        assert served and top not in served
