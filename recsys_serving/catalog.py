@@ -48,16 +48,21 @@ class ContentTables:
         return [self.items["item_id"], self.neighbors["item_id"], self.neighbors["neighbor_id"]]
 
 
-def read_content(artifact_root: Path, tenant: str, surface: str, manifest: Manifest) -> ContentTables:
-    """The files of the `content` artifact `manifest` names, verified; `CatalogLoadError` if unusable."""
+def read_content(artifact_root: Path, tenant: str, surface: str, manifest: Manifest) -> ContentTables | None:
+    """The files of the `content` artifact `manifest` names, verified; `CatalogLoadError` if unusable, None
+    for a content artifact built before it carried the item table (neighbours only), which is then not
+    served: the manifest serves as one without a catalog rather than not at all."""
     uri = manifest["current"][CONTENT.name]
     folder = resolve_uri(artifact_root, tenant, surface, uri)
     problems = verify_artifact(folder, required_nonempty=False)
     if problems:
         raise CatalogLoadError(f"content artifact {uri} is not valid: {'; '.join(problems)}")
     version = str(manifest["artifacts"][CONTENT.name]["version"])
-    if read_meta(folder).get("version") != version:
+    meta = read_meta(folder)
+    if meta.get("version") != version:
         raise CatalogLoadError(f"content artifact {uri}: meta.json version does not match the manifest's")
+    if not set(CONTENT.files) <= set(meta.get("files", {})):
+        return None
     try:
         neighbors = pq.read_table(folder / CONTENT.table, columns=list(CONTENT.served_columns))
         items = pq.read_table(folder / CONTENT_ITEMS_FILE)

@@ -516,7 +516,8 @@ def load_target(
             content = read_content(artifact_root, tenant, surface, manifest)
         except CatalogLoadError as exc:
             raise LoadError(str(exc)) from exc
-        id_columns += content.item_ids()
+        if content is not None:
+            id_columns += content.item_ids()
     vocab = pc.unique(
         pa.chunked_array([chunk for col in id_columns for chunk in col.chunks], pa.large_string())
     )
@@ -610,7 +611,7 @@ def load_target(
     )
     kinds = (
         tuple(kind for kind in SERVED_KINDS if kind in current)
-        + ((CONTENT.name,) if catalog else ())
+        + ((CONTENT.name,) if catalog is not None else ())
         + ((RULES_KIND,) if rules else ())
     )
     updated_at = str(manifest.get("updated_at", ""))

@@ -15,19 +15,23 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import polars as pl
 import pytest
 from conftest import use_home
 from test_serving import live_server, private_copy
 
 from recsys_cli import cli
 from recsys_core.catalog import item_line
-from recsys_core.manifest import read_current
+from recsys_core.manifest import read_current, resolve_uri, target_dir
 from recsys_core.rules import Match, matches, parse_rules
 from recsys_core.settings import BlendWeights, load_settings
 from recsys_dagster.evaluation.diversity import DIVERSITY_SETTINGS, diversity_tradeoff
 from recsys_dagster.evaluation.holdout import temporal_holdout
 from recsys_dagster.evaluation.offline import read_evaluation, window_interactions
+from recsys_dagster.publishing.protocol import publish
 from recsys_dagster.publishing.rules import publish_rules
+from recsys_dagster.transform.artifact_dir import write_artifact_dir
+from recsys_serving import recommender
 from recsys_serving.diversity import intra_list_diversity, mmr_order
 from recsys_serving.store import load_target
 
@@ -347,3 +351,26 @@ def test_an_item_marked_unavailable_disappears_from_every_endpoint_after_the_nex
             served.update(i["item_id"] for i in recs(client, user_id=user, k=20))
         served.update(i["item_id"] for i in get(client, f"/v1/items/{popular[1]}/similar", k=50)["items"])
         assert served and top not in served
+
+
+def test_a_content_artifact_without_the_item_table_serves_as_no_catalog(home: Path, tmp_path: Path) -> None:
+    copy = private_copy(home, tmp_path)
+    root = copy / "artifacts"
+    manifest = read_current(root, TENANT, SURFACE)
+    assert manifest is not None
+    artifacts = {kind: resolve_uri(root, TENANT, SURFACE, uri) for kind, uri in manifest["current"].items()}
+    # The content artifact as built before it carried the item table: its neighbour rows only.
+    neighbors = pl.read_parquet(artifacts["content"] / "neighbors.parquet")
+    meta = json.loads((artifacts["content"] / "meta.json").read_text())
+    old_meta = {key: meta[key] for key in ("kind", "tenant", "surface", "as_of", "params", "inputs")}
+    artifacts["content"] = write_artifact_dir(
+        target_dir(root, TENANT, SURFACE), "content", old_meta, {"neighbors.parquet": neighbors}
+    )[1]
+    as_of = dt.date.fromisoformat(manifest["as_of"])
+    outcome = publish(root, TENANT, SURFACE, as_of, artifacts, blend=manifest.get("blend"), carry=("rules",))
+    assert outcome.action == "publish", outcome.message
+    republished = read_current(root, TENANT, SURFACE)
+    assert republished is not None
+    target = load_target(root, TENANT, SURFACE, republished)
+    assert target.catalog is None and "content" in target.ignored_kinds
+    assert recommender.recommend(target, user_id=users(copy)[0], k=5, exclude_seen=True).item_ids
