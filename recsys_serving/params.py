@@ -202,9 +202,13 @@ def parse(params: tuple[Param, ...], values: Mapping[str, Any], where: str) -> d
     errors: list[dict[str, str]] = []
     for param in params:
         value = values.get(param.name)
-        if value is None and param.required:
-            code = "missing_parameter" if where != "body" else "missing_field"
-            errors.append({"field": param.name, "in": where, "code": code, "message": "is required"})
+        if value is None:
+            if param.required:
+                code = "missing_parameter" if where != "body" else "missing_field"
+                errors.append({"field": param.name, "in": where, "code": code, "message": "is required"})
+            else:
+                # An absent parameter is its default, without a call: most requests give few of them.
+                parsed[param.name] = param.default
             continue
         try:
             parsed[param.name] = convert(param, value)
