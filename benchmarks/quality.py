@@ -732,9 +732,19 @@ def main(argv: list[str] | None = None) -> int:
     text = report(ratings_path, otto_path, args.seed, args.trials)
     print(text)
     if not args.no_record:
-        DOC_PATH.write_text(text)
+        write_doc(text)
         print(f"\nwritten to {DOC_PATH.relative_to(REPO_ROOT)}")
     return 0
+
+
+def write_doc(text: str) -> None:
+    """docs/quality.md = `text`, followed by the sections other benchmarks record in it (diversity)."""
+    kept = ""
+    if DOC_PATH.exists():
+        current = DOC_PATH.read_text()
+        if "<!-- bench:" in current:
+            kept = "\n\n" + current[current.index("<!-- bench:") :].strip() + "\n"
+    DOC_PATH.write_text(text.rstrip("\n") + "\n" + kept)
 
 
 def run_benchmark(options: Options) -> Section:
@@ -744,7 +754,7 @@ def run_benchmark(options: Options) -> Section:
         raise BenchmarkError("MovieLens ratings.csv or the OTTO sample not found (set RECSYS_SHARED_DATA)")
     text = report(ratings_path, otto_path, options.seed, CONFIG.tuning.trials)
     if options.record:
-        DOC_PATH.write_text(text)
+        write_doc(text)
     pointer = (
         "Offline quality (precision, recall, nDCG, MAP, hit rate, coverage, long-tail share on MovieLens and "
         "the OTTO sample, with tuned ALS and blend): see [quality.md](quality.md)."

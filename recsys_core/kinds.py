@@ -242,7 +242,23 @@ class CatalogArtifactKind:
     schema: pa.Schema
     served_columns: tuple[str, ...]
     params: Callable[[PipelineConfig], dict[str, Any]]
+    # The files written besides `table`.
+    files: tuple[str, ...] = ()
 
+
+# The content artifact's item table: every catalog item of the tenant (available or not) with what serving
+# filters and diversifies by; row i's TF-IDF vector is CSR row i of the vector_*.npy arrays.
+CONTENT_ITEMS_FILE = "items.parquet"
+CONTENT_ITEMS_SCHEMA = pa.schema(
+    [
+        ("item_id", pa.string()),
+        ("available", pa.bool_()),
+        ("categories", pa.list_(pa.string())),
+        ("tags", pa.list_(pa.string())),
+        ("attributes", pa.string()),
+    ]
+)
+CONTENT_VECTOR_FILES = ("vector_indptr.npy", "vector_features.npy", "vector_values.npy")
 
 CONTENT = CatalogArtifactKind(
     name="content",
@@ -258,6 +274,7 @@ CONTENT = CatalogArtifactKind(
         "top_k": config.catalog.content_top_k,
         "features": ["categories", "tags", "title"],
     },
+    files=(CONTENT_ITEMS_FILE, *CONTENT_VECTOR_FILES),
 )
 CATALOG_KINDS: Mapping[str, CatalogArtifactKind] = {CONTENT.name: CONTENT}
 

@@ -9,6 +9,11 @@ A rules document belongs to one tenant and surface. Each rule has an `action`:
   which moves it among the candidates the recommender found (a boost does not add an item that is not a
   candidate; a pin does).
 
+A rule names its items by id (`items`) or, for block, boost and bury, by what the tenant's item catalog
+says about them (`match`: any of `categories`, any of `tags`, every `attributes` key equal to its value; the
+fields given must all hold). The server resolves a `match` to the catalog's items when it loads the rules
+with the catalog (`matches`), so a catalog update re-targets the rule at the next manifest.
+
 A rule applies to a request when its validity window contains the request's time (`from` inclusive, `until`
 exclusive, UTC) and its `audience` matches (every field given must match: the user is listed, the user is in
 the segment, the request's context items include one of the listed items; no audience = everyone).
@@ -26,7 +31,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -72,6 +77,48 @@ class Audience(BaseModel):
     )
 
 
+Label = Annotated[str, Field(min_length=1, max_length=256)]
+AttributeValue = str | int | float | bool
+# The actions that may target items by catalog attributes: a pin places one item and a replace list orders
+# its items, both of which need ids.
+MATCH_ACTIONS = ("block", "boost", "bury")
+_MISSING = object()
+
+
+class Match(BaseModel):
+    """The catalog items a rule targets: in any of `categories`, with any of `tags`, and with every one of
+    `attributes` equal to the given value (each field given must hold)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    categories: tuple[Label, ...] | None = Field(default=None, min_length=1, max_length=MAX_ITEMS_PER_RULE)
+    tags: tuple[Label, ...] | None = Field(default=None, min_length=1, max_length=MAX_ITEMS_PER_RULE)
+    attributes: dict[Label, AttributeValue] | None = Field(default=None, min_length=1, max_length=100)
+
+    @model_validator(mode="after")
+    def _something(self) -> Match:
+        if self.categories is None and self.tags is None and self.attributes is None:
+            raise ValueError("give at least one of `categories`, `tags`, `attributes`")
+        return self
+
+
+def matches(
+    match: Match, categories: Sequence[str], tags: Sequence[str], attributes: Mapping[str, Any]
+) -> bool:
+    """Whether an item with these catalog fields is one `match` targets."""
+    if match.categories is not None and not set(match.categories).intersection(categories):
+        return False
+    if match.tags is not None and not set(match.tags).intersection(tags):
+        return False
+    if match.attributes is not None:
+        # bool is an int in Python: True must not equal an attribute 1.
+        for key, value in match.attributes.items():
+            found = attributes.get(key, _MISSING)
+            if found is _MISSING or isinstance(found, bool) != isinstance(value, bool) or found != value:
+                return False
+    return True
+
+
 class Rule(BaseModel):
     """One rule of a rules document (docs/reference/rules.md)."""
 
@@ -79,7 +126,8 @@ class Rule(BaseModel):
 
     id: RuleId
     action: Literal["block", "pin", "replace", "boost", "bury"]
-    items: tuple[ItemId, ...] = Field(min_length=1, max_length=MAX_ITEMS_PER_RULE)
+    items: tuple[ItemId, ...] = Field(default=(), max_length=MAX_ITEMS_PER_RULE)
+    match: Match | None = None
     position: int | None = Field(default=None, ge=1, le=MAX_POSITION)
     factor: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     audience: Audience | None = None
@@ -96,6 +144,10 @@ class Rule(BaseModel):
 
     @model_validator(mode="after")
     def _fields_of_the_action(self) -> Rule:
+        if bool(self.items) == (self.match is not None):
+            raise ValueError("give the items by id (`items`) or by catalog attributes (`match`), one of them")
+        if self.match is not None and self.action not in MATCH_ACTIONS:
+            raise ValueError(f"`match` targets items of {', '.join(MATCH_ACTIONS)} rules only; give `items`")
         if (self.action == "pin") != (self.position is not None):
             raise ValueError("`position` is required for pin and only for pin")
         if self.action == "pin" and len(self.items) != 1:

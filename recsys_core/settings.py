@@ -78,6 +78,7 @@ NUMBER_RANGES: dict[str, tuple[float, float]] = {
     "checks.max_quarantine_rate": (0, 1),
     "checks.max_duplicate_rate": (0, 1),
     "catalog.max_missing_share": (0, 1),
+    "catalog.diversity": (0, 1),
     "guardrails.max_relative_drop": (0, 1),
     # No metric is below 0, so a lift of -1 already never blocks.
     "guardrails.min_*lift_over_popularity.*": (-1, math.inf),
@@ -278,6 +279,10 @@ class CatalogConfig:
     max_missing_share: float = 0.05
     # Neighbours kept per item in the `content` artifact.
     content_top_k: int = 20
+    # The server's default diversity re-ranking (a request's `diversity` / `max_per_category` override
+    # them): the MMR trade-off in [0, 1] (0: off) and the most items of one category in a list (0: no cap).
+    diversity: float = 0.0
+    max_per_category: int = 0
 
 
 @dataclass(frozen=True)

@@ -107,7 +107,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.decisions = decisions
     app.state.metrics = metrics
     fast_routes = include_routes(
-        app, Endpoints(store, exposures, metrics, settings.pipeline.blend, decisions)
+        app,
+        Endpoints(store, exposures, metrics, settings.pipeline.blend, decisions, settings.pipeline.catalog),
     )
     _include_docs(app)
     if settings.admin_token is not None:

@@ -24,6 +24,8 @@ MAX_K = 100
 MAX_ID_CHARS = 256
 MAX_CONTEXT_ITEMS = ranking.MAX_CONTEXT_ITEMS
 MAX_QUERY_BYTES = 32 * 1024
+MAX_LABELS = 100
+MAX_LABELS_CHARS = MAX_QUERY_BYTES
 _INTEGER = re.compile(r"\s*[+-]?[0-9]{1,9}\s*")
 _TRUE = frozenset({"true", "1", "yes", "on", "t", "y"})
 _FALSE = frozenset({"false", "0", "no", "off", "f", "n"})
@@ -37,7 +39,9 @@ class Param:
     """One request parameter: how it is validated and how the OpenAPI document describes it.
 
     kinds: `name` (tenant/surface rule), `id` (trimmed, 1-256 characters; blank = absent), `k` (integer
-    1-MAX_K), `bool`, `ids` (a list of ids, at most MAX_CONTEXT_ITEMS; repeat the query parameter).
+    1-MAX_K), `bool`, `ids` (a list of ids, at most MAX_CONTEXT_ITEMS; repeat the query parameter),
+    `labels` (comma-separated catalog categories, or a JSON list; at most MAX_LABELS), `fraction` (a number
+    in [0, 1]).
     """
 
     name: str
@@ -56,6 +60,10 @@ class Param:
             return {"type": "integer", "minimum": 1, "maximum": MAX_K, "default": self.default}
         if self.kind == "bool":
             return {"type": "boolean", "default": self.default}
+        if self.kind == "fraction":
+            return {"type": "number", "minimum": 0, "maximum": 1}
+        if self.kind == "labels":
+            return {"type": "string", "description": "comma-separated", "maxLength": MAX_LABELS_CHARS}
         return {"type": "array", "items": id_schema, "maxItems": MAX_CONTEXT_ITEMS}
 
     def openapi(self, where: str = "query") -> dict[str, Any]:
@@ -74,7 +82,7 @@ class Param:
 TENANT = Param("tenant", "name", "Tenant (1-64 characters of A-Z a-z 0-9 . _ -)", required=True)
 SURFACE = Param("surface", "name", "Surface, e.g. home, pdp, cart (same rule as tenant)", required=True)
 K = Param("k", "k", f"Number of items, 1-{MAX_K}", default=DEFAULT_K)
-RECOMMEND_PARAMS = (
+_REQUEST_PARAMS = (
     TENANT,
     SURFACE,
     Param("user_id", "id", "The user; an unknown user gets popular items and a warning"),
@@ -93,6 +101,22 @@ RECOMMEND_PARAMS = (
     ),
     Param("session_id", "id", "Session recorded in the exposure log (default: the request id)"),
 )
+# Catalog filters and diversity (docs/reference/http-api.md); the configured defaults apply when absent.
+CATALOG_PARAMS = (
+    Param("categories", "labels", "Only items in one of these catalog categories (comma-separated)"),
+    Param("exclude_categories", "labels", "No item in any of these catalog categories (comma-separated)"),
+    Param(
+        "diversity",
+        "fraction",
+        "MMR re-ranking by content similarity, 0 (off) to 1 (dissimilarity only); default: catalog.diversity",
+    ),
+    Param(
+        "max_per_category",
+        "k",
+        f"At most this many items of one catalog category (1-{MAX_K}); default: catalog.max_per_category",
+    ),
+)
+RECOMMEND_PARAMS = (*_REQUEST_PARAMS, *CATALOG_PARAMS)
 ITEM_PATH = Param("item_id", "id", "The item id (URL-encoded)", required=True)
 
 
@@ -130,6 +154,23 @@ def convert(param: Param, value: Any) -> Any:
         if not 1 <= value <= MAX_K:
             raise InvalidValue(code, f"must be from 1 to {MAX_K}, got {value}")
         return value
+    if kind == "fraction":
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise InvalidValue(code, "must be a number from 0 to 1") from None
+        if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value <= 1:
+            raise InvalidValue(code, "must be a number from 0 to 1")
+        return float(value)
+    if kind == "labels":
+        labels = value.split(",") if isinstance(value, str) else value
+        if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
+            raise InvalidValue(code, "must be comma-separated category names")
+        cleaned = [label.strip() for label in labels if label.strip()]
+        if len(cleaned) > MAX_LABELS or any(len(label) > MAX_ID_CHARS for label in cleaned):
+            raise InvalidValue(code, f"at most {MAX_LABELS} categories of 1-{MAX_ID_CHARS} characters each")
+        return cleaned or None
     if kind == "bool":
         if isinstance(value, bool):
             return value
@@ -161,9 +202,13 @@ def parse(params: tuple[Param, ...], values: Mapping[str, Any], where: str) -> d
     errors: list[dict[str, str]] = []
     for param in params:
         value = values.get(param.name)
-        if value is None and param.required:
-            code = "missing_parameter" if where != "body" else "missing_field"
-            errors.append({"field": param.name, "in": where, "code": code, "message": "is required"})
+        if value is None:
+            if param.required:
+                code = "missing_parameter" if where != "body" else "missing_field"
+                errors.append({"field": param.name, "in": where, "code": code, "message": "is required"})
+            else:
+                # An absent parameter is its default, without a call: most requests give few of them.
+                parsed[param.name] = param.default
             continue
         try:
             parsed[param.name] = convert(param, value)

@@ -19,6 +19,19 @@ place, `_apply_rules`, after the blend and before the cut to k. The offline eval
 so measures the models alone: rules are a merchandiser's override of what the models rank, published
 after the evaluation that gated the models, and a metric that moved with every campaign would no longer
 compare models from one day to the next.
+
+With the tenant's item catalog (`LoadedTarget.catalog`, from the `content` artifact):
+- items the catalog marks unavailable, and items outside the request's `categories` or inside its
+  `exclude_categories`, are left out of the candidates before the rules and out of what the rules place
+  after them (a pinned unavailable item is not shown). The blend is asked for more candidates until `k`
+  pass the filter or the catalog runs out (`_candidates`); a precomputed list too short for that gives way
+  to the live blend;
+- when most seeds have no co-occurrence neighbours (new items, or items too rarely seen together), their
+  content neighbours vote as co-occurrence neighbours do (recency-weighted cosines, scaled to [0, 1] by the
+  best and weighted like co-occurrence), merged into the blend's list as the `content` source;
+- `diversity` > 0 or `max_per_category` re-ranks the candidates (`DIVERSITY_DEPTH` times k of them) by
+  maximal marginal relevance over content similarity (`recsys_serving.diversity`), after the rules, with
+  the positions rules fixed kept. 0 (the default) leaves the ranking untouched and costs nothing.
 """
 
 from __future__ import annotations
@@ -35,6 +48,8 @@ from recsys_core.rules import apply_rules
 from recsys_core.settings import BlendWeights
 from recsys_serving import ranking
 from recsys_serving.blend import SOURCE_POPULARITY, Blended, BlendRequest, blend, main_sources
+from recsys_serving.catalog import SOURCE_CONTENT, ServedCatalog
+from recsys_serving.diversity import mmr_order
 from recsys_serving.rules import Selection
 from recsys_serving.store import LoadedTarget, UserTopN
 
@@ -49,6 +64,10 @@ FEWER_ITEMS = "fewer_items_than_requested"
 WARNING_CODES = (UNKNOWN_USER, ANONYMOUS, CONTEXT_ITEMS_UNKNOWN, NO_COOC_CANDIDATES, FEWER_ITEMS)
 # The `source` of an item a rule placed that the blend did not score (a pin or a replace list's item).
 SOURCE_RULE = "rule"
+# With diversity re-ranking, the candidates re-ranked: this many times k.
+DIVERSITY_DEPTH = 3
+# The content source joins the blend when at least this share of the seeds have no co-occurrence neighbours.
+COLD_SEED_SHARE = 0.5
 
 
 class RecommendationWarning(TypedDict):
@@ -92,6 +111,10 @@ def recommend(
     exclude_seen: bool,
     weights: BlendWeights = DEFAULT_WEIGHTS,
     rules_at: dt.datetime | None = None,
+    categories: Sequence[str] | None = None,
+    exclude_categories: Sequence[str] | None = None,
+    diversity: float = 0.0,
+    max_per_category: int | None = None,
 ) -> Recommendation:
     """The top `k` items for a user and/or context items from `target`, with warnings where it degraded.
 
@@ -101,10 +124,18 @@ def recommend(
     context items with weight 1). Seeds are never returned; with `exclude_seen`, neither is anything in
     the user's window history. `context_items` are expected validated (at most `ranking.MAX_CONTEXT_ITEMS`
     trimmed ids, as the API accepts them). With `rules_at` (UTC), the target's rules in force then are
-    applied; without it, none are.
+    applied; without it, none are. Catalog filters (`categories`, `exclude_categories`), availability,
+    the content source and diversity (`diversity` in [0, 1], `max_per_category`) are as the module says.
     """
+    catalog = target.catalog
+    allowed = _allowed(catalog, target.n_items, categories, exclude_categories)
+    diversify = diversity > 0 or max_per_category is not None
     inputs: BlendInputs | None = None
     topn = target.user_topn if user_id and not context_items and exclude_seen else None
+    if topn is not None and catalog is not None and user_id is not None:
+        recent = target.history(user_id)
+        if recent and _mostly_cold(target, recent[: ranking.MAX_HISTORY_SEEDS]):
+            topn = None  # the precomputed lists have no content source
 
     def best(n: int) -> Blended:
         """The blend's best `n`: precomputed when the target has them for this request, else live."""
@@ -118,7 +149,7 @@ def recommend(
                 target, user_id=user_id, context_items=context_items, exclude_seen=exclude_seen
             )
         request = inputs.request
-        return blend(
+        blended = blend(
             target,
             user_vector=request.user_vector,
             seeds=request.seeds,
@@ -126,12 +157,17 @@ def recommend(
             k=n,
             weights=weights,
         )
+        if catalog is not None and request.seeds and _mostly_cold(target, request.seeds):
+            blended = _with_content(catalog, blended, request.seeds, request.excluded, n, weights.cooc)
+        return blended
 
     selection: Selection | None = None
     if rules_at is not None and target.rules is not None:
         history = target.history_with_weights(user_id) if user_id else None
         selection = target.rules.select(rules_at, user_id, len(history[0]) if history else 0, context_items)
-        blended = _candidates(best, k, selection)
+    reranked = diversify or allowed is not None
+    if selection is not None or reranked:
+        blended = _candidates(best, k, DIVERSITY_DEPTH * k if diversify else k, selection, allowed)
     else:
         blended = best(k)
     warnings: list[RecommendationWarning] = []
@@ -150,11 +186,165 @@ def recommend(
         candidate_scores=blended.scores,
         candidate_contributions=blended.contributions,
     )
-    if selection is None or not _apply_rules(result, selection, k):
+    # Filtered or diversified, the rules order the whole candidate list (and up to k items they place,
+    # which the filter may drop again): what follows then cuts it to k.
+    depth = len(candidate_ids) + k if reranked else k
+    placed = _apply_rules(result, selection, depth) if selection is not None else None
+    if placed is None:
+        if reranked:
+            result.item_ids, result.scores = candidate_ids[:depth], list(blended.scores[:depth])
+            result.contributions = blended.contributions[:depth]
         result.sources = main_sources(result.contributions)
+    if SOURCE_CONTENT in blended.sources_used:
+        _content_sources(result)
+    if reranked:
+        if placed is not None and allowed is not None:
+            outside = not categories  # an item outside the vocabulary has no category
+            kept = [
+                n for n, item in enumerate(result.item_ids) if _is_allowed(target, allowed, item, outside)
+            ]
+            _keep(result, kept)
+        if diversify:
+            fixed = {n: n for n, item in enumerate(result.item_ids) if placed and item in placed}
+            _keep(result, _diversified(target, result, diversity, max_per_category, k, fixed))
+        _keep(result, list(range(min(k, len(result)))))
     if len(result) < k:
         warnings.append({"code": FEWER_ITEMS, "message": f"only {len(result)} items left to recommend"})
     return result
+
+
+def similar(target: LoadedTarget, item: int, k: int) -> tuple[list[int], list[float], list[str]]:
+    """An item's `k` most similar available items and their sources: its co-occurrence neighbours in
+    published rank order, then, for an item with fewer than `k` (a new one has none), its content
+    neighbours (cosine order) that are not among them."""
+    catalog = target.catalog
+    neighbors, scores = ranking.similar(target, item, k if catalog is None else target.n_items)
+    if catalog is None:
+        return neighbors, scores, [ranking.SOURCE_COOC] * len(neighbors)
+    available = catalog.available
+    kept = [n for n, neighbor in enumerate(neighbors) if available[neighbor]][:k]
+    items, values = [neighbors[n] for n in kept], [scores[n] for n in kept]
+    sources = [ranking.SOURCE_COOC] * len(items)
+    if len(items) < k:
+        chosen = set(items)
+        for neighbor, score in zip(*catalog.neighbors(item), strict=True):
+            if neighbor not in chosen and available[neighbor] and len(items) < k:
+                items.append(neighbor)
+                values.append(score)
+                sources.append(SOURCE_CONTENT)
+    return items, values, sources
+
+
+def _allowed(
+    catalog: ServedCatalog | None,
+    n_items: int,
+    categories: Sequence[str] | None,
+    exclude_categories: Sequence[str] | None,
+) -> np.ndarray | None:
+    """The items a request may return, as a mask over the vocabulary; None: every item."""
+    if catalog is not None:
+        return catalog.allowed(categories, exclude_categories)
+    # Without a catalog no item has a category: a category filter leaves nothing, an exclusion nothing out.
+    return np.zeros(n_items, dtype=bool) if categories else None
+
+
+def _is_allowed(target: LoadedTarget, allowed: np.ndarray, item_id: str, outside: bool) -> bool:
+    """Whether an item a rule placed may be shown (`outside`: whether one outside the served vocabulary,
+    which has no category and is not known to be unavailable, may)."""
+    index = target.item_index.get(item_id)
+    return bool(allowed[index]) if index is not None else outside
+
+
+def _mostly_cold(target: LoadedTarget, seeds: Sequence[int]) -> bool:
+    """Whether at least COLD_SEED_SHARE of `seeds` have no co-occurrence neighbours."""
+    ptr = target.cooc_ptr
+    cold = sum(1 for seed in seeds if ptr[seed] == ptr[seed + 1])
+    return cold >= COLD_SEED_SHARE * len(seeds)
+
+
+def _with_content(
+    catalog: ServedCatalog, blended: Blended, seeds: list[int], excluded: set[int], n: int, weight: float
+) -> Blended:
+    """`blended` with the content votes of `seeds` added (see the module docstring), best `n` first; ties
+    keep the blend's order, then go to the smaller item id."""
+    votes: dict[int, float] = {}
+    for seed_weight, seed in zip(ranking.recency_weights(len(seeds)), seeds, strict=True):
+        items, scores = catalog.neighbors(seed)
+        for item, score in zip(items, scores, strict=True):
+            if item not in excluded:
+                votes[item] = votes.get(item, 0.0) + score * seed_weight
+    top = max(votes.values(), default=0.0)
+    if top <= 0 or weight <= 0:
+        return blended
+    merged: dict[int, tuple[float, dict[str, float]]] = {
+        item: (score, contribution)
+        for item, score, contribution in zip(
+            blended.items, blended.scores, blended.contributions, strict=True
+        )
+    }
+    for item, vote in votes.items():
+        part = weight * vote / top
+        score, contribution = merged.get(item, (0.0, {}))
+        merged[item] = (score + part, {**contribution, SOURCE_CONTENT: part})
+    position = {item: n for n, item in enumerate(blended.items)}
+    ranked = sorted(merged, key=lambda item: (-merged[item][0], position.get(item, len(position)), item))[:n]
+    return Blended(
+        ranked,
+        [merged[item][0] for item in ranked],
+        [merged[item][1] for item in ranked],
+        blended.sources_used | {SOURCE_CONTENT},
+    )
+
+
+def _content_sources(result: Recommendation) -> None:
+    """Make `content` the main source of the items it contributed most to (`main_sources` knows the
+    blend's three sources only)."""
+    for n, contribution in enumerate(result.contributions):
+        part = contribution.get(SOURCE_CONTENT)
+        others = (value for source, value in contribution.items() if source != SOURCE_CONTENT)
+        if part is not None and result.sources[n] != SOURCE_RULE and all(part > value for value in others):
+            result.sources[n] = SOURCE_CONTENT
+
+
+def _keep(result: Recommendation, positions: list[int]) -> None:
+    """Keep the items of `result` at `positions`, in that order."""
+    result.item_ids = [result.item_ids[n] for n in positions]
+    result.scores = [result.scores[n] for n in positions]
+    result.sources = [result.sources[n] for n in positions]
+    result.contributions = [result.contributions[n] for n in positions]
+    if result.rule_ids is not None:
+        result.rule_ids = [result.rule_ids[n] for n in positions]
+
+
+def _diversified(
+    target: LoadedTarget,
+    result: Recommendation,
+    diversity: float,
+    max_per_category: int | None,
+    k: int,
+    fixed: dict[int, int],
+) -> list[int]:
+    """The positions of `result`'s top `k` re-ranked for diversity (`recsys_serving.diversity`)."""
+    catalog = target.catalog
+    if catalog is None:
+        return list(range(min(k, len(result))))
+    index = target.item_index
+    items = [index.get(item, -1) for item in result.item_ids]
+    known = [item for item in items if item >= 0]
+    similarity = np.zeros((len(items), len(items)))
+    if known:
+        rows = [n for n, item in enumerate(items) if item >= 0]
+        similarity[np.ix_(rows, rows)] = catalog.similarities(known)
+    categories = [catalog.categories[item] if item >= 0 else () for item in items]
+    return mmr_order(
+        result.scores,
+        similarity,
+        categories,
+        diversity=diversity,
+        max_per_category=max_per_category,
+        k=k,
+        fixed=fixed,
+    )
 
 
 def _precomputed(topn: UserTopN, user_id: str, k: int, weights: BlendWeights) -> Blended | None:
@@ -252,9 +442,16 @@ def _warn_fallback(blended: Blended, inputs: BlendInputs, warnings: list[Recomme
             warnings.append({"code": ANONYMOUS, "message": "no known user or context item: popular items"})
 
 
-def _candidates(best: Callable[[int], Blended], k: int, selection: Selection) -> Blended:
-    """The blend's best items that the selected rules do not block: `k` times the selection's depth factor
-    of them (at least `k` when the catalog has them).
+def _candidates(
+    best: Callable[[int], Blended],
+    k: int,
+    need: int,
+    selection: Selection | None,
+    allowed: np.ndarray | None,
+) -> Blended:
+    """The blend's best items that the selected rules do not block and the request may return (`allowed`;
+    None: any): `need` of them, or `k` times the selection's depth factor when more (at least `k` when the
+    catalog has them).
 
     Blocked items are removed from the blend's list rather than handed to it as excluded items: the
     remaining items keep exactly the scores they have without the rules (exclusion would rescale the
@@ -263,17 +460,23 @@ def _candidates(best: Callable[[int], Blended], k: int, selection: Selection) ->
     more than `k` (a deeper list, or a quarter more, at least 5: blocking 2% of a catalog leaves a blocked
     item among the best 30 of nearly half the requests, rarely more than 5); when fewer than `k` are left,
     the blend is asked again for as many as the share of blocked items among those suggests (at least
-    twice as many), until `k` are left or the catalog runs out.
+    twice as many), until `k` are left or the catalog runs out. Items the request may not return are
+    looked for the same way.
     """
-    blocked = selection.blocked
-    depth = k * selection.depth_factor
-    wanted = max(depth, k + min(len(blocked), max(5, k // 4)))
+    blocked = selection.blocked if selection is not None else frozenset()
+    depth = max(need, k * selection.depth_factor) if selection is not None else need
+    filtered = bool(blocked) or allowed is not None
+    wanted = max(depth, k + min(len(blocked), max(5, k // 4))) if filtered else depth
     while True:
         blended = best(wanted)
-        if not blocked:
+        if not filtered:
             return blended
-        kept = [n for n, item in enumerate(blended.items) if item not in blocked]
-        if len(kept) >= k or len(blended.items) < wanted:
+        kept = [
+            n
+            for n, item in enumerate(blended.items)
+            if item not in blocked and (allowed is None or allowed[item])
+        ]
+        if len(kept) >= need or len(blended.items) < wanted:
             kept = kept[:depth]
             return Blended(
                 [blended.items[n] for n in kept],
@@ -285,9 +488,10 @@ def _candidates(best: Callable[[int], Blended], k: int, selection: Selection) ->
         wanted = max(2 * wanted, int(1.5 * k / share_kept) + k)
 
 
-def _apply_rules(result: Recommendation, selection: Selection, k: int) -> bool:
+def _apply_rules(result: Recommendation, selection: Selection, k: int) -> set[str] | None:
     """Replace `result`'s items (and sources) by the first `k` after the selected rules change its
-    candidate list; False when no selected rule concerns the list, which is then left as it is.
+    candidate list, and return the items pins and replace lists placed; None when no selected rule concerns
+    the list, which is then left as it is.
 
     The blocked items are out of the candidate list already (`_candidates`); the list is deeper than k
     when a boost or bury may apply (`Selection.depth_factor`). A rescored item's contributions are scaled
@@ -297,7 +501,7 @@ def _apply_rules(result: Recommendation, selection: Selection, k: int) -> bool:
     candidates = result.candidate_ids
     rules = selection.rules_for(candidates)
     if not rules:
-        return False
+        return None
     scores, contributions = result.candidate_scores, result.candidate_contributions
     placed = apply_rules(rules, list(zip(candidates, scores, strict=True)), k)
     position = {item: n for n, item in enumerate(candidates)}
@@ -319,4 +523,5 @@ def _apply_rules(result: Recommendation, selection: Selection, k: int) -> bool:
         source if entry.item_id in position else SOURCE_RULE
         for entry, source in zip(placed, main_sources(result.contributions), strict=True)
     ]
-    return True
+    positioned = {rule.id for rule in rules if rule.action in ("pin", "replace")}
+    return {entry.item_id for entry in placed if positioned.intersection(entry.rule_ids)}

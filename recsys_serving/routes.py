@@ -26,12 +26,13 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.routing import Route
 from starlette.types import Scope
 
-from recsys_core.settings import BlendWeights
+from recsys_core.settings import BlendWeights, CatalogConfig
 from recsys_serving import ranking, recommender
 from recsys_serving.exposures import ExposureWriter
 from recsys_serving.metrics import ServingMetrics
 from recsys_serving.middleware import MeteredRoute
 from recsys_serving.params import (
+    CATALOG_PARAMS,
     ITEM_PATH,
     RECOMMEND_PARAMS,
     SURFACE,
@@ -145,6 +146,8 @@ def _errors_as_problem_json(spec: dict[str, Any]) -> dict[str, Any]:
 
 # The request parameters a decision trace records (tenant, surface and user have fields of their own).
 _TRACED_PARAMS = ("k", "exclude_seen", "context_items", "session_id")
+# and these when the request gives them.
+_TRACED_IF_GIVEN = tuple(p.name for p in CATALOG_PARAMS)
 
 
 def _scored_items(item_ids: list[str], scores: list[float], sources: list[str]) -> list[dict[str, Any]]:
@@ -177,7 +180,12 @@ class Endpoints:
         metrics: ServingMetrics,
         weights: BlendWeights,
         decisions: DecisionWriter | None = None,
+        catalog: CatalogConfig | None = None,
     ) -> None:
+        catalog = catalog or CatalogConfig()
+        # The diversity re-ranking of requests that do not ask for one.
+        self.diversity = catalog.diversity
+        self.max_per_category = catalog.max_per_category or None
         self.store = store
         self.exposures = exposures
         self.metrics = metrics
@@ -213,6 +221,10 @@ class Endpoints:
             exclude_seen=args["exclude_seen"],
             weights=target.blend or self.weights,
             rules_at=now,
+            categories=args["categories"],
+            exclude_categories=args["exclude_categories"],
+            diversity=self.diversity if args["diversity"] is None else args["diversity"],
+            max_per_category=args["max_per_category"] or self.max_per_category,
         )
         for warning in result.warnings:
             self.metrics.fallback(tenant, surface, warning["code"])
@@ -225,6 +237,7 @@ class Endpoints:
         decisions = self.decisions
         if decisions is not None and decisions.sampled(request_id):
             params = {name: args[name] for name in _TRACED_PARAMS}
+            params.update((name, args[name]) for name in _TRACED_IF_GIVEN if args[name] is not None)
             decisions.record(
                 Decision(
                     now.timestamp(),
@@ -367,7 +380,7 @@ class Endpoints:
                 f"item {item_id!r} is not in the catalog served for {target.tenant}/{target.surface}",
                 manifest_version=target.manifest_version,
             )
-        items, scores = ranking.similar(target, index, args["k"])
+        items, scores, sources = recommender.similar(target, index, args["k"])
         warnings = []
         if not items:
             warnings.append(
@@ -387,7 +400,7 @@ class Endpoints:
                 "manifest_version": target.manifest_version,
                 "as_of": target.as_of,
                 "request_id": scope["state"]["request_id"],
-                "items": _ranked_items(target, items, scores, ranking.SOURCE_COOC),
+                "items": _scored_items([target.item_ids[i] for i in items], scores, sources),
                 "warnings": warnings,
             },
         )
@@ -405,7 +418,9 @@ class Endpoints:
         scope = request.scope
         args = parse_query(scope, (TENANT, SURFACE, K))
         target = self._resolve(args["tenant"], args["surface"])
-        items, scores = ranking.popular(target, args["k"])
+        catalog = target.catalog
+        unavailable = catalog.unavailable if catalog is not None else frozenset()
+        items, scores = ranking.popular(target, args["k"], unavailable)
         return _respond(
             target,
             {

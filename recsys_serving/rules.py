@@ -11,6 +11,9 @@ boost/bury). This module only decides, fast, which rules one request hands to it
 - rules with an audience are indexed by user id, by segment and by context item; the few a request finds
   there are checked in full (window and every audience field).
 
+Rules that target items by catalog attributes (`match`) are resolved to the served catalog's items when
+the document is indexed (`resolve_matches`); without a catalog they target nothing.
+
 A `Selection` (the rules of one request) gives the items to exclude before the blend (everything blocked),
 how deep the blend's candidate list must go, and the rules to apply to that list.
 """
@@ -29,7 +32,9 @@ from recsys_core.rules import (
     Rule,
     RulesDocument,
     audience_matches,
+    matches,
 )
+from recsys_serving.catalog import ServedCatalog
 
 # With a boost or bury in force, the blend is asked for this many times k candidates, so that a boosted
 # item from just below the top k can move into it and a buried one can leave it. Deeper costs every such
@@ -59,8 +64,10 @@ class ServedRules:
         document: RulesDocument,
         item_index: Mapping[str, int],
         cold_start_max_interactions: int,
+        catalog: ServedCatalog | None = None,
     ) -> None:
         self.version = version
+        document = resolve_matches(document, catalog, item_index)
         self.document = document
         self.cold_start_max_interactions = cold_start_max_interactions
         self._item_index = item_index
@@ -210,6 +217,29 @@ class Selection:
         if not rules:
             return rules
         return served.ordered(rules)
+
+
+def resolve_matches(
+    document: RulesDocument, catalog: ServedCatalog | None, item_index: Mapping[str, int]
+) -> RulesDocument:
+    """`document` with each rule that targets catalog attributes (`match`) targeting the served items that
+    match them, in item id order (none without a catalog)."""
+    if not any(rule.match is not None for rule in document.rules):
+        return document
+    ids = list(item_index)  # in vocabulary order
+    resolved = []
+    for rule in document.rules:
+        if rule.match is not None:
+            items: tuple[str, ...] = ()
+            if catalog is not None:
+                items = tuple(
+                    ids[n]
+                    for n in range(len(ids))
+                    if matches(rule.match, catalog.categories[n], catalog.tags[n], catalog.attributes[n])
+                )
+            rule = rule.model_copy(update={"items": items})
+        resolved.append(rule)
+    return document.model_copy(update={"rules": tuple(resolved)})
 
 
 def _inside(when: dt.datetime, start: dt.datetime | None, end: dt.datetime | None) -> bool:

@@ -43,6 +43,7 @@ from recsys_core.rules import applicable as applicable_rules
 from recsys_core.settings import BlendWeights, Settings
 from recsys_serving.params import DEFAULT_K, MAX_K
 from recsys_serving.recommender import recommend
+from recsys_serving.rules import resolve_matches
 from recsys_serving.store import LoadedTarget
 
 # Decision traces older than this are not "recent": the sample falls back to users with history.
@@ -222,7 +223,11 @@ def rules_dry_run(
 ) -> DryRunReport:
     """What replacing the rules in force (`current`: their version and document, None without rules) by
     `new` changes in the final lists of `requests`, with rule windows evaluated at `at`."""
-    current_doc = current[1] if current else RulesDocument()
+    # Rules that target catalog attributes, resolved to the served catalog's items as the server does.
+    current_doc = resolve_matches(
+        current[1] if current else RulesDocument(), target.catalog, target.item_index
+    )
+    new = resolve_matches(new, target.catalog, target.item_index)
     report = DryRunReport(
         target.tenant,
         target.surface,

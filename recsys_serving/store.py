@@ -14,6 +14,10 @@ back-off) for /readyz and /metrics.
 
 A manifest may also name a `rules` artifact (merchandising rules, `recsys_core.rules`): it is parsed and
 indexed once at load (`recsys_serving.rules.ServedRules`); a manifest without one serves without rules.
+A `content` artifact (the tenant's item catalog: availability, categories, content neighbours and vectors)
+is indexed likewise (`recsys_serving.catalog.ServedCatalog`); its items join the vocabulary, so that an item
+nobody has interacted with yet can be recommended by content. Rules that target catalog attributes are
+resolved to the items they match at load.
 
 Reading manifests and resolving URIs goes through `recsys_core.manifest`, which imports no Dagster.
 """
@@ -35,10 +39,19 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from recsys_core.kinds import ARTIFACT_KINDS, BLEND_SOURCES, KINDS, REQUIRED_KINDS, USER_TOPN, ArtifactKind
+from recsys_core.kinds import (
+    ARTIFACT_KINDS,
+    BLEND_SOURCES,
+    CONTENT,
+    KINDS,
+    REQUIRED_KINDS,
+    USER_TOPN,
+    ArtifactKind,
+)
 from recsys_core.manifest import Manifest, list_targets, read_current, read_meta, resolve_uri, verify_artifact
 from recsys_core.rules import RULES_KIND, RulesDocument, RulesError, read_published_rules
 from recsys_core.settings import BlendWeights, GuardrailsConfig
+from recsys_serving.catalog import CatalogLoadError, ContentTables, ServedCatalog, read_content
 from recsys_serving.rules import ServedRules
 
 log = logging.getLogger(__name__)
@@ -182,6 +195,8 @@ class LoadedTarget:
     artifact_versions: dict[str, str] = field(default_factory=dict)
     # The manifest's merchandising rules, indexed; None when it has no `rules` artifact.
     rules: ServedRules | None = None
+    # The tenant's item catalog; None when the manifest has no `content` artifact.
+    catalog: ServedCatalog | None = None
 
     @property
     def n_items(self) -> int:
@@ -495,6 +510,14 @@ def load_target(
         id_columns.append(history["item_id"])
     if als is not None:
         id_columns.append(als["item_id"])
+    content: ContentTables | None = None
+    if CONTENT.name in current:
+        try:
+            content = read_content(artifact_root, tenant, surface, manifest)
+        except CatalogLoadError as exc:
+            raise LoadError(str(exc)) from exc
+        if content is not None:
+            id_columns += content.item_ids()
     vocab = pc.unique(
         pa.chunked_array([chunk for col in id_columns for chunk in col.chunks], pa.large_string())
     )
@@ -574,17 +597,23 @@ def load_target(
     else:
         topn_note = "the manifest has no user_topn artifact"
 
+    catalog = ServedCatalog(content, item_index, n_items) if content is not None else None
     rules = (
         ServedRules(
             manifest["artifacts"][RULES_KIND]["version"],
             _read_rules(artifact_root, tenant, surface, manifest),
             item_index,
             cold_start_max_interactions,
+            catalog,
         )
         if RULES_KIND in current
         else None
     )
-    kinds = tuple(kind for kind in SERVED_KINDS if kind in current) + ((RULES_KIND,) if rules else ())
+    kinds = (
+        tuple(kind for kind in SERVED_KINDS if kind in current)
+        + ((CONTENT.name,) if catalog is not None else ())
+        + ((RULES_KIND,) if rules else ())
+    )
     updated_at = str(manifest.get("updated_at", ""))
     return LoadedTarget(
         tenant=tenant,
@@ -626,6 +655,7 @@ def load_target(
             if kind in manifest["artifacts"]
         },
         rules=rules,
+        catalog=catalog,
     )
 
 

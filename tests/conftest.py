@@ -68,7 +68,12 @@ def layout(tmp_path: Path) -> Layout:
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh RECSYS_HOME for `recsys` commands run in-process: partitions from 12 days before
     yesterday on, every other recsys variable unset."""
-    home = tmp_path / "home"
+    return use_home(monkeypatch, tmp_path / "home")
+
+
+def use_home(monkeypatch: pytest.MonkeyPatch, home: Path) -> Path:
+    """Point in-process `recsys` commands at `home`: partitions from 12 days before yesterday on, every
+    other recsys variable unset."""
     monkeypatch.setenv("RECSYS_HOME", str(home))
     yesterday = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)
     monkeypatch.setenv("RECSYS_START_DATE", (yesterday - dt.timedelta(days=12)).isoformat())

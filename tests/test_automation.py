@@ -82,7 +82,7 @@ def test_asset_graph_reads_as_the_pipeline_story(defs: dg.Definitions) -> None:
     assert upstream["cooc"] == ["pair_daily"]
     assert upstream["als"] == ["user_item_daily"]
     assert upstream["user_topn"] == ["als", "cooc", "popularity", "user_history"]
-    assert upstream["evaluation"] == ["als", "cooc", "popularity", "user_history"]
+    assert upstream["evaluation"] == ["als", "catalog", "cooc", "popularity", "user_history"]
     assert upstream["published_manifest"] == [
         "als",
         "content",

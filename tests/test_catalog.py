@@ -9,6 +9,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
@@ -429,8 +430,17 @@ def test_recsys_run_publishes_content_once_a_catalog_has_landed(
     assert not set(neighbors["neighbor_id"]) & unavailable
     category = {item: n % 2 for n, item in enumerate(items)}
     assert all(category[a] == category[b] for a, b in neighbors.select("item_id", "neighbor_id").iter_rows())
-    assert manifest["artifacts"]["content"]["rows"] == neighbors.height == len(set(items) - unavailable) * 20
+    assert neighbors.height == len(set(items) - unavailable) * 20
     meta = json.loads((folder / "meta.json").read_text())
+    assert meta["rows"]["neighbors.parquet"] == neighbors.height
+    # What the server filters and diversifies by: every item, its availability, and a vector per item.
+    table = pl.read_parquet(folder / "items.parquet")
+    assert table["item_id"].to_list() == sorted(items)
+    assert set(table.filter(~pl.col("available"))["item_id"]) == unavailable
+    indptr = np.load(folder / "vector_indptr.npy")
+    assert len(indptr) == len(items) + 1
+    lengths = dict(zip(table["item_id"], np.diff(indptr).tolist(), strict=True))
+    assert all((lengths[item] == 0) == (item in unavailable) for item in items)
     assert meta["inputs"]["catalog"]["day"] == end.isoformat() and meta["params"]["top_k"] == 20
 
     # The same input again: the same content version, and so nothing new to publish.

@@ -170,7 +170,15 @@ def test_audiences_by_user_segment_and_context_items() -> None:
         ("[{id: b, action: bury, items: [x], factor: 2}]", "between 0 and 1"),
         ("[{id: b, action: boost, items: [x]}]", "`factor` is required"),
         ("[{id: b, action: block, items: [x], factor: 2}]", "only for them"),
-        ("[{id: b, action: block, items: []}]", "rule 'b' (rules[0]) items"),
+        (
+            "[{id: b, action: block, items: []}]",
+            "give the items by id (`items`) or by catalog attributes (`match`)",
+        ),
+        (
+            "[{id: p, action: pin, position: 1, match: {categories: [a]}}]",
+            "`match` targets items of block, boost, bury rules only",
+        ),
+        ("[{id: m, action: block, match: {}}]", "give at least one of"),
         ("[{id: b, action: hide, items: [x]}]", "rule 'b' (rules[0]) action"),
         ("[{id: b, action: block, items: [x], color: red}]", "color: Extra inputs are not permitted"),
         ("[{id: 'bad id', action: block, items: [x]}]", "rule 'bad id' (rules[0]) id"),

@@ -653,6 +653,10 @@ def test_openapi_documents_every_endpoint_and_parameter(home: Path) -> None:
         "exclude_seen",
         "context_items",
         "session_id",
+        "categories",
+        "exclude_categories",
+        "diversity",
+        "max_per_category",
     ]
     assert {"200", "404", "422"} <= set(recs["responses"])
     assert PROBLEM in recs["responses"]["422"]["content"]

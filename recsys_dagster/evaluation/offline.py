@@ -14,6 +14,7 @@ evaluation did not pass (`publishing.release`). Nothing here imports Dagster.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import functools
 import json
@@ -24,6 +25,7 @@ from typing import Any
 
 import polars as pl
 
+from recsys_core.catalog import catalog_problem, read_catalog, read_catalog_record
 from recsys_core.kinds import ARTIFACT_KINDS, WINDOW_KINDS
 from recsys_core.lake import AGGREGATE_FILE, partition_dir, read_builds, read_json_record
 from recsys_core.manifest import (
@@ -31,6 +33,7 @@ from recsys_core.manifest import (
 )
 from recsys_core.settings import BlendWeights, GuardrailsConfig, Settings
 from recsys_core.storage import write_atomic
+from recsys_dagster.evaluation.diversity import diversity_tradeoff, with_catalog
 from recsys_dagster.evaluation.evaluate import EvaluationResult, Ranker, evaluate_models
 from recsys_dagster.evaluation.guardrails import check_guardrails
 from recsys_dagster.evaluation.holdout import Holdout, item_popularity, temporal_holdout
@@ -189,6 +192,7 @@ def _evaluate_target(
                 note = f"{too_little}: not enforced: " + "; ".join(v.message for v in found)
             else:
                 violations = tuple(v.message for v in found)
+    diversity = _diversity(settings, as_of, target, holdout) if result is not None else None
     record: dict[str, Any] = {
         "tenant": tenant,
         "surface": surface,
@@ -197,6 +201,8 @@ def _evaluate_target(
         "violations": list(violations),
         "note": note,
         "result": json.loads(result.to_json()) if result is not None else None,
+        # Per diversity setting, accuracy next to diversity (None: the tenant has no catalog as of the day).
+        "diversity": diversity,
     }
     write_atomic(folder / EVALUATION_FILE, (json.dumps(record, indent=1) + "\n").encode())
     outcome = TargetEvaluation(tenant, surface, as_of, result, violations, note, folder / EVALUATION_FILE)
@@ -211,6 +217,24 @@ def _evaluate_target(
             result, outcome.report.parent, f"Offline evaluation {tenant}/{surface} as of {as_of}", context
         )
     return outcome
+
+
+def _diversity(
+    settings: Settings, as_of: dt.date, target: LoadedTarget, holdout: Holdout
+) -> list[dict[str, Any]] | None:
+    """The blend's accuracy and diversity per diversity setting (`evaluation.diversity`), with the tenant's
+    catalog as of `as_of`; None when the tenant has none (or it did not pass its checks)."""
+    lake_root = settings.lake_root
+    catalog = read_catalog_record(lake_root, as_of)
+    if catalog is None or target.tenant not in catalog["tenants"] or catalog_problem(lake_root, as_of):
+        return None
+    state = pl.from_arrow(read_catalog(lake_root, as_of))
+    assert isinstance(state, pl.DataFrame)
+    served = with_catalog(
+        target, state.filter(pl.col("tenant") == target.tenant), settings.pipeline.catalog.content_top_k
+    )
+    rows = diversity_tradeoff(served, holdout, settings.pipeline.guardrails.k, settings.pipeline.blend)
+    return [dataclasses.asdict(row) for row in rows]
 
 
 def _too_little_to_enforce(holdout: Holdout, result: EvaluationResult, guardrails: GuardrailsConfig) -> str:

@@ -13,6 +13,12 @@ One artifact per (tenant, surface) the window artifacts were built for, for tena
 catalog serves every surface of its tenant. Its meta.json records the catalog partition (day and file
 SHA-256) it was built from; publishing confirms that partition is still that content and passed its
 blocking checks (`catalog_input_problems`). Nothing here imports Dagster.
+
+Besides the neighbour rows, the artifact carries what the server needs of the catalog: `items.parquet`, every
+item of the tenant's catalog (available or not) with its availability, categories, tags and attributes, and
+the items' TF-IDF vectors as CSR arrays aligned with its rows (`vector_indptr.npy`, `vector_features.npy`,
+`vector_values.npy`; an unavailable item's row is empty), from which the server computes the content
+similarity of any two items (diversity re-ranking).
 """
 
 from __future__ import annotations
@@ -24,10 +30,11 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+from scipy import sparse
 from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS, TfidfVectorizer
 
 from recsys_core.catalog import catalog_problem, partition_dir, read_catalog, read_catalog_record
-from recsys_core.kinds import CONTENT
+from recsys_core.kinds import CONTENT, CONTENT_ITEMS_FILE, CONTENT_VECTOR_FILES
 from recsys_core.lake import read_builds
 from recsys_core.manifest import target_dir
 from recsys_core.settings import PipelineConfig
@@ -50,6 +57,19 @@ def item_features(title: str, categories: list[str], tags: list[str]) -> list[st
     ]
 
 
+def content_vectors(items: pl.DataFrame) -> sparse.csr_matrix | None:
+    """The L2-normalised TF-IDF vectors of `items` (`title`, `categories`, `tags`), one row per item in the
+    given order; None when no item has a feature."""
+    documents = [
+        item_features(title, categories, tags)
+        for title, categories, tags in items.select("title", "categories", "tags").iter_rows()
+    ]
+    if not any(documents):
+        return None
+    vectors = TfidfVectorizer(analyzer=lambda features: features, dtype=np.float64).fit_transform(documents)
+    return sparse.csr_matrix(vectors)
+
+
 def content_neighbors(items: pl.DataFrame, top_k: int) -> pl.DataFrame:
     """Each item's top-`top_k` neighbours by content (see the module docstring).
 
@@ -57,15 +77,14 @@ def content_neighbors(items: pl.DataFrame, top_k: int) -> pl.DataFrame:
     has CONTENT's columns, sorted by item_id, then rank.
     """
     items = items.sort("item_id")
-    ids = items["item_id"].to_list()
-    documents = [
-        item_features(title, categories, tags)
-        for title, categories, tags in items.select("title", "categories", "tags").iter_rows()
-    ]
+    return _neighbors(items["item_id"].to_list(), content_vectors(items), top_k)
+
+
+def _neighbors(ids: list[str], vectors: sparse.csr_matrix | None, top_k: int) -> pl.DataFrame:
+    """The top-`top_k` rows of the items `ids` (sorted) whose vectors are `vectors`."""
     empty = pl.DataFrame(CONTENT.schema.empty_table())
-    if len(ids) < 2 or not any(documents):
+    if len(ids) < 2 or vectors is None:
         return empty
-    vectors = TfidfVectorizer(analyzer=lambda features: features, dtype=np.float64).fit_transform(documents)
     transposed = vectors.T.tocsc()
     rows_per_block = max(1, BLOCK_CELLS // len(ids))
     sources: list[int] = []
@@ -94,6 +113,35 @@ def content_neighbors(items: pl.DataFrame, top_k: int) -> pl.DataFrame:
     )
     ranked = frame.with_columns(rank=(pl.int_range(pl.len()).over("item_id") + 1).cast(pl.Int32))
     return ranked.select(empty.columns)
+
+
+def content_files(catalog: pl.DataFrame, top_k: int) -> dict[str, pl.DataFrame | np.ndarray]:
+    """The files of one tenant's content artifact from its catalog state (every item, available or not):
+    the neighbour rows of the available items, the item table and the vectors aligned with it."""
+    catalog = catalog.sort("item_id")
+    available = catalog.filter(pl.col("available"))
+    vectors = content_vectors(available)
+    n_features = 0 if vectors is None else vectors.shape[1]
+    # The available items' rows, placed among every item's (the others stay empty).
+    rows = sparse.csr_matrix((catalog.height, n_features), dtype=np.float64)
+    if vectors is not None:
+        positions = np.flatnonzero(catalog["available"].to_numpy())
+        placement = sparse.csr_matrix(
+            (np.ones(len(positions)), (positions, np.arange(len(positions)))),
+            shape=(catalog.height, len(positions)),
+        )
+        rows = sparse.csr_matrix(placement @ vectors)
+    rows.sort_indices()
+    table = catalog.select("item_id", "available", "categories", "tags", "attributes").cast(
+        {"categories": pl.List(pl.String), "tags": pl.List(pl.String)}
+    )
+    return {
+        CONTENT.table: _neighbors(available["item_id"].to_list(), vectors, top_k),
+        CONTENT_ITEMS_FILE: table,
+        CONTENT_VECTOR_FILES[0]: rows.indptr.astype(np.int64),
+        CONTENT_VECTOR_FILES[1]: rows.indices.astype(np.int32),
+        CONTENT_VECTOR_FILES[2]: rows.data.astype(np.float64),
+    }
 
 
 def _top(row: np.ndarray, top_k: int) -> np.ndarray:
@@ -130,15 +178,16 @@ def build_content_artifacts(
     top_k = config.catalog.content_top_k
     inputs = {"catalog": {"day": as_of.isoformat(), "sha256": record["sha256"]}}
     built_at = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    per_tenant: dict[str, pl.DataFrame] = {}
-    builds = []
+    per_tenant: dict[str, dict[str, pl.DataFrame | np.ndarray]] = {}
+    builds: list[ArtifactBuild] = []
     for tenant, surface in sorted(targets):
         if tenant not in record["tenants"]:
             continue
         if tenant not in per_tenant:
-            available = state.filter((pl.col("tenant") == tenant) & pl.col("available"))
-            per_tenant[tenant] = content_neighbors(available, top_k)
-        table = per_tenant[tenant]
+            per_tenant[tenant] = content_files(state.filter(pl.col("tenant") == tenant), top_k)
+        files = per_tenant[tenant]
+        table = files[CONTENT.table]
+        assert isinstance(table, pl.DataFrame)
         meta: dict[str, Any] = {
             "format": FORMAT,
             "kind": CONTENT.name,
@@ -151,7 +200,7 @@ def build_content_artifacts(
             "run_id": run_id,
         }
         version, path = write_artifact_dir(
-            target_dir(artifact_root, tenant, surface), CONTENT.name, meta, {CONTENT.table: table}
+            target_dir(artifact_root, tenant, surface), CONTENT.name, meta, files
         )
         builds.append(
             ArtifactBuild(

@@ -28,11 +28,14 @@ def build_evaluation(settings: Settings) -> dg.Definitions:
             f"Offline evaluation as of each day: models built on the window without its last "
             f"{guardrails.holdout_days} day(s), asked for {guardrails.k} items per user through the served "
             "ranking, scored on the held-out new items (precision, recall, nDCG, MAP, hit rate, coverage, "
-            "long-tail share per model and segment), with the guardrails that publishing enforces. Report: "
+            "long-tail share per model and segment), with the guardrails that publishing enforces; for a "
+            "tenant with an item catalog, the blend's intra-list diversity and category coverage next to its "
+            "accuracy per diversity setting. Report: "
             "lake/evaluation/dt=<day>/<tenant>/<surface>/report/report.md. Reference: "
             "docs/reference/configuration.md#guardrails"
         ),
-        deps=list(WINDOW_KINDS),
+        # The catalog state of the day: the diversity figures of tenants that have one.
+        deps=[*WINDOW_KINDS, "catalog"],
         partitions_def=daily_partitions(settings),
         backfill_policy=dg.BackfillPolicy.single_run(),
         kinds={"python", "parquet"},
