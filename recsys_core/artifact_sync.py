@@ -41,17 +41,15 @@ from recsys_core.storage import write_atomic
 
 
 def remote_targets(remote: RemoteTree) -> list[tuple[str, str]]:
-    """(tenant, surface) pairs that have a manifest.json or a registry in the bucket, sorted."""
-    found = set()
-    for path in remote.listing(""):
-        parts = path.split("/")
-        if (
-            len(parts) == 3
-            and parts[2] in (MANIFEST_FILE, REGISTRY_FILE)
-            and all(map(is_valid_name, parts[:2]))
-        ):
-            found.add((parts[0], parts[1]))
-    return sorted(found)
+    """(tenant, surface) folders of the bucket with valid names, sorted (one listing per tenant: cheap
+    however many artifact files there are)."""
+    return [
+        (tenant, surface)
+        for tenant in remote.children("")
+        if is_valid_name(tenant)
+        for surface in remote.children(tenant)
+        if is_valid_name(surface)
+    ]
 
 
 def fetch_artifacts(remote: RemoteTree, target: Path, manifest: Mapping[str, Any]) -> None:
@@ -142,6 +140,21 @@ def converge(remote: RemoteTree, target: Path) -> None:
         except RemoteConflict:
             continue
     _install_served(remote, target, remote.get(f"{rel}/{MANIFEST_FILE}"))
+
+
+def follow(remote: RemoteTree, seen: dict[tuple[str, str], str]) -> None:
+    """The API server's poll of the bucket: for each target whose manifest.json has an ETag other than the
+    one in `seen` (a HEAD request each), download the artifacts it points to, then the manifest itself into
+    the local cache, where the server's own poller loads it as it does any local publish."""
+    for tenant, surface in remote_targets(remote):
+        rel = f"{tenant}/{surface}"
+        etag = remote.etag(f"{rel}/{MANIFEST_FILE}")
+        if etag is None or seen.get((tenant, surface)) == etag:
+            continue
+        served = remote.get(f"{rel}/{MANIFEST_FILE}")
+        if served is not None:
+            _install_served(remote, remote.local_root / tenant / surface, served)
+            seen[(tenant, surface)] = served.etag
 
 
 def pull_all(remote: RemoteTree) -> list[tuple[str, str]]:

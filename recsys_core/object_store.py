@@ -18,6 +18,7 @@ AWS_REGION and AWS_ENDPOINT_URL (and AWS_SESSION_TOKEN when set).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import urllib.parse
@@ -127,6 +128,10 @@ class RemoteTree:
             raise RemoteConflict(relative) from exc
         return str(result["e_tag"])
 
+    def replace(self, relative: str, data: bytes) -> str:
+        """Write the object whatever is there (a mutable file of a tree one writer owns); its ETag."""
+        return str(obstore.put(self.store, self.key(relative), data)["e_tag"])
+
     def listing(self, relative_prefix: str) -> dict[str, dict[str, Any]]:
         """Every object under `relative_prefix/` (recursively): relative path -> its metadata."""
         relative_prefix = relative_prefix.strip("/")
@@ -138,6 +143,13 @@ class RemoteTree:
             for meta in batch:
                 found[str(meta["path"])[skip:]] = dict(meta)
         return found
+
+    def children(self, relative_prefix: str) -> list[str]:
+        """The names of the "directories" right under `relative_prefix/` (one listing, not recursive)."""
+        relative_prefix = relative_prefix.strip("/")
+        base = self.key(relative_prefix) if relative_prefix else self.prefix
+        found = obstore.list_with_delimiter(self.store, base or None)
+        return sorted(PurePosixPath(str(prefix)).name for prefix in found["common_prefixes"])
 
     def delete(self, relatives: list[str]) -> None:
         if relatives:
@@ -187,6 +199,99 @@ class RemoteTree:
         local_path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(local_path, found.data)
         return found
+
+
+# The local record of which bucket object each cached file is a copy of: relative path -> [ETag, size,
+# mtime_ns] of the file when it was last downloaded or uploaded.
+SYNC_INDEX = ".bucket-index.json"
+
+
+def _tree_files(root: Path) -> dict[str, Path]:
+    """Files of a local tree, without dot names anywhere in their path (temp files, staging, locks)."""
+    if not root.is_dir():
+        return {}
+    return {
+        path.relative_to(root).as_posix(): path
+        for path in root.rglob("*")
+        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(root).parts)
+    }
+
+
+def _stat(path: Path) -> list[int]:
+    info = path.stat()
+    return [info.st_size, info.st_mtime_ns]
+
+
+def _read_index(root: Path) -> dict[str, list[Any]]:
+    try:
+        index = json.loads((root / SYNC_INDEX).read_bytes())
+    except (FileNotFoundError, ValueError):
+        return {}
+    return index if isinstance(index, dict) else {}
+
+
+def sync_down(remote: RemoteTree) -> int:
+    """Bring the local tree up to date with the bucket's: download each object the cache does not hold
+    as it is in the bucket (a warm cache costs one listing). Files the bucket lacks are left alone.
+    Returns the number of files downloaded."""
+    root = remote.local_root
+    index = _read_index(root)
+    downloaded = 0
+    for relative, meta in sorted(remote.listing("").items()):
+        if any(part.startswith(".") for part in relative.split("/")):
+            continue
+        local = root / relative
+        known = index.get(relative)
+        if known and known[0] == meta["e_tag"] and local.is_file() and _stat(local) == known[1:]:
+            continue
+        found = remote.download_file(relative, local)
+        if found is not None:
+            index[relative] = [found.etag, *_stat(local)]
+            downloaded += 1
+    if downloaded:
+        root.mkdir(parents=True, exist_ok=True)
+        write_atomic(root / SYNC_INDEX, json.dumps(index, sort_keys=True).encode())
+    return downloaded
+
+
+def sync_up(remote: RemoteTree) -> int:
+    """Make the bucket's tree what the local one is after a step wrote it: upload each file changed since
+    it was last synced, delete from the bucket the files this cache synced before and no longer has (a
+    partition rewritten with fewer files). Objects it never knew (written by another machine) are kept.
+    Returns the number of files uploaded."""
+    root = remote.local_root
+    index = _read_index(root)
+    files = _tree_files(root)
+    uploaded = 0
+    for relative, path in sorted(files.items()):
+        known = index.get(relative)
+        if known and _stat(path) == known[1:]:
+            continue
+        index[relative] = [remote.replace(relative, path.read_bytes()), *_stat(path)]
+        uploaded += 1
+    gone = sorted(relative for relative in index if relative not in files)
+    remote.delete(gone)
+    for relative in gone:
+        del index[relative]
+    if uploaded or gone:
+        write_atomic(root / SYNC_INDEX, json.dumps(index, sort_keys=True).encode())
+    return uploaded
+
+
+def pull_trees(*roots: Path) -> None:
+    """`sync_down` each local tree from the bucket (nothing when RECSYS_STORAGE_URL is unset)."""
+    for root in roots:
+        remote = remote_tree(root)
+        if remote is not None:
+            sync_down(remote)
+
+
+def push_trees(*roots: Path) -> None:
+    """`sync_up` each local tree to the bucket (nothing when RECSYS_STORAGE_URL is unset)."""
+    for root in roots:
+        remote = remote_tree(root)
+        if remote is not None:
+            sync_up(remote)
 
 
 _stores: dict[tuple[str, ...], S3Store] = {}
