@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 from postgres_server import PostgresServer, running_server
-from seaweedfs_server import S3Server
-from seaweedfs_server import running_server as running_s3_server
+
+from benchmarks.seaweedfs import S3Server
+from benchmarks.seaweedfs import running_server as running_s3_server
 
 RawContent = bytes | str | Iterable[bytes | str | dict]
 
@@ -102,7 +103,7 @@ def postgres_url(postgres_server: PostgresServer) -> str:
 
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3Server]:
-    """A throwaway SeaweedFS S3 server for the session (tests/seaweedfs_server.py)."""
+    """A throwaway SeaweedFS S3 server for the session (benchmarks/seaweedfs.py)."""
     with running_s3_server() as server:
         yield server
 

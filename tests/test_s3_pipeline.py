@@ -16,8 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
-from seaweedfs_server import S3Server
 from test_serving_limits import free_port
+
+from benchmarks.seaweedfs import S3Server
 
 RECSYS = [sys.executable, "-m", "recsys_cli.cli"]
 QUERY = {"tenant": "demo", "surface": "home"}

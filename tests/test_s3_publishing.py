@@ -18,9 +18,9 @@ from pathlib import Path
 
 import obstore
 import pytest
-from seaweedfs_server import S3Server
 from test_publishing import D1, D2, D3, D4, S, T, build, pub, registry_ok
 
+from benchmarks.seaweedfs import S3Server
 from recsys_core import manifest
 from recsys_dagster.publishing import protocol as publishing
 from recsys_dagster.publishing.gc import gc

