@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import artifacts, backfill, ingest, ingest_http, quality, serving
+from benchmarks import artifacts, backfill, ingest, ingest_http, quality, serving, storage
 from benchmarks.harness import DEFAULT_WORKDIR, DOC_PATH, REPO_ROOT, Benchmark, Options, record_section
 
 # Extension point: every benchmark is listed here (`artifacts.BENCHMARKS`: co-occurrence, daily-run, als).
@@ -24,6 +24,7 @@ BENCHMARKS: list[Benchmark] = [
     *artifacts.BENCHMARKS,
     quality.BENCHMARK,
     backfill.BENCHMARK,
+    storage.BENCHMARK,
 ]
 
 DEFAULT_SIZES = (1_000_000, 10_000_000)

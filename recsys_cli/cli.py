@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from recsys_cli.ports import port_problem
 from recsys_core.lake import partition_dir
+from recsys_core.object_store import pull_trees, push_trees
 from recsys_core.settings import MAX_SERVE_WORKERS, ConfigError, Settings, load_settings, tuned_file
 
 if TYPE_CHECKING:
@@ -322,7 +323,9 @@ def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
     except ValueError as exc:  # the generator validates its arguments
         raise UsageError(str(exc)) from exc
     first = end - dt.timedelta(days=args.days - 1)
-    print(f"generated {report.total_events:,} events for {first}..{end} into {settings.raw_root}")
+    push_trees(settings.raw_root)
+    where = settings.storage_url or settings.raw_root
+    print(f"generated {report.total_events:,} events for {first}..{end} into {where}")
     if report.malformed_lines:
         counts = ", ".join(f"{reason} {n:,}" for reason, n in report.malformed_lines.items())
         print(f"plus {sum(report.malformed_lines.values()):,} malformed lines, by expected reason: {counts}")
@@ -386,9 +389,10 @@ def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
         if report.first_day and report.last_day:
             first_days.append(report.first_day)
             last_days.append(report.last_day)
+    push_trees(settings.raw_root)
     if first_days:
         first, last = min(first_days), max(last_days)
-        print(f"landing zone: {settings.raw_root}")
+        print(f"landing zone: {settings.storage_url or settings.raw_root}")
         days = (dt.date.fromisoformat(str(last)) - dt.date.fromisoformat(str(first))).days + 1
         prefix = ""
         if dt.date.fromisoformat(str(first)) < settings.start_date:
@@ -691,12 +695,15 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     start = args.start or end - dt.timedelta(days=max(args.days, 1) - 1)
     if end < start:
         raise UsageError(f"--end {end} is before --start {start}")
+    pull_trees(settings.lake_root)  # the partitions' records, from the bucket when it is the system of record
     manifests = status(settings.artifact_root)
     if args.json:
         rows = partition_rows(settings, start, end)
         print(json.dumps({"manifests": manifests, "partitions": rows}, indent=2))
         return EXIT_FAILED if any(row.get("errors") for row in rows) else EXIT_OK
     print(f"RECSYS_HOME {settings.home}")
+    if settings.storage_url:
+        print(f"storage {settings.storage_url} (RECSYS_HOME holds a cache of it)")
     if settings.tuned_file is not None:
         print(f"tuned parameters in use: {settings.tuned_file}")
     print()

@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal, NotRequired, TypedDict, TypeGuard, cast, get_args
 
@@ -457,6 +457,15 @@ def list_targets(artifact_root: Path) -> list[tuple[str, str]]:
             if (folder / MANIFEST_FILE).is_file() or (folder / REGISTRY_FILE).is_file():
                 found.append((tenant_entry.name, surface_entry.name))
     return found
+
+
+# Registry actions that move `current`; their `manifest_version` is what became current.
+CURRENT_MOVING = ("publish", "rollback")
+
+
+def current_timeline(records: Sequence[RegistryRecord]) -> list[str]:
+    """Manifest versions in the order they became current (publish and rollback records)."""
+    return [r["manifest_version"] for r in records if r.get("action") in CURRENT_MOVING]
 
 
 def parse_registry(data: bytes, *, source: str = REGISTRY_FILE) -> tuple[list[RegistryRecord], int]:

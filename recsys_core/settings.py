@@ -21,6 +21,8 @@ from typing import Any
 
 import yaml
 
+from recsys_core.object_store import STORAGE_URL_VAR, StorageConfigError, parse_storage_url
+
 DEFAULT_START_DATE = dt.date(2025, 1, 1)
 DEFAULT_EVENT_TYPES = ("exposure", "click", "add_to_cart", "purchase", "rating")
 COOC_METRICS = ("cosine", "count", "jaccard", "lift")
@@ -374,6 +376,9 @@ class Settings:
     # How many runs the Dagster daemon's run queue lets be in progress at once (runs that share a day never
     # are, whatever this says: recsys_dagster.run_queue).
     max_concurrent_runs: int = 4
+    # The system of record for landing, lake and artifacts: `s3://bucket/prefix`, or None for the local
+    # trees under `home` (recsys_core.object_store; docs/how-to/deploy.md#storage-on-s3).
+    storage_url: str | None = None
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
@@ -469,7 +474,16 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             MAX_CONCURRENT_RUNS,
             "runs",
         ),
+        storage_url=_parse_storage_url(env.get(STORAGE_URL_VAR)),
     )
+
+
+def _parse_storage_url(value: str | None) -> str | None:
+    try:
+        location = parse_storage_url(value)
+    except StorageConfigError as exc:
+        raise ConfigError(str(exc)) from exc
+    return location.url if location else None
 
 
 def tuned_file(lake_root: Path) -> Path:

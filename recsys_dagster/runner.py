@@ -37,6 +37,7 @@ from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
 from dagster._utils.hosted_user_process import recon_job_from_origin
 
 from recsys_core.day_locks import holding_days
+from recsys_core.object_store import pull_trees, push_trees
 from recsys_core.settings import Settings
 from recsys_dagster.defs.automation.schedules import DAILY_JOB
 from recsys_dagster.defs.shared import user_error
@@ -381,7 +382,11 @@ def materialize_ranges(
                 # run holding one of them meanwhile.
                 tags = {"recsys/launched_by": "cli", **_this_process_tags(), **day_tags(start, end)}
                 run = create_run(instance, location, run_config, start, end, selection, tags)
+                # With a bucket as the system of record, the run works on the local cache of its trees:
+                # brought up to date first, and what the run wrote goes back (publishing commits its own).
+                pull_trees(settings.raw_root, settings.lake_root)
                 outcomes.append(_execute(instance, run))
+                push_trees(settings.lake_root)
             if not outcomes[-1].ok:
                 break
     return outcomes

@@ -38,7 +38,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from obstore.exceptions import BaseError as ObjectStoreError
 
+from recsys_core import artifact_sync
 from recsys_core.kinds import (
     ARTIFACT_KINDS,
     BLEND_SOURCES,
@@ -49,6 +51,7 @@ from recsys_core.kinds import (
     ArtifactKind,
 )
 from recsys_core.manifest import Manifest, list_targets, read_current, read_meta, resolve_uri, verify_artifact
+from recsys_core.object_store import remote_tree
 from recsys_core.rules import RULES_KIND, RulesDocument, RulesError, read_published_rules
 from recsys_core.settings import BlendWeights, GuardrailsConfig
 from recsys_serving.catalog import CatalogLoadError, ContentTables, ServedCatalog, read_content
@@ -338,6 +341,9 @@ class ArtifactStore:
         self.last_poll_at: float | None = None
         self.poll_errors = 0
         self.last_poll_error: str | None = None
+        # With RECSYS_STORAGE_URL set, the bucket's manifests are followed into the local tree (by ETag).
+        self._remote = remote_tree(self.artifact_root)
+        self._remote_etags: dict[tuple[str, str], str] = {}
 
     # -------------------------------------------------------------------------------- read side
 
@@ -367,8 +373,10 @@ class ArtifactStore:
         now = time.time()
         self.last_poll_at = now
         try:
+            if self._remote is not None:
+                artifact_sync.follow(self._remote, self._remote_etags)
             found = list_targets(self.artifact_root)
-        except OSError as exc:
+        except (OSError, ObjectStoreError) as exc:
             self.poll_errors += 1
             self.last_poll_error = f"cannot list {self.artifact_root}: {exc}"
             log.warning("manifest poll failed: %s", self.last_poll_error)

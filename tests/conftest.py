@@ -1,4 +1,5 @@
-"""Shared fixtures: a temporary RECSYS layout, a writer for raw landing files, a PostgreSQL server."""
+"""Shared fixtures: a temporary RECSYS layout, a writer for raw landing files, a PostgreSQL server, an
+S3-compatible object store."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ from pathlib import Path
 
 import pytest
 from postgres_server import PostgresServer, running_server
+
+from benchmarks.seaweedfs import S3Server
+from benchmarks.seaweedfs import running_server as running_s3_server
 
 RawContent = bytes | str | Iterable[bytes | str | dict]
 
@@ -100,3 +104,19 @@ def postgres_server() -> Iterator[PostgresServer]:
 def postgres_url(postgres_server: PostgresServer) -> str:
     """The URL of a database `recsys` owned by user `recsys` on the session's PostgreSQL server."""
     return postgres_server.create_database("recsys")
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """A throwaway SeaweedFS S3 server for the session (benchmarks/seaweedfs.py)."""
+    with running_s3_server() as server:
+        yield server
+
+
+@pytest.fixture
+def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """RECSYS_STORAGE_URL and the AWS_* variables pointing at a new bucket (set in this process too)."""
+    env = s3_server.environ(s3_server.new_bucket(), "team/recsys")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return env

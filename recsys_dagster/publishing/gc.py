@@ -14,17 +14,21 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from recsys_core import artifact_sync
 from recsys_core.manifest import (
     MANIFEST_FILE,
     MANIFESTS_DIR,
+    META_FILE,
     ManifestError,
+    current_timeline,
     list_targets,
     read_manifest,
     target_dir,
 )
 from recsys_core.names import UnsafePathError
+from recsys_core.object_store import RemoteTree, remote_tree
 from recsys_core.storage import fsync_dir
-from recsys_dagster.publishing.protocol import current_timeline, read_records, target_lock
+from recsys_dagster.publishing.protocol import read_records, target_lock
 
 
 @dataclass
@@ -106,6 +110,9 @@ def gc(
     else:
         now_ts = float(now)
     report = GcReport()
+    remote = remote_tree(artifact_root)
+    if remote is not None:
+        artifact_sync.pull_all(remote)
     for tenant, surface in list_targets(artifact_root):
         target = target_dir(artifact_root, tenant, surface)
         # Under the lock so no publish or rollback can start referencing a version while it is deleted.
@@ -153,7 +160,37 @@ def gc(
                 for path, size in selected:
                     _remove(path)
                     report.deleted.append((path, size))
+            if remote is not None:
+                _bucket_gc(remote, target, refs, now_ts - min_age_seconds, apply, report)
     return report
+
+
+def _bucket_gc(
+    remote: RemoteTree, target: Path, refs: set[tuple[str, str]], cutoff: float, apply: bool, report: GcReport
+) -> None:
+    """The same selection on the bucket's copy of a target: version prefixes no kept manifest references
+    and none of whose objects is newer than `cutoff` (a publisher may be uploading it). Reported under
+    their `s3://` names; the objects of a version are deleted meta.json first, so that a version cut short
+    by a crash reads as incomplete (and is downloaded again or deleted by the next gc), never as whole."""
+    rel = target.relative_to(remote.local_root).as_posix()
+    versions: dict[tuple[str, str], list[tuple[str, int, float]]] = {}
+    for path, meta in remote.listing(rel).items():
+        parts = path.split("/")
+        if len(parts) >= 5 and parts[2] != MANIFESTS_DIR:
+            versions.setdefault((parts[2], parts[3]), []).append(
+                (path, int(meta["size"]), meta["last_modified"].timestamp())
+            )
+    for (kind, version), objects in sorted(versions.items()):
+        if (kind, version) in refs or max(modified for _, _, modified in objects) > cutoff:
+            continue
+        size = sum(item_size for _, item_size, _ in objects)
+        where = Path(remote.url(f"{rel}/{kind}/{version}"))
+        report.to_delete.append((where, size))
+        if apply:
+            keys = [key for key, _, _ in objects]
+            remote.delete([key for key in keys if key.endswith(f"/{META_FILE}")])
+            remote.delete([key for key in keys if not key.endswith(f"/{META_FILE}")])
+            report.deleted.append((where, size))
 
 
 def _remove(path: Path) -> None:

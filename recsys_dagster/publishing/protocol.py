@@ -19,13 +19,15 @@ import contextlib
 import datetime as dt
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from recsys_core import artifact_sync
 from recsys_core.kinds import REQUIRED_KINDS
 from recsys_core.manifest import (
+    CURRENT_MOVING,
     FORMAT_VERSION,
     LOCK_FILE,
     MANIFEST_FILE,
@@ -37,6 +39,7 @@ from recsys_core.manifest import (
     RegistryAction,
     RegistryFields,
     RegistryRecord,
+    current_timeline,
     is_hex64,
     json_file_bytes,
     list_targets,
@@ -52,10 +55,8 @@ from recsys_core.manifest import (
     verify_artifact,
 )
 from recsys_core.names import UnsafePathError, validate_name
+from recsys_core.object_store import RemoteConflict, remote_tree
 from recsys_core.storage import fsync_dir, locked, write_all, write_atomic
-
-# Registry actions that move `current`; their `manifest_version` is what became current.
-_CURRENT_MOVING = ("publish", "rollback")
 
 
 class PublishError(ValueError):
@@ -105,6 +106,39 @@ def target_lock(target: Path) -> Iterator[None]:
     """The target's lock (`<target>/.lock`), held for read-current -> write -> append -> swap."""
     with locked(target / LOCK_FILE):
         yield
+
+
+def _transact(
+    artifact_root: Path,
+    tenant: str,
+    surface: str,
+    operation: Callable[[Path], PublishOutcome],
+) -> PublishOutcome:
+    """Run `operation` (a publish or rollback on the target directory) under the target's lock.
+
+    With RECSYS_STORAGE_URL set, the local target is a copy of the bucket's: it is refreshed first, and what
+    the operation did is committed to the bucket with conditional writes (recsys_core.artifact_sync). When
+    another writer committed in between, the operation runs again on the newer state, as a second local
+    writer would after waiting for the lock.
+    """
+    remote = remote_tree(artifact_root)
+    target = (
+        _prepare_target(artifact_root, tenant, surface)
+        if remote
+        else target_dir(artifact_root, tenant, surface)
+    )
+    with target_lock(target):
+        if remote is None:
+            return operation(target)
+        while True:
+            etag = artifact_sync.pull(remote, target)
+            pulled = (target / REGISTRY_FILE).read_bytes() if etag is not None else None
+            outcome = operation(target)
+            try:
+                artifact_sync.push(remote, target, etag, pulled)
+            except RemoteConflict:
+                continue
+            return outcome
 
 
 def read_records(target: Path) -> list[RegistryRecord]:
@@ -173,11 +207,6 @@ def _swap(target: Path, manifest: Manifest) -> Manifest:
     swapped: Manifest = {**manifest, "updated_at": utc_timestamp()}
     write_atomic(target / MANIFEST_FILE, json_file_bytes(swapped))
     return swapped
-
-
-def current_timeline(records: Sequence[RegistryRecord]) -> list[str]:
-    """Manifest versions in the order they became current (publish and rollback records)."""
-    return [r["manifest_version"] for r in records if r.get("action") in _CURRENT_MOVING]
 
 
 def _rolled_back(records: Sequence[RegistryRecord]) -> dict[str, RegistryRecord]:
@@ -320,8 +349,9 @@ def publish(
     day = _as_date(as_of).isoformat()
     for kind in (*artifacts, *carry):
         validate_name("kind", kind)
-    target = _prepare_target(artifact_root, tenant, surface)
-    with target_lock(target):
+    _prepare_target(artifact_root, tenant, surface)
+
+    def operation(target: Path) -> PublishOutcome:
         records = read_records(target)
         current = _load_current(target, tenant, surface, records)
         carried = {
@@ -346,6 +376,8 @@ def publish(
             blend=blend,
         )
 
+    return _transact(artifact_root, tenant, surface, operation)
+
 
 def republish(
     artifact_root: Path,
@@ -362,11 +394,11 @@ def republish(
     undone. Raises `PublishError` when nothing is published there yet."""
     for kind in changes:
         validate_name("kind", kind)
-    target = target_dir(artifact_root, tenant, surface)
     nothing = PublishError(f"{tenant}/{surface}: nothing is published yet; run the pipeline first")
-    if not target.is_dir():
+    if not target_dir(artifact_root, tenant, surface).is_dir() and remote_tree(artifact_root) is None:
         raise nothing
-    with target_lock(target):
+
+    def operation(target: Path) -> PublishOutcome:
         records = read_records(target)
         current = _load_current(target, tenant, surface, records)
         if current is None:
@@ -387,6 +419,8 @@ def republish(
             reason=reason,
             blend=current.get("blend"),
         )
+
+    return _transact(artifact_root, tenant, surface, operation)
 
 
 def _publish_locked(
@@ -496,10 +530,10 @@ def rollback(
         raise PublishError("give exactly one of to_version or steps")
     if not reason or not reason.strip() or not actor or not actor.strip():
         raise PublishError("a rollback needs a reason and an actor (they are recorded in the registry)")
-    target = target_dir(artifact_root, tenant, surface)
-    if not target.is_dir():
+    if not target_dir(artifact_root, tenant, surface).is_dir() and remote_tree(artifact_root) is None:
         raise PublishError(f"{tenant}/{surface}: nothing published yet, nothing to roll back")
-    with target_lock(target):
+
+    def operation(target: Path) -> PublishOutcome:
         records = read_records(target)
         current, unfinished = _served(target, tenant, surface, records)
         if current is None:
@@ -536,6 +570,9 @@ def rollback(
             raise PublishError(f"unknown manifest version {to_mv}: not under {MANIFESTS_DIR}/") from exc
         except ManifestError as exc:
             raise PublishError(f"manifest {to_mv} is unusable: {exc}") from exc
+        remote = remote_tree(artifact_root)
+        if remote is not None:  # an older manifest's artifacts may not be in the local cache
+            artifact_sync.fetch_artifacts(remote, target, manifest)
         problems = [
             problem
             for uri in manifest["current"].values()
@@ -552,9 +589,11 @@ def rollback(
             | {"from": from_mv, "to": to_mv},
         )
         _swap(target, manifest)
-    return PublishOutcome(
-        "rollback", to_mv, from_mv, f"rolled back {tenant}/{surface} from {from_mv[:12]} to {to_mv[:12]}"
-    )
+        return PublishOutcome(
+            "rollback", to_mv, from_mv, f"rolled back {tenant}/{surface} from {from_mv[:12]} to {to_mv[:12]}"
+        )
+
+    return _transact(artifact_root, tenant, surface, operation)
 
 
 # -------------------------------------------------------------------------------- history, status
@@ -562,6 +601,9 @@ def rollback(
 
 def history(artifact_root: Path, tenant: str, surface: str) -> list[RegistryRecord]:
     """Registry records of a tenant and surface, newest last."""
+    remote = remote_tree(artifact_root)
+    if remote is not None:
+        artifact_sync.pull(remote, _prepare_target(artifact_root, tenant, surface))
     return read_registry(artifact_root, tenant, surface)
 
 
@@ -572,6 +614,9 @@ def status(artifact_root: Path, *, now: dt.datetime | None = None) -> list[dict]
     """
     now = now or _utc_now()
     entries: list[dict] = []
+    remote = remote_tree(artifact_root)
+    if remote is not None:
+        artifact_sync.pull_all(remote)
     for tenant, surface in list_targets(artifact_root):
         entry: dict[str, Any] = {"tenant": tenant, "surface": surface}
         try:
@@ -598,7 +643,7 @@ def status(artifact_root: Path, *, now: dt.datetime | None = None) -> list[dict]
         # A refusal after the last publish or rollback is what an operator must see first: the reason
         # the current manifest is not newer.
         records = read_registry(artifact_root, tenant, surface)
-        moved = max((r["seq"] for r in records if r.get("action") in _CURRENT_MOVING), default=0)
+        moved = max((r["seq"] for r in records if r.get("action") in CURRENT_MOVING), default=0)
         refusals = [r for r in records if r.get("action") == "refused" and r["seq"] > moved]
         if refusals:
             entry["refused"] = {
